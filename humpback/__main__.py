@@ -1,0 +1,3 @@
+from humpback.cli import main
+
+raise SystemExit(main())

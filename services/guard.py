@@ -1,0 +1,147 @@
+"""ASGI middleware that humpback loads into every vLLM server (`--middleware services.guard.AdminGuard`).
+
+vLLM's `--api-key` guards only the `/v1` routes; with `VLLM_SERVER_DEV_MODE=1` (needed for weight
+reloads) the server also exposes `/collective_rpc`, `/pause`, `/sleep` and friends to anyone who can
+reach its port. The guard closes that: only the public inference routes below answer every client;
+everything else answers only loopback clients and the networks named in `HUMPBACK_ADMIN_ALLOW`
+(comma-separated CIDRs, e.g. compose's internal subnet).
+
+It also maps model aliases recorded in the registry (`HUMPBACK_REGISTRY`), so a fine-tuned model's
+name is requestable right after its weights were swapped into the role's server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+ADMIN_ALLOW_ENV = "HUMPBACK_ADMIN_ALLOW"
+
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/tokenize", "/detokenize"})
+# `/v1` is public except the routes that change what the server serves.
+PRIVATE_V1_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+ALIASED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def is_public(path: str) -> bool:
+    if path in PUBLIC_PATHS:
+        return True
+    return path.startswith("/v1/") and path not in PRIVATE_V1_PATHS
+
+
+def _allowed_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    nets = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    for item in os.environ.get(ADMIN_ALLOW_ENV, "").split(","):
+        if item.strip():
+            nets.append(ipaddress.ip_network(item.strip(), strict=False))
+    return nets
+
+
+class _AliasTable:
+    """alias -> served model name, re-read when the registry file changes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self.table: dict[str, str] = {}
+
+    def current(self) -> dict[str, str]:
+        if self.path is None:
+            return {}
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self.table, self._stamp = {}, None
+            return self.table
+        # The registry is replaced by rename: a new inode means a new version, whatever the clock.
+        stamp = (st.st_ino, st.st_mtime_ns)
+        if stamp != self._stamp:
+            roles = json.loads(self.path.read_bytes()).get("roles", {})
+            self.table = {a: role for role, v in roles.items() for a in v.get("aliases", [])}
+            self._stamp = stamp
+        return self.table
+
+
+class AdminGuard:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.networks = _allowed_networks()
+        registry = os.environ.get("HUMPBACK_REGISTRY")
+        self.aliases = _AliasTable(Path(registry) if registry else None)
+
+    def client_allowed(self, scope: Scope) -> bool:
+        client = scope.get("client")
+        if not client:
+            return False
+        try:
+            addr = ipaddress.ip_address(client[0])
+        except ValueError:
+            return False
+        return any(addr in net for net in self.networks)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if not is_public(path) and not self.client_allowed(scope):
+            await _send_json(send, 403, {"error": {"message": f"{path} is an admin route, reachable only from the host or its internal network", "type": "forbidden", "code": 403}})
+            return
+        if scope.get("method") == "POST" and path in ALIASED_PATHS:
+            table = self.aliases.current()
+            if table:
+                scope, receive = await _rewrite_model(scope, receive, table)
+        await self.app(scope, receive, send)
+
+
+async def _rewrite_model(scope: Scope, receive: Receive, table: dict[str, str]) -> tuple[Scope, Receive]:
+    """Buffer the request body and replace an aliased `model` with the served name."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            # Disconnected before the body arrived: hand the message on unchanged.
+            return scope, _replay([message])
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and payload.get("model") in table:
+        payload["model"] = table[payload["model"]]
+        body = json.dumps(payload).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+    return scope, _replay([{"type": "http.request", "body": body, "more_body": False}], then=receive)
+
+
+def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+    pending = list(messages)
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        if then is None:
+            return {"type": "http.disconnect"}
+        return await then()
+
+    return receive
+
+
+async def _send_json(send: Send, status: int, content: dict) -> None:
+    body = json.dumps(content).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

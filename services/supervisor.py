@@ -1,0 +1,152 @@
+"""Run the model servers under supervisord, which restarts a server that dies.
+
+`up` writes the supervisor config into the state dir and starts supervisord (it daemonizes);
+`status` asks it over its unix-socket XML-RPC; `down` shuts it down, which stops every server with
+its whole process group (vLLM's engine core is a child process).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from pathlib import Path
+
+import httpx
+
+from services.config import ServeConfig
+from services.registry import reset_role
+
+SUPERVISORD = Path(sys.executable).with_name("supervisord")
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+def _conf(cfg: ServeConfig) -> str:
+    state = cfg.state_dir
+    lines = [
+        "[unix_http_server]", f"file={state}/supervisor.sock", "chmod=0700",
+        "[supervisord]", f"logfile={state}/logs/supervisord.log", f"pidfile={state}/supervisord.pid",
+        f"directory={Path.cwd()}", "logfile_maxbytes=10MB", "logfile_backups=2",
+        "[rpcinterface:supervisor]", "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "[supervisorctl]", f"serverurl=unix://{state}/supervisor.sock",
+    ]
+    allow = ",".join(cfg.admin_allow) or ","
+    for spec in cfg.servers:
+        lines += [
+            f"[program:{spec.role}]",
+            f"command={sys.executable} -m services.launch {cfg.spec_path(spec.role)} {cfg.registry} {allow}",
+            "autostart=true", "autorestart=true", "startsecs=10", "startretries=5",
+            # vLLM spawns its engine core: stop and kill the whole group, or it outlives the server.
+            "stopasgroup=true", "killasgroup=true", "stopsignal=INT", "stopwaitsecs=30",
+            "redirect_stderr=true", f"stdout_logfile={cfg.log_path(spec.role)}",
+            "stdout_logfile_maxbytes=50MB", "stdout_logfile_backups=2",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def rpc(state_dir: Path):
+    """The supervisord XML-RPC proxy, or None when no supervisord runs for this state dir."""
+    from supervisor.xmlrpc import SupervisorTransport
+
+    sock = state_dir / "supervisor.sock"
+    if not sock.exists():
+        return None
+    transport = SupervisorTransport(None, None, f"unix://{sock}")
+    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+    try:
+        proxy.supervisor.getState()
+    except (OSError, xmlrpc.client.Fault):
+        return None
+    return proxy
+
+
+def health(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_healthy(cfg: ServeConfig, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = {s.role: s for s in cfg.servers}
+    proxy = rpc(cfg.state_dir)
+    while pending:
+        for role, spec in list(pending.items()):
+            if health(spec.url):
+                pending.pop(role)
+                continue
+            if proxy is not None and proxy.supervisor.getProcessInfo(role)["statename"] == "FATAL":
+                raise ServeError(f"server {role} failed to start; see {cfg.log_path(role)}:\n{_tail(cfg.log_path(role))}")
+        if pending and time.monotonic() > deadline:
+            raise ServeError(f"servers {sorted(pending)} not healthy after {timeout:.0f}s; logs in {cfg.state_dir / 'logs'}")
+        time.sleep(1)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def up(cfg: ServeConfig, timeout: float = 900.0) -> None:
+    if rpc(cfg.state_dir) is not None:
+        raise ServeError(f"servers already run from {cfg.state_dir}; `humpback serve down` first")
+    for spec in cfg.servers:
+        if health(spec.url):
+            raise ServeError(f"port {spec.port} already answers /health: another server runs there")
+    (cfg.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (cfg.state_dir / "specs").mkdir(parents=True, exist_ok=True)
+    os.chmod(cfg.state_dir, 0o700)  # specs may hold the API key
+    (cfg.state_dir / "serve.json").write_text(cfg.model_dump_json(indent=2))
+    for spec in cfg.servers:
+        cfg.spec_path(spec.role).write_text(spec.model_dump_json(indent=2))
+        reset_role(cfg.registry, spec.role)
+    conf = cfg.state_dir / "supervisord.conf"
+    conf.write_text(_conf(cfg))
+    subprocess.run([str(SUPERVISORD), "-c", str(conf)], check=True)
+    wait_healthy(cfg, timeout)
+
+
+def load_config(state_dir: Path) -> ServeConfig:
+    path = state_dir / "serve.json"
+    if not path.is_file():
+        raise ServeError(f"no servers were started from {state_dir} (no serve.json)")
+    return ServeConfig.model_validate_json(path.read_bytes())
+
+
+def process_info(state_dir: Path) -> dict[str, dict]:
+    proxy = rpc(state_dir)
+    if proxy is None:
+        return {}
+    return {p["name"]: p for p in proxy.supervisor.getAllProcessInfo()}
+
+
+def down(state_dir: Path, timeout: float = 60.0) -> None:
+    pidfile = state_dir / "supervisord.pid"
+    proxy = rpc(state_dir)
+    if proxy is None:
+        return
+    pid = int(pidfile.read_text()) if pidfile.is_file() else None
+    proxy.supervisor.shutdown()
+    deadline = time.monotonic() + timeout
+    while pid is not None and _alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
