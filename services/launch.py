@@ -9,6 +9,7 @@ rolls a role back to its base weights.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -85,10 +86,30 @@ def model_to_serve(spec: ServerSpec, registry: Path) -> str:
     return spec.model
 
 
+def reap_previous(pgid_file: Path) -> None:
+    """Kill what is left of this role's previous incarnation.
+
+    The supervisor starts each server as a process-group leader. When the API server dies hard
+    (SIGKILL, OOM), its engine-core child lives on as an orphan holding memory and the server's
+    cores; it is still in the old process group, so the restart ends that group first.
+    """
+    try:
+        old = int(pgid_file.read_text())
+    except (FileNotFoundError, ValueError):
+        old = None
+    if old is not None and old != os.getpgrp():
+        try:
+            os.killpg(old, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    pgid_file.write_text(str(os.getpgrp()))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 3:
         raise SystemExit("usage: python -m services.launch SPEC.json REGISTRY.json ADMIN_ALLOW")
+    reap_previous(Path(args[0]).with_suffix(".pgid"))
     spec = ServerSpec.model_validate_json(Path(args[0]).read_bytes())
     registry = Path(args[1])
     admin_allow = [a for a in args[2].split(",") if a]

@@ -108,6 +108,8 @@ def up(cfg: ServeConfig, timeout: float = 900.0) -> None:
     (cfg.state_dir / "serve.json").write_text(cfg.model_dump_json(indent=2))
     for spec in cfg.servers:
         cfg.spec_path(spec.role).write_text(spec.model_dump_json(indent=2))
+        # A process group recorded by an earlier `up` is long gone; its id may be reused by now.
+        cfg.spec_path(spec.role).with_suffix(".pgid").unlink(missing_ok=True)
         reset_role(cfg.registry, spec.role)
     conf = cfg.state_dir / "supervisord.conf"
     conf.write_text(_conf(cfg))

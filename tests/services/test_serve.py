@@ -158,5 +158,8 @@ def test_killed_server_is_restarted_with_its_served_checkpoint(servers, model_di
     wait_healthy(servers.backward_url, timeout=900)
     row = status(servers)["backward"]
     assert row["pid"] != pid
+    # The dead server's engine core (an orphan in its process group) was reaped by the restart.
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
     assert row["version"] == "m2-test"
     assert prompt_logprobs(servers, "backward") == pytest.approx(swapped, abs=1e-3)
