@@ -6,8 +6,9 @@ MODEL := models/smollm2-135m-instruct
 
 .PHONY: setup demo test test-fast bench down clean
 
-# Debian packages: docker-compose validates compose.yaml offline (no daemon needed).
-APT_PACKAGES := docker-compose
+# Debian packages: docker-compose validates compose.yaml offline (no daemon needed); the
+# documentation packages hold the demo's real human Q/A (seed) and prose (corpus).
+APT_PACKAGES := docker-compose perl-doc python3.11-doc debian-faq git-doc python-django-doc debian-handbook
 
 setup: $(VENV)/.apt $(VENV)/.installed $(MODEL)/humpback-manifest.json
 
@@ -26,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,trainer,dev]'
+	$(BIN)/pip install -q -e '.[cpu,trainer,eval,dev]'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
