@@ -1,0 +1,1 @@
+"""Data builders: seed pairs and an unlabelled corpus from local documentation, and the paper's oasst1 seed."""
