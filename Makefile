@@ -7,8 +7,9 @@ MODEL := models/smollm2-135m-instruct
 .PHONY: setup demo test test-fast bench down clean
 
 # Debian packages: docker-compose validates compose.yaml offline (no daemon needed); the
-# documentation packages hold the demo's real human Q/A (seed) and prose (corpus).
-APT_PACKAGES := docker-compose perl-doc python3.11-doc debian-faq git-doc python-django-doc debian-handbook
+# documentation packages hold the demo's real human Q/A (seed) and prose (corpus); chromium renders
+# the report in a test.
+APT_PACKAGES := docker-compose chromium perl-doc python3.11-doc debian-faq git-doc python-django-doc debian-handbook
 
 setup: $(VENV)/.apt $(VENV)/.installed $(MODEL)/humpback-manifest.json
 

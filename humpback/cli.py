@@ -9,7 +9,9 @@ import sys
 
 # Modules that define `register(subparsers)`. A part that is not installed (say, the trainer extra)
 # simply contributes no commands.
-_PARTS = ("services.cli", "client.cli", "client.sources.cli", "client.evaluation.cli", "trainer.cli")
+_PARTS = (
+    "services.cli", "client.cli", "client.sources.cli", "client.evaluation.cli", "client.loop.cli", "trainer.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,10 @@ everything else answers only loopback clients and the networks named in `HUMPBAC
 (comma-separated CIDRs, e.g. compose's internal subnet).
 
 It also maps model aliases recorded in the registry (`HUMPBACK_REGISTRY`), so a fine-tuned model's
-name is requestable right after its weights were swapped into the role's server.
+name is requestable right after its weights were swapped into the role's server, and, on CPU servers
+(`HUMPBACK_REJECT_SEED=1`), refuses per-request `seed`s: vLLM 0.32's CPU engine dies on one when the
+prompt is prefilled in chunks (a torch CPU generator has no offset to rewind), taking every other
+request with it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ADMIN_ALLOW_ENV = "HUMPBACK_ADMIN_ALLOW"
+REJECT_SEED_ENV = "HUMPBACK_REJECT_SEED"
 
 PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/tokenize", "/detokenize"})
 # `/v1` is public except the routes that change what the server serves.
@@ -72,6 +76,7 @@ class AdminGuard:
         self.networks = _allowed_networks()
         registry = os.environ.get("HUMPBACK_REGISTRY")
         self.aliases = _AliasTable(Path(registry) if registry else None)
+        self.reject_seed = os.environ.get(REJECT_SEED_ENV) == "1"
 
     def client_allowed(self, scope: Scope) -> bool:
         client = scope.get("client")
@@ -93,33 +98,36 @@ class AdminGuard:
             return
         if scope.get("method") == "POST" and path in ALIASED_PATHS:
             table = self.aliases.current()
-            if table:
-                scope, receive = await _rewrite_model(scope, receive, table)
+            if table or self.reject_seed:
+                body, receive = await _read_body(receive)
+                if body is not None:
+                    try:
+                        payload = json.loads(body)
+                    except ValueError:
+                        payload = None  # vLLM answers malformed JSON itself
+                    if isinstance(payload, dict):
+                        if self.reject_seed and payload.get("seed") is not None:
+                            await _send_json(send, 400, {"error": {"message": "per-request `seed` is refused on this CPU server: vLLM's CPU engine crashes on it; leave `seed` out", "type": "invalid_request_error", "param": "seed", "code": 400}})
+                            return
+                        if payload.get("model") in table:
+                            payload["model"] = table[payload["model"]]
+                            body = json.dumps(payload).encode()
+                            headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+                            scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+                    receive = _replay([{"type": "http.request", "body": body, "more_body": False}], then=receive)
         await self.app(scope, receive, send)
 
 
-async def _rewrite_model(scope: Scope, receive: Receive, table: dict[str, str]) -> tuple[Scope, Receive]:
-    """Buffer the request body and replace an aliased `model` with the served name."""
+async def _read_body(receive: Receive) -> tuple[bytes | None, Receive]:
+    """The whole request body, or None (with the message replayed) when the client went away."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            # Disconnected before the body arrived: hand the message on unchanged.
-            return scope, _replay([message])
+            return None, _replay([message])
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        payload = None
-    if isinstance(payload, dict) and payload.get("model") in table:
-        payload["model"] = table[payload["model"]]
-        body = json.dumps(payload).encode()
-        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-    return scope, _replay([{"type": "http.request", "body": body, "more_body": False}], then=receive)
+            return b"".join(chunks), receive
 
 
 def _replay(messages: list[Message], then: Receive | None = None) -> Receive:

@@ -69,6 +69,8 @@ def vllm_env(spec: ServerSpec, registry: Path, admin_allow: list[str]) -> dict[s
         env["VLLM_API_KEY"] = spec.api_key  # in the environment, not argv: argv is world-readable
     if spec.lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if spec.device == "cpu":
+        env["HUMPBACK_REJECT_SEED"] = "1"  # see services.guard
     env.update(spec.env)
     return env
 

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from client.augment import served_model
 from client.evaluation.common import table, write_jsonl, write_summary
 from client.evaluation.records import NllRow, NllSummary, SeedPair
+from client.sources.records import SeedPair as HumanPair
 from client.fanout import Fanout, FanoutConfig, RequestFailed, RetryableError
 from services.contracts import ChatExample
 
@@ -31,8 +32,9 @@ COMPLETIONS_PATH = "/v1/completions"
 
 
 def read_seed(path: Path) -> Iterator[SeedPair]:
-    """Seed pairs from JSONL: `{"instruction", "output"}` rows or chat rows `{"messages": [...]}`
-    (optional system message, one user turn, one assistant turn)."""
+    """Seed pairs from JSONL: humpback's seed records (`humpback data demo|oasst1`), AlpacaEval-style
+    `{"instruction", "output"}` rows, or chat rows `{"messages": [...]}` (optional system message, one
+    user turn, one assistant turn)."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -46,6 +48,9 @@ def read_seed(path: Path) -> Iterator[SeedPair]:
                     if len(turns) != 2:
                         raise ValueError("messages: expected one user and one assistant turn")
                     yield SeedPair(instruction=turns[0].content, output=turns[1].content, system=system)
+                elif isinstance(obj, dict) and "response" in obj:
+                    seed = HumanPair.model_validate(obj)
+                    yield SeedPair(instruction=seed.instruction, output=seed.response)
                 else:
                     yield SeedPair.model_validate(obj)
             except (ValidationError, ValueError) as exc:

@@ -79,3 +79,18 @@ async def test_alias_maps_to_role_after_swap(monkeypatch, tmp_path):
         assert resp.json()["body"]["model"] == "ft:scorer:m1"
         resp = await c.post("/v1/completions", json={"model": "ft:scorer:m2", "prompt": "x"})
         assert resp.json()["body"]["model"] == "scorer"
+
+
+async def test_seed_refused_on_cpu_servers(monkeypatch):
+    monkeypatch.setenv("HUMPBACK_REJECT_SEED", "1")
+    app = make_app(monkeypatch)
+    async with client(app, "127.0.0.1") as c:
+        resp = await c.post("/v1/chat/completions", json={"model": "backward", "messages": [], "seed": 3})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "seed"
+        ok = await c.post("/v1/chat/completions", json={"model": "backward", "messages": [], "seed": None})
+        assert ok.status_code == 200 and ok.json()["body"]["model"] == "backward"
+    monkeypatch.setenv("HUMPBACK_REJECT_SEED", "0")
+    app = make_app(monkeypatch)
+    async with client(app, "127.0.0.1") as c:
+        resp = await c.post("/v1/completions", json={"model": "backward", "prompt": "x", "seed": 3})
+        assert resp.status_code == 200 and resp.json()["body"]["seed"] == 3

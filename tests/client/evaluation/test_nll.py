@@ -62,3 +62,13 @@ def test_bad_seed_line_is_named(tmp_path: Path) -> None:
     seed.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"question": "a"}) + "\n")
     with pytest.raises(ValueError, match="seed.jsonl line 2"):
         list(nll.read_seed(seed))
+
+
+async def test_nll_reads_humpback_seed_records(server: EvalFake, tmp_path: Path) -> None:
+    from client.sources.records import SeedPair
+
+    seed = tmp_path / "heldout.jsonl"
+    seed.write_text(SeedPair.make("Hi?", "Hello.", "perlfaq", "GPL-1+").model_dump_json() + "\n")
+    s = await nll.run_nll(seed, tmp_path / "out", FanoutConfig(endpoints=[server.url], max_retries=0))
+    assert s.pairs == 1
+    assert s.nll_per_token == pytest.approx(sum(_expected("Hello.")) / len(_expected("Hello.")))

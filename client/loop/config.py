@@ -1,0 +1,145 @@
+"""The one config of `humpback run`: defaults are the embedded CPU demo; every value is overridable
+from a YAML/JSON file or `--set section.field=value`. The resolved config is saved in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """Where the seed, held-out and corpus come from.
+
+    build_demo: build them with `humpback data demo` (from the installed Debian docs) into
+        `RUN_DIR/data` when no paths are given.
+    seed / heldout: SeedPair JSONL files (`humpback data demo` or `humpback data oasst1` output).
+    corpus: unlabelled corpora (JSONL/text/Parquet, gzip'd or not).
+    max_seed: seed pairs before the ~10% held-out split; max_corpus_docs: documents of the corpus;
+    max_segments: segments sent to the backward model. Demo sizes: the CPU budget, not the method,
+        sets them.
+    """
+
+    build_demo: bool = True
+    seed: Path | None = None
+    heldout: Path | None = None
+    corpus: list[Path] = Field(default_factory=list)
+    text_field: str = "text"
+    max_seed: int = 240
+    max_corpus_docs: int = 400
+    max_segments: int = 240
+
+
+class ServicesConfig(_Section):
+    """The model servers and the trainer; started by the run when they do not answer."""
+
+    backward_url: str = "http://127.0.0.1:8001"
+    scorer_url: str = "http://127.0.0.1:8002"
+    trainer_url: str = "http://127.0.0.1:8100"
+    api_key: str | None = None
+    start: bool = True
+    state_dir: Path = Path(".humpback/serve")
+    trainer_data_dir: Path = Path(".humpback/trainer")
+
+
+class TrainConfig(_Section):
+    """Training presets (see `trainer/config.py`) per model, and optional step overrides."""
+
+    backward_preset: str = "cpu-demo"
+    forward_preset: str = "cpu-demo"
+    max_steps: int | None = None
+
+
+class AugmentSection(_Section):
+    """max_tokens caps an instruction (a cut one is no candidate); seed is vLLM's per-request seed,
+    which CPU servers refuse (see services.guard)."""
+
+    max_tokens: int = 96
+    seed: int | None = None
+
+
+class CurateSection(_Section):
+    mode: Literal["logprobs", "free_text"] = "logprobs"
+    min_score: float = 4.5  # the paper's A_5: "score >= 4.5"
+    thresholds: list[float] = Field(default_factory=lambda: [3.0, 3.5, 4.0, 4.5])
+
+
+class EvalSection(_Section):
+    """What each trained model is evaluated on (sizes chosen for a 2-core CPU).
+
+    judge_url / judge_model: the pairwise judge (any OpenAI-compatible server); None judges with the
+        evaluated model's own server, which a 135M model does badly (see docs/eval.md).
+    """
+
+    judge_url: str | None = None
+    judge_model: str | None = None
+    ifeval_limit: int = 40
+    pairwise_limit: int = 24
+    max_tokens: int = 160
+    nll: bool = True
+    ablation: bool = True
+
+
+class RunConfig(_Section):
+    iterations: int = 2
+    data: DataConfig = Field(default_factory=DataConfig)
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    curate: CurateSection = Field(default_factory=CurateSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+
+# `--quick`: the tests' preset, minutes on a CPU.
+QUICK: dict[str, Any] = {
+    "iterations": 1,
+    "data": {"max_seed": 20, "max_corpus_docs": 24, "max_segments": 12},
+    "train": {"backward_preset": "cpu-test", "forward_preset": "cpu-test"},
+    "augment": {"max_tokens": 48},
+    "curate": {"min_score": 3.0},
+    "eval": {"ifeval_limit": 3, "pairwise_limit": 2, "max_tokens": 48, "ablation": True},
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ValueError(f"--set expects section.field=value, got {item!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    tree: dict[str, Any] = value
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    return tree
+
+
+def load_config(path: Path | None = None, quick: bool = False, overrides: list[str] = ()) -> RunConfig:
+    data: dict[str, Any] = QUICK if quick else {}
+    if path is not None:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            loaded = yaml.safe_load(text) or {}
+        else:
+            loaded = json.loads(text)
+        data = _merge(data, loaded)
+    for item in overrides:
+        data = _merge(data, _parse_override(item))
+    return RunConfig.model_validate(data)
