@@ -35,11 +35,14 @@ $(VENV)/.installed: pyproject.toml
 $(MODEL)/humpback-manifest.json: $(VENV)/.installed
 	$(BIN)/humpback models prepare --name smollm2-135m-instruct --models-dir models
 
+# The main job: the whole loop on the embedded default (starts the servers and the trainer if
+# they are not running; re-run to resume). The report lands in runs/demo/report.html.
 demo: setup
-	$(BIN)/humpback serve up
-	$(BIN)/humpback serve status
+	$(BIN)/humpback run --out runs/demo
 
+# Stop what `make demo` left running: the trainer service and the model servers.
 down:
+	-test -f .humpback/trainer/trainer.pid && kill $$(cat .humpback/trainer/trainer.pid) && rm .humpback/trainer/trainer.pid
 	$(BIN)/humpback serve down
 
 test: setup

@@ -32,9 +32,9 @@ class DataConfig(_Section):
     heldout: Path | None = None
     corpus: list[Path] = Field(default_factory=list)
     text_field: str = "text"
-    max_seed: int = 240
-    max_corpus_docs: int = 400
-    max_segments: int = 240
+    max_seed: int = 200
+    max_corpus_docs: int = 300
+    max_segments: int = 160
 
 
 class ServicesConfig(_Section):
@@ -50,11 +50,15 @@ class ServicesConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Training presets (see `trainer/config.py`) per model, and optional step overrides."""
+    """Training presets (see `trainer/config.py`) per model, and an optional step override.
+
+    The demo trains five models (M_yx, M0, M1, M2, the uncurated control); 12 LoRA steps of batch 8
+    each keep the whole run within the CPU budget. Set max_steps to null for the preset's schedule.
+    """
 
     backward_preset: str = "cpu-demo"
     forward_preset: str = "cpu-demo"
-    max_steps: int | None = None
+    max_steps: int | None = 12
 
 
 class AugmentSection(_Section):
@@ -80,9 +84,9 @@ class EvalSection(_Section):
 
     judge_url: str | None = None
     judge_model: str | None = None
-    ifeval_limit: int = 40
-    pairwise_limit: int = 24
-    max_tokens: int = 160
+    ifeval_limit: int = 24
+    pairwise_limit: int = 12
+    max_tokens: int = 128
     nll: bool = True
     ablation: bool = True
 
@@ -101,9 +105,9 @@ class RunConfig(_Section):
 QUICK: dict[str, Any] = {
     "iterations": 1,
     "data": {"max_seed": 20, "max_corpus_docs": 24, "max_segments": 12},
-    "train": {"backward_preset": "cpu-test", "forward_preset": "cpu-test"},
+    "train": {"backward_preset": "cpu-test", "forward_preset": "cpu-test", "max_steps": None},
     "augment": {"max_tokens": 48},
-    "curate": {"min_score": 3.0},
+    "curate": {"min_score": 1.0},  # a 3-step M0 scores everything low: keep all, exercise every path
     "eval": {"ifeval_limit": 3, "pairwise_limit": 2, "max_tokens": 48, "ablation": True},
 }
 

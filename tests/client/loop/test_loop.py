@@ -75,7 +75,7 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     assert len(scored) == len(candidates)
     assert all(1.0 <= s["score"] <= 5.0 for s in scored)
     curated = lines(stages["curate_1"]["curated"])
-    assert len(curated) == sum(1 for s in scored if s["score"] >= 3.0)  # the quick preset's k
+    assert len(curated) == sum(1 for s in scored if s["score"] >= 1.0) > 0  # the quick preset keeps all
     assert all(c["messages"][0]["content"] == "Answer with knowledge from web search." for c in curated)
     assert stages["train_m1"]["examples"] == stages["train_m0"]["examples"] + len(curated)
 

@@ -1,0 +1,290 @@
+"""Self-curation: score candidates with the scorer on the paper's 5-point rubric, select A_k.
+
+Two scoring modes share the rubric prefix (so vLLM's prefix cache serves it once per server):
+- "logprobs" (default): the answer is constrained to one digit "1".."5" and the top log-probabilities
+  give a distribution over the digits and an expected score, so "score >= 4.5" is well defined;
+- "free_text": the paper's prompt, a brief reasoning ending in "Score: N", parsed; the parse rate is
+  reported.
+Scored candidates go to a resumable journal; the curated set is rewritten from it on every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.augment import RunSummary, reason_key, served_model, side_path
+from client.fanout import Fanout, FanoutConfig, RequestFailed, RetryableError
+from client.journal import FsyncPolicy, Journal, LineWriter
+from client.progress import Progress
+from client.records import Failure, Rejected, ScoredCandidate, Source, content_id
+from services.contracts import (
+    AUGMENTED_SYSTEM_PROMPT,
+    SCORE_CHOICES,
+    ScoreMode,
+    parse_free_text_score,
+    rubric_messages,
+    tagged_example,
+)
+
+log = logging.getLogger(__name__)
+
+CHAT_PATH = "/v1/chat/completions"
+# Score bands of the summary; the last one is A_4.5 of the paper's "score >= 4.5".
+BANDS = ((1.0, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 4.5), (4.5, 5.0))
+HIST_BINS = 40
+
+
+@dataclass
+class CurateConfig:
+    """Scoring and selection settings.
+
+    mode: "logprobs" (expected score from digit probabilities) or "free_text" (the paper's format).
+    min_score: select pairs with score >= min_score (paper's A_5 is "score >= 4.5").
+    model, checkpoint: served scorer name (None: the first listed) and recorded version label.
+    max_tokens: budget of the free-text reasoning.
+    temperature: 0 makes scores reproducible; the paper does not say how it sampled.
+    scored: path of the scored-candidates journal; None puts it next to `out` as `<out>.scored.jsonl`.
+    histogram: draw `<out>.scores.png`.
+    """
+
+    mode: ScoreMode = "logprobs"
+    min_score: float = 4.5
+    model: str | None = None
+    checkpoint: str | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    scored: str | os.PathLike[str] | None = None
+    histogram: bool = True
+    fsync: FsyncPolicy = "interval"
+    progress: bool = True
+
+
+@dataclass
+class Pair:
+    """One (instruction, output) pair to score, as read from a candidates file."""
+
+    candidate_id: str
+    instruction: str
+    output: str
+    source: Source
+    pos: int = 0  # bytes of the candidates file read so far, for progress
+
+
+def read_pairs(path: Path, errors: LineWriter, summary: RunSummary) -> Iterator[Pair]:
+    """Candidates from a JSONL file: `instruction` and `output` strings; other fields optional."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            summary.input["records"] += 1
+            reason, field = None, None
+            obj: Any = None
+            try:
+                obj = json.loads(raw)
+            except ValueError as exc:
+                reason = f"invalid JSON: {exc}"
+            if reason is None and not isinstance(obj, dict):
+                reason = "expected a JSON object"
+            if reason is None:
+                for field in ("instruction", "output"):
+                    v = obj.get(field)
+                    if not isinstance(v, str) or not v.strip():
+                        reason = f"field {field!r} missing, empty or not a string"
+                        break
+            if reason is not None:
+                summary.input["rejected"] += 1
+                summary.rejected[reason.split(":")[0]] += 1
+                errors.write(Rejected(source=str(path), line=lineno, reason=reason, field=field,
+                                      excerpt=raw[:80].decode("utf-8", "replace")).model_dump_json())
+                continue
+            src = obj.get("source")
+            try:
+                source = Source.model_validate(src) if isinstance(src, dict) else Source(path=str(path), line=lineno)
+            except ValueError:
+                source = Source(path=str(path), line=lineno)
+            cid = obj.get("custom_id")
+            if not isinstance(cid, str) or not cid:
+                cid = content_id("pair", obj["instruction"], obj["output"])
+            yield Pair(cid, obj["instruction"], obj["output"], source, f.tell())
+
+
+def score_request(pair: Pair, model: str, cfg: CurateConfig) -> tuple[str, dict[str, Any]]:
+    """The `custom_id` and chat-completions body that score one pair (shared with batch export)."""
+    messages = rubric_messages(pair.instruction, pair.output, cfg.mode)
+    body: dict[str, Any] = {"model": model, "messages": messages, "temperature": cfg.temperature}
+    if cfg.mode == "logprobs":
+        body.update(max_tokens=1, logprobs=True, top_logprobs=len(SCORE_CHOICES),
+                    structured_outputs={"choice": list(SCORE_CHOICES)})
+    else:
+        body["max_tokens"] = cfg.max_tokens
+    return content_id("score", cfg.mode, messages, model, body.get("max_tokens"), cfg.temperature), body
+
+
+def parse_logprob_score(data: dict[str, Any]) -> tuple[float, dict[str, float], str]:
+    """(expected score, distribution over "1".."5", chosen digit) from a constrained chat completion."""
+    try:
+        choice = data["choices"][0]
+        content = (choice["message"]["content"] or "").strip()
+        top = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs") or []
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise RetryableError(f"malformed completion ({exc!r})") from None
+    if choice.get("finish_reason") == "abort":
+        raise RetryableError("generation aborted by the server")
+    mass = dict.fromkeys(SCORE_CHOICES, 0.0)
+    for entry in top:
+        tok = str(entry.get("token", "")).strip()
+        if tok in mass and entry.get("logprob") is not None:
+            mass[tok] += math.exp(float(entry["logprob"]))
+    total = sum(mass.values())
+    if total <= 0:  # no log-probabilities returned: fall back on the chosen digit
+        if content not in mass:
+            raise RequestFailed(f"no score digit in the answer {content[:40]!r}", 1)
+        mass[content], total = 1.0, 1.0
+    dist = {k: v / total for k, v in mass.items()}
+    return sum(int(k) * p for k, p in dist.items()), dist, content
+
+
+def parse_free_text(data: dict[str, Any]) -> tuple[float | None, str]:
+    """(parsed score or None, raw text) from a free-text rubric answer."""
+    try:
+        choice = data["choices"][0]
+        text = choice["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError) as exc:
+        raise RetryableError(f"malformed completion ({exc!r})") from None
+    if choice.get("finish_reason") == "abort":
+        raise RetryableError("generation aborted by the server")
+    score = parse_free_text_score(text)
+    return (None if score is None else float(score)), text
+
+
+BAND_LABELS = [f"[{lo:g},{hi:g})" for lo, hi in BANDS[:-1]] + [f"[{BANDS[-1][0]:g},{BANDS[-1][1]:g}]"]
+
+
+def band_of(score: float | None) -> str:
+    """The summary band of a score ("unparsed" for a free-text answer without one)."""
+    if score is None:
+        return "unparsed"
+    for (_, hi), label in zip(BANDS[:-1], BAND_LABELS):
+        if score < hi:
+            return label
+    return BAND_LABELS[-1]
+
+
+def select(scored: Path, out: Path, mode: str, scorer_model: str, min_score: float,
+           summary: RunSummary, histogram: Path | None) -> None:
+    """Rewrite the curated chat-format set from the scored journal; count bands; draw the histogram."""
+    bins = [0] * HIST_BINS
+    bands = dict.fromkeys([*BAND_LABELS, "unparsed"], 0)
+    kept = 0
+    tmp = out.with_name(out.name + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(scored, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+        for line in src:
+            rec = ScoredCandidate.model_validate_json(line)
+            if rec.mode != mode or rec.scorer_model != scorer_model:
+                continue  # the same journal may hold another mode's or scorer's scores
+            bands[band_of(rec.score)] += 1
+            if rec.score is None:
+                continue
+            bins[min(HIST_BINS - 1, max(0, int((rec.score - 1.0) / 4.0 * HIST_BINS)))] += 1
+            if rec.score >= min_score:
+                dst.write(tagged_example(rec.instruction, rec.output, AUGMENTED_SYSTEM_PROMPT).model_dump_json() + "\n")
+                kept += 1
+    os.replace(tmp, out)
+    total = sum(bands.values())
+    summary.extra["bands"] = bands
+    summary.extra["selected"] = kept
+    summary.extra["min_score"] = min_score
+    summary.extra["scored_total"] = total
+    if mode == "free_text":
+        summary.extra["parse_rate"] = round((total - bands["unparsed"]) / total, 4) if total else None
+    if histogram is not None and total:
+        from client.plot import score_histogram
+
+        score_histogram(bins, 1.0, 5.0, min_score, histogram,
+                        f"{scorer_model} ({mode}): {kept} of {total} pairs >= {min_score:g}")
+
+
+async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str], fanout: FanoutConfig,
+                 config: CurateConfig | None = None) -> RunSummary:
+    """Score every pair of `candidates`, then write A_k (score >= min_score) to `out` as chat JSONL.
+
+    Resumable like `augment`: the scored journal (`<out>.scored.jsonl` unless `config.scored`) keeps
+    every finished score; a re-run scores only what is missing and rewrites `out` from the journal.
+    """
+    cfg = config or CurateConfig()
+    out = Path(out)
+    candidates = Path(candidates)
+    scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
+    summary = RunSummary()
+    errors = LineWriter(side_path(out, "errors.jsonl"))
+    failed = LineWriter(side_path(out, "failed.jsonl"))
+    start = time.monotonic()
+    journal = Journal(scored_path, fsync=cfg.fsync).open()
+    summary.results["already_done"] = len(journal.done)
+    summary.extra["repaired_bytes"] = journal.repaired_bytes
+    progress = Progress(candidates.stat().st_size, f"curate[{cfg.mode}]", cfg.progress)
+    model = cfg.model or ""
+    try:
+        async with Fanout(fanout) as fan:
+            model, root = await served_model(fan, cfg.model)
+            checkpoint = cfg.checkpoint or root
+            summary.extra.update(model=model, checkpoint=checkpoint, mode=cfg.mode)
+            pending = asyncio.Semaphore(fan.max_inflight)
+            tasks: set[asyncio.Task[None]] = set()
+            parse = parse_logprob_score if cfg.mode == "logprobs" else parse_free_text
+
+            async def one(pair: Pair, cid: str, body: dict[str, Any], pos: int) -> None:
+                try:
+                    result = await fan.post(CHAT_PATH, body, parse)
+                    if cfg.mode == "logprobs":
+                        score, dist, raw = result
+                    else:
+                        (score, raw), dist = result, None
+                    rec = ScoredCandidate(custom_id=cid, candidate_id=pair.candidate_id, instruction=pair.instruction,
+                                          output=pair.output, source=pair.source, mode=cfg.mode, score=score,
+                                          distribution=dist, raw=raw, scorer_model=model, scorer_checkpoint=checkpoint)
+                    journal.append(rec.model_dump_json())
+                    summary.results["written"] += 1
+                    progress.advance(pos, done=1)
+                except RequestFailed as exc:
+                    summary.failures[reason_key(exc.reason)] += 1
+                    failed.write(Failure(custom_id=cid, source=pair.source, reason=exc.reason,
+                                         attempts=exc.attempts).model_dump_json())
+                    progress.advance(pos, failed=1)
+                finally:
+                    pending.release()
+
+            for pair in read_pairs(candidates, errors, summary):
+                cid, body = score_request(pair, model, cfg)
+                if cid in journal.done:
+                    summary.results["skipped_done"] += 1
+                    progress.advance(pair.pos)
+                    continue
+                journal.done.add(cid)
+                await pending.acquire()
+                task = asyncio.create_task(one(pair, cid, body, pair.pos))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+            summary.extra["retries"] = fan.retries
+    finally:
+        progress.close()
+        journal.close()
+        errors.close()
+        failed.close()
+        summary.results["failed"] = sum(summary.failures.values())
+    if model:
+        select(scored_path, out, cfg.mode, model, cfg.min_score, summary,
+               side_path(out, "scores.png") if cfg.histogram else None)
+    summary.elapsed_s = time.monotonic() - start
+    summary.write(side_path(out, "summary.json"))
+    return summary

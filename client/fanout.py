@@ -1,0 +1,320 @@
+"""Bounded fan-out of JSON requests to one or more OpenAI-compatible endpoints.
+
+The servers batch; the client's job is only to keep each one busy without flooding it. Each endpoint
+has a window of in-flight requests. By default the window adapts to the server's own queue, read
+from vLLM's `/metrics` (`vllm:num_requests_waiting`): it doubles while the server has no queue and
+the client is the limit, and shrinks when requests pile up waiting, so the server always has work
+and nobody hand-tunes a concurrency. Endpoints without `/metrics` get a fixed generous window.
+
+Requests go to the endpoint with the lowest load; failures are retried with exponential backoff and
+full jitter, preferring another endpoint (failover), and an endpoint that refuses connections is
+benched for a growing cool-down. The httpx pool is sized to the windows: no hidden 100-connection cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpcore
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+class RetryableError(Exception):
+    """A response that may succeed on a retry (e.g. a generation aborted by the server)."""
+
+
+class RequestFailed(Exception):
+    """A request that failed for good: a client error, or every retry used up."""
+
+    def __init__(self, reason: str, attempts: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.attempts = attempts
+
+
+@dataclass
+class FanoutConfig:
+    """How requests are spread and retried.
+
+    endpoints: base URLs (`http://host:port`, without `/v1`).
+    api_key: sent as `Authorization: Bearer`; None sends no header.
+    concurrency: fixed in-flight requests per endpoint; None (default) adapts to the server's queue.
+    initial_window, min_window, max_window: bounds of the adaptive window per endpoint.
+    fallback_window: window for endpoints that expose no vLLM `/metrics`.
+    timeout: seconds for one request (queueing on the server included); connect_timeout to connect.
+    max_retries: retries after the first attempt, on connection errors, timeouts, 429, 5xx and aborts.
+    backoff_base, backoff_max: exponential backoff with full jitter, in seconds.
+    metrics_interval: seconds between `/metrics` polls.
+    """
+
+    endpoints: list[str]
+    api_key: str | None = None
+    concurrency: int | None = None
+    initial_window: int = 64
+    min_window: int = 8
+    max_window: int = 1024
+    fallback_window: int = 256
+    timeout: float = 600.0
+    connect_timeout: float = 10.0
+    max_retries: int = 8
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    metrics_interval: float = 1.0
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One server and its load: in-flight requests, window, cool-down after connection failures."""
+
+    url: str
+    window: int
+    adaptive: bool
+    inflight: int = 0
+    down_until: float = 0.0
+    failures: int = 0
+    completed: int = 0
+    errors: int = 0
+    waiting: float = 0.0
+    running: float = 0.0
+
+
+def _metric(text: str, name: str) -> float | None:
+    """Sum of a Prometheus gauge over its label sets; None when absent."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+                seen = True
+            except ValueError:
+                pass
+    return total if seen else None
+
+
+def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
+    for name, value in headers:
+        if name.lower() == b"retry-after":
+            try:
+                return float(value)
+            except ValueError:  # an HTTP date: fall back on our own backoff
+                return None
+    return None
+
+
+class Fanout:
+    """`async with Fanout(cfg) as f: data = await f.post("/v1/chat/completions", body)`."""
+
+    def __init__(self, config: FanoutConfig) -> None:
+        if not config.endpoints:
+            raise ValueError("at least one endpoint is needed")
+        self.config = config
+        fixed = config.concurrency
+        self.endpoints = [Endpoint(url=u.rstrip("/"), window=fixed or config.initial_window, adaptive=fixed is None)
+                          for u in config.endpoints]
+        self.retries = 0
+        self._cond = asyncio.Condition()
+        self._client: httpx.AsyncClient | None = None  # control requests (/v1/models, /metrics)
+        self._free: list[httpcore.AsyncConnectionPool] = []  # idle per-request pools, most recent last
+        self._all: list[httpcore.AsyncConnectionPool] = []
+        self._ssl = httpx.create_ssl_context()
+        self._headers: dict[str, list[tuple[bytes, bytes]]] = {}
+        self._timeouts: dict[str, float | None] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    @property
+    def max_inflight(self) -> int:
+        """The most requests that can ever be in flight: bound for a producer's pending work."""
+        per = self.config.concurrency or max(self.config.max_window, self.config.fallback_window)
+        return per * len(self.endpoints)
+
+    async def __aenter__(self) -> Fanout:
+        cfg = self.config
+        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        timeout = httpx.Timeout(cfg.timeout, connect=cfg.connect_timeout, pool=None)
+        # The hot path talks to httpcore (httpx's transport) directly. httpcore scans its whole pool on
+        # every request and response, so one pool of a thousand connections would spend more CPU than
+        # the requests: each in-flight request instead borrows a pool of its own (one keep-alive
+        # connection per endpoint), most recently used first, so there are never more pools than the
+        # windows allow and no hidden connection cap. httpx's URL/auth/redirect layers, useless for
+        # one POST to a fixed URL, are skipped: this halves the client's CPU per request.
+        for ep in self.endpoints:
+            url = httpx.URL(ep.url)
+            host = url.netloc.decode("ascii")
+            self._headers[ep.url] = [(b"Host", host.encode("ascii")), (b"Content-Type", b"application/json"),
+                                     *([(b"Authorization", f"Bearer {cfg.api_key}".encode())] if cfg.api_key else [])]
+        self._timeouts = {"connect": cfg.connect_timeout, "read": cfg.timeout, "write": cfg.timeout, "pool": None}
+        self._client = httpx.AsyncClient(timeout=timeout, headers=headers)
+        if any(e.adaptive for e in self.endpoints):
+            self._poller = asyncio.create_task(self._poll_metrics())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            try:
+                await self._poller
+            except asyncio.CancelledError:
+                pass
+        for c in [*self._all, *([self._client] if self._client is not None else [])]:
+            await c.aclose()
+
+    # --- load balancing ------------------------------------------------------------------------
+
+    async def _acquire(self, avoid: Endpoint | None) -> Endpoint:
+        async with self._cond:
+            while True:
+                now = time.monotonic()
+                ready = [e for e in self.endpoints if e.down_until <= now and e.inflight < e.window]
+                if avoid is not None and len(ready) > 1:
+                    ready = [e for e in ready if e is not avoid]
+                if ready:
+                    ep = min(ready, key=lambda e: e.inflight / e.window)
+                    ep.inflight += 1
+                    return ep
+                wake = [e.down_until - now for e in self.endpoints if e.down_until > now]
+                try:
+                    await asyncio.wait_for(self._cond.wait(), min(wake) if wake else None)
+                except asyncio.TimeoutError:
+                    pass
+
+    def _new_pool(self) -> httpcore.AsyncConnectionPool:
+        n = len(self.endpoints)
+        pool = httpcore.AsyncConnectionPool(ssl_context=self._ssl, max_connections=n, max_keepalive_connections=n)
+        self._all.append(pool)
+        return pool
+
+    async def _release(self, ep: Endpoint) -> None:
+        async with self._cond:
+            ep.inflight -= 1
+            self._cond.notify()
+
+    def _bench(self, ep: Endpoint) -> None:
+        ep.failures += 1
+        ep.down_until = time.monotonic() + min(self.config.backoff_max, self.config.backoff_base * 2 ** ep.failures)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        cfg = self.config
+        delay = random.uniform(0, min(cfg.backoff_max, cfg.backoff_base * 2 ** (attempt - 1)))
+        return max(delay, min(retry_after or 0.0, cfg.backoff_max))
+
+    # --- requests ------------------------------------------------------------------------------
+
+    async def post(self, path: str, body: dict[str, Any],
+                   check: Callable[[dict[str, Any]], Any] | None = None) -> Any:
+        """POST `body` as JSON; returns `check(response)` (or the response), retrying as configured.
+
+        `check` validates a 200 response: raising `RetryableError` retries it, `RequestFailed` gives up.
+        """
+        assert self._client is not None, "use `async with Fanout(...)`"
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        length = (b"Content-Length", str(len(payload)).encode())
+        extensions = {"timeout": self._timeouts}
+        avoid: Endpoint | None = None
+        retry_after: float | None = None
+        reason = ""
+        attempts = self.config.max_retries + 1
+        for attempt in range(attempts):
+            if attempt:
+                self.retries += 1
+                await asyncio.sleep(self._backoff(attempt, retry_after))
+                retry_after = None
+            ep = await self._acquire(avoid)
+            try:
+                pool = self._free.pop() if self._free else self._new_pool()
+                try:
+                    resp = await pool.request("POST", ep.url + path, headers=[*self._headers[ep.url], length],
+                                              content=payload, extensions=extensions)
+                finally:
+                    self._free.append(pool)
+            except httpcore.TimeoutException as exc:
+                reason = f"{type(exc).__name__} after {self.config.timeout:g}s from {ep.url}"
+            except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
+                reason = f"{type(exc).__name__} from {ep.url}: {exc}"
+                self._bench(ep)
+            else:
+                status = resp.status
+                text = resp.content.decode("utf-8", "replace") if status != 200 else ""
+                if status == 200:
+                    try:
+                        data = json.loads(resp.content)
+                        result = check(data) if check is not None else data
+                    except RetryableError as exc:
+                        reason = f"{exc} from {ep.url}"
+                    except ValueError as exc:  # a 200 whose body is not JSON: a broken proxy, retry
+                        reason = f"invalid JSON from {ep.url}: {exc}"
+                    else:
+                        ep.failures = 0
+                        ep.completed += 1
+                        return result
+                elif status == 429 or status >= 500:
+                    reason = f"HTTP {status} from {ep.url}: {text[:200]}"
+                    retry_after = _retry_after(resp.headers)
+                else:
+                    ep.errors += 1
+                    raise RequestFailed(f"HTTP {status} from {ep.url}{path}: {text[:300]}", attempt + 1)
+            finally:
+                await self._release(ep)
+            ep.errors += 1
+            avoid = ep
+            log.debug("attempt %d failed: %s", attempt + 1, reason)
+        raise RequestFailed(f"gave up after {attempts} attempts: {reason}", attempts)
+
+    async def get_json(self, path: str) -> dict[str, Any]:
+        """GET from the first endpoint that answers (for `/v1/models`), retrying while servers start."""
+        assert self._client is not None
+        errors: list[str] = []
+        for attempt in range(self.config.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(self._backoff(attempt, None))
+            for ep in self.endpoints:
+                try:
+                    resp = await self._client.get(ep.url + path, timeout=self.config.connect_timeout + 20)
+                    resp.raise_for_status()
+                    return resp.json()
+                except (httpx.HTTPError, ValueError) as exc:
+                    errors.append(f"{ep.url}: {exc}")
+        raise RequestFailed(f"GET {path} failed on every endpoint: {'; '.join(errors[-len(self.endpoints):])}",
+                            self.config.max_retries + 1)
+
+    # --- adaptive windows ----------------------------------------------------------------------
+
+    async def _poll_metrics(self) -> None:
+        assert self._client is not None
+        cfg = self.config
+        while True:
+            for ep in self.endpoints:
+                if not ep.adaptive:
+                    continue
+                try:
+                    resp = await self._client.get(ep.url + "/metrics", timeout=5.0)
+                    waiting = _metric(resp.text, "vllm:num_requests_waiting") if resp.status_code == 200 else None
+                    running = _metric(resp.text, "vllm:num_requests_running") if resp.status_code == 200 else None
+                except httpx.HTTPError:
+                    continue  # a down server is the retry logic's business
+                if waiting is None or running is None:
+                    log.info("%s exposes no vLLM metrics: fixed window of %d", ep.url, cfg.fallback_window)
+                    ep.adaptive, ep.window = False, cfg.fallback_window
+                else:
+                    self._adapt(ep, waiting, running)
+            async with self._cond:
+                self._cond.notify_all()
+            await asyncio.sleep(cfg.metrics_interval)
+
+    def _adapt(self, ep: Endpoint, waiting: float, running: float) -> None:
+        """Keep a short queue on the server: enough that it never idles between steps, no deeper."""
+        cfg = self.config
+        ep.waiting, ep.running = waiting, running
+        target = max(4.0, running / 4)
+        if waiting > 2 * target:
+            ep.window = max(cfg.min_window, int(ep.window - (waiting - target) / 2))
+        elif waiting <= target and ep.inflight >= ep.window - 1:
+            ep.window = min(cfg.max_window, ep.window * 2)

@@ -1,0 +1,85 @@
+"""curate() against the fake server: both scoring modes, selection, bands, histogram, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from client.curate import CurateConfig, band_of, curate, parse_free_text, parse_logprob_score
+from client.fanout import FanoutConfig, RequestFailed, RetryableError
+from client.records import ScoredCandidate
+from services.contracts import AUGMENTED_SYSTEM_PROMPT, ChatExample
+from tests.client.conftest import make_text
+from tests.client.fake_server import FakeServer
+
+
+def _fan(url: str) -> FanoutConfig:
+    return FanoutConfig([url], backoff_base=0.01, backoff_max=0.05)
+
+
+@pytest.fixture
+def candidates(tmp_path: Path) -> Path:
+    p = tmp_path / "cands.jsonl"
+    rows = [{"custom_id": f"{i:032x}", "instruction": f"Explain topic {i}" + "?" * i, "output": make_text(i)}
+            for i in range(20)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n" + json.dumps({"instruction": ""}) + "\n")
+    return p
+
+
+def test_parse_logprob_score() -> None:
+    top = [{"token": "5", "logprob": -0.1053605}, {"token": "4", "logprob": -2.3025851}, {"token": "x", "logprob": -1}]
+    data = {"choices": [{"message": {"content": "5"}, "finish_reason": "stop",
+                         "logprobs": {"content": [{"token": "5", "top_logprobs": top}]}}]}
+    score, dist, raw = parse_logprob_score(data)
+    assert raw == "5" and dist["5"] == pytest.approx(0.9) and dist["4"] == pytest.approx(0.1)
+    assert score == pytest.approx(4.9)
+    nolp = {"choices": [{"message": {"content": "3"}, "finish_reason": "stop"}]}
+    assert parse_logprob_score(nolp)[0] == 3.0
+    with pytest.raises(RequestFailed):
+        parse_logprob_score({"choices": [{"message": {"content": "great"}, "finish_reason": "stop"}]})
+    with pytest.raises(RetryableError):
+        parse_logprob_score({"choices": [{"message": {"content": ""}, "finish_reason": "abort"}]})
+
+
+def test_parse_free_text_and_bands() -> None:
+    assert parse_free_text({"choices": [{"message": {"content": "Good.\nScore: 4"}}]}) == (4.0, "Good.\nScore: 4")
+    assert parse_free_text({"choices": [{"message": {"content": "no idea"}}]})[0] is None
+    assert [band_of(s) for s in (1.0, 2.5, 3.99, 4.2, 4.5, 5.0, None)] == [
+        "[1,2)", "[2,3)", "[3,4)", "[4,4.5)", "[4.5,5]", "[4.5,5]", "unparsed"]
+
+
+async def test_logprobs_mode_scores_selects_and_plots(fake: FakeServer, candidates: Path, tmp_path: Path) -> None:
+    fake.keep_bodies = True
+    out = tmp_path / "curated.jsonl"
+    summary = await curate(candidates, out, _fan(fake.url), CurateConfig(min_score=3.5, progress=False))
+    scored = [ScoredCandidate.model_validate_json(x) for x in (tmp_path / "curated.scored.jsonl").read_text().splitlines()]
+    assert len(scored) == 20 and summary.input["rejected"] == 2
+    assert all(1.0 <= s.score <= 5.0 and abs(sum(s.distribution.values()) - 1) < 1e-9 for s in scored)  # type: ignore[union-attr, operator]
+    body = fake.bodies[0]
+    assert body["structured_outputs"] == {"choice": ["1", "2", "3", "4", "5"]} and body["logprobs"] is True
+    curated = [ChatExample.model_validate_json(x) for x in out.read_text().splitlines()]
+    assert len(curated) == sum(1 for s in scored if s.score >= 3.5) == summary.extra["selected"] > 0  # type: ignore[operator]
+    assert curated[0].messages[0].content == AUGMENTED_SYSTEM_PROMPT
+    assert sum(summary.extra["bands"].values()) == 20
+    assert (tmp_path / "curated.scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((tmp_path / "curated.errors.jsonl").read_text().splitlines()) == 2
+
+
+async def test_free_text_mode_reports_parse_rate(fake: FakeServer, candidates: Path, tmp_path: Path) -> None:
+    fake.script.extend(["empty", "empty"])  # two answers state no score
+    out = tmp_path / "curated.jsonl"
+    summary = await curate(candidates, out, _fan(fake.url), CurateConfig(mode="free_text", progress=False))
+    assert summary.extra["bands"]["unparsed"] == 2 and summary.extra["parse_rate"] == 0.9
+
+
+async def test_resume_scores_only_missing(fake: FakeServer, candidates: Path, tmp_path: Path) -> None:
+    out = tmp_path / "curated.jsonl"
+    fake.script.extend(["400"] * 3)
+    first = await curate(candidates, out, _fan(fake.url), CurateConfig(progress=False))
+    assert first.results["written"] == 17 and first.results["failed"] == 3
+    calls = fake.requests["/v1/chat/completions"]
+    second = await curate(candidates, out, _fan(fake.url), CurateConfig(progress=False))
+    assert second.results["skipped_done"] == 17 and fake.requests["/v1/chat/completions"] - calls == 3
+    assert second.extra["scored_total"] == 20
