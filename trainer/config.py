@@ -1,0 +1,162 @@
+"""Typed settings of the trainer service and the training presets, each field documented once.
+
+`ServiceSettings` is what `humpback trainer serve` takes (the CLI mirrors it field by field);
+`Preset` is a named set of training hyperparameters a job picks with `metadata.preset`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["backward", "scorer"]
+FinetuneMethod = Literal["lora", "full"]
+
+DEFAULT_MODEL_DIR = Path("models/smollm2-135m-instruct")
+
+# Paper Table 18: number of training examples -> (batch size, steps).
+PAPER_SCHEDULE: tuple[tuple[int, int, int], ...] = (
+    (100, 8, 30),
+    (800, 8, 300),
+    (1_600, 8, 600),
+    (3_200, 32, 500),
+    (6_400, 32, 600),
+    (12_800, 32, 600),
+    (25_600, 32, 1_200),
+    (51_200, 32, 1_600),
+)
+
+
+def paper_batch_size(n_examples: int) -> int:
+    """Batch 8 under 3,000 examples, else 32 (paper §3.1)."""
+    return 8 if n_examples < 3_000 else 32
+
+
+def paper_steps(n_examples: int) -> int:
+    """Steps from Table 18 for the largest listed size not above `n_examples` (the smallest row below 100)."""
+    steps = PAPER_SCHEDULE[0][2]
+    for size, _, row_steps in PAPER_SCHEDULE:
+        if n_examples >= size:
+            steps = row_steps
+    return steps
+
+
+class Preset(BaseModel):
+    """Training hyperparameters a job starts from; the job's `hyperparameters` override some of them.
+
+    Attributes:
+        learning_rate: peak learning rate (`learning_rate_multiplier` scales it).
+        final_lr_ratio: the learning rate decays linearly from `learning_rate` to this fraction of it
+            over the run (paper: 1e-5 -> 9e-6, i.e. 0.9).
+        weight_decay: AdamW weight decay (paper: 0.1).
+        dropout: LoRA dropout; the paper's 0.1 dropout applies to full fine-tuning through the model's
+            attention dropout.
+        batch_size: examples per optimizer step; None applies the paper's rule (8 under 3,000
+            examples, else 32).
+        micro_batch_size: examples per forward pass; the rest is gradient accumulation.
+        max_steps: optimizer steps; None follows the paper's Table 18 for the data size, unless the
+            job asks for `n_epochs`.
+        max_length: tokens per example (longer ones are truncated).
+        method: "lora" (adapters on all linear layers, bf16, merged into full weights for export) or
+            "full" (all weights, fp32).
+        lora_r / lora_alpha: LoRA rank and scale.
+        save_steps: a resumable checkpoint every this many steps (a killed job loses at most these).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float
+    final_lr_ratio: float = 0.9
+    weight_decay: float = 0.1
+    dropout: float = 0.1
+    batch_size: int | None = None
+    micro_batch_size: int = 8
+    max_steps: int | None = None
+    max_length: int = 2048
+    method: FinetuneMethod = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    save_steps: int = 50
+
+    def resolve_batch(self, n_examples: int, override: int | None) -> int:
+        return override or self.batch_size or paper_batch_size(n_examples)
+
+    def resolve_steps(self, n_examples: int, batch: int, n_epochs: int | None) -> int:
+        if n_epochs:
+            return n_epochs * math.ceil(n_examples / batch)
+        return self.max_steps or paper_steps(n_examples)
+
+
+PRESETS: dict[str, Preset] = {
+    # The paper's settings as published: full fine-tuning, lr 1e-5 -> 9e-6, wd 0.1, dropout 0.1,
+    # batch 8/32 and the Table 18 step schedule.
+    "paper": Preset(learning_rate=1e-5, method="full", micro_batch_size=4),
+    # The paper's schedule with LoRA (the service default): adapters need a ~10x larger learning
+    # rate than full fine-tuning to move as far in the same number of steps.
+    "paper-lora": Preset(learning_rate=1e-4),
+    # A few minutes on a 2-core CPU: enough to see the loss fall on a small seed set.
+    "cpu-demo": Preset(learning_rate=2e-4, batch_size=8, max_steps=30, max_length=512, save_steps=10),
+    # Seconds per step on a CPU: for tests and smoke runs.
+    "cpu-test": Preset(
+        learning_rate=1e-3, batch_size=2, micro_batch_size=2, max_steps=3, max_length=256, save_steps=1
+    ),
+}
+
+
+def parse_model_registration(text: str) -> tuple[str, Path]:
+    """`NAME=PATH` from `--model` into a (name, folder) pair."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--model expects NAME=PATH, got {text!r}")
+    return name, Path(path)
+
+
+class ServiceSettings(BaseModel):
+    """Settings of `humpback trainer serve`.
+
+    Attributes:
+        host / port: where the API listens.
+        data_dir: the service's own folder: SQLite database, uploaded files (under service-chosen
+            ids), checkpoints (`checkpoints/<job_id>/`). Requests never name a path.
+        api_key: bearer token required on every request when set.
+        backward_url / scorer_url: base URLs (no /v1) of the model servers a job can deploy to.
+        server_api_key: bearer token of those servers, when they require one.
+        registry: alias registry the servers' middleware reads (None: the serve state's default).
+        backward_model / scorer_model: the folders the two roles serve; a job whose `model` is a
+            role name fine-tunes from that folder.
+        models: further base models a job may name (`--model NAME=PATH`).
+        default_preset: the preset of a job that names none in `metadata.preset`.
+        max_attempts: how many times a job may be started: a job interrupted by a service restart
+            is started again (resuming from its last checkpoint) until then, and failed after.
+        swap_timeout: seconds allowed for one hot-swap.
+        accelerate_config: an `accelerate` config file (see `trainer/accelerate/`); when set, each
+            run is started with `accelerate launch` (multi-GPU data parallel), else as one process.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 8100
+    data_dir: Path = Path(".humpback/trainer")
+    api_key: str | None = None
+    backward_url: str = "http://127.0.0.1:8001"
+    scorer_url: str = "http://127.0.0.1:8002"
+    server_api_key: str | None = None
+    registry: Path | None = None
+    backward_model: Path = DEFAULT_MODEL_DIR
+    scorer_model: Path = DEFAULT_MODEL_DIR
+    models: dict[str, Path] = Field(default_factory=dict)
+    default_preset: str = "paper-lora"
+    max_attempts: int = 3
+    swap_timeout: float = 300.0
+    accelerate_config: Path | None = None
+
+    def role_url(self, role: Role) -> str:
+        return self.backward_url if role == "backward" else self.scorer_url
+
+    def base_models(self) -> dict[str, Path]:
+        """Every base model name a job may use: the two roles, then the registered ones."""
+        return {"backward": self.backward_model, "scorer": self.scorer_model, **self.models}

@@ -1,0 +1,158 @@
+"""The wire format: OpenAI's file, fine_tuning.job, event and checkpoint objects, nothing else.
+
+Field names and status values are OpenAI's, so the official `openai` SDK parses every response.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+ACTIVE_STATUSES: tuple[JobStatus, ...] = ("validating_files", "queued", "running")
+TERMINAL_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
+ORGANIZATION = "humpback"
+
+T = TypeVar("T")
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: Literal["fine-tune"] = "fine-tune"
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class Hyperparameters(BaseModel):
+    """OpenAI's three knobs; "auto" leaves the preset's value (paper rule for batch, its schedule)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: Literal["auto"] | int = "auto"
+    learning_rate_multiplier: Literal["auto"] | float = "auto"
+    n_epochs: Literal["auto"] | int = "auto"
+
+
+class SupervisedMethod(BaseModel):
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class CreateJobRequest(BaseModel):
+    """`POST /v1/fine_tuning/jobs`. Humpback reads these `metadata` keys (strings, like OpenAI's):
+
+    - `deploy_to`: "backward" or "scorer": hot-swap the result into that server;
+    - `preset`: a training preset name (see `trainer.config.PRESETS`);
+    - `method`: "lora" or "full", overriding the preset's;
+    - `max_steps`: optimizer steps, overriding the preset's schedule.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int | None = None
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    integrations: list[dict[str, Any]] | None = None
+
+    def effective_hyperparameters(self) -> Hyperparameters:
+        """`method.supervised.hyperparameters` (current API) wins over the deprecated top-level field."""
+        if self.method and self.method.supervised:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: Hyperparameters
+    model: str
+    organization_id: str = ORGANIZATION
+    result_files: list[str] = Field(default_factory=list)
+    seed: int
+    status: JobStatus
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    estimated_finish: int | None = None
+    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    method: Method
+
+
+class JobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"] = "info"
+    message: str
+    data: dict[str, Any] | None = None
+    type: Literal["message", "metrics"] = "message"
+
+
+class CheckpointMetrics(BaseModel):
+    step: float | None = None
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
+class JobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class ListPage(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
