@@ -19,8 +19,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from client.completions import chat_choice
 from client.corpus import Corpus
-from client.fanout import Fanout, FanoutConfig, RequestFailed, RetryableError
+from client.fanout import Fanout, FanoutConfig, RequestFailed
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
@@ -124,14 +125,8 @@ def augment_request(text: str, model: str, cfg: AugmentConfig) -> tuple[str, dic
 
 def parse_instruction(data: dict[str, Any]) -> tuple[str, str]:
     """(instruction, finish_reason) from a chat completion; aborted -> retry; truncated/empty -> fail."""
-    try:
-        choice = data["choices"][0]
-        text = choice["message"]["content"] or ""
-        finish = choice.get("finish_reason")
-    except (KeyError, IndexError, TypeError) as exc:
-        raise RetryableError(f"malformed completion ({exc!r})") from None
-    if finish == "abort":
-        raise RetryableError("generation aborted by the server")
+    choice, text = chat_choice(data)
+    finish = choice.get("finish_reason")
     if finish == "length":
         raise RequestFailed("instruction truncated (finish_reason=length)", 1)
     if finish not in ("stop", None):

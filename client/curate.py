@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -22,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from client.augment import RunSummary, reason_key, served_model, side_path
-from client.fanout import Fanout, FanoutConfig, RequestFailed, RetryableError
+from client.completions import chat_choice, choice_mass
+from client.fanout import Fanout, FanoutConfig, RequestFailed
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.progress import Progress
 from client.records import Failure, Rejected, ScoredCandidate, Source, content_id
@@ -129,19 +129,9 @@ def score_request(pair: Pair, model: str, cfg: CurateConfig) -> tuple[str, dict[
 
 def parse_logprob_score(data: dict[str, Any]) -> tuple[float, dict[str, float], str]:
     """(expected score, distribution over "1".."5", chosen digit) from a constrained chat completion."""
-    try:
-        choice = data["choices"][0]
-        content = (choice["message"]["content"] or "").strip()
-        top = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs") or []
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise RetryableError(f"malformed completion ({exc!r})") from None
-    if choice.get("finish_reason") == "abort":
-        raise RetryableError("generation aborted by the server")
-    mass = dict.fromkeys(SCORE_CHOICES, 0.0)
-    for entry in top:
-        tok = str(entry.get("token", "")).strip()
-        if tok in mass and entry.get("logprob") is not None:
-            mass[tok] += math.exp(float(entry["logprob"]))
+    choice, content = chat_choice(data)
+    content = content.strip()
+    mass = choice_mass(choice, SCORE_CHOICES)
     total = sum(mass.values())
     if total <= 0:  # no log-probabilities returned: fall back on the chosen digit
         if content not in mass:
@@ -153,13 +143,7 @@ def parse_logprob_score(data: dict[str, Any]) -> tuple[float, dict[str, float], 
 
 def parse_free_text(data: dict[str, Any]) -> tuple[float | None, str]:
     """(parsed score or None, raw text) from a free-text rubric answer."""
-    try:
-        choice = data["choices"][0]
-        text = choice["message"]["content"] or ""
-    except (KeyError, IndexError, TypeError) as exc:
-        raise RetryableError(f"malformed completion ({exc!r})") from None
-    if choice.get("finish_reason") == "abort":
-        raise RetryableError("generation aborted by the server")
+    _, text = chat_choice(data)
     score = parse_free_text_score(text)
     return (None if score is None else float(score)), text
 

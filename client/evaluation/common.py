@@ -13,8 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from client.completions import chat_choice
 from client.evaluation.records import Answer
-from client.fanout import Fanout, RetryableError
+from client.fanout import Fanout
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -43,13 +44,7 @@ def chat_body(model: str, prompt: str, cfg: GenerationConfig) -> dict[str, Any]:
 
 def parse_answer(data: dict[str, Any]) -> tuple[str, str | None]:
     """(text, finish_reason) of a chat completion; aborted or malformed answers are retried."""
-    try:
-        choice = data["choices"][0]
-        text = choice["message"]["content"] or ""
-    except (KeyError, IndexError, TypeError) as exc:
-        raise RetryableError(f"malformed completion ({exc!r})") from None
-    if choice.get("finish_reason") == "abort":
-        raise RetryableError("generation aborted by the server")
+    choice, text = chat_choice(data)
     return text, choice.get("finish_reason")
 
 

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from client.augment import served_model
+from client.completions import chat_choice, choice_mass
 from client.evaluation.common import (CHAT_PATH, GenerationConfig, answer_all, eval_framework_dir, read_answers,
                                       subset, table, write_jsonl, write_summary)
 from client.evaluation.records import Answer, PairwiseRow, PairwiseSummary
-from client.fanout import Fanout, FanoutConfig, RequestFailed, RetryableError
+from client.fanout import Fanout, FanoutConfig, RequestFailed
 
 CHOICES = ("1", "2")
 
@@ -103,22 +104,12 @@ def judge_body(model: str, instruction: str, first: str, second: str, max_chars:
 
 def parse_verdict(data: dict[str, Any]) -> tuple[str, float]:
     """(chosen answer "1" or "2", probability that answer 1 is better) from a constrained completion."""
-    try:
-        choice = data["choices"][0]
-        content = (choice["message"]["content"] or "").strip()
-        top = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs") or []
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise RetryableError(f"malformed judge completion ({exc!r})") from None
-    if choice.get("finish_reason") == "abort":
-        raise RetryableError("judge generation aborted by the server")
+    choice, content = chat_choice(data)
+    content = content.strip()
     if content not in CHOICES:
         raise RequestFailed(f"judge answered {content[:40]!r}, not 1 or 2: does the server honour "
                             "structured_outputs?", 1)
-    mass = dict.fromkeys(CHOICES, 0.0)
-    for entry in top:
-        tok = str(entry.get("token", "")).strip()
-        if tok in mass and entry.get("logprob") is not None:
-            mass[tok] += math.exp(float(entry["logprob"]))
+    mass = choice_mass(choice, CHOICES)
     total = sum(mass.values())
     return content, (mass["1"] / total if total > 0 else float(content == "1"))
 
