@@ -186,3 +186,19 @@ def test_cli_serves_with_bearer_token(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_job_runs_through_accelerate_launch(tmp_path: Path, train_file: Path) -> None:
+    """Multi-GPU training goes through `accelerate launch`; the same launcher with one CPU process."""
+    config = Path(__file__).resolve().parents[2] / "trainer" / "accelerate" / "cpu_single.yaml"
+    service = start_service(make_settings(tmp_path / "trainer", accelerate_config=config))
+    try:
+        file_id = upload(service.client, train_file)
+        job = service.client.fine_tuning.jobs.create(model="scorer", training_file=file_id, metadata=FAST)
+        done = wait_for(service.client, job.id, {"succeeded", "failed"})
+        assert done.status == "succeeded", done.error
+        assert (tmp_path / "trainer" / "checkpoints" / job.id / "final" / "model.safetensors").is_file()
+        messages = " ".join(e.message for e in service.client.fine_tuning.jobs.list_events(job.id, limit=100))
+        assert "Step 2/2" in messages
+    finally:
+        service.stop()
