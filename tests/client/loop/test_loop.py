@@ -105,7 +105,12 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     assert trainer_jobs() == jobs_before  # the interrupted training stage waited for its job, started none
     again = Stages(run).all()
     assert again["train_uncurated"]["job"] == stages["train_uncurated"]["job"]
-    resumed = lines(journal)
-    assert sorted(c["custom_id"] for c in resumed) == sorted(c["custom_id"] for c in candidates)
+    resumed = [c["custom_id"] for c in lines(journal)]
+    assert len(set(resumed)) == len(resumed)  # the torn line repaired, nothing written twice
+    assert {json.loads(line)["custom_id"] for line in kept} <= set(resumed)
+    # The lost half was sampled again (T=0.7, no seed): a regenerated instruction may come back cut at
+    # max_tokens and is then recorded as failed, not as a candidate. None is lost either way.
+    failed = lines(journal.with_name("candidates.failed.jsonl")) if journal.with_name("candidates.failed.jsonl").is_file() else []
+    assert set(resumed) | {f["custom_id"] for f in failed} == {c["custom_id"] for c in candidates}
     assert again["augment"]["summary"]["results"]["already_done"] == len(kept)
     assert "eval_uncurated" in again
