@@ -29,6 +29,16 @@ def _completion(content: str, finish: str = "stop", logprobs: Any = None) -> dic
     return {"id": "cmpl-fake", "object": "chat.completion", "model": "fake", "choices": [choice]}
 
 
+
+async def read_json(receive: Any) -> Any:
+    """The whole ASGI request body, parsed as JSON."""
+    chunks = []
+    while True:
+        msg = await receive()
+        chunks.append(msg.get("body", b""))
+        if not msg.get("more_body"):
+            return json.loads(b"".join(chunks))
+
 class FakeServer:
     def __init__(self, model: str = "fake", delay: float = 0.0, hang: float = 30.0) -> None:
         self.model = model
@@ -80,13 +90,7 @@ class FakeServer:
             return await self._send(send, 200, text.encode(), "text/plain")
         if path != "/v1/chat/completions":
             return await self._send(send, 404, {"error": "not found"})
-        chunks = []
-        while True:
-            msg = await receive()
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body"):
-                break
-        body = json.loads(b"".join(chunks))
+        body = await read_json(receive)
         if self.keep_bodies:
             self.bodies.append(body)
         fault = self.script.popleft() if self.script else "ok"

@@ -8,11 +8,10 @@ contains "good"; when both or neither do, it picks the first shown (a maximal po
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
-from tests.client.fake_server import FakeServer, _completion
+from tests.client.fake_server import FakeServer, _completion, read_json
 
 
 def logprob(token: int) -> float:
@@ -43,13 +42,7 @@ class EvalFake(FakeServer):
         if scope["type"] != "http" or scope["path"] not in ("/tokenize", "/v1/completions"):
             return await super().__call__(scope, receive, send)
         self.requests[scope["path"]] += 1
-        chunks = []
-        while True:
-            msg = await receive()
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body"):
-                break
-        body = json.loads(b"".join(chunks))
+        body = await read_json(receive)
         if scope["path"] == "/tokenize":
             ids = [ord(c) for c in render(body["messages"], body.get("add_generation_prompt", True))]
             return await self._send(send, 200, {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
