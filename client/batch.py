@@ -184,6 +184,5 @@ def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: 
     failed.close()
     summary.results["failed"] = sum(summary.failures.values())
     if model:
-        select(scored_path, out, cfg.mode, model, cfg.min_score, summary,
-               side_path(out, "scores.png") if cfg.histogram else None)
+        select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None)
     return summary

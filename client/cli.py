@@ -35,6 +35,25 @@ def _fanout_config(args: argparse.Namespace) -> Any:
                         concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries)
 
 
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scoring and selection of A_k")
+    g.add_argument("--mode", choices=("logprobs", "free_text"), default="logprobs")
+    k = g.add_mutually_exclusive_group()
+    k.add_argument("--min-score", type=float, default=4.5, help="keep score >= k (default 4.5, the paper's A_5)")
+    k.add_argument("--top-fraction", type=float, default=None,
+                   help="keep the best-scored fraction instead; k is then that fraction's lowest score")
+    g.add_argument("--max-tokens", type=int, default=256, help="free-text reasoning budget")
+    g.add_argument("--scored", default=None, help="scored-candidates journal (default <out>.scored.jsonl)")
+    g.add_argument("--no-histogram", action="store_true")
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    """What batch export/import take that the server flags give augment/curate."""
+    p.add_argument("--checkpoint", default=None, help="version label recorded with each result")
+    p.add_argument("--fsync", choices=("never", "interval", "always"), default="interval")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _prepare_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("corpus preparation (paper App. E; each rule on by default)")
     g.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
@@ -65,7 +84,7 @@ def _augment_config(args: argparse.Namespace) -> Any:
 def _curate_config(args: argparse.Namespace) -> Any:
     from client.curate import CurateConfig
 
-    return CurateConfig(mode=args.mode, min_score=args.min_score, model=args.model, checkpoint=args.checkpoint,
+    return CurateConfig(mode=args.mode, min_score=args.min_score, top_fraction=args.top_fraction, model=args.model, checkpoint=args.checkpoint,
                         max_tokens=args.max_tokens, scored=args.scored, histogram=not args.no_histogram,
                         fsync=args.fsync, progress=not args.no_progress)
 
@@ -143,11 +162,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("curate", help="self-curation: score candidates and select A_k (resumable)")
     p.add_argument("--candidates", required=True, help="candidates JSONL (instruction and output fields)")
     p.add_argument("--out", required=True, help="curated set, chat-format JSONL (rewritten each run)")
-    p.add_argument("--mode", choices=("logprobs", "free_text"), default="logprobs")
-    p.add_argument("--min-score", type=float, default=4.5)
-    p.add_argument("--max-tokens", type=int, default=256, help="free-text reasoning budget")
-    p.add_argument("--scored", default=None, help="scored-candidates journal (default <out>.scored.jsonl)")
-    p.add_argument("--no-histogram", action="store_true")
+    _selection_args(p)
     _fanout_args(p, "http://127.0.0.1:8002")
     p.set_defaults(func=_curate)
 
@@ -158,15 +173,9 @@ def register(sub: Any) -> None:
     e.add_argument("--corpus", nargs="+", required=True, help="corpus files (augment) or a candidates file (curate)")
     e.add_argument("--out", required=True, help="batch requests JSONL (+ <out>.segments.jsonl for augment)")
     e.add_argument("--model", required=True, help="model name to put in each request body")
-    e.add_argument("--max-tokens", type=int, default=256)
     e.add_argument("--seed", type=int, default=None)
-    e.add_argument("--mode", choices=("logprobs", "free_text"), default="logprobs")
-    e.add_argument("--min-score", type=float, default=4.5)
-    e.add_argument("--scored", default=None)
-    e.add_argument("--no-histogram", action="store_true")
-    e.add_argument("--checkpoint", default=None)
-    e.add_argument("--fsync", choices=("never", "interval", "always"), default="interval")
-    e.add_argument("--no-progress", action="store_true")
+    _selection_args(e)  # its --max-tokens also caps augment's instructions
+    _common_args(e)
     _prepare_args(e)
     e.set_defaults(func=_batch_export)
     i = bsub.add_parser("import", help="turn batch results into candidates (augment) or a curated set (curate)")
@@ -174,13 +183,7 @@ def register(sub: Any) -> None:
     i.add_argument("--requests", required=True, help="the exported requests JSONL")
     i.add_argument("--results", required=True, help="the batch output JSONL")
     i.add_argument("--out", required=True, help="candidates journal (augment) or curated set (curate)")
-    i.add_argument("--checkpoint", default=None)
-    i.add_argument("--mode", choices=("logprobs", "free_text"), default="logprobs")
-    i.add_argument("--min-score", type=float, default=4.5)
-    i.add_argument("--max-tokens", type=int, default=256)
-    i.add_argument("--scored", default=None)
-    i.add_argument("--no-histogram", action="store_true")
     i.add_argument("--model", default=None)
-    i.add_argument("--fsync", choices=("never", "interval", "always"), default="interval")
-    i.add_argument("--no-progress", action="store_true")
+    _selection_args(i)
+    _common_args(i)
     i.set_defaults(func=_batch_import)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -49,6 +50,9 @@ class CurateConfig:
 
     mode: "logprobs" (expected score from digit probabilities) or "free_text" (the paper's format).
     min_score: select pairs with score >= min_score (paper's A_5 is "score >= 4.5").
+    top_fraction: instead, select the best-scored fraction of pairs: k becomes the score of the last
+        pair of that fraction (ties kept) and is reported; for scorers whose scale is off, such as a
+        small model after a few CPU steps.
     model, checkpoint: served scorer name (None: the first listed) and recorded version label.
     max_tokens: budget of the free-text reasoning.
     temperature: 0 makes scores reproducible; the paper does not say how it sampled.
@@ -58,6 +62,7 @@ class CurateConfig:
 
     mode: ScoreMode = "logprobs"
     min_score: float = 4.5
+    top_fraction: float | None = None
     model: str | None = None
     checkpoint: str | None = None
     max_tokens: int = 256
@@ -66,6 +71,10 @@ class CurateConfig:
     histogram: bool = True
     fsync: FsyncPolicy = "interval"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must lie in (0, 1], got {self.top_fraction}")
 
 
 @dataclass
@@ -161,39 +170,58 @@ def band_of(score: float | None) -> str:
     return BAND_LABELS[-1]
 
 
-def select(scored: Path, out: Path, mode: str, scorer_model: str, min_score: float,
-           summary: RunSummary, histogram: Path | None) -> None:
+def _scored(scored: Path, mode: str, scorer_model: str) -> Iterator[ScoredCandidate]:
+    """This mode's and scorer's records of a scored journal (it may hold others)."""
+    with open(scored, encoding="utf-8") as src:
+        for line in src:
+            rec = ScoredCandidate.model_validate_json(line)
+            if rec.mode == mode and rec.scorer_model == scorer_model:
+                yield rec
+
+
+def threshold(scored: Path, cfg: CurateConfig, scorer_model: str) -> float:
+    """k: cfg.min_score, or the score of the last pair in the top cfg.top_fraction."""
+    if cfg.top_fraction is None:
+        return cfg.min_score
+    ranked = sorted((r.score for r in _scored(scored, cfg.mode, scorer_model) if r.score is not None), reverse=True)
+    if not ranked:
+        return cfg.min_score
+    return ranked[max(1, math.ceil(cfg.top_fraction * len(ranked))) - 1]
+
+
+def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summary: RunSummary,
+           histogram: Path | None) -> None:
     """Rewrite the curated chat-format set from the scored journal; count bands; draw the histogram."""
+    k = threshold(scored, cfg, scorer_model)
     bins = [0] * HIST_BINS
     bands = dict.fromkeys([*BAND_LABELS, "unparsed"], 0)
     kept = 0
     tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(scored, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
-        for line in src:
-            rec = ScoredCandidate.model_validate_json(line)
-            if rec.mode != mode or rec.scorer_model != scorer_model:
-                continue  # the same journal may hold another mode's or scorer's scores
+    with open(tmp, "w", encoding="utf-8") as dst:
+        for rec in _scored(scored, cfg.mode, scorer_model):
             bands[band_of(rec.score)] += 1
             if rec.score is None:
                 continue
             bins[min(HIST_BINS - 1, max(0, int((rec.score - 1.0) / 4.0 * HIST_BINS)))] += 1
-            if rec.score >= min_score:
+            if rec.score >= k:
                 dst.write(tagged_example(rec.instruction, rec.output, AUGMENTED_SYSTEM_PROMPT).model_dump_json() + "\n")
                 kept += 1
     os.replace(tmp, out)
     total = sum(bands.values())
     summary.extra["bands"] = bands
     summary.extra["selected"] = kept
-    summary.extra["min_score"] = min_score
+    summary.extra["min_score"] = k
+    summary.extra["top_fraction"] = cfg.top_fraction
     summary.extra["scored_total"] = total
-    if mode == "free_text":
+    if cfg.mode == "free_text":
         summary.extra["parse_rate"] = round((total - bands["unparsed"]) / total, 4) if total else None
     if histogram is not None and total:
         from client.plot import score_histogram
 
-        score_histogram(bins, 1.0, 5.0, min_score, histogram,
-                        f"{scorer_model} ({mode}): {kept} of {total} pairs >= {min_score:g}")
+        rule = f"top {cfg.top_fraction:.0%}: " if cfg.top_fraction is not None else ""
+        score_histogram(bins, 1.0, 5.0, k, histogram,
+                        f"{scorer_model} ({cfg.mode}): {rule}{kept} of {total} pairs >= {k:.3g}")
 
 
 async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str], fanout: FanoutConfig,
@@ -267,8 +295,7 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
         failed.close()
         summary.results["failed"] = sum(summary.failures.values())
     if model:
-        select(scored_path, out, cfg.mode, model, cfg.min_score, summary,
-               side_path(out, "scores.png") if cfg.histogram else None)
+        select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None)
     summary.elapsed_s = time.monotonic() - start
     summary.write(side_path(out, "summary.json"))
     return summary

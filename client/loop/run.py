@@ -119,13 +119,15 @@ class Loop:
         out = self.dir / "curate" / f"A{t}.jsonl"
         summary = asyncio.run(curate(
             candidates, out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key),
-            CurateConfig(mode=self.cfg.curate.mode, min_score=self.cfg.curate.min_score, model="scorer",
+            CurateConfig(mode=self.cfg.curate.mode, min_score=self.cfg.curate.min_score,
+                         top_fraction=self.cfg.curate.top_fraction, model="scorer",
                          checkpoint=scorer["job"], scored=self.dir / "curate" / f"scored{t}.jsonl"),
         ))
         scores = [json.loads(line).get("score") for line in (self.dir / "curate" / f"scored{t}.jsonl").open()]
         kept = {str(k): sum(1 for s in scores if s is not None and s >= k) for k in self.cfg.curate.thresholds}
         return {"curated": str(out), "scored": str(self.dir / "curate" / f"scored{t}.jsonl"),
-                "scorer": scorer["fine_tuned_model"], "kept_per_threshold": kept, "summary": summary.to_dict()}
+                "scorer": scorer["fine_tuned_model"], "k": summary.extra.get("min_score"),
+                "selected": summary.extra.get("selected"), "kept_per_threshold": kept, "summary": summary.to_dict()}
 
     def uncurated(self, candidates: str, size: int) -> list[ChatExample]:
         """The ablation's control: candidates of A_k's size drawn without looking at scores."""

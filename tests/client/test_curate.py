@@ -67,6 +67,21 @@ async def test_logprobs_mode_scores_selects_and_plots(fake: FakeServer, candidat
     assert len((tmp_path / "curated.errors.jsonl").read_text().splitlines()) == 2
 
 
+async def test_top_fraction_sets_k_from_the_ranking(fake: FakeServer, candidates: Path, tmp_path: Path) -> None:
+    out = tmp_path / "curated.jsonl"
+    await curate(candidates, out, _fan(fake.url), CurateConfig(min_score=5.0, progress=False))
+    scores = sorted((ScoredCandidate.model_validate_json(x).score for x in
+                     (tmp_path / "curated.scored.jsonl").read_text().splitlines()), reverse=True)
+    scored_before = fake.requests["/v1/chat/completions"]
+    summary = await curate(candidates, out, _fan(fake.url), CurateConfig(top_fraction=0.25, progress=False))
+    assert fake.requests["/v1/chat/completions"] == scored_before  # re-selected from the journal alone
+    assert summary.extra["min_score"] == scores[4] and summary.extra["top_fraction"] == 0.25  # 5th of 20
+    kept = sum(1 for s in scores if s >= scores[4])
+    assert summary.extra["selected"] == kept == len(out.read_text().splitlines()) >= 5
+    with pytest.raises(ValueError, match="top_fraction"):
+        CurateConfig(top_fraction=0.0)
+
+
 async def test_free_text_mode_reports_parse_rate(fake: FakeServer, candidates: Path, tmp_path: Path) -> None:
     fake.script.extend(["empty", "empty"])  # two answers state no score
     out = tmp_path / "curated.jsonl"
