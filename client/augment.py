@@ -7,25 +7,23 @@ skipped, failed ones retried), and a kill at any moment loses no finished line a
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from client.completions import chat_choice
 from client.corpus import Corpus
+from client.dispatch import Job, RunSummary, dispatch, side_path
 from client.fanout import Fanout, FanoutConfig, RequestFailed
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
-from client.records import Candidate, Failure, Rejected, Segment, content_id
+from client.records import Candidate, Rejected, Segment, content_id
 from services.contracts import AUGMENT_TEMPERATURE, AUGMENT_TOP_P, backward_messages
 
 log = logging.getLogger(__name__)
@@ -58,41 +56,6 @@ class AugmentConfig:
     limit: int | None = None
     fsync: FsyncPolicy = "interval"
     progress: bool = True
-
-
-@dataclass
-class RunSummary:
-    """What a run did, per stage; written next to the output as `<out>.summary.json`."""
-
-    input: Counter[str] = field(default_factory=Counter)
-    rejected: Counter[str] = field(default_factory=Counter)
-    prepare: Counter[str] = field(default_factory=Counter)
-    results: Counter[str] = field(default_factory=Counter)
-    failures: Counter[str] = field(default_factory=Counter)
-    extra: dict[str, Any] = field(default_factory=dict)
-    elapsed_s: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: it mangles Counters
-        d = {k: dict(v) if isinstance(v, Counter) else v for k, v in d.items()}
-        d["elapsed_s"] = round(self.elapsed_s, 3)
-        return d
-
-    def write(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def side_path(out: Path, kind: str) -> Path:
-    """`out.jsonl` -> `out.<kind>` (errors.jsonl, failed.jsonl, summary.json ...)."""
-    stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
-    return out.with_name(f"{stem}.{kind}")
-
-
-def reason_key(reason: str) -> str:
-    """A failure reason without the variable parts (URLs, bodies), for counting in a summary."""
-    return reason.split(":", 1)[0].split(" from ", 1)[0][:80]
 
 
 def prepared_segments(corpora: Iterable[Corpus], preparer: Preparer | None, errors: LineWriter,
@@ -137,6 +100,13 @@ def parse_instruction(data: dict[str, Any]) -> tuple[str, str]:
     return text, finish or "stop"
 
 
+def candidate_line(cid: str, seg: Segment, result: tuple[str, str], model: str, checkpoint: str | None) -> str:
+    """The journal line of a candidate: the segment with the instruction `parse_instruction` returned."""
+    instruction, finish = result
+    return Candidate(custom_id=cid, instruction=instruction, output=seg.text, source=seg.source, model=model,
+                     checkpoint=checkpoint, finish_reason=finish).model_dump_json()
+
+
 async def served_model(fan: Fanout, model: str | None) -> tuple[str, str | None]:
     """(served name, weights root) of `model`, or of the first model listed when None."""
     listing = (await fan.get_json("/v1/models")).get("data") or []
@@ -174,48 +144,25 @@ async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | 
             model, root = await served_model(fan, cfg.model)
             checkpoint = cfg.checkpoint or root
             summary.extra.update(model=model, checkpoint=checkpoint)
-            pending = asyncio.Semaphore(fan.max_inflight)
-            tasks: set[asyncio.Task[None]] = set()
-            offset = 0
 
             def check(data: dict[str, Any]) -> tuple[str, str]:
                 # Every answer's tokens count (truncated ones too): that is the work the server did.
                 summary.results["completion_tokens"] += int((data.get("usage") or {}).get("completion_tokens") or 0)
                 return parse_instruction(data)
 
-            async def one(seg: Segment, cid: str, body: dict[str, Any], pos: int) -> None:
-                try:
-                    instruction, finish = await fan.post(CHAT_PATH, body, check)
-                    cand = Candidate(custom_id=cid, instruction=instruction, output=seg.text, source=seg.source,
-                                     model=model, checkpoint=checkpoint, finish_reason=finish)
-                    journal.append(cand.model_dump_json())
-                    summary.results["written"] += 1
-                    progress.advance(pos, done=1)
-                except RequestFailed as exc:
-                    summary.failures[reason_key(exc.reason)] += 1
-                    failed.write(Failure(custom_id=cid, source=seg.source, reason=exc.reason,
-                                         attempts=exc.attempts).model_dump_json())
-                    progress.advance(pos, failed=1)
-                finally:
-                    pending.release()
+            def record(job: Job[Segment], result: tuple[str, str]) -> str:
+                return candidate_line(job.custom_id, job.item, result, model, checkpoint)
 
-            last: Corpus | None = None
-            for corp, seg in islice(prepared_segments(corpora, preparer, errors, summary), cfg.limit):
-                if corp is not last:
-                    offset += last.total_bytes if last is not None else 0
-                    last = corp
-                cid, body = augment_request(seg.text, model, cfg)
-                if cid in journal.done:
-                    summary.results["skipped_done"] += 1
-                    progress.advance(offset + corp.bytes_read)
-                    continue
-                journal.done.add(cid)  # claimed: a duplicate segment later in the stream is skipped
-                await pending.acquire()
-                task = asyncio.create_task(one(seg, cid, body, offset + corp.bytes_read))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
+            def jobs() -> Iterator[Job[Segment]]:
+                offset, last = 0, None  # bytes of the corpora before `last`, the one being read
+                for corp, seg in islice(prepared_segments(corpora, preparer, errors, summary), cfg.limit):
+                    if corp is not last:
+                        offset += last.total_bytes if last is not None else 0
+                        last = corp
+                    cid, body = augment_request(seg.text, model, cfg)
+                    yield Job(cid, body, seg, seg.source, offset + corp.bytes_read)
+
+            await dispatch(fan, CHAT_PATH, jobs(), check, record, journal, failed, summary, progress)
             progress.advance(sum(c.total_bytes for c in corpora))
             summary.extra["retries"] = fan.retries
             summary.extra["endpoints"] = {e.url: {"completed": e.completed, "errors": e.errors, "window": e.window}

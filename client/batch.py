@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from client.augment import CHAT_PATH, AugmentConfig, RunSummary, reason_key, augment_request, parse_instruction, \
-    prepared_segments, side_path
+from client.augment import (CHAT_PATH, AugmentConfig, augment_request, candidate_line, parse_instruction,
+                            prepared_segments)
 from client.corpus import Corpus
-from client.curate import CurateConfig, Pair, parse_free_text, parse_logprob_score, read_pairs, score_request, select
+from client.curate import (CurateConfig, Pair, parse_free_text, parse_logprob_score, read_pairs, score_request,
+                           scored_line, select)
+from client.dispatch import RunSummary, reason_key, side_path
 from client.fanout import RequestFailed, RetryableError
 from client.journal import Journal, LineWriter
 from client.prepare import PrepareConfig, Preparer
-from client.records import Candidate, Failure, ScoredCandidate, Segment, Source
+from client.records import Failure, Segment, Source
 
 PathLike = str | os.PathLike[str]
 
@@ -110,38 +112,54 @@ def _answer(cid: str, results: dict[str, dict[str, Any] | str], parse: Any) -> A
         raise RequestFailed(str(exc), 1) from None
 
 
+def _replay(journal_path: Path, rows: Iterator[tuple[str, Any, Source]], answers: dict[str, dict[str, Any] | str],
+            parse: Callable[[dict[str, Any]], Any], record: Callable[[str, Any, Any], str], failed: LineWriter,
+            summary: RunSummary) -> None:
+    """Append `record(custom_id, item, parse(answer))` for each exported (custom_id, item, source) not
+    yet in the journal; a missing or failed answer goes to `failed`, like a failed request."""
+    with Journal(journal_path) as journal:
+        for cid, item, source in rows:
+            if cid in journal.done:
+                summary.results["skipped_done"] += 1
+                continue
+            try:
+                result = _answer(cid, answers, parse)
+            except RequestFailed as exc:
+                summary.failures[reason_key(exc.reason)] += 1
+                failed.write(Failure(custom_id=cid, source=source, reason=exc.reason,
+                                     attempts=exc.attempts).model_dump_json())
+                continue
+            journal.append(record(cid, item, result))
+            journal.done.add(cid)
+            summary.results["written"] += 1
+    failed.close()
+    summary.results["failed"] = sum(summary.failures.values())
+
+
+def _meta_rows(requests: Path, key: str, load: Callable[[dict[str, Any]], Any]) -> Iterator[tuple[str, Any, Source]]:
+    with open(_meta_path(requests), encoding="utf-8") as meta:
+        for line in meta:
+            row = json.loads(line)
+            item = load(row[key])
+            yield row["custom_id"], item, item.source
+
+
 def import_augment(requests: PathLike, results: PathLike, out: PathLike, checkpoint: str | None = None) -> RunSummary:
     """Append the batch's candidates to the `out` journal (skipping ids already there)."""
     out = Path(out)
     summary = RunSummary()
     answers = _read_results(Path(results), summary)
-    failed = LineWriter(side_path(out, "failed.jsonl"))
     model_of = {}
     with open(requests, encoding="utf-8") as f:
         for line in f:
             req = json.loads(line)
             model_of[req["custom_id"]] = req["body"]["model"]
-    with Journal(out) as journal, open(_meta_path(Path(requests)), encoding="utf-8") as meta:
-        for line in meta:
-            row = json.loads(line)
-            cid, seg = row["custom_id"], Segment.model_validate(row["segment"])
-            if cid in journal.done:
-                summary.results["skipped_done"] += 1
-                continue
-            try:
-                instruction, finish = _answer(cid, answers, parse_instruction)
-            except RequestFailed as exc:
-                summary.failures[reason_key(exc.reason)] += 1
-                failed.write(Failure(custom_id=cid, source=seg.source, reason=exc.reason,
-                                     attempts=exc.attempts).model_dump_json())
-                continue
-            journal.append(Candidate(custom_id=cid, instruction=instruction, output=seg.text, source=seg.source,
-                                     model=model_of.get(cid, ""), checkpoint=checkpoint,
-                                     finish_reason=finish).model_dump_json())
-            journal.done.add(cid)
-            summary.results["written"] += 1
-    failed.close()
-    summary.results["failed"] = sum(summary.failures.values())
+
+    def record(cid: str, seg: Segment, result: tuple[str, str]) -> str:
+        return candidate_line(cid, seg, result, model_of.get(cid, ""), checkpoint)
+
+    _replay(out, _meta_rows(Path(requests), "segment", Segment.model_validate), answers, parse_instruction, record,
+            LineWriter(side_path(out, "failed.jsonl")), summary)
     return summary
 
 
@@ -152,37 +170,21 @@ def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: 
     scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
     summary = RunSummary()
     answers = _read_results(Path(results), summary)
-    failed = LineWriter(side_path(out, "failed.jsonl"))
     model = cfg.model or ""
     with open(requests, encoding="utf-8") as f:
         first = f.readline()
         if first:
             model = model or json.loads(first)["body"]["model"]
+
+    def load(p: dict[str, Any]) -> Pair:
+        return Pair(p["candidate_id"], p["instruction"], p["output"], Source.model_validate(p["source"]))
+
+    def record(cid: str, pair: Pair, result: Any) -> str:
+        return scored_line(cid, pair, result, cfg.mode, model, cfg.checkpoint)
+
     parse = parse_logprob_score if cfg.mode == "logprobs" else parse_free_text
-    with Journal(scored_path) as journal, open(_meta_path(Path(requests)), encoding="utf-8") as meta:
-        for line in meta:
-            row = json.loads(line)
-            cid, p = row["custom_id"], row["pair"]
-            pair = Pair(p["candidate_id"], p["instruction"], p["output"], Source.model_validate(p["source"]))
-            if cid in journal.done:
-                summary.results["skipped_done"] += 1
-                continue
-            try:
-                result = _answer(cid, answers, parse)
-            except RequestFailed as exc:
-                summary.failures[reason_key(exc.reason)] += 1
-                failed.write(Failure(custom_id=cid, source=pair.source, reason=exc.reason,
-                                     attempts=exc.attempts).model_dump_json())
-                continue
-            score, dist, raw = result if cfg.mode == "logprobs" else (result[0], None, result[1])
-            journal.append(ScoredCandidate(custom_id=cid, candidate_id=pair.candidate_id, instruction=pair.instruction,
-                                           output=pair.output, source=pair.source, mode=cfg.mode, score=score,
-                                           distribution=dist, raw=raw, scorer_model=model,
-                                           scorer_checkpoint=cfg.checkpoint).model_dump_json())
-            journal.done.add(cid)
-            summary.results["written"] += 1
-    failed.close()
-    summary.results["failed"] = sum(summary.failures.values())
+    _replay(scored_path, _meta_rows(Path(requests), "pair", load), answers, parse, record,
+            LineWriter(side_path(out, "failed.jsonl")), summary)
     if model:
         select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None)
     return summary

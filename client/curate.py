@@ -10,7 +10,6 @@ Scored candidates go to a resumable journal; the curated set is rewritten from i
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -21,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.augment import RunSummary, reason_key, served_model, side_path
+from client.augment import served_model
 from client.completions import chat_choice, choice_mass
+from client.dispatch import Job, RunSummary, dispatch, side_path
 from client.fanout import Fanout, FanoutConfig, RequestFailed
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.progress import Progress
-from client.records import Failure, Rejected, ScoredCandidate, Source, content_id
+from client.records import Rejected, ScoredCandidate, Source, content_id
 from services.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
     SCORE_CHOICES,
@@ -157,6 +157,14 @@ def parse_free_text(data: dict[str, Any]) -> tuple[float | None, str]:
     return (None if score is None else float(score)), text
 
 
+def scored_line(cid: str, pair: Pair, result: Any, mode: ScoreMode, model: str, checkpoint: str | None) -> str:
+    """The scored-journal line of a pair, from what `parse_logprob_score` / `parse_free_text` returned."""
+    score, dist, raw = result if mode == "logprobs" else (result[0], None, result[1])
+    return ScoredCandidate(custom_id=cid, candidate_id=pair.candidate_id, instruction=pair.instruction,
+                           output=pair.output, source=pair.source, mode=mode, score=score, distribution=dist,
+                           raw=raw, scorer_model=model, scorer_checkpoint=checkpoint).model_dump_json()
+
+
 BAND_LABELS = [f"[{lo:g},{hi:g})" for lo, hi in BANDS[:-1]] + [f"[{BANDS[-1][0]:g},{BANDS[-1][1]:g}]"]
 
 
@@ -249,44 +257,14 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
             model, root = await served_model(fan, cfg.model)
             checkpoint = cfg.checkpoint or root
             summary.extra.update(model=model, checkpoint=checkpoint, mode=cfg.mode)
-            pending = asyncio.Semaphore(fan.max_inflight)
-            tasks: set[asyncio.Task[None]] = set()
             parse = parse_logprob_score if cfg.mode == "logprobs" else parse_free_text
 
-            async def one(pair: Pair, cid: str, body: dict[str, Any], pos: int) -> None:
-                try:
-                    result = await fan.post(CHAT_PATH, body, parse)
-                    if cfg.mode == "logprobs":
-                        score, dist, raw = result
-                    else:
-                        (score, raw), dist = result, None
-                    rec = ScoredCandidate(custom_id=cid, candidate_id=pair.candidate_id, instruction=pair.instruction,
-                                          output=pair.output, source=pair.source, mode=cfg.mode, score=score,
-                                          distribution=dist, raw=raw, scorer_model=model, scorer_checkpoint=checkpoint)
-                    journal.append(rec.model_dump_json())
-                    summary.results["written"] += 1
-                    progress.advance(pos, done=1)
-                except RequestFailed as exc:
-                    summary.failures[reason_key(exc.reason)] += 1
-                    failed.write(Failure(custom_id=cid, source=pair.source, reason=exc.reason,
-                                         attempts=exc.attempts).model_dump_json())
-                    progress.advance(pos, failed=1)
-                finally:
-                    pending.release()
+            def record(job: Job[Pair], result: Any) -> str:
+                return scored_line(job.custom_id, job.item, result, cfg.mode, model, checkpoint)
 
-            for pair in read_pairs(candidates, errors, summary):
-                cid, body = score_request(pair, model, cfg)
-                if cid in journal.done:
-                    summary.results["skipped_done"] += 1
-                    progress.advance(pair.pos)
-                    continue
-                journal.done.add(cid)
-                await pending.acquire()
-                task = asyncio.create_task(one(pair, cid, body, pair.pos))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
+            jobs = (Job(*score_request(pair, model, cfg), pair, pair.source, pair.pos)
+                    for pair in read_pairs(candidates, errors, summary))
+            await dispatch(fan, CHAT_PATH, jobs, parse, record, journal, failed, summary, progress)
             summary.extra["retries"] = fan.retries
     finally:
         progress.close()

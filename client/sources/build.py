@@ -13,10 +13,10 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -27,6 +27,8 @@ from client.sources.prose import documents
 from client.sources.records import CorpusDoc, ParseFailure, SeedPair, content_id, normalize, split_bucket
 from client.sources.rst import parse_rst
 from client.sources.text import qa_pairs
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +96,14 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="strict")
 
 
-def collect_seed(cfg: BuildConfig, counts: dict[str, SourceCounts], failures: list[ParseFailure],
-                 ) -> Iterator[SeedPair]:
-    """Every (question, answer) of the installed FAQ sources, in sorted file order."""
-    for src in SEED_SOURCES:
+def _parsed_files(sources: Iterable[DocSource], cfg: BuildConfig, counts: dict[str, SourceCounts],
+                  failures: list[ParseFailure], parse: Callable[[DocSource, str], list[T]],
+                  ) -> Iterator[tuple[DocSource, SourceCounts, Path, list[T]]]:
+    """(source, its counts, file, parsed items) of every installed file of `sources`, in sorted order.
+
+    A file the parser fails on is recorded in `failures` and skipped: the build goes on.
+    """
+    for src in sources:
         c = counts.setdefault(src.name, SourceCounts())
         files = src.files(cfg.root)
         if not files:
@@ -105,17 +111,24 @@ def collect_seed(cfg: BuildConfig, counts: dict[str, SourceCounts], failures: li
         for path in files:
             c.files += 1
             try:
-                pairs = _pairs_of(src, _read(path))
+                items = parse(src, _read(path))
             except Exception as exc:  # any parser error: record the file and go on
                 c.failed_files += 1
                 failures.append(ParseFailure(source=src.name, file=str(path), reason=f"{type(exc).__name__}: {exc}"))
                 continue
-            for question, answer in pairs:
-                c.parsed += 1
-                if question.strip() and answer.strip():
-                    yield SeedPair.make(question, answer, src.name, src.license)
-                else:
-                    c.dropped["empty"] += 1
+            c.parsed += len(items)
+            yield src, c, path, items
+
+
+def collect_seed(cfg: BuildConfig, counts: dict[str, SourceCounts], failures: list[ParseFailure],
+                 ) -> Iterator[SeedPair]:
+    """Every (question, answer) of the installed FAQ sources, in sorted file order."""
+    for src, c, _, pairs in _parsed_files(SEED_SOURCES, cfg, counts, failures, _pairs_of):
+        for question, answer in pairs:
+            if question.strip() and answer.strip():
+                yield SeedPair.make(question, answer, src.name, src.license)
+            else:
+                c.dropped["empty"] += 1
 
 
 def filter_pairs(pairs: Iterable[SeedPair], cfg: BuildConfig, counts: dict[str, SourceCounts]) -> list[SeedPair]:
@@ -169,32 +182,22 @@ def split_pairs(pairs: list[SeedPair], cfg: BuildConfig, counts: dict[str, Sourc
 def collect_corpus(cfg: BuildConfig, counts: dict[str, SourceCounts], failures: list[ParseFailure],
                    ) -> Iterator[CorpusDoc]:
     """Documents of the installed documentation, sorted file order, exact duplicates and short ones dropped."""
-    seen: set[str] = set()
-    for src in CORPUS_SOURCES:
-        c = counts.setdefault(src.name, SourceCounts())
-        files = src.files(cfg.root)
-        if not files:
-            log.warning("%s: no files (is the Debian package %s installed?)", src.name, src.package)
-        for path in files:
-            c.files += 1
-            try:
-                docs = documents(_read(path), src.format)
-            except Exception as exc:  # any parser error: record the file and go on
-                c.failed_files += 1
-                failures.append(ParseFailure(source=src.name, file=str(path), reason=f"{type(exc).__name__}: {exc}"))
+    seen: set[bytes] = set()
+    def parse(src: DocSource, text: str) -> list[tuple[str, str]]:
+        return documents(text, src.format)
+
+    for src, c, path, docs in _parsed_files(CORPUS_SOURCES, cfg, counts, failures, parse):
+        rel = path.relative_to(cfg.root).as_posix()
+        for title, text in docs:
+            if len(text) < cfg.min_doc_chars:
+                c.dropped["too_short"] += 1
                 continue
-            rel = path.relative_to(cfg.root).as_posix()
-            for title, text in docs:
-                c.parsed += 1
-                if len(text) < cfg.min_doc_chars:
-                    c.dropped["too_short"] += 1
-                    continue
-                key = hashlib.sha256(normalize(text).encode("utf-8")).digest()
-                if key in seen:
-                    c.dropped["duplicate"] += 1
-                    continue
-                seen.add(key)
-                yield CorpusDoc(text=text, source=src.name, title=title, license=src.license, path=rel)
+            key = hashlib.sha256(normalize(text).encode("utf-8")).digest()
+            if key in seen:
+                c.dropped["duplicate"] += 1
+                continue
+            seen.add(key)
+            yield CorpusDoc(text=text, source=src.name, title=title, license=src.license, path=rel)
 
 
 def _cap_corpus(docs: Iterable[CorpusDoc], cfg: BuildConfig, counts: dict[str, SourceCounts]) -> Iterator[CorpusDoc]:
