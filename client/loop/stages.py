@@ -35,17 +35,26 @@ class Stages:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def save_state(self, name: str, state: dict[str, Any]) -> None:
-        _write(self.dir / f"{name}.state.json", state)
+        """Merge `state` into the stage's saved state."""
+        _write(self.dir / f"{name}.state.json", {**self.state(name), **state})
 
     def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         done = self.result(name)
         if done is not None:
             log.info("stage %s: done earlier, skipped", name)
             return done
-        log.info("stage %s: start", name)
+        # An interrupted attempt leaves no timing of its own: count attempts and keep the first start,
+        # so a resumed stage reports both its last attempt and the wall time since it first started.
+        state = self.state(name)
+        attempts = state.get("attempts", 0) + 1
+        first = state.get("first_started", time.time())
+        self.save_state(name, {"attempts": attempts, "first_started": first})
+        log.info("stage %s: start%s", name, f" (attempt {attempts})" if attempts > 1 else "")
         start = time.monotonic()
         result = fn()
         result["elapsed_s"] = round(time.monotonic() - start, 2)
+        result["attempts"] = attempts
+        result["since_first_start_s"] = round(time.time() - first, 2)
         result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         _write(self.dir / f"{name}.json", result)
         log.info("stage %s: done in %.1fs", name, result["elapsed_s"])

@@ -1,8 +1,9 @@
-"""The run config: defaults, the quick preset, files and overrides."""
+"""The run config (defaults, the quick preset, files and overrides) and the stage bookkeeping."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -44,3 +45,22 @@ def test_bad_values_are_refused(override):
 def test_override_needs_equals():
     with pytest.raises(ValueError, match="section.field=value"):
         load_config(overrides=["curate.min_score"])
+
+
+def test_stages_skip_finished_and_count_attempts(tmp_path: Path) -> None:
+    from client.loop.stages import Stages
+
+    stages = Stages(tmp_path)
+
+    def interrupted() -> dict:
+        stages.save_state("s", {"job": "ftjob-1"})
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.run("s", interrupted)
+    calls: list[str] = []
+    result = stages.run("s", lambda: calls.append(stages.state("s")["job"]) or {"out": 1})
+    assert calls == ["ftjob-1"]  # the second attempt found the first one's progress
+    assert result["out"] == 1 and result["attempts"] == 2 and result["since_first_start_s"] >= result["elapsed_s"]
+    assert stages.run("s", lambda: {"out": 2})["out"] == 1  # finished: skipped
+    assert set(stages.all()) == {"s"}
