@@ -22,7 +22,8 @@ class DataConfig(_Section):
         `RUN_DIR/data` when no paths are given.
     seed / heldout: SeedPair JSONL files (`humpback data demo` or `humpback data oasst1` output).
     corpus: unlabelled corpora (JSONL/text/Parquet, gzip'd or not).
-    max_seed: seed pairs before the ~10% held-out split; max_corpus_docs: documents of the corpus;
+    max_seed: seed pairs kept after the ~10% held-out split (which uses every pair); max_corpus_docs:
+        documents of the corpus;
     max_segments: segments sent to the backward model. Demo sizes: the CPU budget, not the method,
         sets them.
     """
@@ -32,7 +33,9 @@ class DataConfig(_Section):
     heldout: Path | None = None
     corpus: list[Path] = Field(default_factory=list)
     text_field: str = "text"
-    max_seed: int = 200
+    # A CPU job sees 6 x 8 = 48 examples: 60 seed pairs leave room for A_k in M1's, as in the paper
+    # where curated data outnumbers the seed.
+    max_seed: int = 60
     max_corpus_docs: int = 300
     max_segments: int = 128
 
@@ -89,12 +92,14 @@ class EvalSection(_Section):
 
     judge_url / judge_model: the pairwise judge (any OpenAI-compatible server); None judges with the
         evaluated model's own server, which a 135M model does badly (see docs/eval.md).
+    nll_limit: held-out pairs whose NLL is measured (None: all of them).
     """
 
     judge_url: str | None = None
     judge_model: str | None = None
     ifeval_limit: int = 24
     pairwise_limit: int = 12
+    nll_limit: int | None = 16
     max_tokens: int = 128
     nll: bool = True
     ablation: bool = True
@@ -117,7 +122,7 @@ QUICK: dict[str, Any] = {
     "train": {"backward_preset": "cpu-test", "forward_preset": "cpu-test", "max_steps": None},
     "augment": {"max_tokens": 48},
     "curate": {"min_score": 1.0, "top_fraction": None},  # keep all: exercise every path
-    "eval": {"ifeval_limit": 3, "pairwise_limit": 2, "max_tokens": 48, "ablation": True},
+    "eval": {"ifeval_limit": 3, "pairwise_limit": 2, "nll_limit": 4, "max_tokens": 48, "ablation": True},
 }
 
 

@@ -53,7 +53,8 @@ def evaluate_model(loop: Loop, name: str, model: dict[str, Any], data: dict[str,
                      "ties": pw.ties, "losses": pw.losses, "judge": pw.judge_model, "baseline": pw.model_b},
     }
     if cfg.nll and data.get("heldout") and Path(data["heldout"]).is_file():
-        nll = asyncio.run(run_nll(Path(data["heldout"]), out, fan, model=role, system_prompt=SEED_SYSTEM_PROMPT))
+        nll = asyncio.run(run_nll(Path(data["heldout"]), out, fan, model=role, limit=cfg.nll_limit,
+                                  system_prompt=SEED_SYSTEM_PROMPT))
         # Mean over pairs of each pair's per-token NLL, so that the interval (over pairs) fits it.
         result["nll"] = {"n": nll.pairs, "mean": nll.nll_per_pair, "per_token": nll.nll_per_token,
                          "ci": mean_ci(_pair_means(out / "nll.rows.jsonl")), "perplexity": nll.perplexity}

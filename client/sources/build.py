@@ -44,8 +44,9 @@ class BuildConfig:
     min_instruction_chars, max_instruction_chars: the same for the instruction.
     heldout_fraction: share of pairs held out for evaluation, chosen by a hash of the pair's id so a
         pair never changes side between builds.
-    max_seed: keep at most this many pairs in total before the split (the ones with the smallest id
-        hash, so every source stays represented); None keeps all.
+    max_seed: keep at most this many seed pairs after the held-out split (the ones with the smallest
+        id hash, so every source stays represented); None keeps all. The held-out side is the same
+        whatever max_seed is.
     min_doc_chars: drop corpus documents shorter than this (the segmenter keeps 600+ anyway).
     max_corpus_docs: keep at most this many corpus documents (smallest content hash); None keeps all.
     """
@@ -159,21 +160,23 @@ def filter_pairs(pairs: Iterable[SeedPair], cfg: BuildConfig, counts: dict[str, 
 
 def split_pairs(pairs: list[SeedPair], cfg: BuildConfig, counts: dict[str, SourceCounts],
                 ) -> tuple[list[SeedPair], list[SeedPair]]:
-    """(seed, held-out), each in input order; `max_seed` first keeps the pairs of smallest id hash."""
-    if cfg.max_seed is not None and len(pairs) > cfg.max_seed:
-        chosen = {p.id for p in heapq.nsmallest(cfg.max_seed, pairs, key=lambda p: split_bucket(p.id, "subsample"))}
-        for p in pairs:
-            if p.id not in chosen:
-                counts[p.source].dropped["over_max_seed"] += 1
-        pairs = [p for p in pairs if p.id in chosen]
+    """(seed, held-out), each in input order. The held-out side is chosen first, by a hash of each id,
+    so it never depends on `max_seed`; `max_seed` then keeps the seed pairs of smallest id hash."""
     seed, heldout = [], []
     for p in pairs:
-        held = split_bucket(p.id) < cfg.heldout_fraction
-        (heldout if held else seed).append(p)
-        c = counts[p.source]
-        c.heldout += held
-        c.seed += not held
-        c.chars += len(p.instruction) + len(p.response)
+        (heldout if split_bucket(p.id) < cfg.heldout_fraction else seed).append(p)
+    if cfg.max_seed is not None and len(seed) > cfg.max_seed:
+        chosen = {p.id for p in heapq.nsmallest(cfg.max_seed, seed, key=lambda p: split_bucket(p.id, "subsample"))}
+        for p in seed:
+            if p.id not in chosen:
+                counts[p.source].dropped["over_max_seed"] += 1
+        seed = [p for p in seed if p.id in chosen]
+    for side, held in ((seed, False), (heldout, True)):
+        for p in side:
+            c = counts[p.source]
+            c.heldout += held
+            c.seed += not held
+            c.chars += len(p.instruction) + len(p.response)
     return seed, heldout
 
 

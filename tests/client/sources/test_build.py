@@ -73,8 +73,14 @@ def test_demo_is_deterministic_and_caps_sizes(tmp_path: Path):
                      "--max-seed", "2", "--max-corpus-docs", "1"]) == 0
     for name in ("seed.jsonl", "heldout.jsonl", "corpus.jsonl", "LICENSES.md"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    pairs = _read(tmp_path / "a" / "seed.jsonl", SeedPair) + _read(tmp_path / "a" / "heldout.jsonl", SeedPair)
-    assert len(pairs) == 2
+    assert len(_read(tmp_path / "a" / "seed.jsonl", SeedPair)) == 2
+    assert main(["data", "demo", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "all"),
+                 "--heldout-fraction", "0.5"]) == 0
+    assert main(["data", "demo", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "capped"),
+                 "--heldout-fraction", "0.5", "--max-seed", "1"]) == 0
+    held = (tmp_path / "all" / "heldout.jsonl").read_bytes()
+    assert held and (tmp_path / "capped" / "heldout.jsonl").read_bytes() == held  # max_seed leaves it alone
+    assert len(_read(tmp_path / "capped" / "seed.jsonl", SeedPair)) == 1
 
 
 # --- the real thing: the Debian documentation packages the setup installs ---------------------------
