@@ -278,7 +278,8 @@ def main() -> None:
             rows += [
                 (f"overhead: requests per client CPU-second, instant fake server ({o['n']:,} segments)",
                  f"{o['cpu_rate']:,.0f}", f"target >= 2,000; client/httpx = {o['cpu_rate'] / o['bare_cpu_rate']:.2f}"),
-                (f"overhead: bare `httpx.AsyncClient` loop, 64 in flight, same server and core ({o['bare_n']:,} requests)",
+                (f"overhead: bare `httpx.AsyncClient` loop, 64 in flight, same core and server "
+                 f"({o['bare_n']:,} requests)",
                  f"{o['bare_cpu_rate']:,.0f}", ""),
                 ("overhead: requests/s wall clock, client pinned to one core", f"{o['rate']:,.0f}", ""),
                 (f"overhead: peak RSS over the {o['n']:,}-segment stream (MB)", f"{o['peak_rss_mb']:.0f}",

@@ -18,8 +18,7 @@ from typing import Any
 from client.augment import (CHAT_PATH, AugmentConfig, augment_request, candidate_line, parse_instruction,
                             prepared_segments)
 from client.corpus import Corpus
-from client.curate import (CurateConfig, Pair, parse_free_text, parse_logprob_score, read_pairs, score_request,
-                           scored_line, select)
+from client.curate import CurateConfig, Pair, read_pairs, score_parser, score_request, scored_line, select
 from client.dispatch import RunSummary, reason_key, side_path
 from client.fanout import RequestFailed, RetryableError
 from client.journal import Journal, LineWriter
@@ -182,8 +181,7 @@ def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: 
     def record(cid: str, pair: Pair, result: Any) -> str:
         return scored_line(cid, pair, result, cfg.mode, model, cfg.checkpoint)
 
-    parse = parse_logprob_score if cfg.mode == "logprobs" else parse_free_text
-    _replay(scored_path, _meta_rows(Path(requests), "pair", load), answers, parse, record,
+    _replay(scored_path, _meta_rows(Path(requests), "pair", load), answers, score_parser(cfg.mode), record,
             LineWriter(side_path(out, "failed.jsonl")), summary)
     if model:
         select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None)

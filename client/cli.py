@@ -18,13 +18,11 @@ def _fanout_args(p: argparse.ArgumentParser, default_endpoint: str) -> None:
     g.add_argument("--api-key", default=os.environ.get("HUMPBACK_API_KEY"),
                    help="bearer token (default: $HUMPBACK_API_KEY)")
     g.add_argument("--model", default=None, help="served model name (default: the first the server lists)")
-    g.add_argument("--checkpoint", default=None, help="version label recorded with each result (default: model root)")
     g.add_argument("--concurrency", type=int, default=None,
                    help="fixed in-flight requests per endpoint (default: adapt to the server's queue)")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per request, queueing included")
     g.add_argument("--max-retries", type=int, default=8)
-    g.add_argument("--fsync", choices=("never", "interval", "always"), default="interval")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common_args(g)
     p.set_defaults(default_endpoint=default_endpoint)
 
 
@@ -47,11 +45,12 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-histogram", action="store_true")
 
 
-def _common_args(p: argparse.ArgumentParser) -> None:
-    """What batch export/import take that the server flags give augment/curate."""
-    p.add_argument("--checkpoint", default=None, help="version label recorded with each result")
+def _common_args(p: Any) -> None:
+    """Output flags of every command that writes a journal (a parser or an argument group)."""
+    p.add_argument("--checkpoint", default=None,
+                   help="version label recorded with each result (augment/curate default: the served model's root)")
     p.add_argument("--fsync", choices=("never", "interval", "always"), default="interval")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
@@ -84,9 +83,9 @@ def _augment_config(args: argparse.Namespace) -> Any:
 def _curate_config(args: argparse.Namespace) -> Any:
     from client.curate import CurateConfig
 
-    return CurateConfig(mode=args.mode, min_score=args.min_score, top_fraction=args.top_fraction, model=args.model, checkpoint=args.checkpoint,
-                        max_tokens=args.max_tokens, scored=args.scored, histogram=not args.no_histogram,
-                        fsync=args.fsync, progress=not args.no_progress)
+    return CurateConfig(mode=args.mode, min_score=args.min_score, top_fraction=args.top_fraction, model=args.model,
+                        checkpoint=args.checkpoint, max_tokens=args.max_tokens, scored=args.scored,
+                        histogram=not args.no_histogram, fsync=args.fsync, progress=not args.no_progress)
 
 
 def _run(coro: Any) -> Any:

@@ -157,6 +157,11 @@ def parse_free_text(data: dict[str, Any]) -> tuple[float | None, str]:
     return (None if score is None else float(score)), text
 
 
+def score_parser(mode: ScoreMode) -> Any:
+    """The response parser of a scoring mode."""
+    return parse_logprob_score if mode == "logprobs" else parse_free_text
+
+
 def scored_line(cid: str, pair: Pair, result: Any, mode: ScoreMode, model: str, checkpoint: str | None) -> str:
     """The scored-journal line of a pair, from what `parse_logprob_score` / `parse_free_text` returned."""
     score, dist, raw = result if mode == "logprobs" else (result[0], None, result[1])
@@ -257,14 +262,13 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
             model, root = await served_model(fan, cfg.model)
             checkpoint = cfg.checkpoint or root
             summary.extra.update(model=model, checkpoint=checkpoint, mode=cfg.mode)
-            parse = parse_logprob_score if cfg.mode == "logprobs" else parse_free_text
 
             def record(job: Job[Pair], result: Any) -> str:
                 return scored_line(job.custom_id, job.item, result, cfg.mode, model, checkpoint)
 
             jobs = (Job(*score_request(pair, model, cfg), pair, pair.source, pair.pos)
                     for pair in read_pairs(candidates, errors, summary))
-            await dispatch(fan, CHAT_PATH, jobs, parse, record, journal, failed, summary, progress)
+            await dispatch(fan, CHAT_PATH, jobs, score_parser(cfg.mode), record, journal, failed, summary, progress)
             summary.extra["retries"] = fan.retries
     finally:
         progress.close()

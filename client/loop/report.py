@@ -34,7 +34,8 @@ def score_plot(curates: dict[str, dict[str, Any]]) -> str:
     fig, ax = _figure()
     for name, res in curates.items():
         scores = [r["score"] for r in _scores(Path(res["scored"]))]
-        bars = ax.hist(scores, bins=20, range=(1, 5), alpha=0.55, label=f"{name} (scorer {res['scorer']}, n={len(scores)})")
+        bars = ax.hist(scores, bins=20, range=(1, 5), alpha=0.55,
+                       label=f"{name} (scorer {res['scorer']}, n={len(scores)})")
         if res.get("k") is not None:  # the k this iteration selected with (min_score or top_fraction)
             ax.axvline(res["k"], color=bars[2][0].get_facecolor(), linestyle="--", label=f"{name}: k={res['k']:.3g}")
     ax.set_xlabel("expected rubric score")

@@ -12,7 +12,8 @@ def _seed_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--min-answer-chars", type=int, default=100)
     p.add_argument("--max-answer-chars", type=int, default=3000)
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share held out for evaluation")
-    p.add_argument("--max-seed", type=int, default=None, help="at most this many seed pairs (the held-out split is made first)")
+    p.add_argument("--max-seed", type=int, default=None,
+                   help="at most this many seed pairs (the held-out split is made first)")
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> Any:
