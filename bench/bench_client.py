@@ -35,7 +35,7 @@ def real_segments(n: int) -> list[str]:
     sys.path.insert(0, str(ROOT))
     from client.corpus import Corpus
     from client.prepare import Preparer
-    from client.records import Segment, Source
+    from humpback.contracts import Segment, Source
 
     prep = Preparer()
     out: list[str] = []
@@ -63,7 +63,7 @@ def write_corpus(texts: list[str], path: Path) -> Path:
 # --- 1. client vs offline ---------------------------------------------------------------------------
 
 def bench_offline(texts: list[str], model_dir: str, max_tokens: int, tmp: Path) -> dict[str, Any]:
-    from services.contracts import AUGMENT_TEMPERATURE, AUGMENT_TOP_P, backward_messages
+    from humpback.contracts import AUGMENT_TEMPERATURE, AUGMENT_TOP_P, backward_messages
 
     prompts = tmp / "offline_prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": backward_messages(t)}) + "\n" for t in texts))
@@ -101,7 +101,7 @@ async def bench_openai(texts: list[str], url: str, model: str, max_tokens: int, 
     """The usual script: AsyncOpenAI + asyncio.Semaphore + gather."""
     from openai import AsyncOpenAI
 
-    from services.contracts import AUGMENT_TEMPERATURE, AUGMENT_TOP_P, backward_messages
+    from humpback.contracts import AUGMENT_TEMPERATURE, AUGMENT_TOP_P, backward_messages
 
     client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=3, timeout=600)
     sem = asyncio.Semaphore(concurrency)
@@ -175,7 +175,7 @@ def bench_overhead(n: int, tmp: Path) -> dict[str, Any]:
 def bench_prepare(n: int) -> dict[str, Any]:
     """Preparation cost per segment with every rule on (near-dedup MinHash included), one core."""
     from client.prepare import Preparer
-    from client.records import Segment, Source
+    from humpback.contracts import Segment, Source
 
     import random
 

@@ -23,12 +23,11 @@ from client.fanout import Fanout, FanoutConfig, RequestFailed
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
-from client.records import Candidate, Rejected, Segment, content_id
-from services.contracts import AUGMENT_TEMPERATURE, AUGMENT_TOP_P, backward_messages
+from humpback.contracts import Candidate, Rejected, Segment, content_id
+from humpback.contracts import CHAT_PATH, AUGMENT_TEMPERATURE, AUGMENT_TOP_P, backward_messages
 
 log = logging.getLogger(__name__)
 
-CHAT_PATH = "/v1/chat/completions"
 
 
 @dataclass

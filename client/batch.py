@@ -23,7 +23,7 @@ from client.dispatch import RunSummary, reason_key, side_path
 from client.fanout import RequestFailed, RetryableError
 from client.journal import Journal, LineWriter
 from client.prepare import PrepareConfig, Preparer
-from client.records import Failure, Segment, Source
+from humpback.contracts import Failure, Segment, Source
 
 PathLike = str | os.PathLike[str]
 

@@ -15,16 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from client.records import Rejected, Segment, Source
+from humpback.contracts import CorpusError, Rejected, Segment, Source
 
 DEFAULT_MAX_RECORD_BYTES = 1 << 20  # a 1 MiB record is not a web segment; bigger ones are rejected unread
 _EXCERPT = 80
 _JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 _TEXT_SUFFIXES = {".txt", ".text", ".md"}
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be read at all (unknown format, missing Parquet column)."""
 
 
 def _format_of(path: Path) -> tuple[str, bool]:

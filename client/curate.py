@@ -26,10 +26,17 @@ from client.dispatch import Job, RunSummary, dispatch, side_path
 from client.fanout import Fanout, FanoutConfig, RequestFailed
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.progress import Progress
-from client.records import Rejected, ScoredCandidate, Source, content_id
-from services.contracts import (
+from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
+    BAND_LABELS,
+    CHAT_PATH,
     SCORE_CHOICES,
+    UNPARSED,
+    Rejected,
+    ScoredCandidate,
+    Source,
+    band_of,
+    content_id,
     ScoreMode,
     parse_free_text_score,
     rubric_messages,
@@ -38,9 +45,6 @@ from services.contracts import (
 
 log = logging.getLogger(__name__)
 
-CHAT_PATH = "/v1/chat/completions"
-# Score bands of the summary; the last one is A_4.5 of the paper's "score >= 4.5".
-BANDS = ((1.0, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 4.5), (4.5, 5.0))
 HIST_BINS = 40
 
 
@@ -170,19 +174,6 @@ def scored_line(cid: str, pair: Pair, result: Any, mode: ScoreMode, model: str, 
                            raw=raw, scorer_model=model, scorer_checkpoint=checkpoint).model_dump_json()
 
 
-BAND_LABELS = [f"[{lo:g},{hi:g})" for lo, hi in BANDS[:-1]] + [f"[{BANDS[-1][0]:g},{BANDS[-1][1]:g}]"]
-
-
-def band_of(score: float | None) -> str:
-    """The summary band of a score ("unparsed" for a free-text answer without one)."""
-    if score is None:
-        return "unparsed"
-    for (_, hi), label in zip(BANDS[:-1], BAND_LABELS):
-        if score < hi:
-            return label
-    return BAND_LABELS[-1]
-
-
 def _scored(scored: Path, mode: str, scorer_model: str) -> Iterator[ScoredCandidate]:
     """This mode's and scorer's records of a scored journal (it may hold others)."""
     with open(scored, encoding="utf-8") as src:
@@ -207,7 +198,7 @@ def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summar
     """Rewrite the curated chat-format set from the scored journal; count bands; draw the histogram."""
     k = threshold(scored, cfg, scorer_model)
     bins = [0] * HIST_BINS
-    bands = dict.fromkeys([*BAND_LABELS, "unparsed"], 0)
+    bands = dict.fromkeys([*BAND_LABELS, UNPARSED], 0)
     kept = 0
     tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +219,7 @@ def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summar
     summary.extra["top_fraction"] = cfg.top_fraction
     summary.extra["scored_total"] = total
     if cfg.mode == "free_text":
-        summary.extra["parse_rate"] = round((total - bands["unparsed"]) / total, 4) if total else None
+        summary.extra["parse_rate"] = round((total - bands[UNPARSED]) / total, 4) if total else None
     if histogram is not None and total:
         from client.plot import score_histogram
 

@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 from client.fanout import Fanout, RequestFailed
 from client.journal import Journal, LineWriter
 from client.progress import Progress
-from client.records import Failure, Source
+from humpback.contracts import Failure, Source
 
 T = TypeVar("T")
 

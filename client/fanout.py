@@ -26,21 +26,9 @@ import httpcore
 import httpx
 
 from client.transport import AsyncioBackend
+from humpback.contracts import RequestFailed, RetryableError
 
 log = logging.getLogger(__name__)
-
-
-class RetryableError(Exception):
-    """A response that may succeed on a retry (e.g. a generation aborted by the server)."""
-
-
-class RequestFailed(Exception):
-    """A request that failed for good: a client error, or every retry used up."""
-
-    def __init__(self, reason: str, attempts: int) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.attempts = attempts
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from client.dedup import Deduplicator
-from client.records import Segment, Source
+from humpback.contracts import Segment, Source
 
 _MD_HEADER = re.compile(r"^(#{1,6})(?:[ \t]+(.*?))?[ \t#]*$")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")

@@ -10,7 +10,7 @@ import sys
 # Modules that define `register(subparsers)`. A part that is not installed (say, the trainer extra)
 # simply contributes no commands.
 _PARTS = (
-    "services.cli", "client.cli", "client.sources.cli", "client.evaluation.cli", "client.loop.cli", "trainer.cli",
+    "services.cli", "client.cli", "humpback.data.cli", "humpback.evaluation.cli", "humpback.loop.cli", "trainer.cli",
 )
 
 

@@ -11,21 +11,14 @@ import json
 import struct
 from pathlib import Path
 
+from humpback.contracts import CheckpointError
+
 # Config fields that must agree for weights to load into the running model.
 _SHAPE_FIELDS = (
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "vocab_size", "head_dim", "tie_word_embeddings",
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-class CheckpointError(ValueError):
-    """The folder cannot be served in place of the current weights; nothing was changed."""
-
-    def __init__(self, folder: Path, problem: str) -> None:
-        super().__init__(f"checkpoint {folder}: {problem}")
-        self.folder = folder
-        self.problem = problem
 
 
 def _read_json(folder: Path, name: str) -> dict:

@@ -9,12 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from humpback.contracts import API_KEY_ENV, DEFAULT_MODEL_DIR, DEFAULT_PORTS, ROLES
 from services.registry import default_state_dir
-
-ROLES = ("backward", "scorer")
-DEFAULT_PORTS = {"backward": 8001, "scorer": 8002}
-DEFAULT_MODEL_DIR = Path("models/smollm2-135m-instruct")
-API_KEY_ENV = "HUMPBACK_API_KEY"
 
 Device = Literal["cpu", "cuda"]
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-ADMIN_ALLOW_ENV = "HUMPBACK_ADMIN_ALLOW"
-REJECT_SEED_ENV = "HUMPBACK_REJECT_SEED"
+from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV
+
 
 PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/tokenize", "/detokenize"})
 # `/v1` is public except the routes that change what the server serves.
@@ -74,7 +74,7 @@ class AdminGuard:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.networks = _allowed_networks()
-        registry = os.environ.get("HUMPBACK_REGISTRY")
+        registry = os.environ.get(REGISTRY_ENV)
         self.aliases = _AliasTable(Path(registry) if registry else None)
         self.reject_seed = os.environ.get(REJECT_SEED_ENV) == "1"
 

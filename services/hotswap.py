@@ -18,16 +18,13 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel
 
-from services.checkpoint import CheckpointError, validate_adapter, validate_checkpoint
+from humpback.contracts import CheckpointError, SwapError
+from services.checkpoint import validate_adapter, validate_checkpoint
 from services.registry import Registry, default_registry, record_swap
 
 __all__ = ["CheckpointError", "SwapError", "SwapResult", "swap_checkpoint", "served_root"]
 
 SwapMethod = Literal["reload", "lora"]
-
-
-class SwapError(RuntimeError):
-    """The server refused or failed the swap. Where the server survived, it serves the old weights."""
 
 
 class SwapResult(BaseModel):

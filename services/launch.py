@@ -15,12 +15,15 @@ from pathlib import Path
 
 from services.checkpoint import CheckpointError, validate_checkpoint
 from services.config import ServerSpec
-from services.contracts import FALLBACK_CHAT_TEMPLATE
+from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV
 from services.registry import Registry, reset_role
 
 # vLLM's `vllm` console script looks up the distribution `vllm`, which the CPU build is not named.
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 GUARD = "services.guard.AdminGuard"
+# The chat template for models that ship none (base-model fine-tunes): without one, vLLM refuses chat
+# requests. A plain role-tagged format; fine-tunes of instruct models keep their own template.
+FALLBACK_CHAT_TEMPLATE = Path(__file__).parent / "templates" / "plain_chat.jinja"
 
 
 def has_chat_template(model: str) -> bool:
@@ -61,8 +64,7 @@ def vllm_env(spec: ServerSpec, registry: Path, admin_allow: list[str]) -> dict[s
     env = dict(os.environ)
     env.update(
         VLLM_SERVER_DEV_MODE="1",  # the weight-reload routes; the guard keeps them host-internal
-        HUMPBACK_REGISTRY=str(registry),
-        HUMPBACK_ADMIN_ALLOW=",".join(admin_allow),
+        **{REGISTRY_ENV: str(registry), ADMIN_ALLOW_ENV: ",".join(admin_allow)},
         PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), env.get("PYTHONPATH")])),
     )
     if spec.api_key:
@@ -70,7 +72,7 @@ def vllm_env(spec: ServerSpec, registry: Path, admin_allow: list[str]) -> dict[s
     if spec.lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if spec.device == "cpu":
-        env["HUMPBACK_REJECT_SEED"] = "1"  # see services.guard
+        env[REJECT_SEED_ENV] = "1"  # see services.guard
     env.update(spec.env)
     return env
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-REGISTRY_ENV = "HUMPBACK_REGISTRY"
-STATE_ENV = "HUMPBACK_STATE_DIR"
+from humpback.contracts import REGISTRY_ENV, SERVE_STATE_DIR, STATE_DIR_ENV
+
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get(STATE_ENV, ".humpback/serve")).absolute()
+    return Path(os.environ.get(STATE_DIR_ENV, SERVE_STATE_DIR)).absolute()
 
 
 def default_registry() -> Path:

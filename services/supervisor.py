@@ -17,14 +17,11 @@ from pathlib import Path
 
 import httpx
 
+from humpback.contracts import ServeError
 from services.config import ServeConfig
 from services.registry import reset_role
 
 SUPERVISORD = Path(sys.executable).with_name("supervisord")
-
-
-class ServeError(RuntimeError):
-    pass
 
 
 def _conf(cfg: ServeConfig) -> str:

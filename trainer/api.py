@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from trainer.config import ServiceSettings
 from trainer.metrics import TrainerMetrics
-from trainer.protocol import (
+from humpback.contracts import (
     CreateJobRequest,
     ErrorBody,
     ErrorResponse,

@@ -12,10 +12,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from humpback.contracts import DEFAULT_MODEL_DIR, DEFAULT_URLS, TRAINER_DATA_DIR, TRAINER_PORT
+
 Role = Literal["backward", "scorer"]
 FinetuneMethod = Literal["lora", "full"]
 
-DEFAULT_MODEL_DIR = Path("models/smollm2-135m-instruct")
 
 # Paper Table 18: number of training examples -> (batch size, steps).
 PAPER_SCHEDULE: tuple[tuple[int, int, int], ...] = (
@@ -139,11 +140,11 @@ class ServiceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
-    port: int = 8100
-    data_dir: Path = Path(".humpback/trainer")
+    port: int = TRAINER_PORT
+    data_dir: Path = TRAINER_DATA_DIR
     api_key: str | None = None
-    backward_url: str = "http://127.0.0.1:8001"
-    scorer_url: str = "http://127.0.0.1:8002"
+    backward_url: str = DEFAULT_URLS["backward"]
+    scorer_url: str = DEFAULT_URLS["scorer"]
     server_api_key: str | None = None
     registry: Path | None = None
     backward_model: Path = DEFAULT_MODEL_DIR

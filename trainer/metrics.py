@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from trainer.protocol import ACTIVE_STATUSES, TERMINAL_STATUSES
+from humpback.contracts import ACTIVE_STATUSES, TERMINAL_STATUSES
 from trainer.store import Store
 
 

@@ -12,14 +12,14 @@ import re
 import secrets
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from services.contracts import ChatExample
+from humpback.contracts import ChatExample
 from trainer.config import PRESETS, ServiceSettings
-from trainer.protocol import (
+from humpback.contracts import (
+    ApiError,
     ACTIVE_STATUSES,
     CreateJobRequest,
     FileObject,
@@ -33,20 +33,6 @@ FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 METADATA_KEYS = {"deploy_to", "preset", "method", "max_steps"}
 MAX_REPORTED_ERRORS = 5
-
-
-@dataclass
-class ApiError(Exception):
-    """An error answered to the client as `{"error": {message, type, param, code}}`."""
-
-    status: int
-    message: str
-    param: str | None = None
-    code: str | None = None
-    type: str = "invalid_request_error"
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def validate_jsonl(data: bytes) -> int:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.protocol import (
+from humpback.contracts import (
     ACTIVE_STATUSES,
     CheckpointMetrics,
     FileObject,

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from services.contracts import ChatExample
+from humpback.contracts import ChatExample
 from trainer.config import FinetuneMethod
 
 

@@ -25,7 +25,7 @@ import httpx
 import trainer
 from trainer.config import PRESETS
 from trainer.metrics import TrainerMetrics
-from trainer.protocol import ACTIVE_STATUSES, FineTuningJob, Hyperparameters, JobError, Method, SupervisedMethod
+from humpback.contracts import ACTIVE_STATUSES, FineTuningJob, Hyperparameters, JobError, Method, SupervisedMethod
 from trainer.serving import ApiError, TrainerService
 from trainer.store import model_name, now
 from trainer.train import TrainSpec, last_checkpoint

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from client.augment import AugmentConfig, augment
 from client.fanout import FanoutConfig
-from client.records import Candidate
-from services.contracts import AUGMENT_TEMPERATURE, AUGMENT_TOP_P, backward_messages
+from humpback.contracts import Candidate
+from humpback.contracts import AUGMENT_TEMPERATURE, AUGMENT_TOP_P, backward_messages
 from tests.client.conftest import make_text
 from tests.client.fake_server import FakeServer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from client.batch import export_augment, export_curate, import_augment, import_curate
 from client.curate import CurateConfig
-from client.records import Candidate, ScoredCandidate
+from humpback.contracts import Candidate, ScoredCandidate
 from tests.client.fake_server import FakeServer
 
 

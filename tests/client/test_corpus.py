@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from client.corpus import Corpus, CorpusError
-from client.records import Rejected, Segment
+from humpback.contracts import Rejected, Segment
 
 
 def _split(corpus: Corpus) -> tuple[list[Segment], list[Rejected]]:

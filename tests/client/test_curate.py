@@ -9,8 +9,8 @@ import pytest
 
 from client.curate import CurateConfig, band_of, curate, parse_free_text, parse_logprob_score
 from client.fanout import FanoutConfig, RequestFailed, RetryableError
-from client.records import ScoredCandidate
-from services.contracts import AUGMENTED_SYSTEM_PROMPT, ChatExample
+from humpback.contracts import ScoredCandidate
+from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, ChatExample
 from tests.client.conftest import make_text
 from tests.client.fake_server import FakeServer
 

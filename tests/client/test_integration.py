@@ -13,8 +13,8 @@ from client.corpus import Corpus
 from client.curate import CurateConfig, curate
 from client.fanout import FanoutConfig
 from client.prepare import Preparer
-from client.records import Candidate, ScoredCandidate
-from services.contracts import ChatExample
+from humpback.contracts import Candidate, ScoredCandidate
+from humpback.contracts import ChatExample
 
 pytestmark = pytest.mark.server
 DATA = Path(__file__).parent / "data" / "pip_docs.jsonl"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from client.prepare import PrepareConfig, Preparer, boilerplate_reason, is_repetitive, split_segments
-from client.records import Segment, Source
+from humpback.contracts import Segment, Source
 from tests.client.conftest import make_text
 
 

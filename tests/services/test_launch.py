@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 from services.config import ServerSpec, cpu_binds, default_servers
-from services.contracts import FALLBACK_CHAT_TEMPLATE
-from services.launch import model_to_serve, reap_previous, vllm_argv, vllm_env
+from services.launch import FALLBACK_CHAT_TEMPLATE, model_to_serve, reap_previous, vllm_argv, vllm_env
 from services.registry import Registry, record_swap
 from tests.services.helpers import linked_checkpoint
 

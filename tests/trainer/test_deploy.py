@@ -11,7 +11,7 @@ import pytest
 
 from services.hotswap import swap_checkpoint
 from tests.trainer.conftest import RunningService, make_settings, start_service, wait_for
-from trainer.protocol import CreateJobRequest
+from humpback.contracts import CreateJobRequest
 from trainer.serving import TrainerService
 from trainer.store import Store
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.contracts import AUGMENTED_SYSTEM_PROMPT, SEED_SYSTEM_PROMPT, backward_messages
+from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, SEED_SYSTEM_PROMPT, backward_messages
 from trainer.config import PRESETS, paper_batch_size, paper_steps
 from trainer.data import seed_backward_examples, seed_forward_examples
 from trainer.serving import ApiError, validate_jsonl

@@ -1,0 +1,107 @@
+"""The contracts every room of humpback shares, each defined once: how each model is prompted
+(`prompts`), every record on disk and its id (`records`), the OpenAI wire formats (`fine_tuning`,
+`batch`), the defaults every room agrees on (`defaults`), and one error hierarchy (`errors`).
+
+It imports pydantic and the standard library only, and no room (`services`, `client`, `trainer`,
+the loop): every room imports it, so it is light enough for the client. `docs/contracts.md` lists
+each contract and setting with its one home.
+"""
+
+from humpback.contracts.batch import BatchRequest, BatchResponse, BatchResult
+from humpback.contracts.defaults import (
+    ADMIN_ALLOW_ENV,
+    API_KEY_ENV,
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    DEFAULT_MODEL_DIR,
+    DEFAULT_PORTS,
+    DEFAULT_URLS,
+    LOOPBACK,
+    REGISTRY_ENV,
+    REJECT_SEED_ENV,
+    ROLES,
+    SERVE_STATE_DIR,
+    STATE_DIR_ENV,
+    TRAINER_API_KEY_ENV,
+    TRAINER_DATA_DIR,
+    TRAINER_PORT,
+    TRAINER_URL,
+    local_url,
+)
+from humpback.contracts.errors import (
+    ApiError,
+    CheckpointError,
+    CorpusError,
+    HumpbackError,
+    InputError,
+    JobFailed,
+    OasstError,
+    PodError,
+    RequestFailed,
+    RetryableError,
+    ServeError,
+    SwapError,
+)
+from humpback.contracts.fine_tuning import (
+    ACTIVE_STATUSES,
+    ORGANIZATION,
+    TERMINAL_STATUSES,
+    CheckpointMetrics,
+    CreateJobRequest,
+    ErrorBody,
+    ErrorResponse,
+    FileDeleted,
+    FileObject,
+    FineTuningJob,
+    Hyperparameters,
+    JobCheckpoint,
+    JobError,
+    JobEvent,
+    JobStatus,
+    ListPage,
+    Method,
+    SupervisedMethod,
+)
+from humpback.contracts.prompts import (
+    AUGMENT_TEMPERATURE,
+    AUGMENT_TOP_P,
+    AUGMENTED_SYSTEM_PROMPT,
+    BACKWARD_SYSTEM_PROMPT,
+    JUDGE_CHOICES,
+    JUDGE_SYSTEM_PROMPT,
+    RUBRIC,
+    SCORE_CHOICES,
+    SEED_SYSTEM_PROMPT,
+    ScoreMode,
+    backward_example,
+    backward_messages,
+    judge_messages,
+    parse_free_text_score,
+    rubric_messages,
+    seed_backward_examples,
+    seed_forward_examples,
+    tagged_example,
+)
+from humpback.contracts.records import (
+    BAND_LABELS,
+    SCORE_BANDS,
+    UNPARSED,
+    Candidate,
+    ChatExample,
+    ChatMessage,
+    CorpusDoc,
+    Failure,
+    ParseFailure,
+    Rejected,
+    ScoredCandidate,
+    SeedPair,
+    Segment,
+    Source,
+    band_of,
+    content_id,
+    normalize,
+    text_id,
+    write_jsonl,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,89 @@
+"""Every error humpback raises, as one hierarchy under `HumpbackError` (as httpx's `_exceptions`).
+
+Catch `HumpbackError` for "anything humpback refused or failed", or a subclass for one kind. Each
+keeps the builtin base its callers already caught (`ValueError` for bad input, `RuntimeError` for a
+service that failed), and says what was wrong, where (file, line, record, field) and, where there is
+one, the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class HumpbackError(Exception):
+    """Base of every error humpback raises on purpose."""
+
+
+# --- input: files and records ---------------------------------------------------------------------
+
+
+class InputError(HumpbackError, ValueError):
+    """Input that cannot be used: names the file (and line or field) and the fix."""
+
+
+class CorpusError(InputError):
+    """A corpus that cannot be read at all (unknown format, missing Parquet column)."""
+
+
+class PodError(InputError):
+    """A POD document that cannot be read (unbalanced formatting code)."""
+
+
+class OasstError(HumpbackError, RuntimeError):
+    """oasst1 cannot be read at all (missing file, unknown format, hub unreachable)."""
+
+
+class CheckpointError(InputError):
+    """The folder cannot be served in place of the current weights; nothing was changed."""
+
+    def __init__(self, folder: Path, problem: str) -> None:
+        super().__init__(f"checkpoint {folder}: {problem}")
+        self.folder = folder
+        self.problem = problem
+
+
+# --- requests to the model servers -----------------------------------------------------------------
+
+
+class RetryableError(HumpbackError):
+    """A response that may succeed on a retry (e.g. a generation aborted by the server)."""
+
+
+class RequestFailed(HumpbackError):
+    """A request that failed for good: a client error, or every retry used up."""
+
+    def __init__(self, reason: str, attempts: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.attempts = attempts
+
+
+# --- the services -------------------------------------------------------------------------------
+
+
+class ServeError(HumpbackError, RuntimeError):
+    """The model servers could not be started, found or stopped."""
+
+
+class SwapError(HumpbackError, RuntimeError):
+    """The server refused or failed the swap. Where the server survived, it serves the old weights."""
+
+
+class JobFailed(HumpbackError, RuntimeError):
+    """A fine-tuning job ended other than `succeeded`, or the trainer refused a request."""
+
+
+@dataclass
+class ApiError(HumpbackError):
+    """An error the trainer answers as OpenAI's `{"error": {message, type, param, code}}`."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    type: str = "invalid_request_error"
+
+    def __str__(self) -> str:
+        return self.message

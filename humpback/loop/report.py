@@ -1,0 +1,193 @@
+"""`humpback report RUN_DIR`: one self-contained HTML page (plots embedded as PNG) of a run."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from humpback.contracts import BAND_LABELS, ScoredCandidate, band_of
+from humpback.loop.stages import Stages
+
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _scores(path: Path) -> list[ScoredCandidate]:
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as f:
+        return [r for r in map(ScoredCandidate.model_validate_json, f) if r.score is not None]
+
+
+def score_plot(curates: dict[str, dict[str, Any]]) -> str:
+    fig, ax = _figure()
+    for name, res in curates.items():
+        scores = [r.score for r in _scores(Path(res["scored"]))]
+        bars = ax.hist(scores, bins=20, range=(1, 5), alpha=0.55,
+                       label=f"{name} (scorer {res['scorer']}, n={len(scores)})")
+        if res.get("k") is not None:  # the k this iteration selected with (min_score or top_fraction)
+            ax.axvline(res["k"], color=bars[2][0].get_facecolor(), linestyle="--", label=f"{name}: k={res['k']:.3g}")
+    ax.set_xlabel("expected rubric score")
+    ax.set_ylabel("candidate pairs")
+    ax.set_title("Score distribution per iteration")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def kept_plot(curates: dict[str, dict[str, Any]]) -> str:
+    fig, ax = _figure()
+    names = list(curates)
+    thresholds = sorted({k for res in curates.values() for k in res["kept_per_threshold"]}, key=float)
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        kept = curates[name]["kept_per_threshold"]
+        ax.bar([j + i * width for j in range(len(thresholds))], [kept.get(k, 0) for k in thresholds], width, label=name)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(thresholds))], [f">= {k}" for k in thresholds])
+    ax.set_ylabel("pairs kept")
+    ax.set_title("Kept candidates per threshold k")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _figure(width: float = 7, height: float = 3.6, columns: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=(width, height))
+
+
+def eval_plot(evals: dict[str, dict[str, Any]]) -> str:
+    fig, axes = _figure(12, 3.6, columns=3)
+    names = list(evals)
+    metrics = (("pairwise", "win_rate", "win rate vs baseline"), ("ifeval", "prompt_loose", "IFEval prompt-level loose"),
+               ("nll", "mean", "held-out NLL per token (lower is better)"))
+    for ax, (section, key, title) in zip(axes, metrics):
+        vals, errs = [], [[], []]
+        for name in names:
+            m = evals[name].get(section) or {}
+            v = m.get(key)
+            vals.append(v if v is not None else 0.0)
+            lo, hi = (m.get("ci") or [v, v]) if v is not None else (0.0, 0.0)
+            errs[0].append(max(0.0, (v or 0) - (lo if lo is not None else v or 0)))
+            errs[1].append(max(0.0, (hi if hi is not None else v or 0) - (v or 0)))
+        ax.bar(names, vals, yerr=errs, capsize=4, color="#4c78a8")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle("Evaluation per model (error bars: 95% intervals)")
+    return _png(fig)
+
+
+def time_plot(stages: dict[str, dict[str, Any]]) -> str:
+    fig, ax = _figure(7, 0.3 * len(stages) + 1.2)
+    names = list(stages)
+    ax.barh(names, [stages[n].get("elapsed_s", 0) for n in names], color="#72b7b2")
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_title("Time per stage")
+    return _png(fig)
+
+
+def loss_plot(trains: dict[str, dict[str, Any]]) -> str:
+    fig, ax = _figure()
+    for name, res in trains.items():
+        points = [(d["step"], d["loss"]) for d in res.get("losses", []) if "loss" in d and "step" in d]
+        if points:
+            ax.plot(*zip(*points), marker=".", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss per job")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def throughput_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    rows = []
+    for name, res in stages.items():
+        elapsed = res.get("elapsed_s") or 0
+        if name.startswith("train_") and res.get("trained_tokens"):
+            rows.append((name, f"{elapsed:.0f} s", f"{res['trained_tokens'] / elapsed:.0f} training tokens/s" if elapsed else ""))
+        elif name in ("augment",) or name.startswith("curate_"):
+            n = sum((res.get("summary", {}).get("results") or {}).values())
+            rows.append((name, f"{elapsed:.0f} s", f"{n / elapsed:.2f} records/s" if elapsed else ""))
+        else:
+            rows.append((name, f"{elapsed:.0f} s", ""))
+    return rows
+
+
+def band_examples(curates: dict[str, dict[str, Any]], per_band: int = 2) -> str:
+    if not curates:
+        return "<p>No curation yet.</p>"
+    name, res = list(curates.items())[-1]
+    rows = _scores(Path(res["scored"]))
+    out = [f"<p>From {html.escape(name)} (scorer {html.escape(res['scorer'])}).</p><table><tr><th>band</th><th>score</th><th>instruction</th><th>output (start)</th></tr>"]
+    for label in BAND_LABELS:
+        for r in [r for r in rows if band_of(r.score) == label][:per_band]:
+            out.append(f"<tr><td>{label}</td><td>{r.score:.2f}</td><td>{html.escape(r.instruction[:300])}</td>"
+                       f"<td>{html.escape(r.output[:400])}</td></tr>")
+    return "\n".join(out) + "</table>"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def eval_rows(evals: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
+    def fmt(m: dict[str, Any] | None, key: str) -> str:
+        if not m or m.get(key) is None:
+            return "-"
+        ci = m.get("ci")
+        return f"{m[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and key in ("win_rate", "mean") else "")
+
+    return [(name, fmt(e.get("pairwise"), "win_rate"), fmt(e.get("ifeval"), "prompt_strict"),
+             fmt(e.get("ifeval"), "prompt_loose"), fmt(e.get("ifeval"), "instruction_loose"), fmt(e.get("nll"), "mean"))
+            for name, e in evals.items()]
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
+h2{margin-top:2em;border-bottom:1px solid #ddd}img{max-width:100%}"""
+
+
+def render(run_dir: Path) -> Path:
+    stages = Stages(run_dir).all()
+    curates = {n: r for n, r in stages.items() if n.startswith("curate_")}
+    evals = {n.removeprefix("eval_"): r for n, r in stages.items() if n.startswith("eval_")}
+    trains = {n.removeprefix("train_"): r for n, r in stages.items() if n.startswith("train_")}
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>humpback run {html.escape(run_dir.name)}</title>"
+             f"<style>{CSS}</style></head><body><h1>humpback run: {html.escape(str(run_dir))}</h1>"]
+    parts.append("<h2>Evaluation per model</h2>")
+    if evals:
+        parts.append(_table(("model", "win rate [95% CI]", "IFEval prompt strict", "IFEval prompt loose",
+                             "IFEval instruction loose", "held-out NLL [95% CI]"), eval_rows(evals)))
+        parts.append(eval_plot(evals))
+    else:
+        parts.append("<p>No evaluation yet.</p>")
+    parts.append("<h2>Self-curation</h2>")
+    if curates:
+        parts += [score_plot(curates), kept_plot(curates)]
+    parts.append("<h2>Examples per score band</h2>" + band_examples(curates))
+    if trains:
+        parts.append("<h2>Training</h2>" + loss_plot(trains))
+        parts.append(_table(("job", "fine-tuned model", "examples", "trained tokens"),
+                            [(n, r.get("fine_tuned_model", ""), r.get("examples", ""), r.get("trained_tokens", ""))
+                             for n, r in trains.items()]))
+    parts.append("<h2>Time and throughput per stage</h2>" + time_plot(stages))
+    parts.append(_table(("stage", "time", "throughput"), throughput_rows(stages)))
+    parts.append("</body></html>")
+    out = run_dir / "report.html"
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out

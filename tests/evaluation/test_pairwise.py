@@ -1,0 +1,124 @@
+"""Win-rate and interval math on known verdicts, and the judging flow against a fake judge."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from humpback.evaluation import pairwise
+from humpback.evaluation.common import GenerationConfig
+from humpback.evaluation.records import PairwiseRow
+from client.fanout import FanoutConfig
+from tests.humpback.evaluation.fake_eval_server import EvalFake
+
+
+def _row(won_first: bool, won_second: bool, p_first: float = 0.5, p_second: float = 0.5) -> PairwiseRow:
+    return PairwiseRow(index=0, dataset="d", instruction="i", output_a="a", output_b="b", p_a_first=p_first,
+                       p_a_second=p_second, a_won_first=won_first, a_won_second=won_second,
+                       score=pairwise.prompt_score(won_first, won_second))
+
+
+def test_prompt_score_counts_a_split_as_a_tie() -> None:
+    assert [pairwise.prompt_score(*v) for v in [(True, True), (True, False), (False, True), (False, False)]] == \
+        [1.0, 0.5, 0.5, 0.0]
+
+
+def test_summary_on_known_verdicts() -> None:
+    rows = [_row(True, True, 0.9, 0.8), _row(True, False, 0.6, 0.2), _row(False, False, 0.1, 0.3),
+            _row(True, True, 0.7, 0.9)]
+    s = pairwise.summarize(rows, "a", "b", "judge", None, pairwise.PairwiseConfig(ci="normal"))
+    assert (s.n, s.wins, s.ties, s.losses) == (4, 2, 1, 1)
+    assert s.win_rate == pytest.approx(0.625)
+    assert s.soft_win_rate == pytest.approx((0.85 + 0.4 + 0.2 + 0.8) / 4)
+    # Verdicts for the first-shown answer: A first and won (3), A second and lost (2): 5 of 8.
+    assert s.first_position_rate == pytest.approx(5 / 8)
+    half = 1.959963984540054 * 0.4787135538781691 / 2  # z_0.975 * stdev([1, .5, 0, 1]) / sqrt(4)
+    assert (s.ci_low, s.ci_high) == (pytest.approx(0.625 - half), pytest.approx(min(1.0, 0.625 + half)))
+
+
+def test_normal_interval_is_clipped_to_unit_range() -> None:
+    assert pairwise.confidence_interval([1.0, 1.0, 0.5], method="normal")[1] == 1.0
+
+
+def test_bootstrap_interval() -> None:
+    assert pairwise.confidence_interval([1.0] * 10) == (1.0, 1.0)
+    scores = [1.0] * 30 + [0.0] * 30
+    lo, hi = pairwise.confidence_interval(scores, n_boot=4000)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * 0.5 / math.sqrt(60), abs=0.03)
+    assert pairwise.confidence_interval(scores, n_boot=4000) == (lo, hi)  # seeded
+    assert pairwise.confidence_interval([1.0]) == (0.0, 1.0)
+
+
+def test_unknown_interval_method_is_named() -> None:
+    with pytest.raises(ValueError, match="'wald'"):
+        pairwise.confidence_interval([0.0, 1.0], method="wald")
+
+
+def test_parse_verdict_reads_the_two_token_distribution() -> None:
+    data = {"choices": [{"message": {"content": "2"}, "finish_reason": "length", "logprobs": {"content": [
+        {"token": "2", "logprob": math.log(0.75), "top_logprobs": [{"token": "2", "logprob": math.log(0.75)},
+                                                                  {"token": "1", "logprob": math.log(0.25)}]}]}}]}
+    choice, p1 = pairwise.parse_verdict(data)
+    assert choice == "2" and p1 == pytest.approx(0.25)
+
+
+def test_load_alpaca() -> None:
+    prompts = pairwise.load_alpaca()
+    assert len(prompts) == 805
+    assert len(pairwise.load_alpaca("vicuna")) == 80
+    with pytest.raises(ValueError, match="'nope'"):
+        pairwise.load_alpaca("nope")
+
+
+@pytest.fixture
+def judge() -> Iterator[EvalFake]:
+    server = EvalFake().start()
+    yield server
+    server.stop()
+
+
+async def test_judging_flow_both_orders(judge: EvalFake, tmp_path: Path) -> None:
+    """A (the fake's "good answer") against a baseline file: one prompt where B is good too (a tie, as
+    the fake judge then always picks the first shown), two where only A is (wins in both orders)."""
+    cfg = pairwise.PairwiseConfig(limit=3, seed=7)
+    chosen = [pairwise.load_alpaca()[i] for i in pairwise.subset(805, 3, 7)]
+    baseline = tmp_path / "baseline.jsonl"
+    baseline.write_text("".join(json.dumps({"instruction": p.instruction, "output": "also good" if k == 0 else "meh"})
+                                + "\n" for k, p in enumerate(chosen)))
+    fan = FanoutConfig(endpoints=[judge.url], concurrency=4, max_retries=0)
+    s = await pairwise.run_pairwise(tmp_path / "out", pairwise.Contender(fanout=fan),
+                                    pairwise.Contender(answers=baseline), fan, None, GenerationConfig(), cfg)
+    assert (s.n, s.wins, s.ties, s.losses) == (3, 2, 1, 0)
+    assert s.win_rate == pytest.approx(5 / 6)
+    assert s.soft_win_rate == pytest.approx((0.9 + 0.9 + 0.5) / 3, abs=1e-6)
+    assert s.first_position_rate == pytest.approx(4 / 6)
+    assert s.model_b == "baseline" and s.judge_model == "fake"
+    assert judge.requests["/v1/chat/completions"] == 3 + 6  # A's answers, then two verdicts per prompt
+    rows = [json.loads(line) for line in (tmp_path / "out" / "pairwise.rows.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [p.index for p in chosen]
+    assert [r["score"] for r in rows] == [0.5, 1.0, 1.0]
+    answers = (tmp_path / "out" / "pairwise.answers_a.jsonl").read_text().splitlines()
+    assert len(answers) == 3 and json.loads(answers[0])["output"] == "good answer"
+    assert json.loads((tmp_path / "out" / "pairwise.summary.json").read_text())["wins"] == 2
+
+
+async def test_missing_baseline_answer_names_the_file(judge: EvalFake, tmp_path: Path) -> None:
+    baseline = tmp_path / "b.jsonl"
+    baseline.write_text(json.dumps({"instruction": "unrelated", "output": "x"}) + "\n")
+    fan = FanoutConfig(endpoints=[judge.url], max_retries=0)
+    with pytest.raises(ValueError, match="b.jsonl: no answer for AlpacaEval prompts"):
+        await pairwise.run_pairwise(tmp_path, pairwise.Contender(fanout=fan), pairwise.Contender(answers=baseline),
+                                    fan, config=pairwise.PairwiseConfig(limit=2))
+
+
+def test_bad_answer_record_names_file_and_line(tmp_path: Path) -> None:
+    from humpback.evaluation.common import read_answers
+
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(ValueError, match="a.jsonl line 2"):
+        read_answers(path)
