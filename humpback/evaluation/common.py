@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from client.completions import chat_choice
 from humpback.evaluation.records import Answer
 from client.fanout import Fanout
-from humpback.contracts import CHAT_PATH
+from humpback.contracts import CHAT_PATH, write_jsonl  # noqa: F401  (re-exported for the evaluations)
 
 
 
@@ -94,13 +94,6 @@ def read_answers(path: Path) -> dict[str, Answer]:
                              f"'instruction' and 'output': {exc}") from None
         answers[answer.instruction] = answer
     return answers
-
-
-def write_jsonl(path: Path, records: Sequence[BaseModel]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(rec.model_dump_json() + "\n")
 
 
 def write_summary(path: Path, summary: BaseModel) -> None:
