@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from client.completions import chat_choice
 from humpback.evaluation.records import Answer
 from client.fanout import Fanout
-from humpback.contracts import CHAT_PATH, write_jsonl  # noqa: F401  (re-exported for the evaluations)
+from humpback.contracts import CHAT_PATH
 
 
 

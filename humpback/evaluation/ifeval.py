@@ -29,7 +29,8 @@ from types import ModuleType
 from typing import Any
 
 from client.augment import served_model
-from humpback.evaluation.common import (GenerationConfig, answer_all, eval_framework_dir, subset, table, write_jsonl,
+from humpback.contracts import write_jsonl
+from humpback.evaluation.common import (GenerationConfig, answer_all, eval_framework_dir, subset, table,
                                       write_summary)
 from humpback.evaluation.records import Accuracy, IFEvalPrompt, IFEvalRow, IFEvalSummary
 from client.fanout import Fanout, FanoutConfig

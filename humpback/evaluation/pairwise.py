@@ -23,8 +23,9 @@ import numpy as np
 
 from client.augment import served_model
 from client.completions import chat_choice, choice_mass
+from humpback.contracts import write_jsonl
 from humpback.evaluation.common import (CHAT_PATH, GenerationConfig, answer_all, eval_framework_dir, read_answers,
-                                      subset, table, write_jsonl, write_summary)
+                                      subset, table, write_summary)
 from humpback.evaluation.records import Answer, PairwiseRow, PairwiseSummary
 from client.fanout import Fanout, FanoutConfig, RequestFailed
 from humpback.contracts import JUDGE_CHOICES, judge_messages
