@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from services.hotswap import swap_checkpoint  # noqa: E402
 from trainer.api import create_app  # noqa: E402
 from trainer.config import DEFAULT_MODEL_DIR, ServiceSettings  # noqa: E402
-from trainer.data import seed_forward_examples, write_jsonl  # noqa: E402
+from humpback.contracts import SeedPair, seed_forward_examples, write_jsonl  # noqa: E402
 
 # The plain TRL script: what a user would write by hand with the same settings, no humpback code.
 PLAIN_TRL = r'''
@@ -179,10 +179,11 @@ def build_data(path: Path, n: int) -> Path:
     for name in MODULES:
         doc = pydoc.getdoc(importlib.import_module(name))
         if len(doc) > 300:
-            pairs.append((f"What does the Python module `{name}` do?", doc[:600]))
+            pairs.append(SeedPair.make(f"What does the Python module `{name}` do?", doc[:600], "pydoc", "PSF-2.0"))
         if len(pairs) == n:
             break
-    return write_jsonl(seed_forward_examples(pairs), path)
+    write_jsonl(path, seed_forward_examples(pairs))
+    return path
 
 
 def start_service(settings: ServiceSettings) -> tuple[uvicorn.Server, threading.Thread, openai.OpenAI]:

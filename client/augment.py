@@ -11,50 +11,45 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from client.completions import chat_choice
 from client.corpus import Corpus
-from client.dispatch import Job, RunSummary, dispatch, side_path
 from client.fanout import Fanout, FanoutConfig, RequestFailed
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
-from humpback.contracts import Candidate, Rejected, Segment, content_id
-from humpback.contracts import CHAT_PATH, AUGMENT_TEMPERATURE, AUGMENT_TOP_P, backward_messages
+from client.runner import RunSummary, online, run, served_model, side_path
+from client.tasks import Job
+from humpback.contracts import (AUGMENT_TEMPERATURE, AUGMENT_TOP_P, BatchRequest, Candidate, Rejected, Segment,
+                                backward_messages, content_id)
+from humpback.settings import setting
 
 log = logging.getLogger(__name__)
 
 
+class AugmentConfig(BaseModel):
+    """Generation settings of a self-augmentation run."""
 
-@dataclass
-class AugmentConfig:
-    """Generation settings of a self-augmentation run.
+    model_config = ConfigDict(extra="forbid")
 
-    model: served model name; None takes the first model the endpoint lists.
-    checkpoint: version label recorded with each candidate; None records the model's `root` (its
-        weights path) from `/v1/models`.
-    max_tokens: cap on the instruction's length; an instruction cut at the cap is not a candidate.
-    temperature, top_p: nucleus sampling (paper §3.1: 0.7, 0.9).
-    seed: per-request sampling seed, for reproducible runs.
-    limit: take only the first `limit` kept segments (done ones included, so a resumed run takes the
-        same ones): a trial run, or a fixed CPU budget.
-    fsync: journal durability policy (see `client.journal.Journal`).
-    progress: show a progress bar on stderr.
-    """
-
-    model: str | None = None
-    checkpoint: str | None = None
-    max_tokens: int = 256
-    temperature: float = AUGMENT_TEMPERATURE
-    top_p: float = AUGMENT_TOP_P
-    seed: int | None = None
-    limit: int | None = None
-    fsync: FsyncPolicy = "interval"
-    progress: bool = True
+    model: str | None = setting(None, "served model name; unset takes the first model the endpoint lists")
+    checkpoint: str | None = setting(None, "version label recorded with each candidate; unset records the served "
+                                           "model's root (its weights path) from /v1/models (batch import: none)")
+    max_tokens: int = setting(256, "cap on the instruction's length; an instruction cut at the cap is not a "
+                                   "candidate", ge=1)
+    temperature: float = setting(AUGMENT_TEMPERATURE, "sampling temperature (the paper's, §3.1)", ge=0)
+    top_p: float = setting(AUGMENT_TOP_P, "nucleus sampling mass (the paper's, §3.1)", gt=0, le=1)
+    seed: int | None = setting(None, "per-request sampling seed, for reproducible runs")
+    limit: int | None = setting(None, "take only the first N kept segments (done ones included, so a resumed run "
+                                      "takes the same ones): a trial run, or a fixed CPU budget", ge=0)
+    fsync: FsyncPolicy = setting("interval", "journal durability policy (see client.journal.Journal)")
+    progress: bool = setting(True, "show a progress bar on stderr")
 
 
 def prepared_segments(corpora: Iterable[Corpus], preparer: Preparer | None, errors: LineWriter,
@@ -75,16 +70,6 @@ def prepared_segments(corpora: Iterable[Corpus], preparer: Preparer | None, erro
                     yield corpus, seg
 
 
-def augment_request(text: str, model: str, cfg: AugmentConfig) -> tuple[str, dict[str, Any]]:
-    """The `custom_id` and chat-completions body for one segment (shared with batch export)."""
-    messages = backward_messages(text)
-    body: dict[str, Any] = {"model": model, "messages": messages, "temperature": cfg.temperature,
-                            "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
-    if cfg.seed is not None:
-        body["seed"] = cfg.seed
-    return content_id("augment", messages, model, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed), body
-
-
 def parse_instruction(data: dict[str, Any]) -> tuple[str, str]:
     """(instruction, finish_reason) from a chat completion; aborted -> retry; truncated/empty -> fail."""
     choice, text = chat_choice(data)
@@ -99,22 +84,32 @@ def parse_instruction(data: dict[str, Any]) -> tuple[str, str]:
     return text, finish or "stop"
 
 
-def candidate_line(cid: str, seg: Segment, result: tuple[str, str], model: str, checkpoint: str | None) -> str:
-    """The journal line of a candidate: the segment with the instruction `parse_instruction` returned."""
-    instruction, finish = result
-    return Candidate(custom_id=cid, instruction=instruction, output=seg.text, source=seg.source, model=model,
-                     checkpoint=checkpoint, finish_reason=finish).model_dump_json()
+@dataclass(frozen=True)
+class AugmentTask:
+    """Backtranslate a segment (a `client.tasks.Task`): ask `model` for the instruction the segment
+    answers; the candidate records `checkpoint` as its version."""
 
+    model: str
+    checkpoint: str | None = None
+    config: AugmentConfig = field(default_factory=AugmentConfig)
 
-async def served_model(fan: Fanout, model: str | None) -> tuple[str, str | None]:
-    """(served name, weights root) of `model`, or of the first model listed when None."""
-    listing = (await fan.get_json("/v1/models")).get("data") or []
-    for entry in listing:
-        if model is None or entry.get("id") == model:
-            return entry["id"], entry.get("root")
-    if model is not None:
-        return model, None  # hosted APIs may not list every model they serve
-    raise RequestFailed("the endpoint lists no model; pass --model", 1)
+    def request(self, seg: Segment) -> BatchRequest:
+        cfg = self.config
+        messages = backward_messages(seg.text)
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": cfg.temperature,
+                                "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+        if cfg.seed is not None:
+            body["seed"] = cfg.seed
+        cid = content_id("augment", messages, self.model, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed)
+        return BatchRequest(custom_id=cid, body=body)
+
+    def parse(self, body: dict[str, Any]) -> tuple[str, str]:
+        return parse_instruction(body)
+
+    def record(self, custom_id: str, seg: Segment, parsed: tuple[str, str]) -> Candidate:
+        instruction, finish = parsed
+        return Candidate(custom_id=custom_id, instruction=instruction, output=seg.text, source=seg.source,
+                         model=self.model, checkpoint=self.checkpoint, finish_reason=finish)
 
 
 async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | os.PathLike[str],
@@ -141,16 +136,8 @@ async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | 
     try:
         async with Fanout(fanout) as fan:
             model, root = await served_model(fan, cfg.model)
-            checkpoint = cfg.checkpoint or root
-            summary.extra.update(model=model, checkpoint=checkpoint)
-
-            def check(data: dict[str, Any]) -> tuple[str, str]:
-                # Every answer's tokens count (truncated ones too): that is the work the server did.
-                summary.results["completion_tokens"] += int((data.get("usage") or {}).get("completion_tokens") or 0)
-                return parse_instruction(data)
-
-            def record(job: Job[Segment], result: tuple[str, str]) -> str:
-                return candidate_line(job.custom_id, job.item, result, model, checkpoint)
+            task = AugmentTask(model, cfg.checkpoint or root, cfg)
+            summary.extra.update(model=model, checkpoint=task.checkpoint)
 
             def jobs() -> Iterator[Job[Segment]]:
                 offset, last = 0, None  # bytes of the corpora before `last`, the one being read
@@ -158,10 +145,10 @@ async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | 
                     if corp is not last:
                         offset += last.total_bytes if last is not None else 0
                         last = corp
-                    cid, body = augment_request(seg.text, model, cfg)
-                    yield Job(cid, body, seg, seg.source, offset + corp.bytes_read)
+                    yield Job(task.request(seg), seg, seg.source, offset + corp.bytes_read)
 
-            await dispatch(fan, CHAT_PATH, jobs(), check, record, journal, failed, summary, progress)
+            await run(task, jobs(), online(fan, usage=summary.results), journal, failed, summary, progress,
+                      fan.max_inflight)
             progress.advance(sum(c.total_bytes for c in corpora))
             summary.extra["retries"] = fan.retries
             summary.extra["endpoints"] = {e.url: {"completed": e.completed, "errors": e.errors, "window": e.window}

@@ -1,188 +1,245 @@
-"""OpenAI batch JSONL: export requests, import results (for `vllm run-batch` or a hosted batch API).
+"""OpenAI batch JSONL: export a task's requests, import a batch's results through the live path's loop
+(for `vllm run-batch` or a hosted batch API).
 
-Export writes request lines `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}`,
-built by the same functions as the online path, plus a side file `<requests>.meta.jsonl` with what
-the answer must be joined to (the segment, or the pair to score). Import matches result lines
-(`{"custom_id", "response": {"status_code", "body"}, "error"}`) back by `custom_id` into the same
-journals `augment` and `curate` write, so online and batch runs mix and resume alike.
+Export writes the task's request lines (`humpback.contracts.BatchRequest`), one per distinct
+`custom_id`, and beside them `<requests>.meta.jsonl`, line for line, with the item each answer is
+joined to (the segment, or the candidate to score). Import runs the task over the result lines
+(`BatchResult`) with `client.runner.run`, as the live path does over the servers' answers: the same
+parse, the same journals (so online and batch runs mix and resume alike) and the same side files. A
+result line that is no result, names an id the export does not hold, or repeats an id goes to
+`<out>.errors.jsonl` with its line number and reason; a request without a usable answer goes to
+`<out>.failed.jsonl` and counts in `results["failed"]`, as a failed request does online.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 from collections.abc import Callable, Iterable, Iterator
+from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from client.augment import (CHAT_PATH, AugmentConfig, augment_request, candidate_line, parse_instruction,
-                            prepared_segments)
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from client.augment import AugmentConfig, AugmentTask, prepared_segments
 from client.corpus import Corpus
-from client.curate import CurateConfig, Pair, read_pairs, score_parser, score_request, scored_line, select
-from client.dispatch import RunSummary, reason_key, side_path
-from client.fanout import RequestFailed, RetryableError
+from client.curate import CurateConfig, ScoreTask, read_candidates, select
 from client.journal import Journal, LineWriter
 from client.prepare import PrepareConfig, Preparer
-from humpback.contracts import Failure, Segment, Source
+from client.progress import Progress
+from client.runner import RunSummary, run, side_path
+from client.tasks import Item, Job, Parsed, Task
+from humpback.contracts import (BatchRequest, BatchResult, Candidate, InputError, Rejected, RequestFailed,
+                                RetryableError, Segment)
 
 PathLike = str | os.PathLike[str]
+Line = TypeVar("Line", bound=BaseModel)
 
 
-def _request_line(cid: str, body: dict[str, Any]) -> str:
-    return json.dumps({"custom_id": cid, "method": "POST", "url": CHAT_PATH, "body": body}, ensure_ascii=False)
+class SegmentMeta(BaseModel):
+    """A line of an augment export's meta file: the segment request `custom_id` backtranslates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str
+    segment: Segment
+
+    @property
+    def item(self) -> Segment:
+        return self.segment
+
+
+class CandidateMeta(BaseModel):
+    """A line of a curate export's meta file: the candidate request `custom_id` scores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str
+    candidate: Candidate
+
+    @property
+    def item(self) -> Candidate:
+        return self.candidate
 
 
 def _meta_path(requests: Path) -> Path:
     return side_path(requests, "meta.jsonl")
 
 
+def _export(task: Task[Item, Any], items: Iterable[Item], out: Path, meta: Callable[[str, Item], BaseModel],
+            summary: RunSummary) -> None:
+    """Write the request of each item, once per `custom_id` (batch APIs refuse a repeated one), and
+    its meta line."""
+    seen: set[str] = set()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as req, open(_meta_path(out), "w", encoding="utf-8") as side:
+        for item in items:
+            request = task.request(item)
+            if request.custom_id in seen:
+                continue
+            seen.add(request.custom_id)
+            req.write(request.model_dump_json() + "\n")
+            side.write(meta(request.custom_id, item).model_dump_json() + "\n")
+            summary.results["requests"] += 1
+
+
 def export_augment(corpus: Iterable[PathLike], out: PathLike, model: str, config: AugmentConfig | None = None,
                    prepare: PrepareConfig | None = None, text_field: str = "text") -> RunSummary:
     """Batch requests for every kept segment (one per distinct `custom_id`)."""
-    cfg = config or AugmentConfig()
     out = Path(out)
     summary = RunSummary()
     preparer = Preparer(prepare)
     errors = LineWriter(side_path(out, "errors.jsonl"))
-    seen: set[str] = set()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as req, open(_meta_path(out), "w", encoding="utf-8") as meta:
-        for _, seg in prepared_segments([Corpus(c, text_field=text_field) for c in corpus], preparer, errors, summary):
-            cid, body = augment_request(seg.text, model, cfg)
-            if cid in seen:
-                continue
-            seen.add(cid)
-            req.write(_request_line(cid, body) + "\n")
-            meta.write(json.dumps({"custom_id": cid, "segment": seg.model_dump()}, ensure_ascii=False) + "\n")
-            summary.results["requests"] += 1
-    errors.close()
+    segments = (seg for _, seg in prepared_segments([Corpus(c, text_field=text_field) for c in corpus], preparer,
+                                                    errors, summary))
+    try:
+        _export(AugmentTask(model, None, config or AugmentConfig()), segments, out,
+                lambda cid, seg: SegmentMeta(custom_id=cid, segment=seg), summary)
+    finally:
+        errors.close()
     summary.prepare.update(preparer.counts)
     return summary
 
 
 def export_curate(candidates: PathLike, out: PathLike, model: str, config: CurateConfig | None = None) -> RunSummary:
-    """Batch scoring requests for every pair of a candidates file."""
-    cfg = config or CurateConfig()
+    """Batch scoring requests for every candidate of a candidates file (one per distinct `custom_id`)."""
     out = Path(out)
     summary = RunSummary()
     errors = LineWriter(side_path(out, "errors.jsonl"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as req, open(_meta_path(out), "w", encoding="utf-8") as meta:
-        for pair in read_pairs(Path(candidates), errors, summary):
-            cid, body = score_request(pair, model, cfg)
-            req.write(_request_line(cid, body) + "\n")
-            meta.write(json.dumps({"custom_id": cid, "pair": {"candidate_id": pair.candidate_id,
-                                                             "instruction": pair.instruction, "output": pair.output,
-                                                             "source": pair.source.model_dump()}},
-                                  ensure_ascii=False) + "\n")
-            summary.results["requests"] += 1
-    errors.close()
+    cands = (cand for cand, _ in read_candidates(Path(candidates), errors, summary))
+    try:
+        _export(ScoreTask(model, None, config or CurateConfig()), cands, out,
+                lambda cid, cand: CandidateMeta(custom_id=cid, candidate=cand), summary)
+    finally:
+        errors.close()
     return summary
 
 
-def _read_results(results: Path, summary: RunSummary) -> dict[str, dict[str, Any] | str]:
-    """custom_id -> response body, or an error string. Batch result files are bounded (50k lines)."""
-    out: dict[str, dict[str, Any] | str] = {}
-    with open(results, encoding="utf-8") as f:
+def _lines(path: Path, model: type[Line]) -> Iterator[Line]:
+    """The lines of a file this module wrote, each read through its model."""
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             try:
-                obj = json.loads(line)
-                cid = obj["custom_id"]
-            except (ValueError, KeyError, TypeError):
-                summary.rejected[f"invalid result line {lineno}"] += 1
-                continue
-            resp = obj.get("response") or {}
-            if obj.get("error") or resp.get("status_code") != 200:
-                out[cid] = f"batch error: {obj.get('error') or resp.get('status_code')}"
-            else:
-                out[cid] = resp.get("body") or {}
-    return out
+                rec = model.model_validate_json(line)
+            except ValidationError as exc:
+                raise InputError(f"{path}:{lineno}: not a {model.__name__} line ({exc.errors()[0]['msg']}); "
+                                 "export the requests again with `humpback batch export`") from None
+            yield rec
 
 
-def _answer(cid: str, results: dict[str, dict[str, Any] | str], parse: Any) -> Any:
-    got = results.get(cid)
-    if got is None:
-        raise RequestFailed("no result in the batch output", 0)
-    if isinstance(got, str):
-        raise RequestFailed(got, 1)
+def _exported(requests: Path) -> tuple[set[str], str]:
+    """The `custom_id`s of an export's requests, and the model they name (the first request's)."""
+    ids: set[str] = set()
+    model = ""
+    for request in _lines(requests, BatchRequest):
+        model = model or str(request.body.get("model") or "")
+        ids.add(request.custom_id)
+    return ids, model
+
+
+def _jobs(requests: Path, meta: type[SegmentMeta] | type[CandidateMeta]) -> Iterator[Job[Any]]:
+    """Each exported request with the item of its meta line."""
+    meta_path = _meta_path(requests)
+    for n, (request, row) in enumerate(zip_longest(_lines(requests, BatchRequest), _lines(meta_path, meta)), 1):
+        if request is None or row is None or request.custom_id != row.custom_id:
+            raise InputError(f"{meta_path}:{n}: does not match line {n} of {requests}; "
+                             "export the requests again with `humpback batch export`")
+        yield Job(request, row.item, row.item.source)
+
+
+def _invalid(exc: ValidationError) -> tuple[str | None, str]:
+    """(field, reason) of a line that is not a batch result."""
+    err = exc.errors()[0]
+    if err["type"] == "json_invalid":
+        return None, f"invalid JSON: {err['ctx']['error']}"
+    field = ".".join(map(str, err["loc"])) or None
+    return field, f"not a batch result: {f'field {field!r}: ' if field else ''}{err['msg']}"
+
+
+class BatchAnswers:
+    """The answers of a batch output file, by `custom_id` (such files are bounded: 50k lines), given
+    to `client.runner.run` as the servers' answers are online.
+
+    Reading it sets aside, in `errors`, every line that is not a batch result (invalid JSON, no
+    `custom_id`), names a `custom_id` not among `exported`, or repeats one (the first is kept).
+    """
+
+    def __init__(self, path: Path, exported: set[str], errors: LineWriter, summary: RunSummary) -> None:
+        self.results: dict[str, BatchResult] = {}
+        first: dict[str, int] = {}
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                summary.input["results"] += 1
+                try:
+                    res = BatchResult.model_validate_json(raw)
+                except ValidationError as exc:
+                    field, reason = _invalid(exc)
+                else:
+                    field = "custom_id"
+                    if res.custom_id not in exported:
+                        reason = "unknown custom_id: not among the exported requests"
+                    elif res.custom_id in first:
+                        reason = f"duplicate custom_id: first at line {first[res.custom_id]}"
+                    else:
+                        first[res.custom_id] = lineno
+                        self.results[res.custom_id] = res
+                        continue
+                summary.input["rejected"] += 1
+                summary.rejected[reason.split(":")[0]] += 1
+                errors.write(Rejected(source=str(path), line=lineno, reason=reason, field=field,
+                                      excerpt=raw[:80].decode("utf-8", "replace")).model_dump_json())
+
+    async def __call__(self, request: BatchRequest, parse: Callable[[dict[str, Any]], Parsed]) -> Parsed:
+        res = self.results.get(request.custom_id)
+        if res is None:
+            raise RequestFailed("no result in the batch output", 0)
+        reason = res.failure()
+        if reason is not None:
+            raise RequestFailed(reason, 1)
+        try:
+            return parse(res.response.body or {})  # type: ignore[union-attr]  # failure() saw a response
+        except RetryableError as exc:  # nothing retries a batch answer: it failed
+            raise RequestFailed(str(exc), 1) from None
+
+
+def _import(task: Task[Any, Any], requests: Path, meta: type[SegmentMeta] | type[CandidateMeta], exported: set[str],
+            results: Path, journal_path: Path, out: Path, summary: RunSummary) -> None:
+    """Append the task's record of each exported request's answer to the journal (skipping ids
+    already there); side files next to `out`."""
+    errors = LineWriter(side_path(out, "errors.jsonl"))
+    failed = LineWriter(side_path(out, "failed.jsonl"))
+    progress = Progress(0, "import", enabled=False)
     try:
-        return parse(got)
-    except RetryableError as exc:
-        raise RequestFailed(str(exc), 1) from None
-
-
-def _replay(journal_path: Path, rows: Iterator[tuple[str, Any, Source]], answers: dict[str, dict[str, Any] | str],
-            parse: Callable[[dict[str, Any]], Any], record: Callable[[str, Any, Any], str], failed: LineWriter,
-            summary: RunSummary) -> None:
-    """Append `record(custom_id, item, parse(answer))` for each exported (custom_id, item, source) not
-    yet in the journal; a missing or failed answer goes to `failed`, like a failed request."""
-    with Journal(journal_path) as journal:
-        for cid, item, source in rows:
-            if cid in journal.done:
-                summary.results["skipped_done"] += 1
-                continue
-            try:
-                result = _answer(cid, answers, parse)
-            except RequestFailed as exc:
-                summary.failures[reason_key(exc.reason)] += 1
-                failed.write(Failure(custom_id=cid, source=source, reason=exc.reason,
-                                     attempts=exc.attempts).model_dump_json())
-                continue
-            journal.append(record(cid, item, result))
-            journal.done.add(cid)
-            summary.results["written"] += 1
-    failed.close()
-    summary.results["failed"] = sum(summary.failures.values())
-
-
-def _meta_rows(requests: Path, key: str, load: Callable[[dict[str, Any]], Any]) -> Iterator[tuple[str, Any, Source]]:
-    with open(_meta_path(requests), encoding="utf-8") as meta:
-        for line in meta:
-            row = json.loads(line)
-            item = load(row[key])
-            yield row["custom_id"], item, item.source
+        answers = BatchAnswers(results, exported, errors, summary)
+        with Journal(journal_path) as journal:
+            asyncio.run(run(task, _jobs(requests, meta), answers, journal, failed, summary, progress))
+    finally:
+        progress.close()
+        errors.close()
+        failed.close()
+        summary.results["failed"] = sum(summary.failures.values())
 
 
 def import_augment(requests: PathLike, results: PathLike, out: PathLike, checkpoint: str | None = None) -> RunSummary:
     """Append the batch's candidates to the `out` journal (skipping ids already there)."""
-    out = Path(out)
+    requests, out = Path(requests), Path(out)
     summary = RunSummary()
-    answers = _read_results(Path(results), summary)
-    model_of = {}
-    with open(requests, encoding="utf-8") as f:
-        for line in f:
-            req = json.loads(line)
-            model_of[req["custom_id"]] = req["body"]["model"]
-
-    def record(cid: str, seg: Segment, result: tuple[str, str]) -> str:
-        return candidate_line(cid, seg, result, model_of.get(cid, ""), checkpoint)
-
-    _replay(out, _meta_rows(Path(requests), "segment", Segment.model_validate), answers, parse_instruction, record,
-            LineWriter(side_path(out, "failed.jsonl")), summary)
+    exported, model = _exported(requests)
+    _import(AugmentTask(model, checkpoint), requests, SegmentMeta, exported, Path(results), out, out, summary)
     return summary
 
 
 def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: CurateConfig | None = None) -> RunSummary:
     """Append the batch's scores to the scored journal, then write the curated set to `out`."""
     cfg = config or CurateConfig()
-    out = Path(out)
+    requests, out = Path(requests), Path(out)
     scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
     summary = RunSummary()
-    answers = _read_results(Path(results), summary)
-    model = cfg.model or ""
-    with open(requests, encoding="utf-8") as f:
-        first = f.readline()
-        if first:
-            model = model or json.loads(first)["body"]["model"]
-
-    def load(p: dict[str, Any]) -> Pair:
-        return Pair(p["candidate_id"], p["instruction"], p["output"], Source.model_validate(p["source"]))
-
-    def record(cid: str, pair: Pair, result: Any) -> str:
-        return scored_line(cid, pair, result, cfg.mode, model, cfg.checkpoint)
-
-    _replay(scored_path, _meta_rows(Path(requests), "pair", load), answers, score_parser(cfg.mode), record,
-            LineWriter(side_path(out, "failed.jsonl")), summary)
+    exported, first_model = _exported(requests)
+    model = cfg.model or first_model
+    _import(ScoreTask(model, cfg.checkpoint, cfg), requests, CandidateMeta, exported, Path(results), scored_path,
+            out, summary)
     if model:
         select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None)
     return summary

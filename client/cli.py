@@ -1,91 +1,119 @@
 """`humpback augment`, `humpback curate` and `humpback batch ...`: thin wrappers over the async API.
 
-Each flag mirrors a field of `FanoutConfig`, `AugmentConfig`, `CurateConfig` or `PrepareConfig`, which
-document them; handlers import the client only when run.
+Every flag is generated (`humpback.settings`) from a field of `FanoutConfig`, `AugmentConfig`,
+`CurateConfig`, `PrepareConfig` or of the files models below, which document them; the handlers
+import the rest of the client only when run.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 
-def _fanout_args(p: argparse.ArgumentParser, default_endpoint: str) -> None:
-    g = p.add_argument_group("servers")
-    g.add_argument("--endpoint", action="append", default=None,
-                   help=f"server base URL, repeatable for load balancing and failover (default {default_endpoint})")
-    g.add_argument("--api-key", default=os.environ.get("HUMPBACK_API_KEY"),
-                   help="bearer token (default: $HUMPBACK_API_KEY)")
-    g.add_argument("--model", default=None, help="served model name (default: the first the server lists)")
-    g.add_argument("--concurrency", type=int, default=None,
-                   help="fixed in-flight requests per endpoint (default: adapt to the server's queue)")
-    g.add_argument("--timeout", type=float, default=600.0, help="seconds per request, queueing included")
-    g.add_argument("--max-retries", type=int, default=8)
-    _common_args(g)
-    p.set_defaults(default_endpoint=default_endpoint)
+from client.augment import AugmentConfig
+from client.curate import CurateConfig
+from client.fanout import FanoutConfig
+from client.prepare import PrepareConfig
+from humpback.contracts import DEFAULT_URLS
+from humpback.settings import add_arguments, from_args, setting
 
 
-def _fanout_config(args: argparse.Namespace) -> Any:
-    from client.fanout import FanoutConfig
-
-    return FanoutConfig(endpoints=args.endpoint or [args.default_endpoint], api_key=args.api_key,
-                        concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries)
+class _Files(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-def _selection_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("scoring and selection of A_k")
-    g.add_argument("--mode", choices=("logprobs", "free_text"), default="logprobs")
-    k = g.add_mutually_exclusive_group()
-    k.add_argument("--min-score", type=float, default=4.5, help="keep score >= k (default 4.5, the paper's A_5)")
-    k.add_argument("--top-fraction", type=float, default=None,
-                   help="keep the best-scored fraction instead; k is then that fraction's lowest score")
-    g.add_argument("--max-tokens", type=int, default=256, help="free-text reasoning budget")
-    g.add_argument("--scored", default=None, help="scored-candidates journal (default <out>.scored.jsonl)")
-    g.add_argument("--no-histogram", action="store_true")
+class CorpusFiles(_Files):
+    corpus: list[Path] = setting(help="JSONL, text or Parquet files (.gz allowed)", many="+")
+    text_field: str = setting("text", "JSONL/Parquet field holding the text")
 
 
-def _common_args(p: Any) -> None:
-    """Output flags of every command that writes a journal (a parser or an argument group)."""
-    p.add_argument("--checkpoint", default=None,
-                   help="version label recorded with each result (augment/curate default: the served model's root)")
-    p.add_argument("--fsync", choices=("never", "interval", "always"), default="interval")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+class AugmentFiles(CorpusFiles):
+    """What `humpback augment` reads and writes."""
+
+    out: Path = setting(help="candidates JSONL (appended; side files next to it)")
+
+
+class CurateFiles(_Files):
+    """What `humpback curate` reads and writes."""
+
+    candidates: Path = setting(help="candidates JSONL (instruction and output fields)")
+    out: Path = setting(help="curated set, chat-format JSONL (rewritten each run)")
+
+
+class ExportAugmentFiles(CorpusFiles):
+    """What `humpback batch export augment` reads and writes."""
+
+    out: Path = setting(help="batch requests JSONL, and <out>.meta.jsonl beside it: the segment of each request")
+
+
+class ExportCurateFiles(_Files):
+    """What `humpback batch export curate` reads and writes."""
+
+    candidates: Path = setting(help="candidates JSONL (instruction and output fields)", flag="corpus")
+    out: Path = setting(help="batch requests JSONL, and <out>.meta.jsonl beside it: the pair of each request")
+
+
+class ImportFiles(_Files):
+    """What `humpback batch import` reads and writes."""
+
+    requests: Path = setting(help="the exported requests JSONL (its <requests>.meta.jsonl beside it)")
+    results: Path = setting(help="the batch output JSONL")
+    out: Path = setting(help="candidates journal (augment, appended) or curated set (curate, rewritten)")
+
+
+# The fields a batch step uses: the request body is built at export, the answers are read and the
+# set selected at import. The other fields of the config have no effect there, so no flag.
+EXPORT_AUGMENT = ("model", "max_tokens", "temperature", "top_p", "seed")
+EXPORT_CURATE = ("model", "mode", "max_tokens", "temperature")
+IMPORT_AUGMENT = ("checkpoint",)
+IMPORT_CURATE = ("mode", "min_score", "top_fraction", "model", "checkpoint", "scored", "histogram")
+
+# k is either an absolute score or the lowest score of the best-scored fraction.
+_K = ("min_score", "top_fraction")
+
+
+def _except(model: type[BaseModel], keep: Iterable[str]) -> set[str]:
+    """The fields of `model` but `keep`: what `add_arguments` excludes to give only `keep` a flag."""
+    return set(model.model_fields) - set(keep)
+
+
+def _files_args(p: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    add_arguments(p, model, required=[name for name, f in model.model_fields.items() if f.is_required()])
+
+
+def _servers(role: str) -> dict[str, Any]:
+    """FanoutConfig's defaults for a command: the local server of its role (backward 8001, scorer 8002)."""
+    return {"endpoints": [DEFAULT_URLS[role]]}
+
+
+def _fanout_args(p: argparse.ArgumentParser, role: str) -> None:
+    add_arguments(p.add_argument_group("servers"), FanoutConfig, defaults=_servers(role))
+
+
+def _fanout_config(args: argparse.Namespace, role: str) -> FanoutConfig:
+    return from_args(FanoutConfig, args, defaults=_servers(role))
+
+
+def _curate_args(g: Any, exclude: Iterable[str] = (), required: Iterable[str] = ()) -> None:
+    """CurateConfig's flags but `exclude`, with `--min-score` and `--top-fraction` mutually exclusive."""
+    skip = set(exclude)
+    add_arguments(g, CurateConfig, exclude=skip | set(_K), required=required)
+    if not set(_K) <= skip:
+        add_arguments(g.add_mutually_exclusive_group(), CurateConfig, exclude=_except(CurateConfig, _K) | skip)
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("corpus preparation (paper App. E; each rule on by default)")
-    g.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
-    g.add_argument("--min-chars", type=int, default=600)
-    g.add_argument("--max-chars", type=int, default=3000)
-    g.add_argument("--no-segment", action="store_true", help="keep documents whole")
-    g.add_argument("--no-boilerplate-filter", action="store_true")
-    g.add_argument("--no-repetition-filter", action="store_true")
-    g.add_argument("--no-dedup", action="store_true", help="no exact nor near-duplicate removal")
-    g.add_argument("--no-near-dedup", action="store_true", help="exact-duplicate removal only")
+    add_arguments(p.add_argument_group("corpus preparation (paper App. E; each rule on by default)"), PrepareConfig)
 
 
-def _prepare_config(args: argparse.Namespace) -> Any:
-    from client.prepare import PrepareConfig
-
-    return PrepareConfig(segment=not args.no_segment, min_chars=args.min_chars, max_chars=args.max_chars,
-                         boilerplate=not args.no_boilerplate_filter, repetition=not args.no_repetition_filter,
-                         dedup_exact=not args.no_dedup, dedup_near=not (args.no_dedup or args.no_near_dedup))
-
-
-def _augment_config(args: argparse.Namespace) -> Any:
-    from client.augment import AugmentConfig
-
-    return AugmentConfig(model=args.model, checkpoint=args.checkpoint, max_tokens=args.max_tokens, seed=args.seed,
-                         limit=getattr(args, "limit", None), fsync=args.fsync, progress=not args.no_progress)
-
-
-def _curate_config(args: argparse.Namespace) -> Any:
-    from client.curate import CurateConfig
-
-    return CurateConfig(mode=args.mode, min_score=args.min_score, top_fraction=args.top_fraction, model=args.model,
-                        checkpoint=args.checkpoint, max_tokens=args.max_tokens, scored=args.scored,
-                        histogram=not args.no_histogram, fsync=args.fsync, progress=not args.no_progress)
+def _prepare_config(args: argparse.Namespace) -> PrepareConfig:
+    # `--no-dedup` has always meant no duplicate removal at all: near-dedup follows it unless given.
+    near = {"dedup_near": args.dedup_exact} if "dedup_exact" in vars(args) else {}
+    return from_args(PrepareConfig, args, defaults=near)
 
 
 def _run(coro: Any) -> Any:
@@ -98,91 +126,97 @@ def _run(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def _report(summary: Any) -> None:
+def _report(summary: Any) -> int:
+    """Print the run's summary; exit status 3 when any request failed (a re-run retries them)."""
     import json
     import sys
 
     print(json.dumps(summary.to_dict(), indent=2), file=sys.stderr)
+    return 3 if summary.results["failed"] else 0
 
 
 def _augment(args: argparse.Namespace) -> int:
     from client.augment import augment
 
-    summary = _run(augment(args.corpus, args.out, _fanout_config(args), _augment_config(args),
-                           _prepare_config(args), text_field=args.text_field))
-    _report(summary)
-    return 0 if not summary.results["failed"] else 3
+    files = from_args(AugmentFiles, args)
+    return _report(_run(augment(files.corpus, files.out, _fanout_config(args, "backward"),
+                                from_args(AugmentConfig, args), _prepare_config(args), text_field=files.text_field)))
 
 
 def _curate(args: argparse.Namespace) -> int:
     from client.curate import curate
 
-    summary = _run(curate(args.candidates, args.out, _fanout_config(args), _curate_config(args)))
-    _report(summary)
-    return 0 if not summary.results["failed"] else 3
+    files = from_args(CurateFiles, args)
+    return _report(_run(curate(files.candidates, files.out, _fanout_config(args, "scorer"),
+                               from_args(CurateConfig, args))))
 
 
-def _batch_export(args: argparse.Namespace) -> int:
+def _export_augment(args: argparse.Namespace) -> int:
     from client import batch
 
-    if args.kind == "augment":
-        summary = batch.export_augment(args.corpus, args.out, args.model, _augment_config(args),
-                                       _prepare_config(args), text_field=args.text_field)
-    else:
-        summary = batch.export_curate(args.corpus[0], args.out, args.model, _curate_config(args))
-    _report(summary)
-    return 0
+    files, cfg = from_args(ExportAugmentFiles, args), from_args(AugmentConfig, args)
+    return _report(batch.export_augment(files.corpus, files.out, cfg.model, cfg, _prepare_config(args),
+                                        text_field=files.text_field))
 
 
-def _batch_import(args: argparse.Namespace) -> int:
+def _export_curate(args: argparse.Namespace) -> int:
     from client import batch
 
-    if args.kind == "augment":
-        summary = batch.import_augment(args.requests, args.results, args.out, checkpoint=args.checkpoint)
-    else:
-        summary = batch.import_curate(args.requests, args.results, args.out, _curate_config(args))
-    _report(summary)
-    return 0
+    files, cfg = from_args(ExportCurateFiles, args), from_args(CurateConfig, args)
+    return _report(batch.export_curate(files.candidates, files.out, cfg.model, cfg))
+
+
+def _import_augment(args: argparse.Namespace) -> int:
+    from client import batch
+
+    files, cfg = from_args(ImportFiles, args), from_args(AugmentConfig, args)
+    return _report(batch.import_augment(files.requests, files.results, files.out, checkpoint=cfg.checkpoint))
+
+
+def _import_curate(args: argparse.Namespace) -> int:
+    from client import batch
+
+    files = from_args(ImportFiles, args)
+    return _report(batch.import_curate(files.requests, files.results, files.out, from_args(CurateConfig, args)))
 
 
 def register(sub: Any) -> None:
     """Add `augment`, `curate` and `batch` to the `humpback` command."""
     p = sub.add_parser("augment", help="self-augmentation: one instruction per corpus segment (resumable)",
                        description="Stream a corpus through the backward model; re-run the same command to resume.")
-    p.add_argument("--corpus", nargs="+", required=True, help="JSONL, text or Parquet files (.gz allowed)")
-    p.add_argument("--out", required=True, help="candidates JSONL (appended; side files next to it)")
-    p.add_argument("--max-tokens", type=int, default=256, help="instruction length cap")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed per request")
-    p.add_argument("--limit", type=int, default=None, help="only the first N kept segments (a trial run)")
-    _fanout_args(p, "http://127.0.0.1:8001")
+    _files_args(p, AugmentFiles)
+    add_arguments(p.add_argument_group("generation"), AugmentConfig)
+    _fanout_args(p, "backward")
     _prepare_args(p)
     p.set_defaults(func=_augment)
 
     p = sub.add_parser("curate", help="self-curation: score candidates and select A_k (resumable)")
-    p.add_argument("--candidates", required=True, help="candidates JSONL (instruction and output fields)")
-    p.add_argument("--out", required=True, help="curated set, chat-format JSONL (rewritten each run)")
-    _selection_args(p)
-    _fanout_args(p, "http://127.0.0.1:8002")
+    _files_args(p, CurateFiles)
+    _curate_args(p.add_argument_group("scoring and selection of A_k"))
+    _fanout_args(p, "scorer")
     p.set_defaults(func=_curate)
 
     p = sub.add_parser("batch", help="OpenAI batch JSONL: export requests, import results")
     bsub = p.add_subparsers(dest="batch_command", required=True)
-    e = bsub.add_parser("export", help="write batch request lines (for `vllm run-batch` or a hosted batch API)")
-    e.add_argument("kind", choices=("augment", "curate"))
-    e.add_argument("--corpus", nargs="+", required=True, help="corpus files (augment) or a candidates file (curate)")
-    e.add_argument("--out", required=True, help="batch requests JSONL (+ <out>.segments.jsonl for augment)")
-    e.add_argument("--model", required=True, help="model name to put in each request body")
-    e.add_argument("--seed", type=int, default=None)
-    _selection_args(e)  # its --max-tokens also caps augment's instructions
-    _common_args(e)
+    export = bsub.add_parser("export", help="write batch request lines (for `vllm run-batch` or a hosted batch API)")
+    kinds = export.add_subparsers(dest="kind", required=True)
+    e = kinds.add_parser("augment", help="one backtranslation request per kept corpus segment")
+    _files_args(e, ExportAugmentFiles)
+    add_arguments(e, AugmentConfig, exclude=_except(AugmentConfig, EXPORT_AUGMENT), required=["model"])
     _prepare_args(e)
-    e.set_defaults(func=_batch_export)
-    i = bsub.add_parser("import", help="turn batch results into candidates (augment) or a curated set (curate)")
-    i.add_argument("kind", choices=("augment", "curate"))
-    i.add_argument("--requests", required=True, help="the exported requests JSONL")
-    i.add_argument("--results", required=True, help="the batch output JSONL")
-    i.add_argument("--out", required=True, help="candidates journal (augment) or curated set (curate)")
-    i.add_argument("--model", default=None)
-    _selection_args(i)
-    _common_args(i)
-    i.set_defaults(func=_batch_import)
+    e.set_defaults(func=_export_augment)
+    e = kinds.add_parser("curate", help="one scoring request per candidate")
+    _files_args(e, ExportCurateFiles)
+    _curate_args(e, exclude=_except(CurateConfig, EXPORT_CURATE), required=["model"])
+    e.set_defaults(func=_export_curate)
+
+    imp = bsub.add_parser("import", help="turn batch results into candidates (augment) or a curated set (curate)")
+    kinds = imp.add_subparsers(dest="kind", required=True)
+    i = kinds.add_parser("augment", help="append the answers to a candidates journal")
+    _files_args(i, ImportFiles)
+    add_arguments(i, AugmentConfig, exclude=_except(AugmentConfig, IMPORT_AUGMENT))
+    i.set_defaults(func=_import_augment)
+    i = kinds.add_parser("curate", help="append the scores to the scored journal and select A_k")
+    _files_args(i, ImportFiles)
+    _curate_args(i, exclude=_except(CurateConfig, IMPORT_CURATE))
+    i.set_defaults(func=_import_curate)

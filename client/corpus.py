@@ -1,8 +1,10 @@
 """Streaming corpus readers: JSONL, plain text (blank-line paragraphs) and Parquet, each optionally gzip'd.
 
 Readers yield one `Segment` (a document, before preparation) or one `Rejected` per input record and
-hold at most one record in memory, so memory stays flat whatever the corpus size. Bad input never
+hold at most one record in memory, so memory stays flat whatever the corpus size. A bad record never
 raises: every record that cannot be used comes back as a `Rejected` naming the file, line and reason.
+Only a file that cannot be read at all raises `CorpusError` (an unknown format, a Parquet file
+without the text column).
 """
 
 from __future__ import annotations
@@ -215,9 +217,3 @@ class Corpus:
                     yield self._record(lineno, text, True, row)
             self.bytes_read = self.total_bytes * lineno // rows
         self.bytes_read = self.total_bytes
-
-
-def read_corpora(paths: list[Corpus]) -> Iterator[Segment | Rejected]:
-    """All records of several corpus files, in order."""
-    for corpus in paths:
-        yield from corpus

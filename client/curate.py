@@ -20,18 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.augment import served_model
+from pydantic import BaseModel, ConfigDict
+
 from client.completions import chat_choice, choice_mass
-from client.dispatch import Job, RunSummary, dispatch, side_path
 from client.fanout import Fanout, FanoutConfig, RequestFailed
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.progress import Progress
+from client.runner import RunSummary, online, run, served_model, side_path
+from client.tasks import Job
 from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
     BAND_LABELS,
-    CHAT_PATH,
     SCORE_CHOICES,
     UNPARSED,
+    BatchRequest,
+    Candidate,
     Rejected,
     ScoredCandidate,
     Source,
@@ -42,58 +45,46 @@ from humpback.contracts import (
     rubric_messages,
     tagged_example,
 )
+from humpback.settings import setting
 
 log = logging.getLogger(__name__)
 
 HIST_BINS = 40
 
 
-@dataclass
-class CurateConfig:
-    """Scoring and selection settings.
+class CurateConfig(BaseModel):
+    """Scoring and selection settings of a self-curation run."""
 
-    mode: "logprobs" (expected score from digit probabilities) or "free_text" (the paper's format).
-    min_score: select pairs with score >= min_score (paper's A_5 is "score >= 4.5").
-    top_fraction: instead, select the best-scored fraction of pairs: k becomes the score of the last
-        pair of that fraction (ties kept) and is reported; for scorers whose scale is off, such as a
-        small model after a few CPU steps.
-    model, checkpoint: served scorer name (None: the first listed) and recorded version label.
-    max_tokens: budget of the free-text reasoning.
-    temperature: 0 makes scores reproducible; the paper does not say how it sampled.
-    scored: path of the scored-candidates journal; None puts it next to `out` as `<out>.scored.jsonl`.
-    histogram: draw `<out>.scores.png`.
+    model_config = ConfigDict(extra="forbid")
+
+    mode: ScoreMode = setting("logprobs", "logprobs: expected score from the digit probabilities; free_text: the "
+                                          "paper's format, a brief reasoning ending in 'Score: N'")
+    min_score: float = setting(4.5, "select pairs with score >= k (the paper's A_5 is 'score >= 4.5')")
+    top_fraction: float | None = setting(None, "instead, select the best-scored fraction of pairs: k becomes the "
+                                               "score of the last pair of that fraction (ties kept) and is "
+                                               "reported; for scorers whose scale is off, such as a small model "
+                                               "after a few CPU steps", gt=0, le=1)
+    model: str | None = setting(None, "served scorer name; unset takes the first model the endpoint lists (batch "
+                                      "import: the model the requests name)")
+    checkpoint: str | None = setting(None, "version label recorded with each score; unset records the served "
+                                           "model's root (batch import: none)")
+    max_tokens: int = setting(256, "budget of the free-text reasoning", ge=1)
+    temperature: float = setting(0.0, "scoring temperature: 0 makes scores reproducible (the paper does not say how "
+                                      "it sampled)", ge=0)
+    scored: Path | None = setting(None, "scored-candidates journal; unset puts it next to the output as "
+                                        "<out>.scored.jsonl")
+    histogram: bool = setting(True, "draw the score histogram <out>.scores.png")
+    fsync: FsyncPolicy = setting("interval", "journal durability policy (see client.journal.Journal)")
+    progress: bool = setting(True, "show a progress bar on stderr")
+
+
+def read_candidates(path: Path, errors: LineWriter, summary: RunSummary) -> Iterator[tuple[Candidate, int]]:
+    """The candidates of a JSONL file, each with the bytes of the file read so far (for progress).
+
+    A line `augment` wrote is read whole; any other JSON object with `instruction` and `output`
+    strings is a candidate too, its `custom_id` and `source` derived from the line where it has none
+    (or an invalid one) and its `model` empty where it names none. Other lines go to `errors`.
     """
-
-    mode: ScoreMode = "logprobs"
-    min_score: float = 4.5
-    top_fraction: float | None = None
-    model: str | None = None
-    checkpoint: str | None = None
-    max_tokens: int = 256
-    temperature: float = 0.0
-    scored: str | os.PathLike[str] | None = None
-    histogram: bool = True
-    fsync: FsyncPolicy = "interval"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
-            raise ValueError(f"top_fraction must lie in (0, 1], got {self.top_fraction}")
-
-
-@dataclass
-class Pair:
-    """One (instruction, output) pair to score, as read from a candidates file."""
-
-    candidate_id: str
-    instruction: str
-    output: str
-    source: Source
-    pos: int = 0  # bytes of the candidates file read so far, for progress
-
-
-def read_pairs(path: Path, errors: LineWriter, summary: RunSummary) -> Iterator[Pair]:
-    """Candidates from a JSONL file: `instruction` and `output` strings; other fields optional."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             summary.input["records"] += 1
@@ -125,19 +116,9 @@ def read_pairs(path: Path, errors: LineWriter, summary: RunSummary) -> Iterator[
             cid = obj.get("custom_id")
             if not isinstance(cid, str) or not cid:
                 cid = content_id("pair", obj["instruction"], obj["output"])
-            yield Pair(cid, obj["instruction"], obj["output"], source, f.tell())
-
-
-def score_request(pair: Pair, model: str, cfg: CurateConfig) -> tuple[str, dict[str, Any]]:
-    """The `custom_id` and chat-completions body that score one pair (shared with batch export)."""
-    messages = rubric_messages(pair.instruction, pair.output, cfg.mode)
-    body: dict[str, Any] = {"model": model, "messages": messages, "temperature": cfg.temperature}
-    if cfg.mode == "logprobs":
-        body.update(max_tokens=1, logprobs=True, top_logprobs=len(SCORE_CHOICES),
-                    structured_outputs={"choice": list(SCORE_CHOICES)})
-    else:
-        body["max_tokens"] = cfg.max_tokens
-    return content_id("score", cfg.mode, messages, model, body.get("max_tokens"), cfg.temperature), body
+            known = {k: v for k in ("model", "checkpoint", "finish_reason") if isinstance(v := obj.get(k), str)}
+            yield Candidate(**{"model": "", **known}, custom_id=cid, instruction=obj["instruction"],
+                            output=obj["output"], source=source), f.tell()
 
 
 def parse_logprob_score(data: dict[str, Any]) -> tuple[float, dict[str, float], str]:
@@ -161,17 +142,41 @@ def parse_free_text(data: dict[str, Any]) -> tuple[float | None, str]:
     return (None if score is None else float(score)), text
 
 
-def score_parser(mode: ScoreMode) -> Any:
-    """The response parser of a scoring mode."""
-    return parse_logprob_score if mode == "logprobs" else parse_free_text
+@dataclass(frozen=True)
+class ScoreTask:
+    """Score a candidate on the rubric (a `client.tasks.Task`): ask `model` in `config.mode`; the
+    score records `checkpoint` as the scorer's version."""
 
+    model: str
+    checkpoint: str | None
+    config: CurateConfig
 
-def scored_line(cid: str, pair: Pair, result: Any, mode: ScoreMode, model: str, checkpoint: str | None) -> str:
-    """The scored-journal line of a pair, from what `parse_logprob_score` / `parse_free_text` returned."""
-    score, dist, raw = result if mode == "logprobs" else (result[0], None, result[1])
-    return ScoredCandidate(custom_id=cid, candidate_id=pair.candidate_id, instruction=pair.instruction,
-                           output=pair.output, source=pair.source, mode=mode, score=score, distribution=dist,
-                           raw=raw, scorer_model=model, scorer_checkpoint=checkpoint).model_dump_json()
+    def request(self, cand: Candidate) -> BatchRequest:
+        mode = self.config.mode
+        messages = rubric_messages(cand.instruction, cand.output, mode)
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.config.temperature}
+        if mode == "logprobs":
+            body.update(max_tokens=1, logprobs=True, top_logprobs=len(SCORE_CHOICES),
+                        structured_outputs={"choice": list(SCORE_CHOICES)})
+        else:
+            body["max_tokens"] = self.config.max_tokens
+        cid = content_id("score", mode, messages, self.model, body.get("max_tokens"), self.config.temperature)
+        return BatchRequest(custom_id=cid, body=body)
+
+    def parse(self, body: dict[str, Any]) -> tuple[float | None, dict[str, float] | None, str]:
+        """(score, distribution or None, raw answer), whatever the mode."""
+        if self.config.mode == "logprobs":
+            return parse_logprob_score(body)
+        score, raw = parse_free_text(body)
+        return score, None, raw
+
+    def record(self, custom_id: str, cand: Candidate,
+               parsed: tuple[float | None, dict[str, float] | None, str]) -> ScoredCandidate:
+        score, dist, raw = parsed
+        return ScoredCandidate(custom_id=custom_id, candidate_id=cand.custom_id, instruction=cand.instruction,
+                               output=cand.output, source=cand.source, mode=self.config.mode, score=score,
+                               distribution=dist, raw=raw, scorer_model=self.model,
+                               scorer_checkpoint=self.checkpoint)
 
 
 def _scored(scored: Path, mode: str, scorer_model: str) -> Iterator[ScoredCandidate]:
@@ -251,15 +256,11 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
     try:
         async with Fanout(fanout) as fan:
             model, root = await served_model(fan, cfg.model)
-            checkpoint = cfg.checkpoint or root
-            summary.extra.update(model=model, checkpoint=checkpoint, mode=cfg.mode)
-
-            def record(job: Job[Pair], result: Any) -> str:
-                return scored_line(job.custom_id, job.item, result, cfg.mode, model, checkpoint)
-
-            jobs = (Job(*score_request(pair, model, cfg), pair, pair.source, pair.pos)
-                    for pair in read_pairs(candidates, errors, summary))
-            await dispatch(fan, CHAT_PATH, jobs, score_parser(cfg.mode), record, journal, failed, summary, progress)
+            task = ScoreTask(model, cfg.checkpoint or root, cfg)
+            summary.extra.update(model=model, checkpoint=task.checkpoint, mode=cfg.mode)
+            jobs = (Job(task.request(cand), cand, cand.source, pos)
+                    for cand, pos in read_candidates(candidates, errors, summary))
+            await run(task, jobs, online(fan), journal, failed, summary, progress, fan.max_inflight)
             summary.extra["retries"] = fan.retries
     finally:
         progress.close()

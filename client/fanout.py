@@ -24,41 +24,44 @@ from typing import Any
 
 import httpcore
 import httpx
+from pydantic import BaseModel, ConfigDict
 
 from client.transport import AsyncioBackend
-from humpback.contracts import RequestFailed, RetryableError
+from humpback.contracts import API_KEY_ENV, RequestFailed, RetryableError
+from humpback.settings import setting
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FanoutConfig:
-    """How requests are spread and retried.
+class FanoutConfig(BaseModel):
+    """How requests are spread and retried; each field is a flag of `humpback augment`/`curate`."""
 
-    endpoints: base URLs (`http://host:port`, without `/v1`).
-    api_key: sent as `Authorization: Bearer`; None sends no header.
-    concurrency: fixed in-flight requests per endpoint; None (default) adapts to the server's queue.
-    initial_window, min_window, max_window: bounds of the adaptive window per endpoint.
-    fallback_window: window for endpoints that expose no vLLM `/metrics`.
-    timeout: seconds for one request (queueing on the server included); connect_timeout to connect.
-    max_retries: retries after the first attempt, on connection errors, timeouts, 429, 5xx and aborts.
-    backoff_base, backoff_max: exponential backoff with full jitter, in seconds.
-    metrics_interval: seconds between `/metrics` polls.
-    """
+    model_config = ConfigDict(extra="forbid")
 
-    endpoints: list[str]
-    api_key: str | None = None
-    concurrency: int | None = None
-    initial_window: int = 64
-    min_window: int = 8
-    max_window: int = 1024
-    fallback_window: int = 256
-    timeout: float = 600.0
-    connect_timeout: float = 10.0
-    max_retries: int = 8
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    metrics_interval: float = 1.0
+    endpoints: list[str] = setting(
+        help="server base URL (`http://host:port`, without /v1), repeatable for load balancing and failover",
+        flag="endpoint", metavar="URL")
+    api_key: str | None = setting(None, "bearer token sent as `Authorization: Bearer`; unset sends no header",
+                                  env=API_KEY_ENV)
+    concurrency: int | None = setting(None, "fixed in-flight requests per endpoint; unset adapts the window to the "
+                                            "server's queue", ge=1)
+    initial_window: int = setting(64, "first in-flight window of an adaptive endpoint", ge=1)
+    min_window: int = setting(8, "smallest adaptive window", ge=1)
+    max_window: int = setting(1024, "largest adaptive window", ge=1)
+    fallback_window: int = setting(256, "window of an endpoint that exposes no vLLM /metrics", ge=1)
+    timeout: float = setting(600.0, "seconds per request, queueing on the server included", gt=0)
+    connect_timeout: float = setting(10.0, "seconds to connect", gt=0)
+    max_retries: int = setting(8, "retries after the first attempt, on connection errors, timeouts, 429, 5xx and "
+                                  "aborts", ge=0)
+    backoff_base: float = setting(0.5, "first backoff in seconds (exponential, full jitter)", ge=0)
+    backoff_max: float = setting(30.0, "longest backoff in seconds", ge=0)
+    metrics_interval: float = setting(1.0, "seconds between /metrics polls", gt=0)
+
+    def __init__(self, endpoints: list[str] | None = None, /, **values: Any) -> None:
+        # `FanoutConfig([url], ...)`: the endpoints may come first, unnamed, as with the dataclass it was.
+        if endpoints is not None:
+            values["endpoints"] = endpoints
+        super().__init__(**values)
 
 
 @dataclass(eq=False)

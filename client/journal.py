@@ -94,7 +94,6 @@ class Journal:
         self.fsync_interval = fsync_interval
         self.done = IdSet()
         self.repaired_bytes = 0
-        self.lines = 0
         self._fd: int | None = None
         self._last_sync = 0.0
 
@@ -108,7 +107,6 @@ class Journal:
                     cid = _line_id(line)
                     if cid is not None:
                         self.done.add(cid)
-                        self.lines += 1
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._last_sync = time.monotonic()
         return self
@@ -120,7 +118,6 @@ class Journal:
         n = os.write(self._fd, data)
         while n < len(data):  # short writes happen only on full disks and signals; finish the line
             n += os.write(self._fd, data[n:])
-        self.lines += 1
         if self.fsync == "always" or (self.fsync == "interval"
                                       and time.monotonic() - self._last_sync >= self.fsync_interval):
             os.fsync(self._fd)
@@ -146,7 +143,6 @@ class LineWriter:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.unlink(missing_ok=True)  # a stale file from an earlier run would misreport this one
-        self.count = 0
         self._f: TextIO | None = None
 
     def write(self, line: str) -> None:
@@ -155,7 +151,6 @@ class LineWriter:
             self._f = open(self.path, "w", encoding="utf-8")
         self._f.write(line + "\n")
         self._f.flush()
-        self.count += 1
 
     def close(self) -> None:
         if self._f is not None:

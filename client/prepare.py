@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
 
 from client.dedup import Deduplicator
 from humpback.contracts import Segment, Source
+from humpback.settings import setting
 
 _MD_HEADER = re.compile(r"^(#{1,6})(?:[ \t]+(.*?))?[ \t#]*$")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -29,31 +31,31 @@ NAV_WORDS = (
 )
 
 
-@dataclass
-class PrepareConfig:
-    """Corpus preparation settings; every rule is on by default, as in the paper.
+class PrepareConfig(BaseModel):
+    """Corpus preparation settings (paper App. E); every rule is on by default, as in the paper."""
 
-    segment: split documents into self-contained segments at markdown headers (a segment keeps its
-        lower-level subsections while it fits `max_chars`; longer text is packed by paragraphs).
-    min_chars, max_chars: keep segments of this many characters (paper: 600-3,000).
-    boilerplate: drop segments whose header is empty, all-caps or navigation-like.
-    repetition: drop segments with two sentences whose word n-gram Jaccard similarity reaches
-        `repetition_threshold`.
-    dedup_exact, dedup_near: drop exact duplicates (after case/whitespace normalisation) and near
-        duplicates (MinHash LSH at Jaccard `near_threshold` over word 5-grams).
-    """
+    model_config = ConfigDict(extra="forbid")
 
-    segment: bool = True
-    min_chars: int = 600
-    max_chars: int = 3000
-    boilerplate: bool = True
-    repetition: bool = True
-    repetition_threshold: float = 0.8
-    repetition_ngram: int = 3
-    dedup_exact: bool = True
-    dedup_near: bool = True
-    near_threshold: float = 0.8
-    num_perm: int = 64
+    segment: bool = setting(True, "split documents into self-contained segments at markdown headers (a segment keeps "
+                                  "its lower-level subsections while it fits max_chars; longer text is packed by "
+                                  "paragraphs); off keeps documents whole")
+    min_chars: int = setting(600, "shortest segment kept, in characters (paper: 600)", ge=0)
+    max_chars: int = setting(3000, "longest segment kept, in characters (paper: 3,000)", ge=1)
+    boilerplate: bool = setting(True, "drop segments whose header is empty, all-caps or navigation-like",
+                                flag="boilerplate-filter")
+    repetition: bool = setting(True, "drop segments with two sentences whose word n-gram Jaccard similarity reaches "
+                                     "repetition_threshold", flag="repetition-filter")
+    repetition_threshold: float = setting(0.8, "Jaccard similarity of two sentences that makes a segment repetitive",
+                                          gt=0, le=1)
+    repetition_ngram: int = setting(3, "word n-gram size of the repetition rule", ge=1)
+    # `--no-dedup` has always meant "no duplicate removal at all": the command line derives dedup_near
+    # from it unless `--near-dedup`/`--no-near-dedup` is given (see client/cli.py).
+    dedup_exact: bool = setting(True, "drop exact duplicates (after case/whitespace normalisation); on the command "
+                                      "line, --no-dedup also turns near-duplicate removal off", flag="dedup")
+    dedup_near: bool = setting(True, "drop near duplicates (MinHash LSH at Jaccard near_threshold over word 5-grams)",
+                               flag="near-dedup")
+    near_threshold: float = setting(0.8, "Jaccard similarity of near duplicates", gt=0, le=1)
+    num_perm: int = setting(64, "MinHash permutations", ge=1)
 
 
 def _pack(text: str, max_chars: int) -> list[str]:

@@ -184,6 +184,20 @@ def _from_env(field: FieldInfo, raw: str) -> Any:
     return raw
 
 
+def env_values(model: type[BaseModel]) -> dict[str, Any]:
+    """The values the environment sets for `model`'s fields, nested settings models included (for
+    settings read from a file, where the environment ranks between the file and the defaults)."""
+    values: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        tp, _ = _unwrap(field.annotation)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if nested := env_values(tp):
+                values[name] = nested
+        elif env_of(field) and os.environ.get(env_of(field)):
+            values[name] = _from_env(field, os.environ[env_of(field)])
+    return values
+
+
 def from_args(model: type[M], args: argparse.Namespace | Mapping[str, Any], *, exclude: Iterable[str] = (),
               defaults: Mapping[str, Any] | None = None, **values: Any) -> M:
     """An instance of `model` from the parsed flags (see `values_from`); keyword `values` win."""
@@ -194,3 +208,19 @@ def parser_flags(parser: argparse.ArgumentParser) -> set[str]:
     """Every long option a parser takes (its `--no-x` twins included), for tests that hold the CLI
     against the settings."""
     return {s for action in parser._actions for s in action.option_strings if s.startswith("--") and s != "--help"}
+
+
+def settings_table(models: Iterable[type[BaseModel]]) -> str:
+    """A Markdown table of every setting of `models`: where it is declared, its flag, environment
+    variable, default and description (what `humpback settings --markdown` prints for the docs)."""
+    rows = ["| setting | flag | environment | default | description |", "|---|---|---|---|---|"]
+    for model in models:
+        for name, field in model.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            flag = flag_of(name, field) if _extra(field).get("cli", True) else ""
+            cells = (f"`{model.__module__}.{model.__name__}.{name}`", f"`{flag}`" if flag else "",
+                     f"`{env_of(field)}`" if env_of(field) else "",
+                     "" if default is PydanticUndefined else f"`{default!s}`" if default not in ("", None) else str(default),
+                     (field.description or "").replace("|", "\\|").replace("\n", " "))
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"

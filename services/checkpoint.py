@@ -83,7 +83,7 @@ def validate_checkpoint(folder: Path, reference: Path) -> None:
         if cfg.get(field) != ref_cfg.get(field):
             raise CheckpointError(folder, f"config {field}={cfg.get(field)!r}, the served model has {ref_cfg.get(field)!r}")
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise CheckpointError(folder, "no tokenizer (tokenizer.json or tokenizer.model)")
+        raise CheckpointError(folder, f"no tokenizer ({', '.join(_TOKENIZER_FILES)})")
     shapes, ref_shapes = weight_shapes(folder), weight_shapes(Path(reference))
     missing = sorted(set(ref_shapes) - set(shapes))
     if missing:

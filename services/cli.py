@@ -1,4 +1,6 @@
-"""`humpback serve ...` and `humpback models ...`: the model services from the command line."""
+"""`humpback serve ...` and `humpback models ...`: the model services from the command line.
+
+The `serve` flags are generated from the settings in `services.config` (one declaration each)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ import argparse
 import json
 from pathlib import Path
 
-from services.config import API_KEY_ENV, DEFAULT_MODEL_DIR, DEFAULT_PORTS, ROLES
-from services.registry import default_state_dir
+from humpback.contracts import DEFAULT_MODEL_DIR, ROLES
+from humpback.settings import add_arguments, from_args, values_from
+from services.config import PER_ROLE, ServeConfig, ServerSpec, ServeSettings, SwapSettings, default_servers
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,21 +18,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve_sub = serve.add_subparsers(dest="serve_command", required=True)
 
     up = serve_sub.add_parser("up", help="start both servers under a supervisor and wait until healthy")
-    _state_arg(up)
-    for role in ROLES:
-        up.add_argument(f"--{role}-model", default=str(DEFAULT_MODEL_DIR), help=f"model folder for {role}")
-        up.add_argument(f"--{role}-port", type=int, default=DEFAULT_PORTS[role])
-    up.add_argument("--host", default="127.0.0.1", help="bind address (admin routes stay host-only)")
-    up.add_argument("--api-key", default=None, help=f"enforce on /v1 routes (default ${API_KEY_ENV})")
-    up.add_argument("--kv-cache-bytes", default="1G", help="CPU KV cache per server")
-    up.add_argument("--admin-allow", action="append", default=[], help="CIDR allowed to reach admin routes")
-    up.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
-    up.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for /health")
+    add_arguments(up, ServeConfig)
+    add_arguments(up, ServeSettings)
+    add_arguments(up.add_argument_group("settings of both servers"), ServerSpec, exclude=PER_ROLE)
     up.set_defaults(func=_up)
 
     status = serve_sub.add_parser("status", help="role, URL, model, version, pid and health of each server")
     _state_arg(status)
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print the rows as JSON")
     status.set_defaults(func=_status)
 
     down = serve_sub.add_parser("down", help="stop the servers and their supervisor")
@@ -40,9 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _state_arg(swap)
     swap.add_argument("role", choices=ROLES)
     swap.add_argument("checkpoint", type=Path)
-    swap.add_argument("--version", required=True)
-    swap.add_argument("--alias", default=None, help="model name that requests the new weights")
-    swap.add_argument("--method", choices=("reload", "lora"), default="reload")
+    add_arguments(swap, SwapSettings, required=("version",))
     swap.set_defaults(func=_swap)
 
     models = sub.add_parser("models", help="prepare models shipped by installed packages")
@@ -54,32 +48,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _state_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", type=Path, default=default_state_dir(), help="supervisor state, logs, registry")
+    add_arguments(p, ServeConfig, exclude=("admin_allow",))
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return from_args(ServeConfig, args, servers=[]).state_dir
+
+
+def up_config(args: argparse.Namespace) -> tuple[ServeConfig, ServeSettings]:
+    """What `serve up` starts, from its flags: one server per role, each with the role's model and
+    port and the settings both servers share."""
+    settings = from_args(ServeSettings, args)
+    servers = default_servers(settings, **values_from(ServerSpec, args, exclude=PER_ROLE))
+    return from_args(ServeConfig, args, servers=servers), settings
 
 
 def _up(args: argparse.Namespace) -> int:
-    from services.config import ServeConfig, default_servers
     from services.supervisor import up
 
-    servers = default_servers(
-        models={r: str(_absolute(getattr(args, f"{r}_model"))) for r in ROLES},
-        ports={r: getattr(args, f"{r}_port") for r in ROLES},
-        host=args.host,
-        api_key=args.api_key,
-    )
-    for spec in servers:
-        spec.kv_cache_bytes = args.kv_cache_bytes
-        spec.extra_args = list(args.vllm_arg)
-    cfg = ServeConfig(state_dir=args.state_dir.absolute(), servers=servers, admin_allow=args.admin_allow)
-    up(cfg, timeout=args.timeout)
-    for spec in servers:
+    cfg, settings = up_config(args)
+    up(cfg, timeout=settings.timeout)
+    for spec in cfg.servers:
         print(f"{spec.role}: {spec.url} (model {spec.role}, log {cfg.log_path(spec.role)})")
     return 0
-
-
-def _absolute(model: str) -> str | Path:
-    path = Path(model)
-    return path.absolute() if path.exists() else model
 
 
 def status_rows(state_dir: Path) -> list[dict]:
@@ -114,7 +105,7 @@ def _status(args: argparse.Namespace) -> int:
     from services.supervisor import ServeError
 
     try:
-        rows = status_rows(args.state_dir.absolute())
+        rows = status_rows(_state_dir(args))
     except ServeError as exc:
         print(exc)
         return 1
@@ -131,7 +122,7 @@ def _status(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     from services.supervisor import down
 
-    down(args.state_dir.absolute())
+    down(_state_dir(args))
     print("servers stopped")
     return 0
 
@@ -140,11 +131,12 @@ def _swap(args: argparse.Namespace) -> int:
     from services.hotswap import swap_checkpoint
     from services.supervisor import load_config
 
-    cfg = load_config(args.state_dir.absolute())
+    cfg = load_config(_state_dir(args))
     spec = next(s for s in cfg.servers if s.role == args.role)
+    how = from_args(SwapSettings, args)
     result = swap_checkpoint(
-        spec.url, args.checkpoint, role=args.role, version=args.version, alias=args.alias,
-        api_key=spec.api_key, registry=cfg.registry, method=args.method,
+        spec.url, args.checkpoint, role=args.role, version=how.version, alias=how.alias,
+        api_key=spec.api_key, registry=cfg.registry, method=how.method,
     )
     print(result.model_dump_json(indent=2))
     return 0

@@ -1,18 +1,39 @@
-"""Typed settings of the model servers. The `serve` CLI mirrors these fields one for one."""
+"""Typed settings of the model servers, each declared once; the flags of `humpback serve ...` and of
+`python -m services.launch` are generated from these fields (`humpback.settings`).
+
+- `ServerSpec`: one vLLM server. `python -m services.launch` takes every field as a flag (compose
+  runs it so); `serve up` takes the fields both servers share, and sets role, model and port per role
+  from `ServeSettings`.
+- `ServeConfig`: where `serve up` keeps its state, and the servers it started (saved as
+  `STATE_DIR/serve.json`).
+- `ServeSettings`: `serve up`'s own options. `SwapSettings`: `serve swap`'s.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, field_validator
 
-from humpback.contracts import API_KEY_ENV, DEFAULT_MODEL_DIR, DEFAULT_PORTS, ROLES
-from services.registry import default_state_dir
+from humpback.contracts import (
+    API_KEY_ENV, DEFAULT_MODEL_DIR, DEFAULT_PORTS, LOOPBACK, ROLES, SERVE_STATE_DIR, STATE_DIR_ENV,
+)
+from humpback.settings import setting
 
 Device = Literal["cpu", "cuda"]
+SwapMethod = Literal["reload", "lora"]
+
+# ServerSpec fields that `serve up` sets per role (from ServeSettings) rather than for both servers.
+PER_ROLE = ("role", "model", "port")
+
+# One setting, taken by `serve up` and by the launcher of each server.
+ADMIN_ALLOW = setting(
+    default_factory=list, metavar="CIDR",
+    help="a network besides loopback from which the servers' admin routes answer (repeatable)",
+)
 
 
 def detect_device() -> Device:
@@ -25,45 +46,45 @@ def detect_device() -> Device:
 
 
 class ServerSpec(BaseModel):
-    """One vLLM server: a role, the model it serves, and how.
+    """One vLLM server: a role, the model it serves, and how."""
 
-    role: `backward` (writes instructions for segments) or `scorer` (rates pairs); also the served
-        model name clients request.
-    model: HF folder or hub id (hub ids need the weights in the local cache: nothing is downloaded).
-    host: bind address. Loopback by default; admin routes stay loopback-only whatever the host
-        (see `services.guard`).
-    port: 8001 for backward, 8002 for scorer by default.
-    api_key: enforced on the OpenAI `/v1` routes when set (default: `$HUMPBACK_API_KEY`).
-    max_model_len: context length; the rubric prompt plus a 3,000-character segment fits in 2,048.
-    kv_cache_bytes: CPU only. vLLM's default sizes the cache from one NUMA node's memory and fails
-        here; 1G holds ~46k tokens of SmolLM2 and keeps each server near 3.7 GB RSS, so two servers
-        and a LoRA training job fit in 24 GiB.
-    gpu_memory_utilization: GPU only; two servers sharing one GPU need <= 0.45 each.
-    enable_lora: runtime LoRA adapters (GPU hot-swap). Off on CPU: it disables torch.compile there
-        and serves ~3x slower; CPU hot-swap merges and reloads full weights instead.
-    extra_args: passed to vLLM verbatim.
-    env: extra environment for the server process (e.g. `CUDA_VISIBLE_DEVICES`,
-        `VLLM_CPU_OMP_THREADS_BIND`).
-    """
-
-    role: str
-    model: str = str(DEFAULT_MODEL_DIR)
-    host: str = "127.0.0.1"
-    port: int
-    api_key: str | None = None
-    device: Device = Field(default_factory=detect_device)
-    dtype: str = "bfloat16"
-    max_model_len: int = 2048
-    kv_cache_bytes: str = "1G"
-    gpu_memory_utilization: float = 0.45
-    enable_lora: bool | None = None
-    max_lora_rank: int = 64
-    extra_args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    role: str = setting(help="`backward` (writes instructions for segments) or `scorer` (rates pairs); "
+                             "also the model name clients request")
+    model: str = setting(str(DEFAULT_MODEL_DIR), "model folder, or a hub id whose weights are in the local "
+                                                 "cache (nothing is downloaded)")
+    host: str = setting(LOOPBACK, "bind address; admin routes stay loopback-only whatever the host "
+                                  "(see services.guard)")
+    port: int = setting(help="port the server listens on")
+    api_key: str | None = setting(None, "bearer token enforced on the OpenAI /v1 routes", env=API_KEY_ENV)
+    device: Device = setting(default_factory=detect_device,
+                             help="`cpu` where the CPU build of vLLM is installed, else `cuda`")
+    dtype: str = setting("bfloat16", "dtype of the weights and activations")
+    max_model_len: int = setting(2048, "context length; the rubric prompt plus a 3,000-character segment "
+                                       "fits in 2,048")
+    kv_cache_bytes: str = setting("1G", "CPU KV cache per server. vLLM's default sizes it from one NUMA "
+                                        "node's memory and fails here; 1G holds ~46k tokens of SmolLM2 and "
+                                        "keeps a server near 3.7 GB RSS, so two servers and a LoRA training "
+                                        "job fit in 24 GiB")
+    gpu_memory_utilization: float = setting(0.45, "GPU only: the fraction of the GPU's memory the server "
+                                                  "takes; two servers sharing one GPU need <= 0.45 each",
+                                            gt=0, le=1)
+    enable_lora: bool | None = setting(None, "runtime LoRA adapters (`serve swap --method lora`); default: on "
+                                             "GPU only. On CPU they disable torch.compile and serve ~3x "
+                                             "slower; CPU hot-swap reloads merged full weights instead")
+    max_lora_rank: int = setting(64, "with LoRA: the largest adapter rank accepted (vLLM takes 8, 16, 32, "
+                                     "64, 128, 256, ...)")
+    max_loras: int = setting(2, "with LoRA: adapters one batch may mix; 2 lets the old and the new "
+                                "version serve during a swap", ge=1)
+    extra_args: list[str] = setting(default_factory=list, flag="vllm-arg", metavar="ARG",
+                                    help="an argument passed to vLLM verbatim (repeatable; "
+                                         "`--vllm-arg=--enforce-eager`)")
+    env: dict[str, str] = setting(default_factory=dict, cli=False,
+                                  help="extra environment of the server process (e.g. CUDA_VISIBLE_DEVICES, "
+                                       "VLLM_CPU_OMP_THREADS_BIND)")
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        host = LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
 
     @property
@@ -72,16 +93,19 @@ class ServerSpec(BaseModel):
 
 
 class ServeConfig(BaseModel):
-    """The set of servers `humpback serve up` runs, and where it keeps their state.
+    """The servers `humpback serve up` runs, and where it keeps their state."""
 
-    state_dir: supervisor config, socket, pid and logs, server specs, and the registry of served
-        versions (`registry.json`). Default `.humpback/serve` (or `$HUMPBACK_STATE_DIR`).
-    admin_allow: CIDRs besides loopback from which admin routes are reachable.
-    """
+    state_dir: Path = setting(SERVE_STATE_DIR, "supervisor config, socket, pid and logs, server specs, and "
+                                               "the registry of served versions (registry.json)",
+                              env=STATE_DIR_ENV, validate_default=True)
+    servers: list[ServerSpec] = setting(help="the servers, one per role", cli=False)
+    admin_allow: list[str] = ADMIN_ALLOW
 
-    state_dir: Path = Field(default_factory=default_state_dir)
-    servers: list[ServerSpec]
-    admin_allow: list[str] = Field(default_factory=list)
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # The supervisor runs from another working directory than the command that started it.
+        return value.absolute()
 
     @property
     def registry(self) -> Path:
@@ -94,6 +118,40 @@ class ServeConfig(BaseModel):
         return self.state_dir / "logs" / f"{role}.log"
 
 
+class ServeSettings(BaseModel):
+    """What `humpback serve up` sets per role, and how long it waits."""
+
+    backward_model: str = setting(str(DEFAULT_MODEL_DIR), "model folder (or cached hub id) of the backward server",
+                                  validate_default=True)
+    scorer_model: str = setting(str(DEFAULT_MODEL_DIR), "model folder (or cached hub id) of the scorer server",
+                                validate_default=True)
+    backward_port: int = setting(DEFAULT_PORTS["backward"], "port of the backward server")
+    scorer_port: int = setting(DEFAULT_PORTS["scorer"], "port of the scorer server")
+    timeout: float = setting(900.0, "seconds to wait until both servers answer /health", gt=0)
+
+    @field_validator("backward_model", "scorer_model")
+    @classmethod
+    def _absolute(cls, model: str) -> str:
+        # The supervisor runs from another working directory; a hub id is left as it is.
+        return str(Path(model).absolute()) if Path(model).exists() else model
+
+    def model(self, role: str) -> str:
+        return getattr(self, f"{role}_model")
+
+    def port(self, role: str) -> int:
+        return getattr(self, f"{role}_port")
+
+
+class SwapSettings(BaseModel):
+    """How `humpback serve swap ROLE CHECKPOINT` puts a checkpoint into a running server (services.hotswap)."""
+
+    version: str = setting(help="version recorded in the registry and shown by `serve status`")
+    alias: str | None = setting(None, "model name that requests the new weights (default: the role, or "
+                                      "ROLE-VERSION for an adapter)")
+    method: SwapMethod = setting("reload", "`reload`: merged full weights reloaded in place; `lora`: a "
+                                           "runtime adapter beside the base (GPU servers)")
+
+
 def cpu_binds(n_servers: int, n_cpus: int | None = None) -> list[str]:
     """Disjoint core ranges, one per server. vLLM's automatic binding puts every server on core 0
     (it reserves the rest for its frontend), so two servers would share one core and leave one idle."""
@@ -103,20 +161,11 @@ def cpu_binds(n_servers: int, n_cpus: int | None = None) -> list[str]:
             for i in range(n_servers)]
 
 
-def default_servers(models: dict[str, str] | None = None, ports: dict[str, int] | None = None,
-                    host: str = "127.0.0.1", api_key: str | None = None) -> list[ServerSpec]:
-    models, ports = models or {}, ports or {}
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-    specs = [
-        ServerSpec(
-            role=role,
-            model=models.get(role, str(DEFAULT_MODEL_DIR)),
-            port=ports.get(role, DEFAULT_PORTS[role]),
-            host=host,
-            api_key=key,
-        )
-        for role in ROLES
-    ]
+def default_servers(settings: ServeSettings | None = None, **shared: Any) -> list[ServerSpec]:
+    """One server per role, with the role's model and port from `settings` and the ServerSpec values
+    in `shared` (host, api_key, ...) for both; on CPU each gets its own cores."""
+    settings = settings or ServeSettings()
+    specs = [ServerSpec(role=role, model=settings.model(role), port=settings.port(role), **shared) for role in ROLES]
     for spec, bind in zip(specs, cpu_binds(len(specs))):
         if spec.device == "cpu":
             spec.env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)

@@ -6,11 +6,14 @@ reach its port. The guard closes that: only the public inference routes below an
 everything else answers only loopback clients and the networks named in `HUMPBACK_ADMIN_ALLOW`
 (comma-separated CIDRs, e.g. compose's internal subnet).
 
-It also maps model aliases recorded in the registry (`HUMPBACK_REGISTRY`), so a fine-tuned model's
-name is requestable right after its weights were swapped into the role's server, and, on CPU servers
-(`HUMPBACK_REJECT_SEED=1`), refuses per-request `seed`s: vLLM 0.32's CPU engine dies on one when the
-prompt is prefilled in chunks (a torch CPU generator has no offset to rewind), taking every other
-request with it.
+It also maps the model aliases recorded in the registry (`HUMPBACK_REGISTRY`, read through
+`services.registry`), so a fine-tuned model's name is requestable right after its weights were
+swapped into the role's server, and, on CPU servers (`HUMPBACK_REJECT_SEED=1`), refuses per-request
+`seed`s: vLLM 0.32's CPU engine dies on one when the prompt is prefilled in chunks (a torch CPU
+generator has no offset to rewind), taking every other request with it.
+
+It runs inside the vLLM server, so it imports only starlette (vLLM's own), pydantic and humpback's
+light modules (`humpback.contracts`, `services.registry`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV
-
+from services.registry import Registry
 
 PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/tokenize", "/detokenize"})
 # `/v1` is public except the routes that change what the server serves.
@@ -46,7 +49,7 @@ def _allowed_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 
 
 class _AliasTable:
-    """alias -> served model name, re-read when the registry file changes."""
+    """The registry's `aliases()` (alias -> served model name), re-read only when the file changes."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -64,8 +67,7 @@ class _AliasTable:
         # The registry is replaced by rename: a new inode means a new version, whatever the clock.
         stamp = (st.st_ino, st.st_mtime_ns)
         if stamp != self._stamp:
-            roles = json.loads(self.path.read_bytes()).get("roles", {})
-            self.table = {a: role for role, v in roles.items() for a in v.get("aliases", [])}
+            self.table = Registry.load(self.path).aliases()
             self._stamp = stamp
         return self.table
 

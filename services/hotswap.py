@@ -22,7 +22,7 @@ from humpback.contracts import CheckpointError, SwapError
 from services.checkpoint import validate_adapter, validate_checkpoint
 from services.registry import Registry, default_registry, record_swap
 
-__all__ = ["CheckpointError", "SwapError", "SwapResult", "swap_checkpoint", "served_root"]
+__all__ = ["CheckpointError", "SwapError", "SwapResult", "swap_checkpoint", "served_root", "served_version"]
 
 SwapMethod = Literal["reload", "lora"]
 
@@ -54,6 +54,12 @@ def served_root(http: httpx.Client, role: str) -> Path:
         if model["id"] == role and model.get("parent") is None:
             return Path(model["root"])
     raise SwapError(f"{http.base_url} serves no model named {role!r}")
+
+
+def served_version(role: str, registry: Path | None = None) -> str | None:
+    """The version the registry says `role` serves now (None: no swap or start recorded it)."""
+    served = Registry.load(registry or default_registry()).roles.get(role)
+    return served.version if served else None
 
 
 def _reload(http: httpx.Client, weights: Path) -> None:

@@ -1,22 +1,30 @@
-"""Start one vLLM OpenAI server for a role: the program that the supervisor runs and restarts.
+"""Start one vLLM OpenAI server for a role: the program that the supervisor runs and restarts, and the
+entrypoint of compose's server containers.
 
-`python -m services.launch SPEC.json REGISTRY.json` builds vLLM's command line from the spec and
-execs it, so the supervisor's pid is vLLM's own. On a restart after a crash it brings back the
-checkpoint the registry says the role was serving (full-weight swaps), so a crash never silently
-rolls a role back to its base weights.
+    python -m services.launch --spec-file SPEC.json --registry REGISTRY.json [--admin-allow CIDR ...]
+    python -m services.launch --role backward --port 8000 --device cuda ... --registry REGISTRY.json
+
+It builds vLLM's command line from the server's spec (`ServerSpec`: a file `serve up` wrote, else
+the flags generated from its fields) and execs it, so the supervisor's pid is vLLM's own. On a
+restart after a crash it brings back the checkpoint the registry says the role was serving
+(full-weight swaps), so a crash never silently rolls a role back to its base weights.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
 from pathlib import Path
 
-from services.checkpoint import CheckpointError, validate_checkpoint
-from services.config import ServerSpec
+from pydantic import BaseModel, ValidationError
+
 from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV
-from services.registry import Registry, reset_role
+from humpback.settings import add_arguments, from_args, setting
+from services.checkpoint import CheckpointError, validate_checkpoint
+from services.config import ADMIN_ALLOW, ServerSpec
+from services.registry import Registry, default_registry, reset_role
 
 # vLLM's `vllm` console script looks up the distribution `vllm`, which the CPU build is not named.
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -53,7 +61,7 @@ def vllm_argv(spec: ServerSpec, model: str) -> list[str]:
     else:
         argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     if spec.lora:
-        argv += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank), "--max-loras", "2"]
+        argv += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank), "--max-loras", str(spec.max_loras)]
     # Base-model fine-tunes ship no chat template; chat requests would be refused without one.
     if not has_chat_template(model):
         argv += ["--chat-template", str(FALLBACK_CHAT_TEMPLATE)]
@@ -109,18 +117,45 @@ def reap_previous(pgid_file: Path) -> None:
     pgid_file.write_text(str(os.getpgrp()))
 
 
+class LaunchSettings(BaseModel):
+    """Where the launcher finds the server's spec, and what the server's guard reads."""
+
+    spec_file: Path | None = setting(None, "a ServerSpec as JSON (`serve up` writes one per role); without "
+                                           "it the spec comes from the server flags")
+    registry: Path = setting(default_factory=default_registry,
+                             help="registry of served versions: restored from after a restart, read by the guard")
+    admin_allow: list[str] = ADMIN_ALLOW
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m services.launch", description="Start one vLLM server for a role.")
+    add_arguments(p, LaunchSettings)
+    add_arguments(p.add_argument_group("server (without --spec-file)"), ServerSpec)
+    return p
+
+
+def resolve(argv: list[str] | None = None) -> tuple[LaunchSettings, ServerSpec]:
+    """The launcher's settings and the server's spec, from the command line (flag > env > default)."""
+    p = parser()
+    args = p.parse_args(argv)
+    launch = from_args(LaunchSettings, args)
+    if launch.spec_file is not None:
+        return launch, ServerSpec.model_validate_json(launch.spec_file.read_bytes())
+    try:
+        return launch, from_args(ServerSpec, args)
+    except ValidationError as exc:
+        p.error(f"the server flags (or --spec-file) do not make a server: {exc}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 3:
-        raise SystemExit("usage: python -m services.launch SPEC.json REGISTRY.json ADMIN_ALLOW")
-    reap_previous(Path(args[0]).with_suffix(".pgid"))
-    spec = ServerSpec.model_validate_json(Path(args[0]).read_bytes())
-    registry = Path(args[1])
-    admin_allow = [a for a in args[2].split(",") if a]
-    model = model_to_serve(spec, registry)
+    launch, spec = resolve(argv)
+    if launch.spec_file is not None:
+        # Only the supervisor restarts a server in place; a container starts in a fresh process tree.
+        reap_previous(launch.spec_file.with_suffix(".pgid"))
+    model = model_to_serve(spec, launch.registry)
     cmd = vllm_argv(spec, model)
     print("humpback: exec", " ".join(cmd), file=sys.stderr, flush=True)
-    os.execve(cmd[0], cmd, vllm_env(spec, registry, admin_allow))
+    os.execve(cmd[0], cmd, vllm_env(spec, launch.registry, launch.admin_allow))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ class PackagedModel:
     name: str
     package: str
     gguf_file: str
-    # Base models' GGUF tokenizers may not add BOS; recorded so loaders can fix it.
-    add_bos: bool | None = None
 
 
 KNOWN_MODELS: dict[str, PackagedModel] = {
@@ -38,7 +36,6 @@ KNOWN_MODELS: dict[str, PackagedModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def _package_dir(package: str) -> Path:

@@ -1,8 +1,8 @@
 """The served-versions registry: which checkpoint each role serves, and the model aliases it answers to.
 
-One small JSON file, written atomically (temp file + rename) by the hot-swap and read by `serve status`
-and by the guard middleware inside each vLLM server, which maps an alias such as a fine-tuned model's
-name to the role's served model. Shared by the host-local stack (the serve state dir) and compose
+One small JSON file, written atomically (temp file + rename) by the hot-swap and when a server starts
+on its base weights, and read by `serve status` and by the guard middleware inside each vLLM server,
+which maps an alias such as a fine-tuned model's name to the role's served model. Shared by the host-local stack (the serve state dir) and compose
 (a `state` volume), so it is found through `HUMPBACK_REGISTRY` when set.
 """
 
@@ -16,7 +16,6 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from humpback.contracts import REGISTRY_ENV, SERVE_STATE_DIR, STATE_DIR_ENV
-
 
 
 def default_state_dir() -> Path:
@@ -46,7 +45,7 @@ class Registry(BaseModel):
     roles: dict[str, ServedVersion] = Field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: Path) -> "Registry":
+    def load(cls, path: Path) -> Registry:
         try:
             return cls.model_validate_json(path.read_bytes())
         except FileNotFoundError:
@@ -61,8 +60,9 @@ class Registry(BaseModel):
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def alias_map(self) -> dict[str, str]:
-        """alias -> role, for every role."""
+    def aliases(self) -> dict[str, str]:
+        """alias -> the served model name it stands for (the role: each server serves its weights
+        under the role's name), for every role."""
         return {a: role for role, v in self.roles.items() for a in v.aliases}
 
 
@@ -71,9 +71,9 @@ def record_swap(path: Path, role: str, version: str, checkpoint: str, method: st
     stop resolving; adapters accumulate beside the base."""
     reg = Registry.load(path)
     prev = reg.roles.get(role, ServedVersion(role=role))
-    aliases, adapters = [], list(prev.adapters)
-    if method == "reload" and served_model != role:
-        aliases = [served_model]
+    aliases, adapters = list(prev.aliases), list(prev.adapters)
+    if method == "reload":
+        aliases = [served_model] if served_model != role else []
     elif method == "lora" and served_model not in adapters:
         adapters.append(served_model)
     entry = ServedVersion(

@@ -1,8 +1,8 @@
 """Run the model servers under supervisord, which restarts a server that dies.
 
 `up` writes the supervisor config into the state dir and starts supervisord (it daemonizes);
-`status` asks it over its unix-socket XML-RPC; `down` shuts it down, which stops every server with
-its whole process group (vLLM's engine core is a child process).
+`process_info` (for `serve status`) asks it over its unix-socket XML-RPC; `down` shuts it down, which
+stops every server with its whole process group (vLLM's engine core is a child process).
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ def _conf(cfg: ServeConfig) -> str:
         "[rpcinterface:supervisor]", "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
         "[supervisorctl]", f"serverurl=unix://{state}/supervisor.sock",
     ]
-    allow = ",".join(cfg.admin_allow) or ","
+    allow = "".join(f" --admin-allow {a}" for a in cfg.admin_allow)
     for spec in cfg.servers:
+        launch = f"-m services.launch --spec-file {cfg.spec_path(spec.role)} --registry {cfg.registry}{allow}"
         lines += [
             f"[program:{spec.role}]",
-            f"command={sys.executable} -m services.launch {cfg.spec_path(spec.role)} {cfg.registry} {allow}",
+            f"command={sys.executable} {launch}",
             "autostart=true", "autorestart=true", "startsecs=10", "startretries=5",
             # vLLM spawns its engine core: stop and kill the whole group, or it outlives the server.
             "stopasgroup=true", "killasgroup=true", "stopsignal=INT", "stopwaitsecs=30",

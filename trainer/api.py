@@ -1,14 +1,20 @@
-"""Thin FastAPI routes speaking OpenAI's files and fine-tuning API, plus `/metrics` and `/health`.
+"""Thin FastAPI routes speaking OpenAI's files and fine-tuning API, plus `/metrics` and `/health`,
+and one humpback extension: `POST /v1/fine_tuning/jobs/{job_id}/deploy`.
 
-Routes validate, call `TrainerService` / `Worker` found on `app.state`, and map every error to
-OpenAI's `{"error": {"message", "type", "param", "code"}}` with the matching status code.
+Routes validate, call `TrainerService` / `Worker` / `Deployer` found on `app.state`, and map every
+error to OpenAI's `{"error": {"message", "type", "param", "code"}}` with the matching status code.
+
+`python -m trainer.api SETTINGS.json` serves with the `ServiceSettings` in that file (how the loop
+starts the service); `humpback trainer serve` takes the same settings as flags.
 """
 
 from __future__ import annotations
 
 import hmac
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
@@ -16,10 +22,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from trainer.config import ServiceSettings
-from trainer.metrics import TrainerMetrics
 from humpback.contracts import (
     CreateJobRequest,
+    Deployment,
+    DeployRequest,
     ErrorBody,
     ErrorResponse,
     FileDeleted,
@@ -27,6 +33,9 @@ from humpback.contracts import (
     FineTuningJob,
     ListPage,
 )
+from trainer.config import ServiceSettings
+from trainer.deploy import Deployer
+from trainer.metrics import TrainerMetrics
 from trainer.serving import ApiError, TrainerService
 from trainer.store import Store
 from trainer.worker import Worker
@@ -118,6 +127,11 @@ def cancel_job(request: Request, job_id: str) -> FineTuningJob:
     return _service(request).cancel(job_id, request.app.state.worker.cancel)
 
 
+@router.post("/fine_tuning/jobs/{job_id}/deploy", response_model=Deployment)
+def deploy_job(request: Request, job_id: str, body: DeployRequest) -> Deployment:
+    return _service(request).deploy(job_id, body.role, request.app.state.deployer)
+
+
 @router.get("/fine_tuning/jobs/{job_id}/events")
 def list_events(request: Request, job_id: str, after: str | None = None, limit: int = 20) -> dict[str, Any]:
     _service(request).get_job(job_id)
@@ -143,7 +157,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     store = Store(settings.data_dir.absolute() / "trainer.sqlite3")
     service = TrainerService(settings, store)
     metrics = TrainerMetrics(store)
-    worker = Worker(service, metrics)
+    deployer = Deployer(settings, store, metrics)
+    worker = Worker(service, metrics, deployer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -158,6 +173,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.settings = settings
     app.state.service = service
     app.state.worker = worker
+    app.state.deployer = deployer
     app.state.metrics = metrics
     app.include_router(router)
 
@@ -176,7 +192,20 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path"))
+        # The first item says where the value was (body, query, path...): the rest names the field.
+        where = ".".join(str(p) for p in err["loc"][1:])
         return _error(400, f"{where}: {err['msg']}" if where else err["msg"], "invalid_request_error", where or None)
 
     return app
+
+
+def serve(settings: ServiceSettings) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m trainer.api SETTINGS.json")
+    serve(ServiceSettings.model_validate_json(Path(sys.argv[1]).read_bytes()))

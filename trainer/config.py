@@ -1,6 +1,6 @@
 """Typed settings of the trainer service and the training presets, each field documented once.
 
-`ServiceSettings` is what `humpback trainer serve` takes (the CLI mirrors it field by field);
+`ServiceSettings` is what `humpback trainer serve` takes (its flags are generated from the fields);
 `Preset` is a named set of training hyperparameters a job picks with `metadata.preset`.
 """
 
@@ -10,9 +10,10 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
-from humpback.contracts import DEFAULT_MODEL_DIR, DEFAULT_URLS, TRAINER_DATA_DIR, TRAINER_PORT
+from humpback.contracts import API_KEY_ENV, DEFAULT_MODEL_DIR, DEFAULT_URLS, LOOPBACK, TRAINER_DATA_DIR, TRAINER_PORT
+from humpback.settings import setting
 
 Role = Literal["backward", "scorer"]
 FinetuneMethod = Literal["lora", "full"]
@@ -46,41 +47,29 @@ def paper_steps(n_examples: int) -> int:
 
 
 class Preset(BaseModel):
-    """Training hyperparameters a job starts from; the job's `hyperparameters` override some of them.
-
-    Attributes:
-        learning_rate: peak learning rate (`learning_rate_multiplier` scales it).
-        final_lr_ratio: the learning rate decays linearly from `learning_rate` to this fraction of it
-            over the run (paper: 1e-5 -> 9e-6, i.e. 0.9).
-        weight_decay: AdamW weight decay (paper: 0.1).
-        dropout: LoRA dropout; the paper's 0.1 dropout applies to full fine-tuning through the model's
-            attention dropout.
-        batch_size: examples per optimizer step; None applies the paper's rule (8 under 3,000
-            examples, else 32).
-        micro_batch_size: examples per forward pass; the rest is gradient accumulation.
-        max_steps: optimizer steps; None follows the paper's Table 18 for the data size, unless the
-            job asks for `n_epochs`.
-        max_length: tokens per example (longer ones are truncated).
-        method: "lora" (adapters on all linear layers, bf16, merged into full weights for export) or
-            "full" (all weights, fp32).
-        lora_r / lora_alpha: LoRA rank and scale.
-        save_steps: a resumable checkpoint every this many steps (a killed job loses at most these).
-    """
+    """Training hyperparameters a job starts from; the job's `hyperparameters` override some of them."""
 
     model_config = ConfigDict(extra="forbid")
 
-    learning_rate: float
-    final_lr_ratio: float = 0.9
-    weight_decay: float = 0.1
-    dropout: float = 0.1
-    batch_size: int | None = None
-    micro_batch_size: int = 8
-    max_steps: int | None = None
-    max_length: int = 2048
-    method: FinetuneMethod = "lora"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    save_steps: int = 50
+    learning_rate: float = setting(help="peak learning rate (`learning_rate_multiplier` scales it)")
+    final_lr_ratio: float = setting(
+        0.9, "the learning rate decays linearly from `learning_rate` to this fraction of it over the run "
+        "(paper: 1e-5 -> 9e-6, i.e. 0.9)")
+    weight_decay: float = setting(0.1, "AdamW weight decay (paper: 0.1)")
+    dropout: float = setting(
+        0.1, "LoRA dropout; the paper's 0.1 dropout applies to full fine-tuning through the model's attention dropout")
+    batch_size: int | None = setting(
+        None, "examples per optimizer step; None applies the paper's rule (8 under 3,000 examples, else 32)")
+    micro_batch_size: int = setting(8, "examples per forward pass; the rest is gradient accumulation")
+    max_steps: int | None = setting(
+        None, "optimizer steps; None follows the paper's Table 18 for the data size, unless the job asks for n_epochs")
+    max_length: int = setting(2048, "tokens per example (longer ones are truncated)")
+    method: FinetuneMethod = setting(
+        "lora", '"lora" (adapters on all linear layers, bf16, merged into full weights for export) or '
+        '"full" (all weights, fp32)')
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA scale")
+    save_steps: int = setting(50, "a resumable checkpoint every this many steps (a killed job loses at most these)")
 
     def resolve_batch(self, n_examples: int, override: int | None) -> int:
         return override or self.batch_size or paper_batch_size(n_examples)
@@ -107,53 +96,41 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def parse_model_registration(text: str) -> tuple[str, Path]:
-    """`NAME=PATH` from `--model` into a (name, folder) pair."""
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise ValueError(f"--model expects NAME=PATH, got {text!r}")
-    return name, Path(path)
+# The presets' names, for `--default-preset`'s choices: the keys above are their one declaration.
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 
 
 class ServiceSettings(BaseModel):
-    """Settings of `humpback trainer serve`.
-
-    Attributes:
-        host / port: where the API listens.
-        data_dir: the service's own folder: SQLite database, uploaded files (under service-chosen
-            ids), checkpoints (`checkpoints/<job_id>/`). Requests never name a path.
-        api_key: bearer token required on every request when set.
-        backward_url / scorer_url: base URLs (no /v1) of the model servers a job can deploy to.
-        server_api_key: bearer token of those servers, when they require one.
-        registry: alias registry the servers' middleware reads (None: the serve state's default).
-        backward_model / scorer_model: the folders the two roles serve; a job whose `model` is a
-            role name fine-tunes from that folder.
-        models: further base models a job may name (`--model NAME=PATH`).
-        default_preset: the preset of a job that names none in `metadata.preset`.
-        max_attempts: how many times a job may be started: a job interrupted by a service restart
-            is started again (resuming from its last checkpoint) until then, and failed after.
-        swap_timeout: seconds allowed for one hot-swap.
-        accelerate_config: an `accelerate` config file (see `trainer/accelerate/`); when set, each
-            run is started with `accelerate launch` (multi-GPU data parallel), else as one process.
-    """
+    """Settings of `humpback trainer serve`: one flag per field (`--models` is spelled `--model NAME=PATH`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = TRAINER_PORT
-    data_dir: Path = TRAINER_DATA_DIR
-    api_key: str | None = None
-    backward_url: str = DEFAULT_URLS["backward"]
-    scorer_url: str = DEFAULT_URLS["scorer"]
-    server_api_key: str | None = None
-    registry: Path | None = None
-    backward_model: Path = DEFAULT_MODEL_DIR
-    scorer_model: Path = DEFAULT_MODEL_DIR
-    models: dict[str, Path] = Field(default_factory=dict)
-    default_preset: str = "paper-lora"
-    max_attempts: int = 3
-    swap_timeout: float = 300.0
-    accelerate_config: Path | None = None
+    host: str = setting(LOOPBACK, "where the API listens")
+    port: int = setting(TRAINER_PORT, "the API's port")
+    data_dir: Path = setting(
+        TRAINER_DATA_DIR, "the service's own folder: SQLite database, uploaded files (under service-chosen ids), "
+        "checkpoints (checkpoints/<job_id>/); requests never name a path")
+    api_key: str | None = setting(None, "bearer token required on every request when set", env=API_KEY_ENV)
+    backward_url: str = setting(DEFAULT_URLS["backward"],
+                                "base URL (no /v1) of the backward server a job can deploy to")
+    scorer_url: str = setting(DEFAULT_URLS["scorer"], "base URL (no /v1) of the scorer server a job can deploy to")
+    server_api_key: str | None = setting(None, "bearer token of the model servers, when they require one",
+                                         env=API_KEY_ENV)
+    registry: Path | None = setting(None, "alias registry the servers' middleware reads (default: the serve state's)")
+    backward_model: Path = setting(
+        DEFAULT_MODEL_DIR, "the folder the backward role serves; a job whose model is `backward` fine-tunes from it")
+    scorer_model: Path = setting(
+        DEFAULT_MODEL_DIR, "the folder the scorer role serves; a job whose model is `scorer` fine-tunes from it")
+    models: dict[str, Path] = setting(default_factory=dict, help="register a further base model a job may name "
+                                      "(repeatable)", flag="model", metavar="NAME=PATH")
+    default_preset: PresetName = setting("paper-lora", "the preset of a job that names none in metadata.preset")
+    max_attempts: int = setting(
+        3, "how many times a job may be started: a job interrupted by a service restart is started again "
+        "(resuming from its last checkpoint) until then, and failed after")
+    swap_timeout: float = setting(300.0, "seconds allowed for one hot-swap")
+    accelerate_config: Path | None = setting(
+        None, "an `accelerate` config file (see trainer/accelerate/); when set, each run is started with "
+        "`accelerate launch` (multi-GPU data parallel), else as one process")
 
     def role_url(self, role: Role) -> str:
         return self.backward_url if role == "backward" else self.scorer_url

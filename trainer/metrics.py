@@ -1,7 +1,7 @@
 """Prometheus metrics of the trainer service, one registry per service instance.
 
-Job counts by status are read from the store at scrape time (they survive restarts); step time,
-throughput and swap stall are observed by the worker as they happen.
+Job counts by status are read from the store at scrape time (they survive restarts); step time and
+throughput are observed by the worker, swaps and their stall by the deployer, as they happen.
 """
 
 from __future__ import annotations

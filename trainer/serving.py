@@ -1,4 +1,4 @@
-"""The service's logic without HTTP: validating uploads, creating and cancelling jobs.
+"""The service's logic without HTTP: validating uploads, creating, cancelling and deploying jobs.
 
 Routes in `trainer.api` call these methods and map `ApiError` to OpenAI's error shape. Every path
 the service touches is derived from its data dir and ids it generated itself: requests name files
@@ -16,22 +16,25 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from humpback.contracts import ChatExample
-from trainer.config import PRESETS, ServiceSettings
 from humpback.contracts import (
-    ApiError,
     ACTIVE_STATUSES,
+    ApiError,
+    ChatExample,
     CreateJobRequest,
+    Deployment,
     FileObject,
     FineTuningJob,
     Method,
+    Role,
     SupervisedMethod,
+    SwapError,
 )
+from trainer.config import PRESETS, ServiceSettings
+from trainer.deploy import Deployer
 from trainer.store import Store, new_id, now
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
-METADATA_KEYS = {"deploy_to", "preset", "method", "max_steps"}
 MAX_REPORTED_ERRORS = 5
 
 
@@ -189,3 +192,28 @@ class TrainerService:
         worker_cancel(job_id)
         return self.get_job(job_id)
 
+    def deploy(self, job_id: str, role: Role, deployer: Deployer) -> Deployment:
+        """Make `role`'s server serve a succeeded job's model; nothing is swapped when it does already."""
+        job = self.get_job(job_id)
+        if job.status != "succeeded" or job.fine_tuned_model is None:
+            raise ApiError(
+                400, f"Job {job_id} is {job.status}: only a succeeded job's model can be deployed",
+                param="fine_tuning_job_id",
+            )
+        export = self.store.job_row(job_id)["export_dir"]
+        if not export or not (Path(export) / "config.json").is_file():
+            raise ApiError(
+                409, f"The model of job {job_id} is no longer in the trainer's data dir, so it cannot be "
+                "deployed; train it again", param="fine_tuning_job_id", code="model_not_found",
+            )
+        try:
+            result = deployer.ensure(job_id, role, Path(export), job.fine_tuned_model)
+        except SwapError as exc:
+            raise ApiError(
+                502, f"The model of job {job_id} was not deployed to {role}; the server keeps its previous "
+                f"weights: {exc}", type="server_error", code="deploy_failed",
+            ) from exc
+        return Deployment(
+            fine_tuning_job_id=job_id, fine_tuned_model=job.fine_tuned_model, role=role,
+            swapped=result is not None, stall_s=result.stall_s if result else None,
+        )

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from humpback.contracts import (
-    ACTIVE_STATUSES,
     CheckpointMetrics,
     FileObject,
     FineTuningJob,
@@ -172,10 +171,6 @@ class Store:
     def find_fine_tuned(self, name: str) -> sqlite3.Row | None:
         rows = self._exec("SELECT * FROM jobs WHERE fine_tuned_model = ? AND status = 'succeeded'", (name,))
         return rows[0] if rows else None
-
-    def active_job_count(self) -> int:
-        marks = ",".join("?" * len(ACTIVE_STATUSES))
-        return int(self._exec(f"SELECT COUNT(*) AS n FROM jobs WHERE status IN ({marks})", ACTIVE_STATUSES)[0]["n"])
 
     # --- events and checkpoints ---------------------------------------------------------------
 

@@ -2,13 +2,15 @@
 
 The worker writes a `TrainSpec` JSON file and starts this module; the run reports on the file
 descriptor that was stdout as one JSON object per line (stdout itself is pointed at stderr, so
-library prints cannot corrupt the stream):
+library prints cannot corrupt the stream). These are all the events it emits; the worker records
+each as a job event (`stage` by its message) except `exported`, which ends the run:
 
     {"type": "stage", "message": ..., "data": {...} (optional)}
     {"type": "metrics", "step", "total_steps", "train_loss", "train_mean_token_accuracy",
      "learning_rate", "num_tokens", "step_tokens", "step_time", "tokens_per_second"}
+    {"type": "eval", "step", "valid_loss"}  (only with a validation file, every save_steps)
     {"type": "checkpoint", "step", "path", "metrics": {...}}
-    {"type": "exported", "path", "trained_tokens"}
+    {"type": "exported", "path", "trained_tokens"}  (rank 0, last)
 
 A separate process means cancel is a kill, and a crash of torch cannot take the API down.
 """
@@ -22,35 +24,23 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from pydantic import BaseModel, ConfigDict
-
 from humpback.contracts import ChatExample
-from trainer.config import FinetuneMethod
+from humpback.settings import setting
+from trainer.config import Preset
 
 
-class TrainSpec(BaseModel):
-    """Everything one run needs, resolved by the worker: no defaults are decided here."""
+class TrainSpec(Preset):
+    """Everything one run needs: the job's preset as the worker resolved it (learning rate scaled, batch
+    size and steps decided, so none is left to a rule here), plus the run's files and seed."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    base_model: Path
-    training_file: Path
-    validation_file: Path | None = None
-    output_dir: Path
-    export_dir: Path
-    seed: int
-    method: FinetuneMethod
-    learning_rate: float
-    final_lr_ratio: float
-    weight_decay: float
-    dropout: float
-    batch_size: int
-    micro_batch_size: int
-    max_steps: int
-    max_length: int
-    lora_r: int
-    lora_alpha: int
-    save_steps: int
+    base_model: Path = setting(help="the folder fine-tuned from")
+    training_file: Path = setting(help="validated chat examples, one per line")
+    validation_file: Path | None = setting(None, "examples evaluated every save_steps, when given")
+    output_dir: Path = setting(help="resumable checkpoints (checkpoint-N)")
+    export_dir: Path = setting(help="the final merged weights, written atomically")
+    seed: int = setting(help="seed of the weights' initialisation and of the data order")
+    batch_size: int = setting(help="examples per optimizer step, resolved")
+    max_steps: int = setting(help="optimizer steps, resolved")
 
 
 def read_examples(path: Path) -> list[dict[str, Any]]:
@@ -76,7 +66,7 @@ def _emit(stream: IO[str], **event: Any) -> None:
 
 def run(spec: TrainSpec, events: IO[str]) -> None:
     """Train, write resumable checkpoints, then merge and export the final weights atomically."""
-    # Heavy imports here: the service imports this module only for `TrainSpec`.
+    # Heavy imports here: the service imports this module for `TrainSpec` and `last_checkpoint` only.
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -146,7 +136,7 @@ def run(spec: TrainSpec, events: IO[str]) -> None:
     )
 
     class Reporter(TrainerCallback):
-        """Streams loss per step and each saved checkpoint to the worker."""
+        """Streams training loss per step, validation loss and each saved checkpoint to the worker."""
 
         def __init__(self) -> None:
             self.step_started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Runs queued jobs one at a time: train in a subprocess, export, hot-swap, record everything.
+"""Runs queued jobs one at a time: train in a subprocess, export, deploy, record everything.
 
 A job's life: `queued` -> `running` (training subprocess, then the swap) -> `succeeded` | `failed` |
 `cancelled`. Progress is committed to the store as it streams in, so a restarted service finds
@@ -20,12 +20,19 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 import trainer
+from humpback.contracts import (
+    ACTIVE_STATUSES,
+    FineTuningJob,
+    Hyperparameters,
+    JobError,
+    Method,
+    SupervisedMethod,
+    SwapError,
+)
 from trainer.config import PRESETS
+from trainer.deploy import Deployer
 from trainer.metrics import TrainerMetrics
-from humpback.contracts import ACTIVE_STATUSES, FineTuningJob, Hyperparameters, JobError, Method, SupervisedMethod
 from trainer.serving import ApiError, TrainerService
 from trainer.store import model_name, now
 from trainer.train import TrainSpec, last_checkpoint
@@ -39,11 +46,12 @@ _SOURCE_ROOT = str(Path(trainer.__file__).resolve().parent.parent)
 class Worker:
     """The single consumer of the job queue, on its own thread."""
 
-    def __init__(self, service: TrainerService, metrics: TrainerMetrics) -> None:
+    def __init__(self, service: TrainerService, metrics: TrainerMetrics, deployer: Deployer) -> None:
         self.service = service
         self.store = service.store
         self.settings = service.settings
         self.metrics = metrics
+        self.deployer = deployer
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards the three fields below against cancel()
@@ -157,25 +165,21 @@ class Worker:
             hyperparameters=resolved.model_dump_json(),
             method=Method(supervised=SupervisedMethod(hyperparameters=resolved)).model_dump_json(),
         )
+        resolved_preset = preset.model_copy(update={
+            "method": meta.get("method", preset.method),  # validated at creation
+            "learning_rate": preset.learning_rate * multiplier,
+            "batch_size": batch,
+            "max_steps": steps,
+            "save_steps": min(preset.save_steps, steps),
+        })
         return TrainSpec(
+            **resolved_preset.model_dump(),
             base_model=self.service.base_model_dir(job.model),
             training_file=self.service.file_path(job.training_file),
             validation_file=self.service.file_path(job.validation_file) if job.validation_file else None,
             output_dir=job_dir / "train",
             export_dir=export_dir,
             seed=job.seed,
-            method=meta.get("method", preset.method),  # type: ignore[arg-type]  # validated at creation
-            learning_rate=preset.learning_rate * multiplier,
-            final_lr_ratio=preset.final_lr_ratio,
-            weight_decay=preset.weight_decay,
-            dropout=preset.dropout,
-            batch_size=batch,
-            micro_batch_size=preset.micro_batch_size,
-            max_steps=steps,
-            max_length=preset.max_length,
-            lora_r=preset.lora_r,
-            lora_alpha=preset.lora_alpha,
-            save_steps=min(preset.save_steps, steps),
         )
 
     def _train(self, job_id: str, spec: TrainSpec) -> int | None:
@@ -250,7 +254,7 @@ class Worker:
             self.store.add_event(job_id, event["message"], data=event.get("data"))
 
     def _finish(self, job: FineTuningJob, export_dir: Path, trained_tokens: int) -> None:
-        """Hot-swap into the job's server when it names one, then mark the job succeeded."""
+        """Deploy to the job's server when it names one, then mark the job succeeded."""
         row = self.store.job_row(job.id)
         name = model_name(job.model, row["suffix"], job.id)
         role = (job.metadata or {}).get("deploy_to")
@@ -261,29 +265,15 @@ class Worker:
                 if self.store.job_row(job.id)["status"] != "running":
                     return
                 self._deploying = True
-            url = self.settings.role_url(role)  # type: ignore[arg-type]  # validated at creation
-            self.store.add_event(job.id, f"Deploying {name} to the {role} server at {url}")
             try:
-                from services.hotswap import CheckpointError, SwapError, swap_checkpoint
-
-                result = swap_checkpoint(
-                    url, export_dir, role=role, version=job.id, alias=name,
-                    api_key=self.settings.server_api_key, registry=self.settings.registry,
-                    timeout=self.settings.swap_timeout,
-                )
-            except (CheckpointError, SwapError, httpx.HTTPError, OSError) as exc:
-                self.metrics.swaps.labels(role, "failed").inc()
+                self.deployer.deploy(job.id, role, export_dir, name)  # type: ignore[arg-type]  # validated at creation
+            except SwapError as exc:
                 self._fail(
                     job.id, "deploy_failed",
                     f"The model was trained and saved but not deployed to {role}; the server keeps its "
                     f"previous weights: {exc}",
                 )
                 return
-            self.metrics.swaps.labels(role, "succeeded").inc()
-            self.metrics.swap_stall_seconds.labels(role).set(result.stall_s)
-            self.store.add_event(
-                job.id, f"Deployed to {role}: requests stalled {result.stall_s:.2f} s", data=result.model_dump()
-            )
         if self.store.transition(
             job.id, ("running",), "succeeded", fine_tuned_model=name, finished_at=now(), error=None
         ):

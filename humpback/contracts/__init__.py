@@ -22,7 +22,6 @@ from humpback.contracts.defaults import (
     ROLES,
     SERVE_STATE_DIR,
     STATE_DIR_ENV,
-    TRAINER_API_KEY_ENV,
     TRAINER_DATA_DIR,
     TRAINER_PORT,
     TRAINER_URL,
@@ -48,6 +47,8 @@ from humpback.contracts.fine_tuning import (
     TERMINAL_STATUSES,
     CheckpointMetrics,
     CreateJobRequest,
+    Deployment,
+    DeployRequest,
     ErrorBody,
     ErrorResponse,
     FileDeleted,
@@ -60,6 +61,7 @@ from humpback.contracts.fine_tuning import (
     JobStatus,
     ListPage,
     Method,
+    Role,
     SupervisedMethod,
 )
 from humpback.contracts.prompts import (

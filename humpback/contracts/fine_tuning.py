@@ -13,6 +13,8 @@ JobStatus = Literal["validating_files", "queued", "running", "succeeded", "faile
 ACTIVE_STATUSES: tuple[JobStatus, ...] = ("validating_files", "queued", "running")
 TERMINAL_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 ORGANIZATION = "humpback"
+# The model servers a job's model can be deployed to.
+Role = Literal["backward", "scorer"]
 
 T = TypeVar("T")
 
@@ -107,6 +109,28 @@ class FineTuningJob(BaseModel):
     integrations: list[dict[str, Any]] | None = None
     metadata: dict[str, str] | None = None
     method: Method
+
+
+class DeployRequest(BaseModel):
+    """`POST /v1/fine_tuning/jobs/{job_id}/deploy`, a humpback extension beside OpenAI's API: serve a
+    succeeded job's model in `role`'s server (a hot-swap), unless that server serves it already."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+
+
+class Deployment(BaseModel):
+    """The answer to a deploy request: `role`'s server now serves the job's model."""
+
+    object: Literal["fine_tuning.job.deployment"] = "fine_tuning.job.deployment"
+    fine_tuning_job_id: str
+    fine_tuned_model: str
+    role: Role
+    # False when the server served this job's model already: nothing was touched.
+    swapped: bool
+    # How long the swap held requests back, in seconds; None when nothing was swapped.
+    stall_s: float | None = None
 
 
 class JobEvent(BaseModel):

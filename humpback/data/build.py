@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from humpback.data.catalog import CORPUS_SOURCES, SEED_SOURCES, DocSource
 from humpback.data.debian_faq import debian_faq_pairs
@@ -26,46 +27,41 @@ from humpback.contracts import CorpusDoc, ParseFailure, SeedPair, normalize, tex
 from humpback.data.records import split_bucket
 from humpback.data.rst import parse_rst
 from humpback.data.text import qa_pairs
+from humpback.settings import setting
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class BuildConfig:
-    """Settings of a data build.
+class BuildConfig(BaseModel):
+    """Settings of a data build (`humpback data demo|oasst1` flags are generated from them)."""
 
-    out: output directory.
-    root: filesystem root the Debian paths are read under (`/`; a fixture tree in tests).
-    min_answer_chars, max_answer_chars: keep seed pairs whose response has this many characters
-        (the paper's seed responses average 1,072±818).
-    min_instruction_chars, max_instruction_chars: the same for the instruction.
-    heldout_fraction: share of pairs held out for evaluation, chosen by a hash of the pair's id so a
-        pair never changes side between builds.
-    max_seed: keep at most this many seed pairs after the held-out split (the ones with the smallest
-        id hash, so every source stays represented); None keeps all. The held-out side is the same
-        whatever max_seed is.
-    min_doc_chars: drop corpus documents shorter than this (the segmenter keeps 600+ anyway).
-    max_corpus_docs: keep at most this many corpus documents (smallest content hash); None keeps all.
-    """
+    model_config = ConfigDict(extra="forbid")
 
-    out: Path = Path("data/demo")
-    root: Path = Path("/")
-    min_answer_chars: int = 100
-    max_answer_chars: int = 3000
-    min_instruction_chars: int = 10
-    max_instruction_chars: int = 1000
-    heldout_fraction: float = 0.1
-    max_seed: int | None = None
-    min_doc_chars: int = 200
-    max_corpus_docs: int | None = None
+    out: Path = setting(Path("data/demo"), "output directory")
+    root: Path = setting(Path("/"), "filesystem root the Debian paths are read under (a fixture tree in tests)")
+    min_answer_chars: int = setting(
+        100, "keep seed pairs whose response has at least this many characters "
+        "(the paper's seed responses average 1,072±818)")
+    max_answer_chars: int = setting(3000, "keep seed pairs whose response has at most this many characters")
+    min_instruction_chars: int = setting(10, "keep seed pairs whose instruction has at least this many characters")
+    max_instruction_chars: int = setting(1000, "keep seed pairs whose instruction has at most this many characters")
+    heldout_fraction: float = setting(
+        0.1, "share of pairs held out for evaluation, chosen by a hash of the pair's id so a pair never changes "
+        "side between builds", ge=0, lt=1)
+    max_seed: int | None = setting(
+        None, "keep at most this many seed pairs after the held-out split (the ones with the smallest id hash, so "
+        "every source stays represented; default: all); the held-out side is the same whatever max_seed is")
+    min_doc_chars: int = setting(200, "drop corpus documents shorter than this (the segmenter keeps 600+ anyway)")
+    max_corpus_docs: int | None = setting(
+        None, "keep at most this many corpus documents (smallest content hash; default: all)")
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+    @model_validator(mode="after")
+    def _answer_bounds(self) -> BuildConfig:
         if self.min_answer_chars > self.max_answer_chars:
             raise ValueError("min_answer_chars is larger than max_answer_chars")
+        return self
 
 
 @dataclass
@@ -260,7 +256,7 @@ def write_licenses(path: Path, root: Path, sources: Iterable[tuple[str, str, str
 
 def _manifest(path: Path, kind: str, cfg: BuildConfig | None, counts: dict[str, SourceCounts],
               failures: list[ParseFailure], outputs: dict[str, dict[str, int]], extra: dict[str, Any]) -> None:
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()} if cfg else {}
+    settings = cfg.model_dump(mode="json") if cfg else {}
     data = {
         "build": kind,
         "settings": settings,
@@ -342,7 +338,7 @@ def build_oasst1(inputs: list[Path], hub: str | None, split: str, cfg: BuildConf
     selection = {"messages": stats.messages, "roots": stats.roots, "first_turn_pairs": stats.selected,
                  "dropped": dict(sorted(stats.dropped.items())), "lang": lang,
                  "inputs": [str(p) for p in inputs], "hub": hub}
-    settings = BuildConfig(**{**asdict(cfg), "root": Path("/")})
+    settings = cfg.model_copy(update={"root": Path("/")})
     _manifest(cfg.out / "manifest.json", "oasst1", settings, counts, stats.failures, outputs, {"selection": selection})
     return BuildResult(cfg.out, counts, stats.failures, outputs)
 

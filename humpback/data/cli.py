@@ -1,4 +1,5 @@
-"""`humpback data demo` and `humpback data oasst1`: flags mirror `BuildConfig` (see its docstring)."""
+"""`humpback data demo` and `humpback data oasst1`: flags generated from `BuildConfig`, and for oasst1
+from `Oasst1Source` (where its messages come from)."""
 
 from __future__ import annotations
 
@@ -6,39 +7,41 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 
-def _seed_args(p: argparse.ArgumentParser, out: str) -> None:
-    p.add_argument("--out", type=Path, default=Path(out), help=f"output directory (default {out})")
-    p.add_argument("--min-answer-chars", type=int, default=100)
-    p.add_argument("--max-answer-chars", type=int, default=3000)
-    p.add_argument("--heldout-fraction", type=float, default=0.1, help="share held out for evaluation")
-    p.add_argument("--max-seed", type=int, default=None,
-                   help="at most this many seed pairs (the held-out split is made first)")
+from humpback.contracts import OasstError
+from humpback.data.build import BuildConfig, build_demo, build_oasst1, format_table
+from humpback.settings import add_arguments, from_args, setting
+
+# The oasst1 build reads no Debian files and writes no corpus.
+DEMO_ONLY = ("root", "min_doc_chars", "max_corpus_docs")
+OASST1_DEFAULTS = {"out": Path("data/oasst1")}
 
 
-def _config(args: argparse.Namespace, **extra: Any) -> Any:
-    from humpback.data.build import BuildConfig
+class Oasst1Source(BaseModel):
+    """Where `humpback data oasst1` reads the oasst1 messages: local files or a hub dataset."""
 
-    return BuildConfig(out=args.out, min_answer_chars=args.min_answer_chars, max_answer_chars=args.max_answer_chars,
-                       heldout_fraction=args.heldout_fraction, max_seed=args.max_seed, **extra)
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[Path] = setting(default_factory=list, help="oasst1 messages as .parquet, .jsonl or .jsonl.gz "
+                                 "(repeatable)", flag="input", metavar="FILE")
+    hub: str | None = setting(None, "load this hub dataset with `datasets` (e.g. OpenAssistant/oasst1)")
+    split: str = setting("train+validation", "hub split(s)")
+    lang: str = setting("en", "keep first turns in this language")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from humpback.data.build import build_demo, format_table
-
-    result = build_demo(_config(args, root=args.root, max_corpus_docs=args.max_corpus_docs,
-                                min_doc_chars=args.min_doc_chars))
+    result = build_demo(from_args(BuildConfig, args))
     print(format_table(result))
     print(f"wrote {result.out}/(seed, heldout, corpus).jsonl, LICENSES.md, manifest.json")
     return 0
 
 
 def _oasst1(args: argparse.Namespace) -> int:
-    from humpback.data.build import build_oasst1, format_table
-    from humpback.data.oasst1 import OasstError
-
+    src = from_args(Oasst1Source, args)
     try:
-        result = build_oasst1(args.input, args.hub, args.split, _config(args), lang=args.lang)
+        cfg = from_args(BuildConfig, args, exclude=DEMO_ONLY, defaults=OASST1_DEFAULTS)
+        result = build_oasst1(src.inputs, src.hub, src.split, cfg, lang=src.lang)
     except (OasstError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
@@ -51,17 +54,10 @@ def register(sub: Any) -> None:
     data = p.add_subparsers(dest="data_command", required=True)
 
     d = data.add_parser("demo", help="seed Q/A, held-out split and prose corpus from Debian documentation")
-    _seed_args(d, "data/demo")
-    d.add_argument("--max-corpus-docs", type=int, default=None, help="at most this many corpus documents")
-    d.add_argument("--min-doc-chars", type=int, default=200, help="drop shorter corpus documents")
-    d.add_argument("--root", type=Path, default=Path("/"), help="filesystem root of the Debian files")
+    add_arguments(d, BuildConfig)
     d.set_defaults(func=_demo)
 
     o = data.add_parser("oasst1", help="the paper's seed: oasst1 first turns, English, rank-0 replies")
-    _seed_args(o, "data/oasst1")
-    o.add_argument("--input", type=Path, action="append", default=[],
-                   help="oasst1 messages as .parquet, .jsonl or .jsonl.gz (repeatable)")
-    o.add_argument("--hub", default=None, help="load this hub dataset with `datasets` (e.g. OpenAssistant/oasst1)")
-    o.add_argument("--split", default="train+validation", help="hub split(s)")
-    o.add_argument("--lang", default="en")
+    add_arguments(o, BuildConfig, exclude=DEMO_ONLY, defaults=OASST1_DEFAULTS)
+    add_arguments(o, Oasst1Source)
     o.set_defaults(func=_oasst1)

@@ -1,7 +1,8 @@
 """Perl's POD: sections of plain text from `=head`/`=item` paragraphs, formatting codes resolved.
 
 perlfaq1-9 ask one question per `=head2`; the answer runs to the next `=head1`/`=head2`. Verbatim
-paragraphs (indented) are kept as code. `C<...>` becomes `` `...` ``; every other code keeps its text.
+paragraphs (indented) are kept as code. `C<...>` becomes `` `...` ``, `L<...>` its shown text,
+`E<...>` its character, `X<...>` and `Z<...>` nothing; every other code keeps its text.
 """
 
 from __future__ import annotations

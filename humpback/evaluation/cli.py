@@ -1,86 +1,120 @@
 """`humpback eval ifeval|pairwise|nll`: thin wrappers over `humpback.evaluation`.
 
-Flags mirror `GenerationConfig`, `PairwiseConfig` and `FanoutConfig`, which document them; handlers
-import the evaluation code only when run.
+Flags are generated from the settings models below and from `GenerationConfig` and `PairwiseConfig`,
+which document them; `ifeval` and `nll` are imported only when their command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-MODEL_URL = os.environ.get("HUMPBACK_EVAL_URL", "http://127.0.0.1:8001")
-JUDGE_URL = os.environ.get("HUMPBACK_JUDGE_URL", "http://127.0.0.1:8002")
+from pydantic import BaseModel, ConfigDict
 
+from client.fanout import FanoutConfig
+from humpback.contracts import API_KEY_ENV, AUGMENTED_SYSTEM_PROMPT, DEFAULT_URLS, SEED_SYSTEM_PROMPT
+from humpback.evaluation.common import GenerationConfig
+from humpback.evaluation import pairwise
+from humpback.settings import add_arguments, from_args, setting
 
-def _server_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model under test")
-    g.add_argument("--endpoint", default=MODEL_URL, help="base URL (default $HUMPBACK_EVAL_URL or %(default)s)")
-    g.add_argument("--model", default=None, help="served model name (default: the first the server lists)")
-    g.add_argument("--api-key", default=os.environ.get("HUMPBACK_API_KEY"),
-                   help="bearer token for every endpoint (default: $HUMPBACK_API_KEY)")
-    g.add_argument("--concurrency", type=int, default=None,
-                   help="fixed in-flight requests per endpoint (default: adapt to the server's queue)")
-    g.add_argument("--timeout", type=float, default=600.0, help="seconds per request, queueing included")
-    p.add_argument("--out", type=Path, required=True, help="folder for the rows and the summary")
-    p.add_argument("--limit", type=int, default=None, help="evaluate this many items only")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (and of the bootstrap)")
+SYSTEM_PROMPTS = {"none": None, "seed": SEED_SYSTEM_PROMPT, "augmented": AUGMENTED_SYSTEM_PROMPT}
 
 
-def _generation_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation (see GenerationConfig)")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0)
-    _system_arg(g)
+class Server(BaseModel):
+    """The model under test, and how every endpoint of the command (judge and baseline included) is reached."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The model under test defaults to the first local server, the judge to the second.
+    endpoint: str = setting(DEFAULT_URLS["backward"], "base URL of the model under test (no /v1)",
+                            env="HUMPBACK_EVAL_URL")
+    model: str | None = setting(None, "served model name (default: the first the server lists)")
+    api_key: str | None = setting(None, "bearer token for every endpoint", env=API_KEY_ENV)
+    concurrency: int | None = setting(
+        None, "fixed in-flight requests per endpoint (default: adapt to the server's queue)")
+    timeout: float = setting(600.0, "seconds per request, queueing included")
+
+    def fanout(self, endpoint: str) -> FanoutConfig:
+        return FanoutConfig(endpoints=[endpoint], api_key=self.api_key, concurrency=self.concurrency,
+                            timeout=self.timeout)
 
 
-def _system_arg(g: Any) -> None:
-    g.add_argument("--system", choices=("none", "seed", "augmented"), default="none",
-                   help="system prompt: none, or the paper's tag for seed / augmented data")
+class Run(BaseModel):
+    """Where results go and which items are evaluated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = setting(help="folder for the rows and the summary")
+    limit: int | None = setting(None, "evaluate this many items only")
+    seed: int = setting(0, "seed of the --limit subset")
 
 
-def _system(args: argparse.Namespace) -> str | None:
-    from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, SEED_SYSTEM_PROMPT
+class SystemTag(BaseModel):
+    """The system prompt the evaluated model is asked with, by name."""
 
-    return {"none": None, "seed": SEED_SYSTEM_PROMPT, "augmented": AUGMENTED_SYSTEM_PROMPT}[args.system]
+    model_config = ConfigDict(extra="forbid")
+
+    system: Literal["none", "seed", "augmented"] = setting(
+        "none", "system prompt: none, or the paper's tag for seed / augmented data")
+
+    def prompt(self) -> str | None:
+        return SYSTEM_PROMPTS[self.system]
 
 
-def _fanout(args: argparse.Namespace, endpoint: str) -> Any:
-    from client.fanout import FanoutConfig
+class PairwiseSides(BaseModel):
+    """Who is compared (A, the model under test, against a baseline B) and who judges."""
 
-    return FanoutConfig(endpoints=[endpoint], api_key=args.api_key, concurrency=args.concurrency,
-                        timeout=args.timeout)
+    model_config = ConfigDict(extra="forbid")
+
+    answers: Path | None = setting(
+        None, "model A's answers (AlpacaEval JSON or JSONL of {instruction, output}) instead of --endpoint")
+    baseline_answers: Path | None = setting(
+        None, "the baseline's answers file, as --answers (default: AlpacaEval's GPT-4-turbo reference answers)")
+    baseline_endpoint: str | None = setting(None, "or a server whose model answers for the baseline")
+    baseline_model: str | None = setting(None, "the baseline server's model (default: the first it lists)")
+    judge_endpoint: str = setting(DEFAULT_URLS["scorer"], "base URL of the judge (no /v1)", env="HUMPBACK_JUDGE_URL")
+    judge_model: str | None = setting(None, "the judge's model (default: the first the judge lists)")
 
 
-def _generation(args: argparse.Namespace) -> Any:
-    from humpback.evaluation.common import GenerationConfig
+class IFEvalInput(BaseModel):
+    """Answers to score instead of asking the endpoint."""
 
-    return GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, system_prompt=_system(args))
+    model_config = ConfigDict(extra="forbid")
+
+    responses: Path | None = setting(None, "score this JSONL of {prompt, response} instead of asking the endpoint")
+
+
+# The pairwise command takes its subset from `pairwise.PairwiseConfig`; the NLL reads the first --limit pairs, unseeded.
+PAIRWISE_SUBSET = ("limit", "seed")
+NLL_UNUSED = ("seed",)
+
+
+def _generation(args: argparse.Namespace) -> GenerationConfig:
+    return from_args(GenerationConfig, args, system_prompt=from_args(SystemTag, args).prompt())
 
 
 def _ifeval(args: argparse.Namespace) -> int:
     from humpback.evaluation import ifeval
 
-    summary = asyncio.run(ifeval.run_ifeval(args.out, None if args.responses else _fanout(args, args.endpoint),
-                                            args.model, _generation(args), args.limit, args.seed, args.responses))
+    server, run, responses = from_args(Server, args), from_args(Run, args), from_args(IFEvalInput, args).responses
+    fanout = None if responses else server.fanout(server.endpoint)
+    summary = asyncio.run(ifeval.run_ifeval(run.out, fanout, server.model, _generation(args), run.limit, run.seed,
+                                            responses))
     print(ifeval.format_summary(summary))
     return 0
 
 
 def _pairwise(args: argparse.Namespace) -> int:
-    from humpback.evaluation import pairwise
-
-    a = pairwise.Contender(answers=args.answers, model=args.model,
-                           fanout=None if args.answers else _fanout(args, args.endpoint))
-    b = pairwise.Contender(answers=args.baseline_answers, model=args.baseline_model,
-                           fanout=_fanout(args, args.baseline_endpoint) if args.baseline_endpoint else None)
-    cfg = pairwise.PairwiseConfig(limit=args.limit, seed=args.seed, dataset=args.dataset,
-                                  judge_max_chars=args.judge_max_chars, ci=args.ci, ci_level=args.ci_level)
-    summary = asyncio.run(pairwise.run_pairwise(args.out, a, b, _fanout(args, args.judge_endpoint), args.judge_model,
-                                                _generation(args), cfg))
+    server, sides = from_args(Server, args), from_args(PairwiseSides, args)
+    run = from_args(Run, args, exclude=PAIRWISE_SUBSET)
+    a = pairwise.Contender(answers=sides.answers, model=server.model,
+                           fanout=None if sides.answers else server.fanout(server.endpoint))
+    b = pairwise.Contender(answers=sides.baseline_answers, model=sides.baseline_model,
+                           fanout=server.fanout(sides.baseline_endpoint) if sides.baseline_endpoint else None)
+    summary = asyncio.run(pairwise.run_pairwise(run.out, a, b, server.fanout(sides.judge_endpoint), sides.judge_model,
+                                                _generation(args), from_args(pairwise.PairwiseConfig, args)))
     print(pairwise.format_summary(summary))
     return 0
 
@@ -88,10 +122,22 @@ def _pairwise(args: argparse.Namespace) -> int:
 def _nll(args: argparse.Namespace) -> int:
     from humpback.evaluation import nll
 
-    summary = asyncio.run(nll.run_nll(args.seed_file, args.out, _fanout(args, args.endpoint), args.model, args.limit,
-                                      _system(args)))
+    server, run = from_args(Server, args), from_args(Run, args, exclude=NLL_UNUSED)
+    summary = asyncio.run(nll.run_nll(args.seed_file, run.out, server.fanout(server.endpoint), server.model, run.limit,
+                                      from_args(SystemTag, args).prompt()))
     print(nll.format_summary(summary))
     return 0
+
+
+def _common(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    add_arguments(p.add_argument_group("model under test"), Server)
+    add_arguments(p, Run, exclude=exclude, required=("out",))
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    add_arguments(g, GenerationConfig)
+    add_arguments(g, SystemTag)
 
 
 def register(sub: Any) -> None:
@@ -99,33 +145,20 @@ def register(sub: Any) -> None:
     esub = p.add_subparsers(dest="eval_command", required=True)
 
     e = esub.add_parser("ifeval", help="IFEval: prompt- and instruction-level strict and loose accuracy")
-    _server_args(e)
+    _common(e)
     _generation_args(e)
-    e.add_argument("--responses", type=Path, default=None,
-                   help="score this JSONL of {prompt, response} instead of asking the endpoint")
+    add_arguments(e, IFEvalInput)
     e.set_defaults(func=_ifeval)
 
     w = esub.add_parser("pairwise", help="win rate against a baseline on AlpacaEval prompts, by an LLM judge")
-    _server_args(w)
+    _common(w, exclude=PAIRWISE_SUBSET)
     _generation_args(w)
-    w.add_argument("--answers", type=Path, default=None,
-                   help="model A's answers (AlpacaEval JSON or JSONL of {instruction, output}) instead of --endpoint")
-    g = w.add_argument_group("baseline (default: AlpacaEval's GPT-4-turbo reference answers)")
-    g.add_argument("--baseline-answers", type=Path, default=None, help="answers file, as --answers")
-    g.add_argument("--baseline-endpoint", default=None, help="or a server whose model answers")
-    g.add_argument("--baseline-model", default=None)
-    g = w.add_argument_group("judge")
-    g.add_argument("--judge-endpoint", default=JUDGE_URL, help="default $HUMPBACK_JUDGE_URL or %(default)s")
-    g.add_argument("--judge-model", default=None, help="default: the first model the judge lists")
-    g.add_argument("--judge-max-chars", type=int, default=2000, help="answers are cut to this in the judge prompt")
-    g = w.add_argument_group("prompts and interval")
-    g.add_argument("--dataset", default=None, help="vicuna, selfinstruct, oasst, koala or helpful_base only")
-    g.add_argument("--ci", choices=("bootstrap", "normal"), default="bootstrap")
-    g.add_argument("--ci-level", type=float, default=0.95)
+    add_arguments(w.add_argument_group("contenders and judge"), PairwiseSides)
+    add_arguments(w.add_argument_group("prompts and interval"), pairwise.PairwiseConfig)
     w.set_defaults(func=_pairwise)
 
     n = esub.add_parser("nll", help="mean NLL of held-out human responses (prompt log-probabilities)")
     n.add_argument("seed_file", type=Path, help="JSONL of {instruction, output} or {messages} pairs")
-    _server_args(n)
-    _system_arg(n.add_argument_group("prompt"))
+    _common(n, exclude=NLL_UNUSED)
+    add_arguments(n.add_argument_group("prompt"), SystemTag)
     n.set_defaults(func=_nll)

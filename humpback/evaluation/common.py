@@ -5,35 +5,36 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import math
 import random
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from client.completions import chat_choice
 from humpback.evaluation.records import Answer
 from client.fanout import Fanout
 from humpback.contracts import CHAT_PATH
+from humpback.settings import setting
 
 
 
-@dataclass
-class GenerationConfig:
-    """How an evaluated model answers a prompt.
+class GenerationConfig(BaseModel):
+    """How an evaluated model answers a prompt."""
 
-    max_tokens: cap on each answer (default 256: CPU servers are slow; IFEval's "at least 300 words"
-        instructions need ~600, so raise it for a real run).
-    temperature: 0.0 (greedy) so that reruns of an evaluation agree.
-    system_prompt: None, or the paper's inference-time tag (`SEED_SYSTEM_PROMPT` asks for the
-        seed-data style, §2.3).
-    """
+    model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = 256
-    temperature: float = 0.0
-    system_prompt: str | None = None
+    max_tokens: int = setting(
+        256, "cap on each answer (CPU servers are slow; IFEval's 'at least 300 words' instructions need ~600, "
+        "so raise it for a real run)")
+    temperature: float = setting(0.0, "sampling temperature; 0.0 (greedy) so that reruns of an evaluation agree")
+    # The CLI picks it by name (`--system none|seed|augmented`); the text itself is no flag.
+    system_prompt: str | None = setting(
+        None, "None, or the paper's inference-time tag (SEED_SYSTEM_PROMPT asks for the seed-data style, §2.3)",
+        cli=False)
 
 
 def chat_body(model: str, prompt: str, cfg: GenerationConfig) -> dict[str, Any]:
@@ -56,6 +57,15 @@ async def answer_all(fan: Fanout, model: str, prompts: Sequence[str], cfg: Gener
         return Answer(instruction=prompt, output=text, generator=model, finish_reason=finish)
 
     return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def normal_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The normal-approximation interval for the mean, mean ± z·s/√n; None under two values."""
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    half = statistics.NormalDist().inv_cdf(0.5 + level / 2) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean - half, mean + half
 
 
 def eval_framework_dir() -> Path:

@@ -28,12 +28,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from client.augment import served_model
-from humpback.contracts import write_jsonl
-from humpback.evaluation.common import (GenerationConfig, answer_all, eval_framework_dir, subset, table,
-                                      write_summary)
-from humpback.evaluation.records import Accuracy, IFEvalPrompt, IFEvalRow, IFEvalSummary
+from client.runner import served_model
 from client.fanout import Fanout, FanoutConfig
+from humpback.contracts import write_jsonl
+from humpback.evaluation.common import GenerationConfig, answer_all, eval_framework_dir, subset, table, write_summary
+from humpback.evaluation.records import Accuracy, IFEvalPrompt, IFEvalRow, IFEvalSummary
 
 # Loaded under its own name: importing `eval_framework` itself would run its package __init__, which
 # pulls in pandas and every other task of the framework.
@@ -91,10 +90,6 @@ def load_prompts(path: Path | None = None) -> list[IFEvalPrompt]:
     path = path or data_path()
     with path.open(encoding="utf-8") as f:
         return [IFEvalPrompt.model_validate_json(line) for line in f if line.strip()]
-
-
-def instruction_ids(prompts: Iterable[IFEvalPrompt]) -> list[str]:
-    return sorted({i for p in prompts for i in p.instruction_id_list})
 
 
 def score(prompt: IFEvalPrompt, response: str) -> tuple[list[bool], list[bool]]:

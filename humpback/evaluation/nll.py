@@ -20,12 +20,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from client.augment import served_model
-from humpback.contracts import write_jsonl
+from client.runner import served_model
+from client.fanout import Fanout, FanoutConfig
+from humpback.contracts import COMPLETIONS_PATH, ChatExample, RequestFailed, RetryableError, SeedPair, write_jsonl
 from humpback.evaluation.common import table, write_summary
 from humpback.evaluation.records import NllPair, NllRow, NllSummary
-from client.fanout import Fanout, FanoutConfig, RequestFailed, RetryableError
-from humpback.contracts import COMPLETIONS_PATH, ChatExample, SeedPair
 
 TOKENIZE_PATH = "/tokenize"
 

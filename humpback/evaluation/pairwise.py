@@ -12,47 +12,45 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
-from client.augment import served_model
+from client.runner import served_model
 from client.completions import chat_choice, choice_mass
 from humpback.contracts import write_jsonl
-from humpback.evaluation.common import (CHAT_PATH, GenerationConfig, answer_all, eval_framework_dir, read_answers,
-                                      subset, table, write_summary)
+from humpback.evaluation.common import (CHAT_PATH, GenerationConfig, answer_all, eval_framework_dir,
+                                      normal_interval, read_answers, subset, table, write_summary)
 from humpback.evaluation.records import Answer, PairwiseRow, PairwiseSummary
 from client.fanout import Fanout, FanoutConfig, RequestFailed
 from humpback.contracts import JUDGE_CHOICES, judge_messages
+from humpback.settings import setting
 
 CHOICES = JUDGE_CHOICES
 
 
-@dataclass
-class PairwiseConfig:
-    """What is judged and how the interval is computed.
+class PairwiseConfig(BaseModel):
+    """What is judged and how the interval is computed."""
 
-    limit: judge a subset of this many prompts (default: all 805), drawn with `seed`, in file order.
-    dataset: only AlpacaEval prompts from this source (vicuna, selfinstruct, oasst, koala, helpful_base).
-    judge_max_chars: each answer is cut to this many characters in the judge prompt (default 2000,
-        about 500 tokens) so that both fit a 2048-token judge; cut answers end with "[...]".
-    ci: "bootstrap" (percentile, over prompts) or "normal" (mean ± z·s/√n, clipped to [0, 1]).
-    ci_level: coverage of the interval (default 0.95).
-    n_boot: bootstrap resamples; the resampling is seeded with `seed`, so reruns agree.
-    """
+    model_config = ConfigDict(extra="forbid")
 
-    limit: int | None = None
-    seed: int = 0
-    dataset: str | None = None
-    judge_max_chars: int = 2000
-    ci: str = "bootstrap"
-    ci_level: float = 0.95
-    n_boot: int = 10_000
+    limit: int | None = setting(None, "judge a subset of this many prompts (default: all 805), drawn with --seed, "
+                                "in file order")
+    seed: int = setting(0, "seed of the --limit subset and of the bootstrap resampling, so reruns agree")
+    dataset: str | None = setting(
+        None, "only AlpacaEval prompts from this source (vicuna, selfinstruct, oasst, koala, helpful_base)")
+    judge_max_chars: int = setting(
+        2000, "each answer is cut to this many characters in the judge prompt (about 500 tokens) so that both fit "
+        "a 2048-token judge; cut answers end with '[...]'")
+    ci: Literal["bootstrap", "normal"] = setting(
+        "bootstrap", "interval: bootstrap (percentile, over prompts) or normal (mean ± z·s/√n, clipped to [0, 1])")
+    ci_level: float = setting(0.95, "coverage of the interval")
+    n_boot: int = setting(10_000, "bootstrap resamples", cli=False)
 
 
 @dataclass(frozen=True)
@@ -103,12 +101,11 @@ def prompt_score(a_won_first: bool, a_won_second: bool) -> float:
 def confidence_interval(scores: list[float], level: float = 0.95, method: str = "bootstrap",
                         n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """Interval for the mean of per-prompt scores in [0, 1]; [0, 1] itself when fewer than 2 prompts."""
-    if len(scores) < 2:
+    interval = normal_interval(scores, level)
+    if interval is None:
         return 0.0, 1.0
     if method == "normal":
-        mean = statistics.fmean(scores)
-        half = statistics.NormalDist().inv_cdf(0.5 + level / 2) * statistics.stdev(scores) / math.sqrt(len(scores))
-        return max(0.0, mean - half), min(1.0, mean + half)
+        return max(0.0, interval[0]), min(1.0, interval[1])
     if method != "bootstrap":
         raise ValueError(f"ci method {method!r}: expected 'bootstrap' or 'normal'")
     arr = np.asarray(scores, dtype=float)

@@ -5,13 +5,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
+from humpback.settings import add_arguments, from_args, setting
+
+
+class RunArgs(BaseModel):
+    """The flags of `humpback run`; the run's own settings are in `humpback.loop.config.RunConfig`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: Path | None = setting(None, "YAML or JSON config (defaults: the CPU demo)")
+    quick: bool = setting(False, "tiny sizes: minutes on a CPU (what the tests run)")
+    out: Path = setting(Path("runs/demo"), "run folder (re-run to resume)")
+    overrides: list[str] = setting(default_factory=list, help="override a value of the config, repeatable",
+                                   flag="set", metavar="SECTION.FIELD=VALUE")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="the self-alignment loop end to end (resumable)")
-    run.add_argument("--config", type=Path, default=None, help="YAML or JSON config (defaults: the CPU demo)")
-    run.add_argument("--quick", action="store_true", help="tiny sizes: minutes on a CPU (what the tests run)")
-    run.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (re-run to resume)")
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a value")
+    add_arguments(run, RunArgs)
     run.set_defaults(func=_run)
 
     report = sub.add_parser("report", help="render RUN_DIR/report.html with plots")
@@ -24,10 +37,11 @@ def _run(args: argparse.Namespace) -> int:
     from humpback.loop.report import render
     from humpback.loop.run import Loop
 
-    cfg = load_config(args.config, quick=args.quick, overrides=args.set)
-    args.out.mkdir(parents=True, exist_ok=True)
-    Loop(cfg, args.out).run()
-    print(f"report: {render(args.out.absolute())}")
+    opts = from_args(RunArgs, args)
+    cfg = load_config(opts.config, quick=opts.quick, overrides=opts.overrides)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    Loop(cfg, opts.out).run()
+    print(f"report: {render(opts.out.absolute())}")
     return 0
 
 

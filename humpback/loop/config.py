@@ -1,16 +1,23 @@
 """The one config of `humpback run`: defaults are the embedded CPU demo; every value is overridable
 from a YAML/JSON file or `--set section.field=value`. The resolved config is saved in the run folder.
+
+`augment` and `curate` are the client's own `AugmentConfig` and `CurateConfig` (declared once, in
+`client/`), with the demo's values in `DEMO`; the training presets are the trainer's `PRESETS`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from humpback.contracts import DEFAULT_URLS, SERVE_STATE_DIR, TRAINER_DATA_DIR, TRAINER_URL
+from client.augment import AugmentConfig
+from client.curate import CurateConfig
+from humpback.contracts import API_KEY_ENV, DEFAULT_URLS, SERVE_STATE_DIR, TRAINER_DATA_DIR, TRAINER_URL
+from humpback.settings import env_values, setting
+from trainer.config import PresetName
 
 
 class _Section(BaseModel):
@@ -18,103 +25,103 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """Where the seed, held-out and corpus come from.
+    """Where the seed, held-out and corpus come from. Demo sizes: the CPU budget, not the method, sets them."""
 
-    build_demo: build them with `humpback data demo` (from the installed Debian docs) into
-        `RUN_DIR/data` when no paths are given.
-    seed / heldout: SeedPair JSONL files (`humpback data demo` or `humpback data oasst1` output).
-    corpus: unlabelled corpora (JSONL/text/Parquet, gzip'd or not).
-    max_seed: seed pairs kept after the ~10% held-out split (which uses every pair); max_corpus_docs:
-        documents of the corpus;
-    max_segments: segments sent to the backward model. Demo sizes: the CPU budget, not the method,
-        sets them.
-    """
-
-    build_demo: bool = True
-    seed: Path | None = None
-    heldout: Path | None = None
-    corpus: list[Path] = Field(default_factory=list)
-    text_field: str = "text"
+    build_demo: bool = setting(True, "build the seed, held-out and corpus with `humpback data demo` (from the "
+                                     "installed Debian docs) into RUN_DIR/data when no paths are given")
+    seed: Path | None = setting(None, "SeedPair JSONL (`humpback data demo` or `humpback data oasst1` output)")
+    heldout: Path | None = setting(None, "held-out SeedPair JSONL")
+    corpus: list[Path] = setting(default_factory=list, help="unlabelled corpora (JSONL/text/Parquet, gzip'd or not)")
+    text_field: str = setting("text", "JSONL/Parquet field holding the text")
     # A CPU job sees 6 x 8 = 48 examples: 60 seed pairs leave room for A_k in M1's, as in the paper
     # where curated data outnumbers the seed.
-    max_seed: int = 60
-    max_corpus_docs: int = 300
-    max_segments: int = 128
+    max_seed: int = setting(60, "seed pairs kept after the ~10% held-out split (which uses every pair)")
+    max_corpus_docs: int = setting(300, "documents of the corpus")
+    max_segments: int = setting(128, "segments sent to the backward model (the augment stage's limit)")
 
 
 class ServicesConfig(_Section):
     """The model servers and the trainer; started by the run when they do not answer."""
 
-    backward_url: str = DEFAULT_URLS["backward"]
-    scorer_url: str = DEFAULT_URLS["scorer"]
-    trainer_url: str = TRAINER_URL
-    api_key: str | None = None
-    start: bool = True
-    state_dir: Path = SERVE_STATE_DIR
-    trainer_data_dir: Path = TRAINER_DATA_DIR
+    backward_url: str = setting(DEFAULT_URLS["backward"], "base URL of the backward model's server")
+    scorer_url: str = setting(DEFAULT_URLS["scorer"], "base URL of the scorer's (forward model's) server")
+    trainer_url: str = setting(TRAINER_URL, "base URL of the trainer")
+    api_key: str | None = setting(None, "bearer token of the servers and the trainer", env=API_KEY_ENV)
+    start: bool = setting(True, "start the servers and the trainer when they do not answer")
+    state_dir: Path = setting(SERVE_STATE_DIR, "state folder of `humpback serve up`")
+    trainer_data_dir: Path = setting(TRAINER_DATA_DIR, "data folder of the trainer it starts")
 
 
 class TrainConfig(_Section):
-    """Training presets (see `trainer/config.py`) per model, and an optional step override.
-
-    The demo trains five models (M_yx, M0, M1, M2, the uncurated control). On 2 cores a step of batch 8
+    """The demo trains five models (M_yx, M0, M1, M2, the uncurated control). On 2 cores a step of batch 8
     (max_length 512) takes ~35 s, ~40 s of each job is start, export and swap, and the other stages take
-    ~13 min, so 6 steps per job keep the whole run under 40 minutes. Set max_steps to null for the
-    preset's schedule.
-    """
+    ~13 min, so 6 steps per job keep the whole run under 40 minutes."""
 
-    backward_preset: str = "cpu-demo"
-    forward_preset: str = "cpu-demo"
-    max_steps: int | None = 6
+    backward_preset: PresetName = setting("cpu-demo", "training preset of the backward model (trainer/config.py)")
+    forward_preset: PresetName = setting("cpu-demo", "training preset of the forward models M0, M1, ...")
+    max_steps: int | None = setting(6, "steps of every job; null for the preset's schedule")
 
 
-class AugmentSection(_Section):
-    """max_tokens caps an instruction (a cut one is no candidate); seed is vLLM's per-request seed,
-    which CPU servers refuse (see services.guard)."""
+class CurateSection(CurateConfig):
+    """The client's curate settings, and the thresholds whose kept counts the report plots."""
 
-    max_tokens: int = 96
-    seed: int | None = None
-
-
-class CurateSection(_Section):
-    """k: min_score is the paper's A_5 ("score >= 4.5"). top_fraction, when set, replaces it by the
-    lowest score of the best-scored fraction: the demo's few-step 135M scorer puts almost every pair
-    below 2 (measured: 146 of 149 in [1, 2)), so an absolute 4.5 keeps nothing there, while its ranking
-    still separates pairs. Set top_fraction to null for the paper's rule.
-    """
-
-    mode: Literal["logprobs", "free_text"] = "logprobs"
-    min_score: float = 4.5
-    top_fraction: float | None = Field(default=0.25, gt=0.0, le=1.0)
-    thresholds: list[float] = Field(default_factory=lambda: [3.0, 3.5, 4.0, 4.5])
+    thresholds: list[float] = setting(default_factory=lambda: [3.0, 3.5, 4.0, 4.5],
+                                      help="k values whose kept counts the report shows")
 
 
 class EvalSection(_Section):
-    """What each trained model is evaluated on (sizes chosen for a 2-core CPU).
+    """What each trained model is evaluated on (sizes chosen for a 2-core CPU)."""
 
-    judge_url / judge_model: the pairwise judge (any OpenAI-compatible server); None judges with the
-        evaluated model's own server, which a 135M model does badly (see docs/eval.md).
-    nll_limit: held-out pairs whose NLL is measured (None: all of them).
-    """
+    judge_url: str | None = setting(None, "the pairwise judge (any OpenAI-compatible server); null judges with the "
+                                          "evaluated model's own server, which a 135M model does badly "
+                                          "(see docs/eval.md)")
+    judge_model: str | None = setting(None, "the judge's model name")
+    ifeval_limit: int = setting(24, "IFEval prompts")
+    pairwise_limit: int = setting(12, "pairwise-judged prompts")
+    nll_limit: int | None = setting(16, "held-out pairs whose NLL is measured (null: all of them)")
+    max_tokens: int = setting(128, "answer length cap")
+    nll: bool = setting(True, "measure the held-out NLL")
+    ablation: bool = setting(True, "train and evaluate the uncurated control")
 
-    judge_url: str | None = None
-    judge_model: str | None = None
-    ifeval_limit: int = 24
-    pairwise_limit: int = 12
-    nll_limit: int | None = 16
-    max_tokens: int = 128
-    nll: bool = True
-    ablation: bool = True
+
+# The demo's values where they differ from the client's defaults.
+DEMO: dict[str, Any] = {
+    # max_tokens caps an instruction (a cut one is no candidate): the backward model's instructions are
+    # short. seed stays unset: the CPU servers refuse vLLM's per-request seed (see services.guard).
+    "augment": {"max_tokens": 96},
+    # The demo's few-step 135M scorer puts almost every pair below 2 (measured: 146 of 149 in [1, 2)), so the
+    # paper's absolute k = 4.5 keeps nothing there, while its ranking still separates pairs: keep its best
+    # quarter. `--set curate.top_fraction=null` restores the paper's rule.
+    "curate": {"top_fraction": 0.25},
+}
+
+# Set by the loop for each stage: the served role, the job that trained it, files of the run folder.
+STAGE_FIELDS = {"augment": ("model", "checkpoint", "limit"), "curate": ("model", "checkpoint", "scored")}
 
 
 class RunConfig(_Section):
-    iterations: int = 2
+    iterations: int = setting(2, "self-training iterations (M1, M2, ...)")
     data: DataConfig = Field(default_factory=DataConfig)
     services: ServicesConfig = Field(default_factory=ServicesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    augment: AugmentSection = Field(default_factory=AugmentSection)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     curate: CurateSection = Field(default_factory=CurateSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _demo_defaults(cls, data: Any) -> Any:
+        """The demo's values under whatever the caller gives, so `{"curate": {"mode": ...}}` keeps the rest."""
+        return _merge(DEMO, data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _stage_fields_unset(self) -> RunConfig:
+        for section, names in STAGE_FIELDS.items():
+            for name in names:
+                if getattr(getattr(self, section), name) is not None:
+                    raise ValueError(f"{section}.{name} is set by the loop for each stage; remove it from the config"
+                                     + (" (data.max_segments sets the augment limit)" if name == "limit" else ""))
+        return self
 
 
 # `--quick`: the tests' preset, minutes on a CPU.
@@ -150,7 +157,9 @@ def _parse_override(item: str) -> dict[str, Any]:
 
 
 def load_config(path: Path | None = None, quick: bool = False, overrides: list[str] = ()) -> RunConfig:
-    data: dict[str, Any] = QUICK if quick else {}
+    """The run's config: `--set` overrides beat the config file, which beats the environment
+    (`HUMPBACK_API_KEY`, ...), which beats the defaults (the demo, or `QUICK`)."""
+    data: dict[str, Any] = _merge(QUICK if quick else {}, env_values(RunConfig))
     if path is not None:
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):

@@ -1,67 +1,82 @@
-"""Bring up what a run talks to: the model servers (`humpback serve up`) and the trainer service
-(`humpback trainer serve`), each only when it does not answer already. Both stay up after the run."""
+"""Bring up what a run talks to, each only when it does not answer already: the model servers
+(`services.supervisor.up`, which leaves them to supervisord) and the trainer service (a process of
+its own, `python -m trainer.api`). Both stay up after the run."""
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import httpx
-
+from humpback.contracts import ServeError
 from humpback.loop.config import ServicesConfig
+from humpback.settings import from_args, values_from
+from services.config import PER_ROLE, ServeConfig, ServerSpec, ServeSettings, default_servers
+from services.supervisor import health, up
+from trainer.config import ServiceSettings
 
 log = logging.getLogger(__name__)
 
 
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=3).status_code == 200
-    except httpx.HTTPError:
-        return False
+def _port(url: str) -> int:
+    port = urlparse(url).port
+    if port is None:
+        raise ValueError(f"{url} names no port: the run starts its services on the ports of their URLs")
+    return port
 
 
-def _port(url: str) -> str:
-    return str(urlparse(url).port)
+def _keys(cfg: ServicesConfig, *names: str) -> dict[str, str]:
+    """The run's API key for each named setting; unset, each setting falls back on its environment variable."""
+    return {name: cfg.api_key for name in names} if cfg.api_key else {}
 
 
 def ensure_servers(cfg: ServicesConfig) -> None:
-    if healthy(cfg.backward_url) and healthy(cfg.scorer_url):
+    if health(cfg.backward_url) and health(cfg.scorer_url):
         return
     if not cfg.start:
-        raise RuntimeError(f"model servers at {cfg.backward_url} / {cfg.scorer_url} do not answer (services.start is off)")
-    log.info("starting the model servers (humpback serve up); the first start compiles for a few minutes")
-    cmd = [sys.executable, "-m", "humpback", "serve", "up", "--state-dir", str(cfg.state_dir),
-           "--backward-port", _port(cfg.backward_url), "--scorer-port", _port(cfg.scorer_url)]
-    if cfg.api_key:
-        cmd += ["--api-key", cfg.api_key]
-    subprocess.run(cmd, check=True)
+        raise ServeError(f"model servers at {cfg.backward_url} / {cfg.scorer_url} do not answer "
+                         "(services.start is off)")
+    log.info("starting the model servers; the first start compiles for a few minutes")
+    settings = ServeSettings(backward_port=_port(cfg.backward_url), scorer_port=_port(cfg.scorer_url))
+    servers = default_servers(settings, **values_from(ServerSpec, _keys(cfg, "api_key"), exclude=PER_ROLE))
+    serve = ServeConfig(state_dir=cfg.state_dir, servers=servers)
+    up(serve, timeout=settings.timeout)
+    for spec in servers:
+        log.info("%s: %s (log %s)", spec.role, spec.url, serve.log_path(spec.role))
 
 
 def ensure_trainer(cfg: ServicesConfig, log_dir: Path, timeout: float = 300.0) -> None:
-    if healthy(cfg.trainer_url):
+    if health(cfg.trainer_url):
         return
     if not cfg.start:
-        raise RuntimeError(f"the trainer at {cfg.trainer_url} does not answer (services.start is off)")
+        raise ServeError(f"the trainer at {cfg.trainer_url} does not answer (services.start is off)")
+    settings = from_args(
+        ServiceSettings, _keys(cfg, "api_key", "server_api_key"), port=_port(cfg.trainer_url),
+        data_dir=cfg.trainer_data_dir.absolute(), backward_url=cfg.backward_url, scorer_url=cfg.scorer_url,
+        registry=ServeConfig(state_dir=cfg.state_dir, servers=[]).registry,
+    )
     log_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "humpback", "trainer", "serve", "--port", _port(cfg.trainer_url),
-           "--data-dir", str(cfg.trainer_data_dir), "--backward-url", cfg.backward_url,
-           "--scorer-url", cfg.scorer_url, "--registry", str(cfg.state_dir.absolute() / "registry.json")]
-    if cfg.api_key:
-        cmd += ["--server-api-key", cfg.api_key]
-    logfile = (log_dir / "trainer.log").open("ab")
-    # Its own session: the trainer outlives the run, like the servers.
-    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
-    (cfg.trainer_data_dir / "trainer.pid").parent.mkdir(parents=True, exist_ok=True)
-    (cfg.trainer_data_dir / "trainer.pid").write_text(str(proc.pid))
+    settings_path = log_dir / "trainer.settings.json"
+    # The settings may hold the API keys: readable by this user only.
+    fd = os.open(settings_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(settings.model_dump_json(indent=2))
+    with (log_dir / "trainer.log").open("ab") as logfile:
+        # Its own session: the trainer outlives the run, like the servers.
+        proc = subprocess.Popen([sys.executable, "-m", "trainer.api", str(settings_path)],
+                                stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    pid_file = settings.data_dir / "trainer.pid"
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(str(proc.pid))
     deadline = time.monotonic() + timeout
-    while not healthy(cfg.trainer_url):
+    while not health(cfg.trainer_url):
         if proc.poll() is not None:
-            raise RuntimeError(f"the trainer exited with {proc.returncode}; see {log_dir / 'trainer.log'}")
+            raise ServeError(f"the trainer exited with {proc.returncode}; see {log_dir / 'trainer.log'}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the trainer is not healthy after {timeout:.0f}s; see {log_dir / 'trainer.log'}")
+            raise ServeError(f"the trainer is not healthy after {timeout:.0f}s; see {log_dir / 'trainer.log'}")
         time.sleep(1)
     log.info("trainer up at %s (pid %d, log %s)", cfg.trainer_url, proc.pid, log_dir / "trainer.log")

@@ -56,6 +56,9 @@ async def test_logprobs_mode_scores_selects_and_plots(fake: FakeServer, candidat
     summary = await curate(candidates, out, _fan(fake.url), CurateConfig(min_score=3.5, progress=False))
     scored = [ScoredCandidate.model_validate_json(x) for x in (tmp_path / "curated.scored.jsonl").read_text().splitlines()]
     assert len(scored) == 20 and summary.input["rejected"] == 2
+    # Lines without a source are located by file and line; their own custom_id names the candidate.
+    assert {(s.candidate_id, s.source.path, s.source.line) for s in scored} == {
+        (f"{i:032x}", str(candidates), i + 1) for i in range(20)}
     assert all(1.0 <= s.score <= 5.0 and abs(sum(s.distribution.values()) - 1) < 1e-9 for s in scored)  # type: ignore[union-attr, operator]
     body = fake.bodies[0]
     assert body["structured_outputs"] == {"choice": ["1", "2", "3", "4", "5"]} and body["logprobs"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from itertools import islice
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from client.corpus import Corpus
 from client.curate import CurateConfig, curate
 from client.fanout import FanoutConfig
 from client.prepare import Preparer
-from humpback.contracts import Candidate, ScoredCandidate
-from humpback.contracts import ChatExample
+from humpback.contracts import (BAND_LABELS, UNPARSED, Candidate, ChatExample, ScoredCandidate, band_of,
+                                parse_free_text_score)
 
 pytestmark = pytest.mark.server
 DATA = Path(__file__).parent / "data" / "pip_docs.jsonl"
@@ -73,6 +74,7 @@ async def test_curate_logprobs_real_server(candidates: Path, servers, tmp_path: 
     for s in scored:
         assert s.score is not None and 1.0 <= s.score <= 5.0
         assert s.distribution is not None and abs(sum(s.distribution.values()) - 1.0) < 1e-6
+        assert s.score == pytest.approx(sum(int(d) * p for d, p in s.distribution.items()))
     for line in out.read_text().splitlines():
         ChatExample.model_validate_json(line)
     assert (tmp_path / "curated.scores.png").exists()
@@ -81,9 +83,26 @@ async def test_curate_logprobs_real_server(candidates: Path, servers, tmp_path: 
 async def test_curate_free_text_real_server(candidates: Path, servers, tmp_path: Path) -> None:  # noqa: ANN001
     few = tmp_path / "few.jsonl"
     few.write_text("".join(candidates.read_text().splitlines(keepends=True)[:6]))
+    n = len(few.read_text().splitlines())  # six, unless augment kept fewer candidates
+    out = tmp_path / "curated.jsonl"
     fan = FanoutConfig([servers.scorer_url], api_key=servers.api_key, timeout=300)
-    summary = await curate(few, tmp_path / "curated.jsonl", fan,
+    summary = await curate(few, out, fan,
                            CurateConfig(model=servers.scorer_model, mode="free_text", max_tokens=128, progress=False))
-    assert summary.extra["scored_total"] == 6 and 0.0 <= summary.extra["parse_rate"] <= 1.0
+    # A free-text answer never fails: one that states no score is recorded with score None.
+    assert summary.results["written"] == n and summary.results["failed"] == 0
     scored = [ScoredCandidate.model_validate_json(x) for x in (tmp_path / "curated.scored.jsonl").read_text().splitlines()]
-    assert all(s.raw is not None and (s.score is None or 1 <= s.score <= 5) for s in scored)
+    assert len(scored) == n == summary.extra["scored_total"]
+    # Whatever the small model says, each score is exactly what the paper's "Score: N" parse reads in
+    # its raw answer, and the parse rate, the bands and the selection are counted from those scores.
+    for s in scored:
+        assert s.mode == "free_text" and s.distribution is None and s.raw is not None
+        parsed = parse_free_text_score(s.raw)
+        assert s.score == (None if parsed is None else float(parsed))
+        if re.search(r"Score: [1-5]", s.raw):  # the paper's exact format always parses
+            assert s.score is not None
+    parsed_n = sum(s.score is not None for s in scored)
+    assert summary.extra["parse_rate"] == round(parsed_n / n, 4)
+    assert summary.extra["bands"] == {label: sum(band_of(s.score) == label for s in scored)
+                                      for label in (*BAND_LABELS, UNPARSED)}
+    assert summary.extra["selected"] == sum(s.score is not None and s.score >= 4.5 for s in scored)
+    assert len(out.read_text().splitlines()) == summary.extra["selected"]

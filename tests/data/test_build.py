@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from humpback.cli import main
+from humpback.contracts import CorpusDoc, SeedPair, normalize
 from humpback.data.build import BuildConfig, BuildResult, build_demo
 from humpback.data.catalog import CORPUS_SOURCES, SEED_SOURCES
-from humpback.data.records import CorpusDoc, SeedPair, normalize
-from humpback.cli import main
 
 from .test_parsers import DEBIAN_FAQ_HTML, PERLFAQ, PY_FAQ
 

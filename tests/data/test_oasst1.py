@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from humpback.data.build import BuildConfig, build_oasst1
-from humpback.data.oasst1 import OasstError, OasstStats, first_turn_pairs, read_messages
-from humpback.data.records import SeedPair
 from humpback.cli import main
+from humpback.contracts import OasstError, SeedPair
+from humpback.data.build import BuildConfig, build_oasst1
+from humpback.data.oasst1 import OasstStats, first_turn_pairs, read_messages
 
 FIXTURE = Path(__file__).parent / "data" / "oasst1_messages.jsonl"
 

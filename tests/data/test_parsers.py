@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from humpback.contracts import PodError
 from humpback.data.debian_faq import debian_faq_pairs
 from humpback.data.htmltext import parse_html
-from humpback.data.pod import PodError, parse_pod, perlfaq_pairs, strip_codes
+from humpback.data.pod import parse_pod, perlfaq_pairs, strip_codes
 from humpback.data.prose import documents
 from humpback.data.rst import parse_rst, strip_inline
 from humpback.data.text import qa_pairs

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from humpback.evaluation import nll
 from client.fanout import FanoutConfig
-from tests.humpback.evaluation.fake_eval_server import EvalFake, logprob
+from humpback.contracts import RequestFailed, SeedPair
+from humpback.evaluation import nll
+from tests.evaluation.fake_eval_server import EvalFake, logprob
 
 
 @pytest.fixture
@@ -51,8 +52,6 @@ async def test_nll_of_known_logprobs(server: EvalFake, tmp_path: Path) -> None:
 
 
 def test_response_nll_rejects_a_mismatched_answer() -> None:
-    from client.fanout import RequestFailed
-
     with pytest.raises(RequestFailed, match=r"prompt_logprobs\[1\] lacks token 7"):
         nll.response_nll([None, {"8": {"logprob": -1.0}}], [5, 7], 1)
 
@@ -65,8 +64,6 @@ def test_bad_seed_line_is_named(tmp_path: Path) -> None:
 
 
 async def test_nll_reads_humpback_seed_records(server: EvalFake, tmp_path: Path) -> None:
-    from humpback.data.records import SeedPair
-
     seed = tmp_path / "heldout.jsonl"
     seed.write_text(SeedPair.make("Hi?", "Hello.", "perlfaq", "GPL-1+").model_dump_json() + "\n")
     s = await nll.run_nll(seed, tmp_path / "out", FanoutConfig(endpoints=[server.url], max_retries=0))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from client.fanout import FanoutConfig
 from humpback.evaluation import pairwise
 from humpback.evaluation.common import GenerationConfig
 from humpback.evaluation.records import PairwiseRow
-from client.fanout import FanoutConfig
-from tests.humpback.evaluation.fake_eval_server import EvalFake
+from tests.evaluation.fake_eval_server import EvalFake
 
 
 def _row(won_first: bool, won_second: bool, p_first: float = 0.5, p_second: float = 0.5) -> PairwiseRow:

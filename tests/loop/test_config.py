@@ -8,14 +8,63 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from humpback.loop.config import load_config
+from client.augment import AugmentConfig
+from client.curate import CurateConfig
+from humpback.loop.cli import RunArgs
+from humpback.loop.config import RunConfig, load_config
+from humpback.settings import flags, from_args, parser_flags
+from tests.subcommand import subcommand
+from trainer.config import PRESETS
 
 
 def test_defaults_are_the_cpu_demo():
     cfg = load_config()
+    assert cfg == RunConfig()
     assert cfg.iterations == 2
     assert cfg.curate.min_score == 4.5
     assert cfg.data.build_demo and cfg.services.start
+
+
+def test_augment_and_curate_are_the_clients_configs_with_the_demo_values():
+    cfg = load_config()
+    assert isinstance(cfg.augment, AugmentConfig) and isinstance(cfg.curate, CurateConfig)
+    assert cfg.augment == AugmentConfig(max_tokens=96)
+    assert cfg.curate.top_fraction == 0.25 and CurateConfig().top_fraction is None
+    assert cfg.curate.model_dump(exclude={"thresholds"}) == CurateConfig(top_fraction=0.25).model_dump()
+    # A section given in part keeps the demo's other values.
+    partial = load_config(overrides=["augment.seed=1", "curate.mode=free_text"])
+    assert (partial.augment.seed, partial.augment.max_tokens) == (1, 96)
+    assert (partial.curate.mode, partial.curate.top_fraction) == ("free_text", 0.25)
+    assert load_config(overrides=["curate.top_fraction=null"]).curate.top_fraction is None  # the paper's rule
+    assert load_config(overrides=["augment.temperature=0.2"]).augment.temperature == 0.2
+
+
+@pytest.mark.parametrize("override", ["curate.top_fraction=0", "curate.top_fraction=1.5"])
+def test_top_fraction_is_validated_by_the_clients_config(override):
+    with pytest.raises(ValidationError, match="curate.top_fraction"):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("override", ["augment.model=x", "augment.limit=3", "curate.scored=s.jsonl"])
+def test_values_the_loop_sets_per_stage_are_refused(override):
+    with pytest.raises(ValidationError, match="set by the loop"):
+        load_config(overrides=[override])
+
+
+def test_presets_are_the_trainers():
+    for name in PRESETS:
+        assert load_config(overrides=[f"train.forward_preset={name}"]).train.forward_preset == name
+    with pytest.raises(ValidationError, match="backward_preset"):
+        load_config(overrides=["train.backward_preset=nope"])
+
+
+def test_run_flags_are_run_args_fields():
+    parser = subcommand("run")
+    assert parser_flags(parser) == set(flags(RunArgs)) | {"--no-quick"}
+    assert {"--config", "--quick", "--out", "--set"} <= parser_flags(parser)
+    assert from_args(RunArgs, parser.parse_args([])) == RunArgs()
+    args = from_args(RunArgs, parser.parse_args(["--quick", "--out", "r", "--set", "a.b=1", "--set", "c.d=2"]))
+    assert (args.quick, args.out, args.overrides) == (True, Path("r"), ["a.b=1", "c.d=2"])
 
 
 def test_quick_shrinks_sizes():
@@ -23,6 +72,7 @@ def test_quick_shrinks_sizes():
     assert quick.iterations == 1
     assert quick.data.max_segments < full.data.max_segments
     assert quick.train.forward_preset == "cpu-test"
+    assert (quick.augment.max_tokens, quick.curate.min_score, quick.curate.top_fraction) == (48, 1.0, None)
 
 
 def test_file_then_overrides(tmp_path):
@@ -64,3 +114,12 @@ def test_stages_skip_finished_and_count_attempts(tmp_path: Path) -> None:
     assert result["out"] == 1 and result["attempts"] == 2 and result["since_first_start_s"] >= result["elapsed_s"]
     assert stages.run("s", lambda: {"out": 2})["out"] == 1  # finished: skipped
     assert set(stages.all()) == {"s"}
+
+
+def test_the_stack_key_comes_from_the_environment_below_file_and_set(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HUMPBACK_API_KEY", "from-env")
+    assert load_config().services.api_key == "from-env"
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text('{"services": {"api_key": "from-file"}}')
+    assert load_config(cfg_file).services.api_key == "from-file"
+    assert load_config(cfg_file, overrides=["services.api_key=from-set"]).services.api_key == "from-set"

@@ -1,22 +1,135 @@
-"""The quick loop end to end on the real servers and the real trainer, then resumed after
-interruptions between stages and inside them."""
+"""The loop: its side of the trainer (wire models, the deploy route) and how it starts the trainer,
+without model servers; then the quick loop end to end on the real servers and the real trainer,
+resumed after interruptions between stages and inside them."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
+import statistics
+import time
+from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from humpback.contracts import CreateJobRequest, Deployment, JobError, JobFailed, ServeError
+from humpback.evaluation.records import IFEvalRow, NllRow, PairwiseRow
+from humpback.loop.config import ServicesConfig
+from humpback.loop.services import ensure_servers, ensure_trainer
 from humpback.loop.stages import Stages
-from services.registry import Registry
-from tests.conftest import humpback
-
-pytestmark = pytest.mark.server
+from humpback.loop.trainer_client import TrainerClient
+from services.hotswap import swap_checkpoint
+from services.registry import Registry, record_swap
+from tests.conftest import MODEL_DIR, humpback
+from trainer.api import create_app
+from trainer.config import ServiceSettings
+from trainer.store import Store, now
 
 TRAINER_PORT = 18100
+KEY = "loop-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the trainer, as the loop sees it ---------------------------------------------------------------
+
+
+@pytest.fixture
+def trainer(tmp_path: Path) -> tuple[TrainerClient, Store]:
+    """The loop's client on the trainer's app in-process (no worker: jobs stay as the test puts them),
+    and the trainer's store."""
+    settings = ServiceSettings(data_dir=tmp_path / "trainer", api_key=KEY, registry=tmp_path / "registry.json",
+                               backward_url="http://127.0.0.1:9", scorer_url="http://127.0.0.1:9")
+    app = create_app(settings)
+    client = TrainerClient("http://testserver", KEY)
+    client.http.close()
+    client.http = TestClient(app, base_url="http://testserver/v1", headers={"Authorization": f"Bearer {KEY}"})
+    return client, app.state.service.store
+
+
+def test_trainer_client_reads_the_wire_models(trainer, tmp_path: Path) -> None:
+    client, store = trainer
+    examples = tmp_path / "train.jsonl"
+    examples.write_text('{"messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]}\n')
+    file = client.upload(examples)
+    assert (file.filename, file.bytes) == ("train.jsonl", examples.stat().st_size)
+    job = client.create_job(CreateJobRequest(model="scorer", training_file=file.id, suffix="m1",
+                                             metadata={"deploy_to": "scorer"}, seed=0))
+    assert client.job(job.id) == job and job.status == "queued"
+
+    # Events come back oldest first across the API's pages of 100.
+    for i in range(150):
+        store.add_event(job.id, f"event {i}", data={"step": i}, type="metrics")
+    events = client.events(job.id)
+    assert [e.message for e in events] == ["Created fine-tuning job: " + job.id] + [f"event {i}" for i in range(150)]
+    assert events[-1].data == {"step": 149} and events[-1].type == "metrics"
+
+    # A succeeded job the scorer serves already: the deploy answers without a swap (no server listens).
+    final = tmp_path / "trainer" / "checkpoints" / job.id / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    store.update_job(job.id, export_dir=str(final))
+    store.transition(job.id, ("queued",), "succeeded", fine_tuned_model="ft:scorer:humpback:m1:x", finished_at=now())
+    record_swap(tmp_path / "registry.json", "scorer", job.id, str(final), "reload", "ft:scorer:humpback:m1:x")
+    assert client.wait(job.id, poll=0).fine_tuned_model == "ft:scorer:humpback:m1:x"
+    assert client.deploy(job.id, "scorer") == Deployment(
+        fine_tuning_job_id=job.id, fine_tuned_model="ft:scorer:humpback:m1:x", role="scorer", swapped=False)
+    with pytest.raises(JobFailed, match="trainer answered 502: .*not deployed to backward"):
+        client.deploy(job.id, "backward")
+
+    failed = client.create_job(CreateJobRequest(model="scorer", training_file=file.id))
+    store.transition(failed.id, ("queued",), "failed", error=JobError(code="training_failed", message="boom"))
+    with pytest.raises(JobFailed, match=f"^job {failed.id} failed: training_failed: boom$"):
+        client.wait(failed.id, poll=0)
+
+
+def test_services_that_do_not_answer_are_not_started_when_told_so(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = ServicesConfig(backward_url=dead, scorer_url=dead, trainer_url=dead, start=False)
+    with pytest.raises(ServeError, match=f"model servers at {dead} / {dead} do not answer"):
+        ensure_servers(cfg)
+    with pytest.raises(ServeError, match=f"the trainer at {dead} does not answer"):
+        ensure_trainer(cfg, tmp_path / "logs")
+
+
+def test_ensure_trainer_starts_the_service_from_its_settings(tmp_path: Path) -> None:
+    cfg = ServicesConfig(backward_url="http://127.0.0.1:18091", scorer_url="http://127.0.0.1:18092",
+                         trainer_url=f"http://127.0.0.1:{free_port()}", api_key=KEY, state_dir=tmp_path / "serve",
+                         trainer_data_dir=tmp_path / "trainer")
+    ensure_trainer(cfg, tmp_path / "logs", timeout=120)
+    pid = int((tmp_path / "trainer" / "trainer.pid").read_text())
+    try:
+        settings_file = tmp_path / "logs" / "trainer.settings.json"
+        assert settings_file.stat().st_mode & 0o777 == 0o600  # it holds the key
+        settings = ServiceSettings.model_validate_json(settings_file.read_bytes())
+        assert (settings.port, settings.data_dir, settings.registry) == (
+            int(cfg.trainer_url.rsplit(":", 1)[1]), tmp_path / "trainer", tmp_path / "serve" / "registry.json")
+        assert (settings.api_key, settings.server_api_key, settings.backward_url, settings.scorer_url) == (
+            KEY, KEY, cfg.backward_url, cfg.scorer_url)
+        # The run's key guards the trainer it started.
+        assert httpx.get(f"{cfg.trainer_url}/v1/fine_tuning/jobs").status_code == 401
+        jobs = httpx.get(f"{cfg.trainer_url}/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {KEY}"})
+        assert (jobs.status_code, jobs.json()["data"]) == (200, [])
+        assert (tmp_path / "trainer" / "trainer.sqlite3").is_file()
+        ensure_trainer(cfg, tmp_path / "logs", timeout=1)  # answers already: nothing started
+        assert int((tmp_path / "trainer" / "trainer.pid").read_text()) == pid
+    finally:
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and b"trainer.api" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "the trainer did not stop"
+        time.sleep(0.2)
+
+
+# --- the quick loop on the real stack -------------------------------------------------------------
 
 
 def run_loop(servers, tmp_path):
@@ -37,9 +150,15 @@ def lines(path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def trainer_jobs() -> list[str]:
-    resp = httpx.get(f"http://127.0.0.1:{TRAINER_PORT}/v1/fine_tuning/jobs", params={"limit": 100}, timeout=30)
+def trainer_jobs(servers) -> list[str]:
+    resp = httpx.get(f"http://127.0.0.1:{TRAINER_PORT}/v1/fine_tuning/jobs", params={"limit": 100},
+                     headers=servers.headers, timeout=30)
     return sorted(job["id"] for job in resp.json()["data"])
+
+
+def records(path: Path, model):
+    with path.open(encoding="utf-8") as f:
+        return [model.model_validate_json(line) for line in f]
 
 
 @pytest.fixture
@@ -53,6 +172,7 @@ def loop_dir(tmp_path):
             pass
 
 
+@pytest.mark.server
 def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     first = run_loop(servers, loop_dir)
     assert first.returncode == 0, first.stderr[-5000:]
@@ -66,6 +186,8 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     registry = Registry.load(servers.registry)
     assert registry.roles["backward"].version == stages["train_backward"]["job"]
     assert registry.roles["scorer"].version == stages["train_uncurated"]["job"]
+    assert registry.roles["scorer"].aliases == [stages["train_uncurated"]["fine_tuned_model"]]
+    assert stages["train_backward"]["swap_stall_s"] > 0
 
     candidates = lines(stages["augment"]["candidates"])
     assert candidates and all(c["instruction"].strip() for c in candidates)
@@ -73,36 +195,56 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     assert all(c["checkpoint"] == stages["train_backward"]["job"] for c in candidates)
     scored = lines(stages["curate_1"]["scored"])
     assert len(scored) == len(candidates)
-    assert all(1.0 <= s["score"] <= 5.0 for s in scored)
+    for s in scored:  # the expected score over the scorer's digit distribution, by M0
+        assert (s["mode"], s["scorer_checkpoint"]) == ("logprobs", stages["train_m0"]["job"])
+        assert sum(s["distribution"].values()) == pytest.approx(1.0)
+        assert s["score"] == pytest.approx(sum(int(d) * p for d, p in s["distribution"].items()))
+    assert stages["curate_1"]["kept_per_threshold"] == {
+        str(k): sum(s["score"] >= k for s in scored) for k in (3.0, 3.5, 4.0, 4.5)}
     curated = lines(stages["curate_1"]["curated"])
     assert len(curated) == sum(1 for s in scored if s["score"] >= 1.0) > 0  # the quick preset keeps all
     assert all(c["messages"][0]["content"] == "Answer with knowledge from web search." for c in curated)
     assert stages["train_m1"]["examples"] == stages["train_m0"]["examples"] + len(curated)
 
+    # Each model's numbers are those of its rows on disk.
     for name in ("m0", "m1", "uncurated"):
-        ev = stages[f"eval_{name}"]
-        assert ev["ifeval"]["n"] == 3 and 0.0 <= ev["ifeval"]["prompt_loose"] <= 1.0
-        assert ev["pairwise"]["n"] == 2 and 0.0 <= ev["pairwise"]["win_rate"] <= 1.0
-        assert ev["nll"]["mean"] > 0
+        ev, out = stages[f"eval_{name}"], run / "eval" / name
+        ifeval = records(out / "ifeval.rows.jsonl", IFEvalRow)
+        assert ev["ifeval"]["n"] == len(ifeval) == 3
+        assert ev["ifeval"]["prompt_loose"] == sum(all(r.loose) for r in ifeval) / 3
+        pairwise = records(out / "pairwise.rows.jsonl", PairwiseRow)
+        assert ev["pairwise"]["n"] == len(pairwise) == 2
+        assert ev["pairwise"]["win_rate"] == pytest.approx(statistics.fmean(r.score for r in pairwise))
+        assert ev["pairwise"]["wins"] + ev["pairwise"]["ties"] + ev["pairwise"]["losses"] == 2
+        nll = [r.nll_mean for r in records(out / "nll.rows.jsonl", NllRow) if r.nll_mean is not None]
+        assert ev["nll"]["n"] == len(nll) == 4
+        assert ev["nll"]["mean"] == pytest.approx(statistics.fmean(nll))
+        half = 1.959964 * statistics.stdev(nll) / len(nll) ** 0.5
+        assert ev["nll"]["ci"] == pytest.approx([ev["nll"]["mean"] - half, ev["nll"]["mean"] + half], rel=1e-5)
     assert "data:image/png;base64," in (run / "report.html").read_text()
     assert json.loads((run / "config.json").read_text())["iterations"] == 1
 
     # Interruptions: between stages (the last two markers gone), inside a training stage (its job was
-    # created, the stage never finished), and inside augment (half the journal lost, a torn line).
-    jobs_before = trainer_jobs()
+    # created, the stage never finished), and inside augment (half the journal lost, a torn line); and
+    # the backward server restarted on its base weights, so M_yx must be deployed again.
+    jobs_before = trainer_jobs(servers)
     (run / "stages" / "eval_uncurated.json").unlink()
     (run / "stages" / "train_uncurated.json").unlink()
     (run / "stages" / "augment.json").unlink()
     journal = run / "augment" / "candidates.jsonl"
     kept = journal.read_text().splitlines(keepends=True)[: len(candidates) // 2]
     journal.write_text("".join(kept) + '{"custom_id": "torn')
+    swap_checkpoint(servers.backward_url, MODEL_DIR, role="backward", version="base", api_key=servers.api_key,
+                    registry=servers.registry)
 
     second = run_loop(servers, loop_dir)
     assert second.returncode == 0, second.stderr[-5000:]
     log = second.stderr
     for name in ("train_backward", "train_m0", "eval_m0", "curate_1", "train_m1", "eval_m1"):
         assert f"stage {name}: done earlier, skipped" in log
-    assert trainer_jobs() == jobs_before  # the interrupted training stage waited for its job, started none
+    assert trainer_jobs(servers) == jobs_before  # the interrupted training stage waited for its job, started none
+    assert f"re-deployed {stages['train_backward']['fine_tuned_model']} to backward" in log
+    assert Registry.load(servers.registry).roles["backward"].version == stages["train_backward"]["job"]
     again = Stages(run).all()
     assert again["train_uncurated"]["job"] == stages["train_uncurated"]["job"]
     resumed = [c["custom_id"] for c in lines(journal)]

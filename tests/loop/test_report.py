@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import subprocess
 
 import pytest
 
+from humpback.contracts import ScoredCandidate, Source, write_jsonl
 from humpback.loop.report import render
 from humpback.loop.stages import Stages
 
@@ -20,11 +20,10 @@ def make_run(tmp_path):
     rng = random.Random(0)
     for t in (1, 2):
         scored = run / "curate" / f"scored{t}.jsonl"
-        scored.parent.mkdir(parents=True, exist_ok=True)
-        with scored.open("w") as f:
-            for i in range(60):
-                f.write(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i} <b>x</b>",
-                                    "score": round(rng.uniform(1, 5), 2)}) + "\n")
+        write_jsonl(scored, (ScoredCandidate(
+            custom_id=f"score-{i}", candidate_id=f"cand-{i}", instruction=f"Question {i}?",
+            output=f"Answer {i} <b>x</b>", source=Source(path="corpus.jsonl", line=i + 1), mode="logprobs",
+            score=round(rng.uniform(1, 5), 2), scorer_model="scorer") for i in range(60)))
         stages.run(f"curate_{t}", lambda: {"scored": str(scored), "scorer": f"m{t - 1}",
                                            "kept_per_threshold": {"3.0": 30, "4.5": 8 * t},
                                            "summary": {"results": {"scored": 60}}})

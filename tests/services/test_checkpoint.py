@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.checkpoint import CheckpointError, validate_adapter, validate_checkpoint
+from humpback.contracts import CheckpointError
+from services.checkpoint import validate_adapter, validate_checkpoint
 from tests.services.helpers import copy_small_files, edit_config, linked_checkpoint
 
 

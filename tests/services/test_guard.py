@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,8 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV
 from services.guard import AdminGuard
-from services.registry import record_swap
+from services.registry import Registry, record_swap
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def echo(request: Request) -> JSONResponse:
@@ -22,11 +28,11 @@ async def echo(request: Request) -> JSONResponse:
 
 
 def make_app(monkeypatch: pytest.MonkeyPatch, registry=None, allow: str = "") -> AdminGuard:
-    monkeypatch.setenv("HUMPBACK_ADMIN_ALLOW", allow)
+    monkeypatch.setenv(ADMIN_ALLOW_ENV, allow)
     if registry is not None:
-        monkeypatch.setenv("HUMPBACK_REGISTRY", str(registry))
+        monkeypatch.setenv(REGISTRY_ENV, str(registry))
     else:
-        monkeypatch.delenv("HUMPBACK_REGISTRY", raising=False)
+        monkeypatch.delenv(REGISTRY_ENV, raising=False)
     paths = ["/health", "/v1/chat/completions", "/v1/completions", "/v1/load_lora_adapter",
              "/collective_rpc", "/pause", "/resume", "/sleep", "/reset_prefix_cache"]
     app = Starlette(routes=[Route(p, echo, methods=["GET", "POST"]) for p in paths])
@@ -79,17 +85,44 @@ async def test_alias_maps_to_role_after_swap(monkeypatch, tmp_path):
         assert resp.json()["body"]["model"] == "ft:scorer:m1"
         resp = await c.post("/v1/completions", json={"model": "ft:scorer:m2", "prompt": "x"})
         assert resp.json()["body"]["model"] == "scorer"
+    assert Registry.load(registry).aliases() == {"ft:scorer:m2": "scorer"}
+
+
+def test_aliases_of_every_role_and_not_adapters(tmp_path):
+    registry = tmp_path / "registry.json"
+    record_swap(registry, "scorer", "m1", "/ckpt/m1", "reload", "ft:scorer:m1")
+    record_swap(registry, "backward", "b1", "/ckpt/b1", "reload", "ft:backward:b1")
+    # An adapter is requested by its own name and leaves the full weights (and their alias) in place.
+    record_swap(registry, "backward", "b2", "/ckpt/b2", "lora", "backward-b2")
+    assert Registry.load(registry).aliases() == {"ft:scorer:m1": "scorer", "ft:backward:b1": "backward"}
+    assert Registry.load(registry).roles["backward"].adapters == ["backward-b2"]
+    # New full weights served under the role's own name: the old alias goes, and no new one comes.
+    record_swap(registry, "scorer", "m0", "/ckpt/m0", "reload", "scorer")
+    assert Registry.load(registry).aliases() == {"ft:backward:b1": "backward"}
+
+
+def test_guard_imports_only_what_the_vllm_image_mounts():
+    """compose mounts only `services/` and `humpback/` into the vLLM image: the guard must not pull in
+    the client, the trainer, the loop or anything beyond starlette and pydantic."""
+    code = ("import sys, services.guard; "
+            "print('\\n'.join(m for m in sys.modules if m.split('.')[0] in "
+            "('services', 'humpback', 'client', 'trainer', 'httpx', 'fastapi', 'torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    loaded = set(out.split())
+    assert {"services.guard", "services.registry", "humpback.contracts"} <= loaded
+    assert {m for m in loaded if not m.startswith(("services.guard", "services.registry", "humpback.contracts"))} \
+        <= {"services", "humpback"}
 
 
 async def test_seed_refused_on_cpu_servers(monkeypatch):
-    monkeypatch.setenv("HUMPBACK_REJECT_SEED", "1")
+    monkeypatch.setenv(REJECT_SEED_ENV, "1")
     app = make_app(monkeypatch)
     async with client(app, "127.0.0.1") as c:
         resp = await c.post("/v1/chat/completions", json={"model": "backward", "messages": [], "seed": 3})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "seed"
         ok = await c.post("/v1/chat/completions", json={"model": "backward", "messages": [], "seed": None})
         assert ok.status_code == 200 and ok.json()["body"]["model"] == "backward"
-    monkeypatch.setenv("HUMPBACK_REJECT_SEED", "0")
+    monkeypatch.setenv(REJECT_SEED_ENV, "0")
     app = make_app(monkeypatch)
     async with client(app, "127.0.0.1") as c:
         resp = await c.post("/v1/completions", json={"model": "backward", "prompt": "x", "seed": 3})

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
 
-from services.config import ServerSpec, cpu_binds, default_servers
-from services.launch import FALLBACK_CHAT_TEMPLATE, model_to_serve, reap_previous, vllm_argv, vllm_env
+import pytest
+
+from humpback.contracts import API_KEY_ENV
+from humpback.settings import flags, parser_flags
+from services.config import ServeConfig, ServerSpec, cpu_binds, default_servers
+from services.launch import (
+    FALLBACK_CHAT_TEMPLATE, LaunchSettings, model_to_serve, parser, reap_previous, resolve, vllm_argv, vllm_env,
+)
+from services.supervisor import _conf
 from services.registry import Registry, record_swap
 from tests.services.helpers import linked_checkpoint
 
@@ -40,9 +48,10 @@ def test_argv_serves_role_with_guard_and_sized_cache(model_dir):
 
 
 def test_gpu_argv_enables_lora_and_memory_fraction(model_dir):
-    spec = ServerSpec(role="backward", port=9, device="cuda", model=str(model_dir))
+    spec = ServerSpec(role="backward", port=9, device="cuda", model=str(model_dir), max_loras=3)
     argv = vllm_argv(spec, str(model_dir))
-    assert "--enable-lora" in argv and "--gpu-memory-utilization" in argv
+    assert "--enable-lora" in argv and argv[argv.index("--max-loras") + 1] == "3"
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.45"
     assert "--kv-cache-memory-bytes" not in argv
 
 
@@ -82,3 +91,40 @@ def test_reap_previous_kills_the_old_process_group(tmp_path):
     reap_previous(pgid_file)
     assert orphan.wait(timeout=10) == -signal.SIGKILL
     assert pgid_file.read_text() == str(os.getpgrp())
+
+
+def test_launcher_flags_are_the_fields_of_its_settings_and_the_spec():
+    bools = {"--no-enable-lora"}
+    assert parser_flags(parser()) == set(flags(LaunchSettings)) | set(flags(ServerSpec)) | bools
+
+
+def test_spec_from_flags_and_the_key_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    launch, spec = resolve([
+        "--role", "scorer", "--port", "8000", "--device", "cuda", "--max-loras", "3", "--no-enable-lora",
+        "--registry", str(tmp_path / "r.json"), "--admin-allow", "10.0.0.0/8", "--vllm-arg=--enforce-eager",
+    ])
+    assert (launch.spec_file, launch.registry, launch.admin_allow) == (None, tmp_path / "r.json", ["10.0.0.0/8"])
+    assert (spec.role, spec.port, spec.device, spec.max_loras, spec.lora) == ("scorer", 8000, "cuda", 3, False)
+    assert (spec.api_key, spec.extra_args) == ("from-env", ["--enforce-eager"])
+
+
+def test_without_a_spec_file_role_and_port_are_required(capsys):
+    with pytest.raises(SystemExit) as exc:
+        resolve(["--role", "scorer"])
+    assert exc.value.code == 2 and "port" in capsys.readouterr().err
+
+
+def test_the_supervisor_command_launches_the_written_spec(tmp_path):
+    specs = default_servers()
+    cfg = ServeConfig(state_dir=tmp_path, servers=specs, admin_allow=["10.0.0.0/8", "192.168.0.0/16"])
+    commands = [line.removeprefix("command=") for line in _conf(cfg).splitlines() if line.startswith("command=")]
+    assert len(commands) == len(specs)
+    for spec, command in zip(specs, commands):
+        cfg.spec_path(spec.role).parent.mkdir(parents=True, exist_ok=True)
+        cfg.spec_path(spec.role).write_text(spec.model_dump_json())
+        argv = shlex.split(command)
+        assert argv[:3] == [sys.executable, "-m", "services.launch"]
+        launch, launched = resolve(argv[3:])
+        assert launched == spec and launch.spec_file == cfg.spec_path(spec.role)
+        assert (launch.registry, launch.admin_allow) == (cfg.registry, cfg.admin_allow)

@@ -19,7 +19,7 @@ import uvicorn
 from tests.conftest import MODEL_DIR
 from trainer.api import create_app
 from trainer.config import ServiceSettings
-from trainer.data import seed_forward_examples, write_jsonl
+from humpback.contracts import SeedPair, seed_forward_examples, write_jsonl
 
 TRAINER_KEY = "trainer-test-key"
 # Nothing listens here: jobs that do not deploy never call it.
@@ -77,8 +77,9 @@ def trainer_service(tmp_path: Path) -> Iterator[RunningService]:
 
 @pytest.fixture
 def train_file(tmp_path: Path) -> Path:
-    pairs = [(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(8)]
-    return write_jsonl(seed_forward_examples(pairs), tmp_path / "train.jsonl")
+    pairs = [SeedPair.make(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.", "test", "CC0") for i in range(8)]
+    write_jsonl(tmp_path / "train.jsonl", seed_forward_examples(pairs))
+    return tmp_path / "train.jsonl"
 
 
 def wait_for(client: openai.OpenAI, job_id: str, statuses: set[str], timeout: float = 300) -> openai.types.fine_tuning.FineTuningJob:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, SEED_SYSTEM_PROMPT, backward_messages
+import pytest
+from pydantic import ValidationError
+
+from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, SEED_SYSTEM_PROMPT, SeedPair, backward_messages, seed_backward_examples, seed_forward_examples
 from trainer.config import PRESETS, paper_batch_size, paper_steps
-from trainer.data import seed_backward_examples, seed_forward_examples
 from trainer.serving import ApiError, validate_jsonl
+from trainer.train import TrainSpec
 
 
 def test_paper_schedule() -> None:
@@ -19,8 +22,18 @@ def test_paper_schedule() -> None:
     assert paper.resolve_steps(100, 8, 3) == 39  # n_epochs wins over the schedule
 
 
+def test_train_spec_is_a_resolved_preset(tmp_path: Path) -> None:
+    run = dict(base_model=tmp_path / "m", training_file=tmp_path / "t.jsonl", output_dir=tmp_path / "o",
+               export_dir=tmp_path / "e", seed=3)
+    spec = TrainSpec(**PRESETS["cpu-demo"].model_dump(), **run)
+    assert (spec.learning_rate, spec.batch_size, spec.max_steps, spec.max_length) == (2e-4, 8, 30, 512)
+    assert TrainSpec.model_validate_json(spec.model_dump_json()) == spec  # the file the training process reads
+    with pytest.raises(ValidationError, match="batch_size|max_steps"):  # the worker decides them, never the run
+        TrainSpec(**PRESETS["paper-lora"].model_dump(), **run)
+
+
 def test_data_builders_tag_seed_and_reuse_the_inference_prompt() -> None:
-    pairs = [("Name a prime.", "Seven is prime.")]
+    pairs = [SeedPair.make("Name a prime.", "Seven is prime.", "test", "CC0")]
     forward = seed_forward_examples(pairs)[0]
     assert forward.messages[0].content == SEED_SYSTEM_PROMPT != AUGMENTED_SYSTEM_PROMPT
     backward = seed_backward_examples(pairs)[0].prompt_completion()

@@ -1,0 +1,127 @@
+"""One loop for every task, online or from a batch: `run` appends each answer's record to a resumable
+journal, or a `Failure` to the failures file; `online` answers by POSTing through the fan-out,
+`client.batch` by looking the answer up in a batch's results. Also what every run shares: its
+summary, its side-file names, and the served model's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+from client.fanout import Fanout, RequestFailed
+from client.journal import Journal, LineWriter
+from client.progress import Progress
+from client.tasks import Item, Job, Parsed, Task
+from humpback.contracts import BatchRequest, Failure
+
+
+@dataclass
+class RunSummary:
+    """What a run did, per stage; written next to the output as `<out>.summary.json`."""
+
+    input: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    prepare: Counter[str] = field(default_factory=Counter)
+    results: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    extra: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: it mangles Counters
+        d = {k: dict(v) if isinstance(v, Counter) else v for k, v in d.items()}
+        d["elapsed_s"] = round(self.elapsed_s, 3)
+        return d
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def side_path(out: Path, kind: str) -> Path:
+    """`out.jsonl` -> `out.<kind>` (errors.jsonl, failed.jsonl, summary.json ...)."""
+    stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(f"{stem}.{kind}")
+
+
+def reason_key(reason: str) -> str:
+    """A failure reason without the variable parts (URLs, bodies), for counting in a summary."""
+    return reason.split(":", 1)[0].split(" from ", 1)[0][:80]
+
+
+class Answer(Protocol):
+    """Where answers come from: `parse(body)` of the answer to `request`, or `RequestFailed`."""
+
+    def __call__(self, request: BatchRequest, parse: Callable[[dict[str, Any]], Parsed]) -> Awaitable[Parsed]: ...
+
+
+def online(fan: Fanout, usage: Counter[str] | None = None) -> Answer:
+    """Answers from the servers: POST each request through `fan` (retrying as it is configured).
+    `usage` counts the completion tokens of every answer, unusable ones too: that is the work the
+    servers did."""
+
+    async def answer(request: BatchRequest, parse: Callable[[dict[str, Any]], Parsed]) -> Parsed:
+        def check(body: dict[str, Any]) -> Parsed:
+            if usage is not None:
+                usage["completion_tokens"] += int((body.get("usage") or {}).get("completion_tokens") or 0)
+            return parse(body)
+
+        return await fan.post(request.url, request.body, check)
+
+    return answer
+
+
+async def run(task: Task[Item, Parsed], jobs: Iterable[Job[Item]], answer: Answer, journal: Journal,
+              failed: LineWriter, summary: RunSummary, progress: Progress, max_inflight: int = 1) -> None:
+    """Answer every job not yet in `journal`, at most `max_inflight` at once (the producer waits, so
+    memory stays flat); append `task.record(...)` of each parsed answer as it arrives, or a `Failure`
+    to `failed` (retried on the next run). A `custom_id` is claimed when asked, so duplicates go once."""
+    pending = asyncio.Semaphore(max_inflight)
+    running: set[asyncio.Task[None]] = set()
+
+    async def one(job: Job[Item]) -> None:
+        cid = job.request.custom_id
+        try:
+            parsed = await answer(job.request, task.parse)
+            journal.append(task.record(cid, job.item, parsed).model_dump_json())
+            summary.results["written"] += 1
+            progress.advance(job.pos, done=1)
+        except RequestFailed as exc:
+            summary.failures[reason_key(exc.reason)] += 1
+            failed.write(Failure(custom_id=cid, source=job.source, reason=exc.reason,
+                                 attempts=exc.attempts).model_dump_json())
+            progress.advance(job.pos, failed=1)
+        finally:
+            pending.release()
+
+    for job in jobs:
+        if job.request.custom_id in journal.done:
+            summary.results["skipped_done"] += 1
+            progress.advance(job.pos)
+            continue
+        journal.done.add(job.request.custom_id)
+        await pending.acquire()
+        t = asyncio.create_task(one(job))
+        running.add(t)
+        t.add_done_callback(running.discard)
+    if running:
+        await asyncio.gather(*running)
+
+
+async def served_model(fan: Fanout, model: str | None) -> tuple[str, str | None]:
+    """(served name, weights root) of `model`, or of the first model listed when None."""
+    listing = (await fan.get_json("/v1/models")).get("data") or []
+    for entry in listing:
+        if model is None or entry.get("id") == model:
+            return entry["id"], entry.get("root")
+    if model is not None:
+        return model, None  # hosted APIs may not list every model they serve
+    raise RequestFailed("the endpoint lists no model; pass --model", 1)

@@ -1,0 +1,69 @@
+"""Deployment: a job's exported model hot-swapped into a role's server, recorded on the job.
+
+One code path for both ways a model gets deployed: by the worker right after training (when the
+job's `metadata.deploy_to` names a role), and on request (`POST /v1/fine_tuning/jobs/{id}/deploy`),
+for instance by the loop after a server restart put the base weights back.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+
+from humpback.contracts import CheckpointError, Role, SwapError
+from services.hotswap import SwapResult, served_version, swap_checkpoint
+from trainer.config import ServiceSettings
+from trainer.metrics import TrainerMetrics
+from trainer.store import Store
+
+
+class Deployer:
+    """Swaps exported models into the role servers, one swap at a time."""
+
+    def __init__(self, settings: ServiceSettings, store: Store, metrics: TrainerMetrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        # The worker's swap after training and a requested one may meet: both pause the same server.
+        self._lock = threading.Lock()
+
+    def serves(self, role: Role, job_id: str) -> bool:
+        """Whether `role`'s server serves job `job_id`'s model now, by the servers' registry."""
+        return served_version(role, self.settings.registry) == job_id
+
+    def deploy(self, job_id: str, role: Role, export_dir: Path, name: str) -> SwapResult:
+        """Swap `export_dir` into `role`'s server as job `job_id`'s model `name`.
+
+        Raises SwapError when the folder is unfit or the server failed the swap; either way the
+        server keeps its previous weights."""
+        with self._lock:
+            return self._swap(job_id, role, export_dir, name)
+
+    def ensure(self, job_id: str, role: Role, export_dir: Path, name: str) -> SwapResult | None:
+        """`deploy`, unless `role`'s server serves this job's model already (then None)."""
+        with self._lock:
+            if self.serves(role, job_id):
+                return None
+            return self._swap(job_id, role, export_dir, name)
+
+    def _swap(self, job_id: str, role: Role, export_dir: Path, name: str) -> SwapResult:
+        url = self.settings.role_url(role)
+        self.store.add_event(job_id, f"Deploying {name} to the {role} server at {url}")
+        try:
+            result = swap_checkpoint(
+                url, export_dir, role=role, version=job_id, alias=name, api_key=self.settings.server_api_key,
+                registry=self.settings.registry, timeout=self.settings.swap_timeout,
+            )
+        except (CheckpointError, SwapError, httpx.HTTPError, OSError) as exc:
+            self.metrics.swaps.labels(role, "failed").inc()
+            if isinstance(exc, SwapError):
+                raise
+            raise SwapError(str(exc)) from exc
+        self.metrics.swaps.labels(role, "succeeded").inc()
+        self.metrics.swap_stall_seconds.labels(role).set(result.stall_s)
+        self.store.add_event(
+            job_id, f"Deployed to {role}: requests stalled {result.stall_s:.2f} s", data=result.model_dump()
+        )
+        return result
