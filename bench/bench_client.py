@@ -88,7 +88,7 @@ async def bench_client(texts: list[str], url: str, model: str, max_tokens: int, 
     none = PrepareConfig(segment=False, min_chars=1, max_chars=10**9, boilerplate=False, repetition=False,
                          dedup_exact=False, dedup_near=False)
     t0 = time.perf_counter()
-    s = await augment([corpus], tmp / f"{run}.out.jsonl", FanoutConfig([url]),
+    s = await augment([corpus], tmp / f"{run}.out.jsonl", FanoutConfig(endpoints=[url]),
                       AugmentConfig(model=model, max_tokens=max_tokens, progress=False), none)
     elapsed = time.perf_counter() - t0
     n = s.results["written"] + s.results["failed"]
@@ -174,10 +174,10 @@ def bench_overhead(n: int, tmp: Path) -> dict[str, Any]:
 
 def bench_prepare(n: int) -> dict[str, Any]:
     """Preparation cost per segment with every rule on (near-dedup MinHash included), one core."""
+    import random
+
     from client.prepare import Preparer
     from humpback.contracts import Segment, Source
-
-    import random
 
     rng = random.Random(0)
     vocab = [f"word{i}" for i in range(5000)]
@@ -202,7 +202,7 @@ async def bench_curate(cands: Path, url: str, model: str, mode: str, n: int, tmp
     few = tmp / f"cands_{mode}.jsonl"
     few.write_text("".join(cands.read_text().splitlines(keepends=True)[:n]))
     t0 = time.perf_counter()
-    s = await curate(few, tmp / f"curated_{mode}.jsonl", FanoutConfig([url]),
+    s = await curate(few, tmp / f"curated_{mode}.jsonl", FanoutConfig(endpoints=[url]),
                      CurateConfig(model=model, mode=mode, progress=False, histogram=False))  # type: ignore[arg-type]
     elapsed = time.perf_counter() - t0
     return {"n": s.extra["scored_total"], "elapsed": elapsed, "rate": s.extra["scored_total"] / elapsed,

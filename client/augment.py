@@ -20,14 +20,23 @@ from pydantic import BaseModel, ConfigDict
 
 from client.completions import chat_choice
 from client.corpus import Corpus
-from client.fanout import Fanout, FanoutConfig, RequestFailed
+from client.fanout import Fanout, FanoutConfig
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
 from client.runner import RunSummary, online, run, served_model, side_path
 from client.tasks import Job
-from humpback.contracts import (AUGMENT_TEMPERATURE, AUGMENT_TOP_P, BatchRequest, Candidate, Rejected, Segment,
-                                backward_messages, content_id)
+from humpback.contracts import (
+    AUGMENT_TEMPERATURE,
+    AUGMENT_TOP_P,
+    BatchRequest,
+    Candidate,
+    Rejected,
+    RequestFailed,
+    Segment,
+    backward_messages,
+    content_id,
+)
 from humpback.settings import setting
 
 log = logging.getLogger(__name__)

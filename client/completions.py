@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from client.fanout import RetryableError
+from humpback.contracts import RetryableError
 
 
 def chat_choice(data: dict[str, Any]) -> tuple[dict[str, Any], str]:

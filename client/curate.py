@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from client.completions import chat_choice, choice_mass
-from client.fanout import Fanout, FanoutConfig, RequestFailed
+from client.fanout import Fanout, FanoutConfig
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.progress import Progress
 from client.runner import RunSummary, online, run, served_model, side_path
@@ -36,11 +36,12 @@ from humpback.contracts import (
     BatchRequest,
     Candidate,
     Rejected,
+    RequestFailed,
     ScoredCandidate,
+    ScoreMode,
     Source,
     band_of,
     content_id,
-    ScoreMode,
     parse_free_text_score,
     rubric_messages,
     tagged_example,

@@ -57,12 +57,6 @@ class FanoutConfig(BaseModel):
     backoff_max: float = setting(30.0, "longest backoff in seconds", ge=0)
     metrics_interval: float = setting(1.0, "seconds between /metrics polls", gt=0)
 
-    def __init__(self, endpoints: list[str] | None = None, /, **values: Any) -> None:
-        # `FanoutConfig([url], ...)`: the endpoints may come first, unnamed, as with the dataclass it was.
-        if endpoints is not None:
-            values["endpoints"] = endpoints
-        super().__init__(**values)
-
 
 @dataclass(eq=False)
 class Endpoint:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from client.fanout import Fanout, RequestFailed
+from client.fanout import Fanout
 from client.journal import Journal, LineWriter
 from client.progress import Progress
 from client.tasks import Item, Job, Parsed, Task
-from humpback.contracts import BatchRequest, Failure
+from humpback.contracts import BatchRequest, Failure, RequestFailed
 
 
 @dataclass

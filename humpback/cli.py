@@ -6,12 +6,57 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 # Modules that define `register(subparsers)`. A part that is not installed (say, the trainer extra)
 # simply contributes no commands.
 _PARTS = (
     "services.cli", "client.cli", "humpback.data.cli", "humpback.evaluation.cli", "humpback.loop.cli", "trainer.cli",
 )
+
+
+# Every settings model, in the order `humpback settings` lists them (tests/test_docs.py finds any model
+# missing here).
+SETTINGS = (
+    "services.config:ServeConfig", "services.config:ServeSettings", "services.config:ServerSpec",
+    "services.config:SwapSettings", "services.launch:LaunchSettings",
+    "client.fanout:FanoutConfig", "client.prepare:PrepareConfig", "client.augment:AugmentConfig",
+    "client.curate:CurateConfig", "client.cli:CorpusFiles", "client.cli:AugmentFiles", "client.cli:CurateFiles",
+    "client.cli:ExportAugmentFiles", "client.cli:ExportCurateFiles", "client.cli:ImportFiles",
+    "trainer.config:ServiceSettings", "trainer.config:Preset",
+    "humpback.data.build:BuildConfig", "humpback.data.cli:Oasst1Source",
+    "humpback.evaluation.cli:Server", "humpback.evaluation.cli:Run", "humpback.evaluation.cli:SystemTag",
+    "humpback.evaluation.cli:IFEvalInput", "humpback.evaluation.cli:PairwiseSides",
+    "humpback.evaluation.common:GenerationConfig", "humpback.evaluation.pairwise:PairwiseConfig",
+    "humpback.loop.cli:RunArgs", "humpback.loop.config:RunConfig", "humpback.loop.config:DataConfig",
+    "humpback.loop.config:ServicesConfig", "humpback.loop.config:TrainConfig", "humpback.loop.config:CurateSection",
+    "humpback.loop.config:EvalSection",
+)
+TABLE_START = "<!-- settings-table"
+TABLE_END = "<!-- /settings-table -->"
+
+
+def settings_models() -> list[type]:
+    models = []
+    for ref in SETTINGS:
+        module, _, name = ref.partition(":")
+        models.append(getattr(importlib.import_module(module), name))
+    return models
+
+
+def _settings(args: argparse.Namespace) -> int:
+    from humpback.settings import settings_table
+
+    table = settings_table(settings_models())
+    if args.write is None:
+        print(table, end="")
+        return 0
+    text = args.write.read_text(encoding="utf-8")
+    start = text.index("\n", text.index(TABLE_START)) + 1
+    end = text.index(TABLE_END)
+    args.write.write_text(text[:start] + table + text[end:], encoding="utf-8")
+    print(f"{args.write}: settings table rewritten ({table.count(chr(10)) - 2} settings)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    p = sub.add_parser("settings", help="every setting: where it is declared, its flag, environment variable and default")
+    p.add_argument("--write", type=Path, default=None, metavar="FILE.md",
+                   help="rewrite the settings table between the markers of FILE.md instead of printing it")
+    p.set_defaults(func=_settings)
     return parser
 
 

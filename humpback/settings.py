@@ -210,13 +210,21 @@ def parser_flags(parser: argparse.ArgumentParser) -> set[str]:
     return {s for action in parser._actions for s in action.option_strings if s.startswith("--") and s != "--help"}
 
 
+def _shown(default: Any) -> Any:
+    """A default as the docs show it: paths under the working directory relative to it, so the table
+    reads the same on every machine."""
+    if isinstance(default, Path) and default.is_absolute() and default.is_relative_to(Path.cwd()):
+        return default.relative_to(Path.cwd())
+    return default
+
+
 def settings_table(models: Iterable[type[BaseModel]]) -> str:
     """A Markdown table of every setting of `models`: where it is declared, its flag, environment
     variable, default and description (what `humpback settings --markdown` prints for the docs)."""
     rows = ["| setting | flag | environment | default | description |", "|---|---|---|---|---|"]
     for model in models:
         for name, field in model.model_fields.items():
-            default = field.get_default(call_default_factory=True)
+            default = _shown(field.get_default(call_default_factory=True))
             flag = flag_of(name, field) if _extra(field).get("cli", True) else ""
             cells = (f"`{model.__module__}.{model.__name__}.{name}`", f"`{flag}`" if flag else "",
                      f"`{env_of(field)}`" if env_of(field) else "",

@@ -102,7 +102,7 @@ def status_rows(state_dir: Path) -> list[dict]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from services.supervisor import ServeError
+    from humpback.contracts import ServeError
 
     try:
         rows = status_rows(_state_dir(args))

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
 
 import httpx
 from pydantic import BaseModel
 
-from humpback.contracts import CheckpointError, SwapError
+from humpback.contracts import SwapError
 from services.checkpoint import validate_adapter, validate_checkpoint
+from services.config import SwapMethod
 from services.registry import Registry, default_registry, record_swap
 
-__all__ = ["CheckpointError", "SwapError", "SwapResult", "swap_checkpoint", "served_root", "served_version"]
+__all__ = ["SwapResult", "swap_checkpoint", "served_root", "served_version"]
 
-SwapMethod = Literal["reload", "lora"]
 
 
 class SwapResult(BaseModel):

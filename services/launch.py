@@ -20,9 +20,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV
+from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV, CheckpointError
 from humpback.settings import add_arguments, from_args, setting
-from services.checkpoint import CheckpointError, validate_checkpoint
+from services.checkpoint import validate_checkpoint
 from services.config import ADMIN_ALLOW, ServerSpec
 from services.registry import Registry, default_registry, reset_role
 

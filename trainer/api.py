@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from humpback.contracts import (
+    ApiError,
     CreateJobRequest,
     Deployment,
     DeployRequest,
@@ -36,7 +37,7 @@ from humpback.contracts import (
 from trainer.config import ServiceSettings
 from trainer.deploy import Deployer
 from trainer.metrics import TrainerMetrics
-from trainer.serving import ApiError, TrainerService
+from trainer.serving import TrainerService
 from trainer.store import Store
 from trainer.worker import Worker
 

@@ -12,10 +12,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from humpback.contracts import API_KEY_ENV, DEFAULT_MODEL_DIR, DEFAULT_URLS, LOOPBACK, TRAINER_DATA_DIR, TRAINER_PORT
+from humpback.contracts import (
+    API_KEY_ENV,
+    DEFAULT_MODEL_DIR,
+    DEFAULT_URLS,
+    LOOPBACK,
+    TRAINER_DATA_DIR,
+    TRAINER_PORT,
+    Role,
+)
 from humpback.settings import setting
 
-Role = Literal["backward", "scorer"]
 FinetuneMethod = Literal["lora", "full"]
 
 

@@ -24,23 +24,25 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from pydantic import Field
+
 from humpback.contracts import ChatExample
-from humpback.settings import setting
 from trainer.config import Preset
 
 
 class TrainSpec(Preset):
     """Everything one run needs: the job's preset as the worker resolved it (learning rate scaled, batch
-    size and steps decided, so none is left to a rule here), plus the run's files and seed."""
+    size and steps decided, so none is left to a rule here), plus the run's files and seed. Not a setting:
+    the worker writes it and the training process reads it."""
 
-    base_model: Path = setting(help="the folder fine-tuned from")
-    training_file: Path = setting(help="validated chat examples, one per line")
-    validation_file: Path | None = setting(None, "examples evaluated every save_steps, when given")
-    output_dir: Path = setting(help="resumable checkpoints (checkpoint-N)")
-    export_dir: Path = setting(help="the final merged weights, written atomically")
-    seed: int = setting(help="seed of the weights' initialisation and of the data order")
-    batch_size: int = setting(help="examples per optimizer step, resolved")
-    max_steps: int = setting(help="optimizer steps, resolved")
+    base_model: Path = Field(description="the folder fine-tuned from")
+    training_file: Path = Field(description="validated chat examples, one per line")
+    validation_file: Path | None = Field(None, description="examples evaluated every save_steps, when given")
+    output_dir: Path = Field(description="resumable checkpoints (checkpoint-N)")
+    export_dir: Path = Field(description="the final merged weights, written atomically")
+    seed: int = Field(description="seed of the weights' initialisation and of the data order")
+    batch_size: int = Field(description="examples per optimizer step, resolved")
+    max_steps: int = Field(description="optimizer steps, resolved")
 
 
 def read_examples(path: Path) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from typing import Any
 import trainer
 from humpback.contracts import (
     ACTIVE_STATUSES,
+    ApiError,
     FineTuningJob,
     Hyperparameters,
     JobError,
@@ -33,7 +34,7 @@ from humpback.contracts import (
 from trainer.config import PRESETS
 from trainer.deploy import Deployer
 from trainer.metrics import TrainerMetrics
-from trainer.serving import ApiError, TrainerService
+from trainer.serving import TrainerService
 from trainer.store import model_name, now
 from trainer.train import TrainSpec, last_checkpoint
 

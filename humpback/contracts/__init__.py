@@ -25,6 +25,7 @@ from humpback.contracts.defaults import (
     TRAINER_DATA_DIR,
     TRAINER_PORT,
     TRAINER_URL,
+    Role,
     local_url,
 )
 from humpback.contracts.errors import (
@@ -61,7 +62,6 @@ from humpback.contracts.fine_tuning import (
     JobStatus,
     ListPage,
     Method,
-    Role,
     SupervisedMethod,
 )
 from humpback.contracts.prompts import (

@@ -5,8 +5,10 @@ of the environment variables that configure them. Written once here; a setting's
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, get_args
 
-ROLES = ("backward", "scorer")
+Role = Literal["backward", "scorer"]
+ROLES: tuple[Role, ...] = get_args(Role)
 DEFAULT_PORTS = {"backward": 8001, "scorer": 8002}
 TRAINER_PORT = 8100
 LOOPBACK = "127.0.0.1"

@@ -9,12 +9,13 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from humpback.contracts.defaults import Role
+
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE_STATUSES: tuple[JobStatus, ...] = ("validating_files", "queued", "running")
 TERMINAL_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 ORGANIZATION = "humpback"
 # The model servers a job's model can be deployed to.
-Role = Literal["backward", "scorer"]
 
 T = TypeVar("T")
 

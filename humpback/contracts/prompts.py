@@ -8,9 +8,8 @@ trained on, and the scorer is asked exactly one rubric.
 from __future__ import annotations
 
 import re
-from typing import Literal
-
 from collections.abc import Iterable
+from typing import Literal
 
 from humpback.contracts.records import ChatExample, ChatMessage, SeedPair
 

@@ -21,14 +21,22 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from client.runner import served_model
 from client.completions import chat_choice, choice_mass
-from humpback.contracts import write_jsonl
-from humpback.evaluation.common import (CHAT_PATH, GenerationConfig, answer_all, eval_framework_dir,
-                                      normal_interval, read_answers, subset, table, write_summary)
+from client.fanout import Fanout, FanoutConfig
+from client.runner import served_model
+from humpback.contracts import JUDGE_CHOICES, RequestFailed, judge_messages, write_jsonl
+from humpback.evaluation.common import (
+    CHAT_PATH,
+    GenerationConfig,
+    answer_all,
+    eval_framework_dir,
+    normal_interval,
+    read_answers,
+    subset,
+    table,
+    write_summary,
+)
 from humpback.evaluation.records import Answer, PairwiseRow, PairwiseSummary
-from client.fanout import Fanout, FanoutConfig, RequestFailed
-from humpback.contracts import JUDGE_CHOICES, judge_messages
 from humpback.settings import setting
 
 CHOICES = JUDGE_CHOICES

@@ -76,7 +76,7 @@ def _parse(command: str, argv: list[str]) -> argparse.Namespace:
 def test_flag_beats_environment_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     augment = cli._fanout_config(_parse("augment", []), "backward")
-    assert augment == FanoutConfig([DEFAULT_URLS["backward"]])
+    assert augment == FanoutConfig(endpoints=[DEFAULT_URLS["backward"]])
     assert cli._fanout_config(_parse("curate", []), "scorer").endpoints == [DEFAULT_URLS["scorer"]]
     monkeypatch.setenv(API_KEY_ENV, "from-env")
     assert cli._fanout_config(_parse("curate", []), "scorer").api_key == "from-env"

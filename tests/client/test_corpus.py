@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from client.corpus import Corpus, CorpusError
-from humpback.contracts import Rejected, Segment
+from client.corpus import Corpus
+from humpback.contracts import CorpusError, Rejected, Segment
 
 
 def _split(corpus: Corpus) -> tuple[list[Segment], list[Rejected]]:

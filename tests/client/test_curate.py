@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 
 from client.curate import CurateConfig, band_of, curate, parse_free_text, parse_logprob_score
-from client.fanout import FanoutConfig, RequestFailed, RetryableError
-from humpback.contracts import ScoredCandidate
-from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, ChatExample
+from client.fanout import FanoutConfig
+from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, ChatExample, RequestFailed, RetryableError, ScoredCandidate
 from tests.client.conftest import make_text
 from tests.client.fake_server import FakeServer
 
 
 def _fan(url: str) -> FanoutConfig:
-    return FanoutConfig([url], backoff_base=0.01, backoff_max=0.05)
+    return FanoutConfig(endpoints=[url], backoff_base=0.01, backoff_max=0.05)
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from client.augment import parse_instruction
-from client.fanout import Fanout, FanoutConfig, RequestFailed, _metric
+from client.fanout import Fanout, FanoutConfig, _metric
+from humpback.contracts import RequestFailed
 from tests.client.fake_server import FakeServer, free_port
 
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "hello world"}]}
@@ -17,7 +18,7 @@ FAST = {"backoff_base": 0.01, "backoff_max": 0.05}
 
 async def test_retries_429_and_5xx_then_succeeds(fake: FakeServer) -> None:
     fake.script.extend(["429", "500", "503"])
-    async with Fanout(FanoutConfig([fake.url], concurrency=4, **FAST)) as f:
+    async with Fanout(FanoutConfig(endpoints=[fake.url], concurrency=4, **FAST)) as f:
         text, finish = await f.post("/v1/chat/completions", BODY, parse_instruction)
     assert text.startswith("What does this say") and finish == "stop"
     assert f.retries == 3 and fake.faults["ok"] == 1
@@ -25,7 +26,7 @@ async def test_retries_429_and_5xx_then_succeeds(fake: FakeServer) -> None:
 
 async def test_gives_up_after_max_retries(fake: FakeServer) -> None:
     fake.script.extend(["500"] * 10)
-    async with Fanout(FanoutConfig([fake.url], concurrency=4, max_retries=2, **FAST)) as f:
+    async with Fanout(FanoutConfig(endpoints=[fake.url], concurrency=4, max_retries=2, **FAST)) as f:
         with pytest.raises(RequestFailed, match="gave up after 3 attempts: HTTP 500") as info:
             await f.post("/v1/chat/completions", BODY)
     assert info.value.attempts == 3
@@ -33,7 +34,7 @@ async def test_gives_up_after_max_retries(fake: FakeServer) -> None:
 
 async def test_client_errors_are_not_retried(fake: FakeServer) -> None:
     fake.script.append("400")
-    async with Fanout(FanoutConfig([fake.url], concurrency=4, **FAST)) as f:
+    async with Fanout(FanoutConfig(endpoints=[fake.url], concurrency=4, **FAST)) as f:
         with pytest.raises(RequestFailed, match="HTTP 400"):
             await f.post("/v1/chat/completions", BODY)
     assert fake.requests["/v1/chat/completions"] == 1
@@ -41,14 +42,14 @@ async def test_client_errors_are_not_retried(fake: FakeServer) -> None:
 
 async def test_abort_and_dropped_connection_are_retried(fake: FakeServer) -> None:
     fake.script.extend(["abort", "drop"])
-    async with Fanout(FanoutConfig([fake.url], concurrency=4, **FAST)) as f:
+    async with Fanout(FanoutConfig(endpoints=[fake.url], concurrency=4, **FAST)) as f:
         text, _ = await f.post("/v1/chat/completions", BODY, parse_instruction)
     assert text and f.retries == 2
 
 
 async def test_truncated_instruction_is_not_a_candidate(fake: FakeServer) -> None:
     fake.script.append("length")
-    async with Fanout(FanoutConfig([fake.url], concurrency=4, **FAST)) as f:
+    async with Fanout(FanoutConfig(endpoints=[fake.url], concurrency=4, **FAST)) as f:
         with pytest.raises(RequestFailed, match="truncated"):
             await f.post("/v1/chat/completions", BODY, parse_instruction)
 
@@ -57,7 +58,7 @@ async def test_per_request_timeout_then_retry() -> None:
     fake = FakeServer(hang=5.0).start()
     try:
         fake.script.append("hang")
-        async with Fanout(FanoutConfig([fake.url], concurrency=4, timeout=0.3, **FAST)) as f:
+        async with Fanout(FanoutConfig(endpoints=[fake.url], concurrency=4, timeout=0.3, **FAST)) as f:
             t0 = time.monotonic()
             text, _ = await f.post("/v1/chat/completions", BODY, parse_instruction)
         assert text and f.retries == 1 and time.monotonic() - t0 < 3
@@ -67,7 +68,7 @@ async def test_per_request_timeout_then_retry() -> None:
 
 async def test_failover_to_a_live_endpoint(fake: FakeServer) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    async with Fanout(FanoutConfig([dead, fake.url], concurrency=4, **FAST)) as f:
+    async with Fanout(FanoutConfig(endpoints=[dead, fake.url], concurrency=4, **FAST)) as f:
         results = await asyncio.gather(*(f.post("/v1/chat/completions", BODY) for _ in range(20)))
     assert len(results) == 20
     assert f.endpoints[0].completed == 0 and f.endpoints[1].completed == 20
@@ -78,7 +79,7 @@ async def test_load_is_balanced(fake: FakeServer) -> None:
     other = FakeServer(delay=0.02).start()
     fake.delay = 0.02
     try:
-        async with Fanout(FanoutConfig([fake.url, other.url], concurrency=8)) as f:
+        async with Fanout(FanoutConfig(endpoints=[fake.url, other.url], concurrency=8)) as f:
             await asyncio.gather(*(f.post("/v1/chat/completions", BODY) for _ in range(64)))
         assert abs(f.endpoints[0].completed - f.endpoints[1].completed) <= 8
     finally:
@@ -95,7 +96,7 @@ async def test_no_hidden_pool_cap_at_100(fake: FakeServer) -> None:
             peak = max(peak, fake.running)
             await asyncio.sleep(0.01)
 
-    async with Fanout(FanoutConfig([fake.url], concurrency=200)) as f:
+    async with Fanout(FanoutConfig(endpoints=[fake.url], concurrency=200)) as f:
         w = asyncio.create_task(watch())
         await asyncio.gather(*(f.post("/v1/chat/completions", BODY) for _ in range(200)))
         w.cancel()
@@ -104,14 +105,14 @@ async def test_no_hidden_pool_cap_at_100(fake: FakeServer) -> None:
 
 async def test_adaptive_window_grows_while_server_has_no_queue(fake: FakeServer) -> None:
     fake.delay = 0.1
-    cfg = FanoutConfig([fake.url], initial_window=8, metrics_interval=0.05)
+    cfg = FanoutConfig(endpoints=[fake.url], initial_window=8, metrics_interval=0.05)
     async with Fanout(cfg) as f:
         await asyncio.gather(*(f.post("/v1/chat/completions", BODY) for _ in range(100)))
         assert f.endpoints[0].window > 8 and f.endpoints[0].adaptive
 
 
 def test_adaptive_window_shrinks_when_requests_queue() -> None:
-    f = Fanout(FanoutConfig(["http://x"], initial_window=256))
+    f = Fanout(FanoutConfig(endpoints=["http://x"], initial_window=256))
     ep = f.endpoints[0]
     f._adapt(ep, waiting=200, running=64)
     assert ep.window < 256

@@ -14,8 +14,15 @@ from client.corpus import Corpus
 from client.curate import CurateConfig, curate
 from client.fanout import FanoutConfig
 from client.prepare import Preparer
-from humpback.contracts import (BAND_LABELS, UNPARSED, Candidate, ChatExample, ScoredCandidate, band_of,
-                                parse_free_text_score)
+from humpback.contracts import (
+    BAND_LABELS,
+    UNPARSED,
+    Candidate,
+    ChatExample,
+    ScoredCandidate,
+    band_of,
+    parse_free_text_score,
+)
 
 pytestmark = pytest.mark.server
 DATA = Path(__file__).parent / "data" / "pip_docs.jsonl"
@@ -36,7 +43,7 @@ def candidates(servers, segments_file: Path, tmp_path_factory: pytest.TempPathFa
     import asyncio
 
     out = tmp_path_factory.mktemp("augment") / "cands.jsonl"
-    fan = FanoutConfig([servers.backward_url], api_key=servers.api_key, timeout=300)
+    fan = FanoutConfig(endpoints=[servers.backward_url], api_key=servers.api_key, timeout=300)
     summary = asyncio.run(augment([segments_file], out, fan,
                                   AugmentConfig(model=servers.backward_model, max_tokens=128, progress=False)))
     assert summary.prepare["kept"] == N_SEGMENTS
@@ -56,7 +63,7 @@ def test_augment_real_server(candidates: Path, servers) -> None:  # noqa: ANN001
 
 async def test_augment_rerun_is_a_no_op(candidates: Path, segments_file: Path, servers) -> None:  # noqa: ANN001
     before = candidates.read_text()
-    fan = FanoutConfig([servers.backward_url], api_key=servers.api_key, timeout=300, max_retries=0)
+    fan = FanoutConfig(endpoints=[servers.backward_url], api_key=servers.api_key, timeout=300, max_retries=0)
     cands_before = len(before.splitlines())
     summary = await augment([segments_file], candidates, fan,
                             AugmentConfig(model=servers.backward_model, max_tokens=128, progress=False))
@@ -67,7 +74,7 @@ async def test_augment_rerun_is_a_no_op(candidates: Path, segments_file: Path, s
 
 async def test_curate_logprobs_real_server(candidates: Path, servers, tmp_path: Path) -> None:  # noqa: ANN001
     out = tmp_path / "curated.jsonl"
-    fan = FanoutConfig([servers.scorer_url], api_key=servers.api_key, timeout=300)
+    fan = FanoutConfig(endpoints=[servers.scorer_url], api_key=servers.api_key, timeout=300)
     summary = await curate(candidates, out, fan, CurateConfig(model=servers.scorer_model, progress=False))
     scored = [ScoredCandidate.model_validate_json(x) for x in (tmp_path / "curated.scored.jsonl").read_text().splitlines()]
     assert len(scored) == len(candidates.read_text().splitlines()) and summary.results["failed"] == 0
@@ -85,7 +92,7 @@ async def test_curate_free_text_real_server(candidates: Path, servers, tmp_path:
     few.write_text("".join(candidates.read_text().splitlines(keepends=True)[:6]))
     n = len(few.read_text().splitlines())  # six, unless augment kept fewer candidates
     out = tmp_path / "curated.jsonl"
-    fan = FanoutConfig([servers.scorer_url], api_key=servers.api_key, timeout=300)
+    fan = FanoutConfig(endpoints=[servers.scorer_url], api_key=servers.api_key, timeout=300)
     summary = await curate(few, out, fan,
                            CurateConfig(model=servers.scorer_model, mode="free_text", max_tokens=128, progress=False))
     # A free-text answer never fails: one that states no score is recorded with score None.

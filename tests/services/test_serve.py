@@ -11,7 +11,8 @@ import time
 import httpx
 import pytest
 
-from services.hotswap import CheckpointError, swap_checkpoint
+from humpback.contracts import CheckpointError
+from services.hotswap import swap_checkpoint
 from services.registry import Registry
 from tests.conftest import humpback
 from tests.services.helpers import copy_small_files, edit_config, linked_checkpoint, perturbed_checkpoint

@@ -7,9 +7,17 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, SEED_SYSTEM_PROMPT, SeedPair, backward_messages, seed_backward_examples, seed_forward_examples
+from humpback.contracts import (
+    AUGMENTED_SYSTEM_PROMPT,
+    SEED_SYSTEM_PROMPT,
+    ApiError,
+    SeedPair,
+    backward_messages,
+    seed_backward_examples,
+    seed_forward_examples,
+)
 from trainer.config import PRESETS, paper_batch_size, paper_steps
-from trainer.serving import ApiError, validate_jsonl
+from trainer.serving import validate_jsonl
 from trainer.train import TrainSpec
 
 
