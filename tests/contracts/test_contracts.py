@@ -1,0 +1,80 @@
+"""The shared contracts: ids that must never change (resume and the held-out split depend on them),
+score bands, chat examples, batch lines, the error hierarchy, and that the package stays light."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from humpback import contracts
+from humpback.contracts import (
+    BAND_LABELS,
+    BatchResult,
+    ChatExample,
+    HumpbackError,
+    SeedPair,
+    band_of,
+    content_id,
+    text_id,
+)
+
+
+def test_content_id_is_the_exact_json_hash_journals_were_written_with() -> None:
+    # Journals written before this module existed hold ids made this way: a change here would redo work.
+    blob = json.dumps(["augment", "x"], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    assert content_id("augment", "x") == hashlib.sha256(blob.encode()).hexdigest()[:32]
+    assert content_id("augment", "x") != content_id("augment", "x ")
+
+
+def test_text_id_ignores_case_spacing_and_punctuation() -> None:
+    # The held-out split is drawn from this id: the same pair must keep its id whatever its spacing.
+    expected = hashlib.sha256("what is perl\x1fa language".encode()).hexdigest()[:16]
+    assert text_id("What is Perl?", "A  language.") == expected
+    assert SeedPair.make(" What is Perl? ", "A language.", "perlfaq", "GPL").id == expected
+
+
+def test_bands_cover_the_scale_and_close_at_five() -> None:
+    assert [band_of(s) for s in (1.0, 1.99, 2.0, 3.5, 4.49, 4.5, 5.0, None)] == [
+        "[1,2)", "[1,2)", "[2,3)", "[3,4)", "[4,4.5)", "[4.5,5]", "[4.5,5]", "unparsed"]
+    assert len(BAND_LABELS) == 5
+
+
+def test_chat_example_names_the_broken_rule() -> None:
+    ok = ChatExample.model_validate({"messages": [{"role": "user", "content": "q"},
+                                                  {"role": "assistant", "content": "a"}]})
+    assert ok.prompt_completion() == {"prompt": [{"role": "user", "content": "q"}],
+                                      "completion": [{"role": "assistant", "content": "a"}]}
+    with pytest.raises(ValidationError, match="expected 'assistant'"):
+        ChatExample.model_validate({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]})
+    with pytest.raises(ValidationError, match="content is empty"):
+        ChatExample.model_validate({"messages": [{"role": "user", "content": "q"},
+                                                 {"role": "assistant", "content": " "}]})
+
+
+def test_batch_result_says_why_it_holds_no_answer() -> None:
+    ok = BatchResult.model_validate({"custom_id": "a", "response": {"status_code": 200, "body": {"x": 1}}})
+    assert ok.failure() is None
+    assert BatchResult.model_validate({"custom_id": "a", "response": {"status_code": 500}}).failure() == "batch error: 500"
+    assert BatchResult.model_validate({"custom_id": "a", "error": {"code": "x"}}).failure() == "batch error: {'code': 'x'}"
+
+
+def test_every_error_is_a_humpback_error_and_keeps_its_builtin_base() -> None:
+    errors = [obj for obj in vars(contracts.errors).values()
+              if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == contracts.errors.__name__]
+    assert len(errors) >= 10 and all(issubclass(e, HumpbackError) for e in errors)
+    assert issubclass(contracts.CheckpointError, ValueError) and issubclass(contracts.ServeError, RuntimeError)
+    err = contracts.CheckpointError("/ckpt", "no config.json")
+    assert str(err) == "checkpoint /ckpt: no config.json" and err.problem == "no config.json"
+
+
+def test_the_contracts_import_only_pydantic_and_the_standard_library() -> None:
+    code = ("import sys, humpback.contracts; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'client', 'services', 'trainer', 'torch', "
+            "'vllm', 'httpx', 'fastapi', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
