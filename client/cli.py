@@ -54,7 +54,7 @@ class ExportCurateFiles(_Files):
     """What `humpback batch export curate` reads and writes."""
 
     candidates: Path = setting(help="candidates JSONL (instruction and output fields)", flag="corpus")
-    out: Path = setting(help="batch requests JSONL, and <out>.meta.jsonl beside it: the pair of each request")
+    out: Path = setting(help="batch requests JSONL, and <out>.meta.jsonl beside it: the candidate of each request")
 
 
 class ImportFiles(_Files):

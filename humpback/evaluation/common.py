@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import math
 import random
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from client.completions import chat_choice
-from humpback.evaluation.records import Answer
 from client.fanout import Fanout
-from humpback.contracts import CHAT_PATH
+from client.journal import Journal, LineWriter
+from client.progress import Progress
+from client.runner import RunSummary, online, run, side_path
+from client.tasks import Item, Job, Task
+from humpback.contracts import BatchRequest, Failure, RequestFailed, content_id
+from humpback.evaluation.records import Answer, JournaledAnswer
 from humpback.settings import setting
 
+Record = TypeVar("Record", bound=BaseModel)
 
 
 class GenerationConfig(BaseModel):
@@ -49,14 +54,65 @@ def parse_answer(data: dict[str, Any]) -> tuple[str, str | None]:
     return text, choice.get("finish_reason")
 
 
-async def answer_all(fan: Fanout, model: str, prompts: Sequence[str], cfg: GenerationConfig) -> list[Answer]:
-    """Answers to `prompts`, in order; the fan-out's windows bound what is in flight."""
+@dataclass(frozen=True)
+class AnswerTask:
+    """Answer a prompt (a `client.tasks.Task`): ask `model`, served from the weights `checkpoint`,
+    as `config` says."""
 
-    async def one(prompt: str) -> Answer:
-        text, finish = await fan.post(CHAT_PATH, chat_body(model, prompt, cfg), parse_answer)
-        return Answer(instruction=prompt, output=text, generator=model, finish_reason=finish)
+    model: str
+    checkpoint: str | None
+    config: GenerationConfig
 
-    return list(await asyncio.gather(*(one(p) for p in prompts)))
+    def request(self, prompt: str) -> BatchRequest:
+        body = chat_body(self.model, prompt, self.config)
+        return BatchRequest(custom_id=content_id("answer", body, self.checkpoint), body=body)
+
+    def parse(self, body: dict[str, Any]) -> tuple[str, str | None]:
+        return parse_answer(body)
+
+    def record(self, custom_id: str, prompt: str, parsed: tuple[str, str | None]) -> JournaledAnswer:
+        text, finish = parsed
+        return JournaledAnswer(custom_id=custom_id, answer=Answer(instruction=prompt, output=text,
+                                                                  generator=self.model, finish_reason=finish))
+
+
+async def run_journaled(task: Task[Item, Any], items: Sequence[Item], fan: Fanout, files: Path,
+                        record: type[Record]) -> list[Record]:
+    """The records of `items`, in order, each asked through `fan` unless the journal
+    `<files>.journal.jsonl` holds it already (so an interrupted evaluation resumes where it stopped).
+
+    The evaluation needs every answer: when some request fails for good, the others still finish and
+    are kept, the failures go to `<files>.failed.jsonl`, and `RequestFailed` is raised; a re-run asks
+    only the failed ones again.
+    """
+    requests = [task.request(item) for item in items]
+    journal_path = side_path(files, "journal.jsonl")
+    summary = RunSummary()
+    failed = LineWriter(side_path(files, "failed.jsonl"))
+    progress = Progress(len(items), files.name, enabled=False)
+    try:
+        with Journal(journal_path) as journal:
+            await run(task, (Job(r, item, None) for r, item in zip(requests, items)), online(fan), journal, failed,
+                      summary, progress, fan.max_inflight)
+    finally:
+        progress.close()
+        failed.close()
+    if summary.failures:
+        with failed.path.open(encoding="utf-8") as f:
+            first = Failure.model_validate_json(f.readline())
+        raise RequestFailed(f"{sum(summary.failures.values())} of {len(items)} requests failed, the first: "
+                            f"{first.reason} (all in {failed.path}; finished answers are kept in {journal_path} "
+                            "and a re-run asks only for the missing ones)", first.attempts)
+    with journal_path.open(encoding="utf-8") as f:
+        done = {rec.custom_id: rec for rec in map(record.model_validate_json, f)}
+    return [done[r.custom_id] for r in requests]
+
+
+async def answer_all(fan: Fanout, model: str, checkpoint: str | None, prompts: Sequence[str], cfg: GenerationConfig,
+                     files: Path) -> list[Answer]:
+    """Answers to `prompts`, in order, journaled in `<files>.journal.jsonl` (see `run_journaled`)."""
+    answered = await run_journaled(AnswerTask(model, checkpoint, cfg), prompts, fan, files, JournaledAnswer)
+    return [a.answer for a in answered]
 
 
 def normal_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:

@@ -144,7 +144,8 @@ async def run_ifeval(out: Path, fanout: FanoutConfig | None, model: str | None =
                      responses: Path | None = None) -> IFEvalSummary:
     """Answer (or read the `responses` to) `limit` IFEval prompts, score them, write rows and summary.
 
-    Writes `<out>/ifeval.rows.jsonl` and `<out>/ifeval.summary.json`.
+    Writes `<out>/ifeval.rows.jsonl` and `<out>/ifeval.summary.json`; the answers are journaled in
+    `<out>/ifeval.answers.journal.jsonl`, so an interrupted run resumes (see `common.run_journaled`).
     """
     gen = gen or GenerationConfig()
     start = time.monotonic()
@@ -163,7 +164,8 @@ async def run_ifeval(out: Path, fanout: FanoutConfig | None, model: str | None =
         assert fanout is not None, "an endpoint or a responses file is needed"
         async with Fanout(fanout) as fan:
             model, checkpoint = await served_model(fan, model)
-            answers = await answer_all(fan, model, [p.prompt for p in prompts], gen)
+            answers = await answer_all(fan, model, checkpoint, [p.prompt for p in prompts], gen,
+                                       out / "ifeval.answers")
         texts, finish = [a.output for a in answers], [a.finish_reason for a in answers]
     rows = []
     for p, text, fin in zip(prompts, texts, finish):

@@ -6,6 +6,9 @@ tokens give the judge's probability for each side. Each prompt is judged twice, 
 shown second, to cancel position bias; its score is the mean of the two greedy verdicts (1 win, 0.5 one
 each, 0 loss). The win rate is the mean score over prompts, with a bootstrap (or normal) interval over
 prompts. The default baseline is the GPT-4-turbo reference answers shipped with AlpacaEval.
+
+Generated answers and verdicts are journaled in `--out` as they arrive (`pairwise.answers_a`,
+`pairwise.answers_b`, `pairwise.judge`, each `.journal.jsonl`), so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -24,19 +27,19 @@ from pydantic import BaseModel, ConfigDict
 from client.completions import chat_choice, choice_mass
 from client.fanout import Fanout, FanoutConfig
 from client.runner import served_model
-from humpback.contracts import JUDGE_CHOICES, RequestFailed, judge_messages, write_jsonl
+from humpback.contracts import JUDGE_CHOICES, BatchRequest, RequestFailed, content_id, judge_messages, write_jsonl
 from humpback.evaluation.common import (
-    CHAT_PATH,
     GenerationConfig,
     answer_all,
     eval_framework_dir,
     normal_interval,
     read_answers,
+    run_journaled,
     subset,
     table,
     write_summary,
 )
-from humpback.evaluation.records import Answer, PairwiseRow, PairwiseSummary
+from humpback.evaluation.records import Answer, PairwiseRow, PairwiseSummary, Verdict
 from humpback.settings import setting
 
 CHOICES = JUDGE_CHOICES
@@ -102,6 +105,36 @@ def parse_verdict(data: dict[str, Any]) -> tuple[str, float]:
     return content, (mass["1"] / total if total > 0 else float(content == "1"))
 
 
+@dataclass(frozen=True)
+class Ordering:
+    """What one judge request shows: the instruction and two answers, in this order."""
+
+    instruction: str
+    first: str
+    second: str
+
+
+@dataclass(frozen=True)
+class JudgeTask:
+    """Judge one ordering of two answers (a `client.tasks.Task`): ask `model`, served from the weights
+    `checkpoint`, which is better; answers are cut to `max_chars`."""
+
+    model: str
+    checkpoint: str | None
+    max_chars: int
+
+    def request(self, o: Ordering) -> BatchRequest:
+        body = judge_body(self.model, o.instruction, o.first, o.second, self.max_chars)
+        return BatchRequest(custom_id=content_id("judge", body, self.checkpoint), body=body)
+
+    def parse(self, body: dict[str, Any]) -> tuple[str, float]:
+        return parse_verdict(body)
+
+    def record(self, custom_id: str, o: Ordering, parsed: tuple[str, float]) -> Verdict:
+        choice, p_first = parsed
+        return Verdict(custom_id=custom_id, choice=choice, p_first=p_first)
+
+
 def prompt_score(a_won_first: bool, a_won_second: bool) -> float:
     return (a_won_first + a_won_second) / 2
 
@@ -159,8 +192,9 @@ async def _answers(side: Contender, prompts: list[AlpacaPrompt], gen: Generation
     if side.fanout is None:
         return prompts[0].reference.generator, [p.reference for p in prompts]
     async with Fanout(side.fanout) as fan:
-        model, _ = await served_model(fan, side.model)
-        answers = await answer_all(fan, model, [p.instruction for p in prompts], gen)
+        model, checkpoint = await served_model(fan, side.model)
+        answers = await answer_all(fan, model, checkpoint, [p.instruction for p in prompts], gen,
+                                   out / f"pairwise.answers_{name}")
     write_jsonl(out / f"pairwise.answers_{name}.jsonl", answers)
     return model, answers
 
@@ -169,7 +203,8 @@ async def run_pairwise(out: Path, a: Contender, b: Contender, judge: FanoutConfi
                        gen: GenerationConfig | None = None, config: PairwiseConfig | None = None) -> PairwiseSummary:
     """Judge A against B (default: the GPT-4-turbo reference) in both orders; write rows and summary.
 
-    Writes `<out>/pairwise.rows.jsonl`, `<out>/pairwise.summary.json` and the generated answers.
+    Writes `<out>/pairwise.rows.jsonl`, `<out>/pairwise.summary.json` and the generated answers;
+    resumes from the journals in `out` (see `common.run_journaled`).
     """
     gen = gen or GenerationConfig()
     cfg = config or PairwiseConfig()
@@ -178,22 +213,22 @@ async def run_pairwise(out: Path, a: Contender, b: Contender, judge: FanoutConfi
     prompts = [prompts[i] for i in subset(len(prompts), cfg.limit, cfg.seed)]
     (model_a, answers_a), (model_b, answers_b) = await asyncio.gather(
         _answers(a, prompts, gen, "a", out), _answers(b, prompts, gen, "b", out))
+    pairs = [(p, x.output, y.output) for p, x, y in zip(prompts, answers_a, answers_b)]
     async with Fanout(judge) as fan:
         judge_name, judge_root = await served_model(fan, judge_model)
-
-        async def one(p: AlpacaPrompt, ans_a: str, ans_b: str) -> PairwiseRow:
-            (c1, p1), (c2, p2) = await asyncio.gather(
-                fan.post(CHAT_PATH, judge_body(judge_name, p.instruction, ans_a, ans_b, cfg.judge_max_chars),
-                         parse_verdict),
-                fan.post(CHAT_PATH, judge_body(judge_name, p.instruction, ans_b, ans_a, cfg.judge_max_chars),
-                         parse_verdict))
-            won_first, won_second = c1 == "1", c2 == "2"
-            return PairwiseRow(index=p.index, dataset=p.dataset, instruction=p.instruction, output_a=ans_a,
-                               output_b=ans_b, p_a_first=p1, p_a_second=1.0 - p2, a_won_first=won_first,
-                               a_won_second=won_second, score=prompt_score(won_first, won_second))
-
-        rows = list(await asyncio.gather(*(one(p, x.output, y.output)
-                                           for p, x, y in zip(prompts, answers_a, answers_b))))
+        # Each prompt twice, A shown first then A shown second.
+        verdicts = await run_journaled(
+            JudgeTask(judge_name, judge_root, cfg.judge_max_chars),
+            [o for p, ans_a, ans_b in pairs for o in (Ordering(p.instruction, ans_a, ans_b),
+                                                      Ordering(p.instruction, ans_b, ans_a))],
+            fan, out / "pairwise.judge", Verdict)
+    rows = []
+    for (p, ans_a, ans_b), v1, v2 in zip(pairs, verdicts[::2], verdicts[1::2]):
+        won_first, won_second = v1.choice == "1", v2.choice == "2"
+        rows.append(PairwiseRow(index=p.index, dataset=p.dataset, instruction=p.instruction, output_a=ans_a,
+                                output_b=ans_b, p_a_first=v1.p_first, p_a_second=1.0 - v2.p_first,
+                                a_won_first=won_first, a_won_second=won_second,
+                                score=prompt_score(won_first, won_second)))
     summary = summarize(rows, model_a, model_b, judge_name, judge_root, cfg, time.monotonic() - start)
     write_jsonl(out / "pairwise.rows.jsonl", rows)
     write_summary(out / "pairwise.summary.json", summary)

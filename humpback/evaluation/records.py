@@ -1,11 +1,13 @@
 """The evaluation's on-disk records: one pydantic model per row or summary format.
 
 Rows go to `<out>/<eval>.rows.jsonl` as they are computed; the summary to `<out>/<eval>.summary.json`.
+Each request's answer goes first to a resumable journal, `<out>/<eval>.<what>.journal.jsonl`, keyed
+by the request's `custom_id`: a `JournaledAnswer` or a `Verdict`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +23,25 @@ class Answer(_Record):
     output: str
     generator: str
     finish_reason: str | None = None
+
+
+class JournaledAnswer(_Record):
+    """A line of an answers journal: the answer to the request `custom_id`."""
+
+    custom_id: str
+    answer: Answer
+
+
+class Verdict(_Record):
+    """A line of the judge's journal: its verdict on one ordering of two answers (request `custom_id`).
+
+    `choice`: the answer it chose, as shown ("1" first, "2" second); `p_first`: its probability that
+    the answer shown first is better.
+    """
+
+    custom_id: str
+    choice: Literal["1", "2"]
+    p_first: float
 
 
 class IFEvalPrompt(_Record):

@@ -22,7 +22,7 @@ QUIET = AugmentConfig(progress=False)
 
 
 def _fan(*urls: str, **kw: object) -> FanoutConfig:
-    return FanoutConfig(list(urls), backoff_base=0.01, backoff_max=0.05, **kw)  # type: ignore[arg-type]
+    return FanoutConfig(endpoints=list(urls), backoff_base=0.01, backoff_max=0.05, **kw)  # type: ignore[arg-type]
 
 
 def _ids(path: Path) -> list[str]:

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from client.fanout import FanoutConfig
 from humpback.evaluation import ifeval
 from humpback.evaluation.records import IFEvalPrompt, IFEvalRow
+from tests.evaluation.fake_eval_server import EvalFake
 
 # instruction id -> (kwargs, a response that follows it, one that violates it, even loosely)
 CASES: dict[str, tuple[dict[str, Any], str, str]] = {
@@ -135,3 +137,24 @@ def test_cli_scores_a_responses_file(tmp_path: Path, capsys: pytest.CaptureFixtu
     summary = json.loads((tmp_path / "out" / "ifeval.summary.json").read_text())
     assert summary["prompt_level"]["n"] == 5 and summary["model"] == "responses"
     assert len((tmp_path / "out" / "ifeval.rows.jsonl").read_text().splitlines()) == 5
+
+
+async def test_answers_already_journaled_are_not_asked_again(tmp_path: Path) -> None:
+    """A run whose journal holds two of the four answers (the third line torn by a kill) asks only
+    for the other two, and writes the rows of a clean run."""
+    server = EvalFake(answer="My answer is yes.").start()
+    try:
+        fan = FanoutConfig(endpoints=[server.url], max_retries=0)
+        clean = await ifeval.run_ifeval(tmp_path / "clean", fan, limit=4, seed=3)
+        assert server.requests["/v1/chat/completions"] == 4
+        journal = (tmp_path / "clean" / "ifeval.answers.journal.jsonl").read_text().splitlines(keepends=True)
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "ifeval.answers.journal.jsonl").write_text("".join(journal[:2]) + journal[2][:30])
+        resumed = await ifeval.run_ifeval(tmp_path / "out", fan, limit=4, seed=3)
+        assert server.requests["/v1/chat/completions"] == 4 + 2
+    finally:
+        server.stop()
+    rows = (tmp_path / "out" / "ifeval.rows.jsonl").read_text()
+    assert rows == (tmp_path / "clean" / "ifeval.rows.jsonl").read_text()
+    assert [IFEvalRow.model_validate_json(r).response for r in rows.splitlines()] == ["My answer is yes."] * 4
+    assert resumed.model_copy(update={"elapsed_s": 0}) == clean.model_copy(update={"elapsed_s": 0})

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from client.fanout import FanoutConfig
+from humpback.contracts import Failure, RequestFailed
 from humpback.evaluation import pairwise
-from humpback.evaluation.common import GenerationConfig
-from humpback.evaluation.records import PairwiseRow
+from humpback.evaluation.common import AnswerTask, GenerationConfig
+from humpback.evaluation.records import JournaledAnswer, PairwiseRow, Verdict
 from tests.evaluation.fake_eval_server import EvalFake
 
 
@@ -104,6 +105,83 @@ async def test_judging_flow_both_orders(judge: EvalFake, tmp_path: Path) -> None
     answers = (tmp_path / "out" / "pairwise.answers_a.jsonl").read_text().splitlines()
     assert len(answers) == 3 and json.loads(answers[0])["output"] == "good answer"
     assert json.loads((tmp_path / "out" / "pairwise.summary.json").read_text())["wins"] == 2
+
+
+def _outputs(out: Path) -> tuple[list[str], list[str], dict]:
+    """(rows lines, A's answers lines, summary less its timing) of a pairwise run."""
+    summary = json.loads((out / "pairwise.summary.json").read_text())
+    del summary["elapsed_s"]
+    return ((out / "pairwise.rows.jsonl").read_text().splitlines(),
+            (out / "pairwise.answers_a.jsonl").read_text().splitlines(), summary)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+async def test_an_interrupted_run_resumes_asking_only_what_is_missing(judge: EvalFake, tmp_path: Path) -> None:
+    """The server refuses one of A's answers, then, on the second run, one verdict: each run fails
+    naming its failures, keeps what finished, and the next asks only for what is missing; the last
+    writes what a clean run writes."""
+    cfg = pairwise.PairwiseConfig(limit=3, seed=7)
+    baseline = tmp_path / "baseline.jsonl"
+    baseline.write_text("".join(json.dumps({"instruction": p.instruction, "output": f"meh {k}"}) + "\n"
+                                for k, p in enumerate(pairwise.load_alpaca())))
+    fan = FanoutConfig(endpoints=[judge.url], concurrency=4, max_retries=0)
+
+    async def run(out: Path) -> pairwise.PairwiseSummary:
+        return await pairwise.run_pairwise(out, pairwise.Contender(fanout=fan), pairwise.Contender(answers=baseline),
+                                           fan, None, GenerationConfig(), cfg)
+
+    def asked() -> int:
+        n = judge.requests["/v1/chat/completions"]
+        judge.requests.clear()
+        return n
+
+    await run(tmp_path / "clean")
+    assert asked() == 3 + 6
+    out = tmp_path / "out"
+
+    judge.script.extend(["400"])  # the first request of the run: one of A's answers
+    with pytest.raises(RequestFailed, match="1 of 3 requests failed, the first: HTTP 400"):
+        await run(out)
+    assert asked() == 3  # no judging without every answer
+    assert len(_lines(out / "pairwise.answers_a.journal.jsonl")) == 2
+    assert [Failure.model_validate_json(x).attempts for x in _lines(out / "pairwise.answers_a.failed.jsonl")] == [1]
+
+    judge.script.extend(["ok", "400"])  # the missing answer, then the first verdict
+    with pytest.raises(RequestFailed, match="1 of 6 requests failed"):
+        await run(out)
+    assert asked() == 1 + 6
+    assert not (out / "pairwise.answers_a.failed.jsonl").exists()  # a per-run file: this run's answers all came
+    assert len(_lines(out / "pairwise.judge.journal.jsonl")) == 5
+    assert not (out / "pairwise.rows.jsonl").exists()
+
+    s = await run(out)
+    assert asked() == 1
+    assert (s.n, s.wins) == (3, 3)
+    assert _outputs(out) == _outputs(tmp_path / "clean")
+    assert len(_lines(out / "pairwise.judge.journal.jsonl")) == 6  # nothing asked twice
+    assert [JournaledAnswer.model_validate_json(x).answer.output
+            for x in _lines(out / "pairwise.answers_a.journal.jsonl")] == ["good answer"] * 3
+    assert {Verdict.model_validate_json(x).choice for x in _lines(out / "pairwise.judge.journal.jsonl")} == {"1", "2"}
+
+
+def test_request_ids_cover_what_decides_the_answer() -> None:
+    """A changed model, checkpoint, prompt or generation setting is new work, never a journaled answer."""
+    gen = GenerationConfig()
+    ids = {AnswerTask(m, c, g).request(p).custom_id
+           for m, c, g, p in [("m", "/w", gen, "p"), ("n", "/w", gen, "p"), ("m", "/v", gen, "p"),
+                              ("m", "/w", gen, "q"), ("m", "/w", GenerationConfig(max_tokens=9), "p"),
+                              ("m", "/w", GenerationConfig(system_prompt="s"), "p")]}
+    assert len(ids) == 6
+    assert AnswerTask("m", "/w", GenerationConfig()).request("p").custom_id in ids
+    judge = pairwise.JudgeTask("j", "/w", 2000)
+    first, second = pairwise.Ordering("i", "a" * 50, "b"), pairwise.Ordering("i", "b", "a" * 50)
+    # The other order, and a cut that shortens an answer, are other prompts; a cut that does not is the same.
+    assert len({judge.request(first).custom_id, judge.request(second).custom_id,
+                pairwise.JudgeTask("j", "/w", 10).request(first).custom_id}) == 3
+    assert pairwise.JudgeTask("j", "/w", 60).request(first).custom_id == judge.request(first).custom_id
 
 
 async def test_missing_baseline_answer_names_the_file(judge: EvalFake, tmp_path: Path) -> None:

@@ -17,7 +17,15 @@ from fastapi.testclient import TestClient
 from humpback.contracts import CreateJobRequest, Deployment, ErrorResponse
 from services.hotswap import swap_checkpoint
 from services.registry import Registry, record_swap
-from tests.trainer.conftest import TRAINER_KEY, UNUSED_URL, RunningService, make_settings, start_service, wait_for
+from tests.trainer.conftest import (
+    TRAINER_KEY,
+    UNUSED_URL,
+    RunningService,
+    add_file,
+    make_settings,
+    start_service,
+    wait_for,
+)
 from trainer.api import create_app
 from trainer.serving import TrainerService
 from trainer.store import Store, model_name, now
@@ -57,7 +65,7 @@ def http(app: FastAPI) -> TestClient:
 
 def queued_job(app: FastAPI, train_file: Path) -> str:
     service: TrainerService = app.state.service
-    file_id = service.upload("train.jsonl", "fine-tune", train_file.read_bytes()).id
+    file_id = add_file(service, train_file)
     return service.create_job(CreateJobRequest(model="backward", training_file=file_id, suffix="t")).id
 
 
@@ -175,6 +183,9 @@ def restore_base(servers, model_dir: Path) -> Iterator[None]:
 def test_job_is_hot_swapped_and_requestable(deploy_service: RunningService, train_file: Path, servers,
                                             model_dir: Path, restore_base: None) -> None:
     server = model_client(servers, "backward")
+    # The servers are shared by the session: earlier tests may have left a fine-tuned model on backward.
+    swap_checkpoint(servers.backward_url, model_dir, role="backward", version="base", api_key=servers.api_key,
+                    registry=servers.registry)
     before = prompt_logprobs(server, servers.backward_model)
     client = deploy_service.client
     with train_file.open("rb") as f:
@@ -232,7 +243,7 @@ def test_broken_checkpoint_leaves_old_weights_serving(tmp_path: Path, train_file
     # A job whose training "finished" with a truncated weights file: the worker goes straight to the swap.
     store = Store(settings.data_dir.absolute() / "trainer.sqlite3")
     service = TrainerService(settings, store)
-    file_id = service.upload("train.jsonl", "fine-tune", train_file.read_bytes()).id
+    file_id = add_file(service, train_file)
     job = service.create_job(CreateJobRequest(model="scorer", training_file=file_id, metadata={"deploy_to": "scorer"}))
     store.close()
     final = settings.data_dir / "checkpoints" / job.id / "final"
