@@ -82,6 +82,15 @@ class ServerSpec(BaseModel):
                                   help="extra environment of the server process (e.g. CUDA_VISIBLE_DEVICES, "
                                        "VLLM_CPU_OMP_THREADS_BIND)")
 
+    @field_validator("extra_args")
+    @classmethod
+    def _no_key_on_the_command_line(cls, args: list[str]) -> list[str]:
+        # vLLM's command line is readable by every user of the host (`ps`); the key goes in its environment.
+        if any(a == "--api-key" or a.startswith("--api-key=") for a in args):
+            raise ValueError(f"the API key goes in ${API_KEY_ENV} (the server's `api_key`), not in a vLLM "
+                             "argument: vLLM's command line shows in `ps`")
+        return args
+
     @property
     def url(self) -> str:
         host = LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host

@@ -4,7 +4,11 @@ vLLM's `--api-key` guards only the `/v1` routes; with `VLLM_SERVER_DEV_MODE=1` (
 reloads) the server also exposes `/collective_rpc`, `/pause`, `/sleep` and friends to anyone who can
 reach its port. The guard closes that: only the public inference routes below answer every client;
 everything else answers only loopback clients and the networks named in `HUMPBACK_ADMIN_ALLOW`
-(comma-separated CIDRs, e.g. compose's internal subnet).
+(comma-separated CIDRs, e.g. compose's internal subnet). A v4-mapped address (`::ffff:127.0.0.1`, what
+a server bound dual-stack on `::` sees) counts as its IPv4 address. An admin request that carries a
+forwarding header (`X-Forwarded-For`, `Forwarded`, `X-Real-IP`) is refused whoever sent it: it came
+through a proxy, and a proxy on the host would make any client look like loopback. (The launcher also
+empties uvicorn's `FORWARDED_ALLOW_IPS`, so no peer can rewrite the client address the guard reads.)
 
 It also maps the model aliases recorded in the registry (`HUMPBACK_REGISTRY`, read through
 `services.registry`), so a fine-tuned model's name is requestable right after its weights were
@@ -32,6 +36,7 @@ PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/tokenize
 # `/v1` is public except the routes that change what the server serves.
 PRIVATE_V1_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 ALIASED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
 
 
 def is_public(path: str) -> bool:
@@ -88,6 +93,8 @@ class AdminGuard:
             addr = ipaddress.ip_address(client[0])
         except ValueError:
             return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
         return any(addr in net for net in self.networks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -95,9 +102,17 @@ class AdminGuard:
             await self.app(scope, receive, send)
             return
         path = scope["path"].removeprefix(scope.get("root_path", ""))
-        if not is_public(path) and not self.client_allowed(scope):
-            await _send_json(send, 403, {"error": {"message": f"{path} is an admin route, reachable only from the host or its internal network", "type": "forbidden", "code": 403}})
-            return
+        if not is_public(path):
+            # ASGI header names are lower-case bytes.
+            forwarded = sorted({name.decode() for name, _ in scope["headers"] if name in FORWARDING_HEADERS})
+            if forwarded:
+                await _forbid(send, f"{path} is an admin route and this request came through a proxy "
+                                    f"({', '.join(forwarded)}): send it to the server directly from the host "
+                                    "or its internal network")
+                return
+            if not self.client_allowed(scope):
+                await _forbid(send, f"{path} is an admin route, reachable only from the host or its internal network")
+                return
         if scope.get("method") == "POST" and path in ALIASED_PATHS:
             table = self.aliases.current()
             if table or self.reject_seed:
@@ -143,6 +158,10 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
         return await then()
 
     return receive
+
+
+async def _forbid(send: Send, message: str) -> None:
+    await _send_json(send, 403, {"error": {"message": message, "type": "forbidden", "code": 403}})
 
 
 async def _send_json(send: Send, status: int, content: dict) -> None:

@@ -29,6 +29,8 @@ from services.registry import Registry, default_registry, reset_role
 # vLLM's `vllm` console script looks up the distribution `vllm`, which the CPU build is not named.
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 GUARD = "services.guard.AdminGuard"
+# uvicorn's list of peers trusted to name the client in X-Forwarded-For (vLLM has no flag for it).
+FORWARDED_ALLOW_IPS_ENV = "FORWARDED_ALLOW_IPS"
 # The chat template for models that ship none (base-model fine-tunes): without one, vLLM refuses chat
 # requests. A plain role-tagged format; fine-tunes of instruct models keep their own template.
 FALLBACK_CHAT_TEMPLATE = Path(__file__).parent / "templates" / "plain_chat.jinja"
@@ -82,6 +84,10 @@ def vllm_env(spec: ServerSpec, registry: Path, admin_allow: list[str]) -> dict[s
     if spec.device == "cpu":
         env[REJECT_SEED_ENV] = "1"  # see services.guard
     env.update(spec.env)
+    # uvicorn (vLLM's server) takes the client address from X-Forwarded-For when the peer is in this
+    # list, 127.0.0.1 by default: a proxy on the host would let any client pose as loopback to the guard.
+    # Emptied after `spec.env`, so no spec trusts a peer's word about who the client is.
+    env[FORWARDED_ALLOW_IPS_ENV] = ""
     return env
 
 

@@ -3,7 +3,8 @@
 One small JSON file, written atomically (temp file + rename) by the hot-swap and when a server starts
 on its base weights, and read by `serve status` and by the guard middleware inside each vLLM server,
 which maps an alias such as a fine-tuned model's name to the role's served model. Shared by the host-local stack (the serve state dir) and compose
-(a `state` volume), so it is found through `HUMPBACK_REGISTRY` when set.
+(a `state` volume), so it is found through `HUMPBACK_REGISTRY` when set. Its writer, `write_private`,
+also writes the state files that may hold the API key (`serve up`'s, a run's).
 """
 
 from __future__ import annotations
@@ -25,6 +26,23 @@ def default_state_dir() -> Path:
 def default_registry() -> Path:
     env = os.environ.get(REGISTRY_ENV)
     return Path(env).absolute() if env else default_state_dir() / "registry.json"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically (temp file + rename: a reader sees the old file or the new
+    one), readable and writable by this user only (mkstemp's 0600, whatever the umask or the mode of
+    the file it replaces). The registry, and the state files that may hold the API key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class ServedVersion(BaseModel):
@@ -52,13 +70,7 @@ class Registry(BaseModel):
             return cls()
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".registry-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.model_dump_json(indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_private(path, self.model_dump_json(indent=2))
 
     def aliases(self) -> dict[str, str]:
         """alias -> the served model name it stands for (the role: each server serves its weights

@@ -19,7 +19,7 @@ import httpx
 
 from humpback.contracts import ServeError
 from services.config import ServeConfig
-from services.registry import reset_role
+from services.registry import reset_role, write_private
 
 SUPERVISORD = Path(sys.executable).with_name("supervisord")
 
@@ -100,19 +100,30 @@ def up(cfg: ServeConfig, timeout: float = 900.0) -> None:
     for spec in cfg.servers:
         if health(spec.url):
             raise ServeError(f"port {spec.port} already answers /health: another server runs there")
-    (cfg.state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (cfg.state_dir / "specs").mkdir(parents=True, exist_ok=True)
-    os.chmod(cfg.state_dir, 0o700)  # specs may hold the API key
-    (cfg.state_dir / "serve.json").write_text(cfg.model_dump_json(indent=2))
+    conf = write_state(cfg)
+    subprocess.run([str(SUPERVISORD), "-c", str(conf)], check=True)
+    wait_healthy(cfg, timeout)
+
+
+def write_state(cfg: ServeConfig) -> Path:
+    """The state dir of `up` (this user's only), its config and the spec of each server; the path of
+    the supervisor's config.
+
+    serve.json and the specs hold the API key (`serve swap` and the launcher read it there), so they
+    are 0600 in a 0700 folder; the supervisor's config, which names the commands `ps` shows, holds none.
+    """
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(cfg.state_dir, 0o700)
+    (cfg.state_dir / "logs").mkdir(exist_ok=True)
+    write_private(cfg.state_dir / "serve.json", cfg.model_dump_json(indent=2))
     for spec in cfg.servers:
-        cfg.spec_path(spec.role).write_text(spec.model_dump_json(indent=2))
+        write_private(cfg.spec_path(spec.role), spec.model_dump_json(indent=2))
         # A process group recorded by an earlier `up` is long gone; its id may be reused by now.
         cfg.spec_path(spec.role).with_suffix(".pgid").unlink(missing_ok=True)
         reset_role(cfg.registry, spec.role)
     conf = cfg.state_dir / "supervisord.conf"
     conf.write_text(_conf(cfg))
-    subprocess.run([str(SUPERVISORD), "-c", str(conf)], check=True)
-    wait_healthy(cfg, timeout)
+    return conf
 
 
 def load_config(state_dir: Path) -> ServeConfig:

@@ -39,6 +39,7 @@ from humpback.loop.evaluate import evaluate_model
 from humpback.loop.services import ensure_servers, ensure_trainer
 from humpback.loop.stages import Stages
 from humpback.loop.trainer_client import TrainerClient
+from services.registry import write_private
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,15 @@ R = TypeVar("R", bound=BaseModel)
 def read_records(path: str | Path, model: type[R]) -> list[R]:
     with Path(path).open(encoding="utf-8") as f:
         return [model.model_validate_json(line) for line in f if line.strip()]
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """The resolved config, for the record: without the API key, readable by this user only.
+
+    The key is left out rather than masked: given back as `--config`, a file value beats
+    `HUMPBACK_API_KEY`, so a mask would be sent as the key. A re-run takes the key where the first run
+    did (the environment, its config file, `--set`), never from here."""
+    write_private(path, cfg.model_dump_json(indent=2, exclude={"services": {"api_key"}}))
 
 
 class Loop:
@@ -150,7 +160,7 @@ class Loop:
 
     def run(self) -> dict[str, dict[str, Any]]:
         cfg = self.cfg
-        (self.dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        save_config(cfg, self.dir / "config.json")
         data = self.stages.run("data", self.build_data)
         seed = read_records(data["seed"], SeedPair)
         ensure_servers(self.svc)

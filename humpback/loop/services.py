@@ -5,7 +5,6 @@ its own, `python -m trainer.api`). Both stay up after the run."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from humpback.contracts import ServeError
 from humpback.loop.config import ServicesConfig
 from humpback.settings import from_args, values_from
 from services.config import PER_ROLE, ServeConfig, ServerSpec, ServeSettings, default_servers
+from services.registry import write_private
 from services.supervisor import health, up
 from trainer.config import ServiceSettings
 
@@ -61,10 +61,9 @@ def ensure_trainer(cfg: ServicesConfig, log_dir: Path, timeout: float = 300.0) -
     )
     log_dir.mkdir(parents=True, exist_ok=True)
     settings_path = log_dir / "trainer.settings.json"
-    # The settings may hold the API keys: readable by this user only.
-    fd = os.open(settings_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(settings.model_dump_json(indent=2))
+    # The trainer reads its settings, API keys included, from this file (not argv, which `ps` shows):
+    # readable by this user only, also when an earlier run left the file with another mode.
+    write_private(settings_path, settings.model_dump_json(indent=2))
     with (log_dir / "trainer.log").open("ab") as logfile:
         # Its own session: the trainer outlives the run, like the servers.
         proc = subprocess.Popen([sys.executable, "-m", "trainer.api", str(settings_path)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,25 @@ def test_the_stack_key_comes_from_the_environment_below_file_and_set(monkeypatch
     cfg_file.write_text('{"services": {"api_key": "from-file"}}')
     assert load_config(cfg_file).services.api_key == "from-file"
     assert load_config(cfg_file, overrides=["services.api_key=from-set"]).services.api_key == "from-set"
+
+
+def test_the_saved_config_holds_no_key_and_a_rerun_takes_it_from_the_environment(monkeypatch, tmp_path) -> None:
+    from humpback.loop.run import Loop
+
+    monkeypatch.setenv("HUMPBACK_API_KEY", "s3cret")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = run_dir / "config.json"
+    saved.write_text("{}")
+    saved.chmod(0o644)  # left by an earlier run, readable by all
+    cfg = load_config(overrides=["data.build_demo=false"])
+    # The run saves its config first; with no data to build, it stops at the first stage.
+    with pytest.raises(ValueError, match="data.seed"):
+        Loop(cfg, run_dir).run()
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert "s3cret" not in saved.read_text()
+    record = RunConfig.model_validate_json(saved.read_text())
+    assert record.services.api_key is None
+    assert record.model_dump(exclude={"services": {"api_key"}}) == cfg.model_dump(exclude={"services": {"api_key"}})
+    # Given back as the config of a re-run, the file leaves the key to the environment.
+    assert load_config(saved).services.api_key == "s3cret"

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV
+from services.config import ServerSpec
 from services.guard import AdminGuard
+from services.launch import FORWARDED_ALLOW_IPS_ENV, vllm_env
 from services.registry import Registry, record_swap
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 async def echo(request: Request) -> JSONResponse:
     body = await request.body()
     return JSONResponse({"path": request.url.path, "body": json.loads(body) if body else None,
-                         "content_length": request.headers.get("content-length")})
+                         "content_length": request.headers.get("content-length"), "client": request.client.host})
 
 
 def make_app(monkeypatch: pytest.MonkeyPatch, registry=None, allow: str = "") -> AdminGuard:
@@ -127,3 +135,76 @@ async def test_seed_refused_on_cpu_servers(monkeypatch):
     async with client(app, "127.0.0.1") as c:
         resp = await c.post("/v1/completions", json={"model": "backward", "prompt": "x", "seed": 3})
         assert resp.status_code == 200 and resp.json()["body"]["seed"] == 3
+
+
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "Forwarded", "X-Real-IP"])
+async def test_admin_requests_through_a_proxy_are_refused_even_from_loopback(monkeypatch, header):
+    """A proxy on the host connects from loopback: what it forwards must not reach the admin routes."""
+    app = make_app(monkeypatch, allow="172.28.0.0/16")
+    value = "for=127.0.0.1" if header == "Forwarded" else "127.0.0.1"
+    for ip in ("127.0.0.1", "::1", "172.28.3.4"):
+        async with client(app, ip) as c:
+            resp = await c.post("/collective_rpc", json={}, headers={header: value})
+            assert resp.status_code == 403, (ip, header)
+            error = resp.json()["error"]
+            assert (error["type"], error["code"]) == ("forbidden", 403)
+            assert "admin route" in error["message"] and header.lower() in error["message"]
+            # Inference through a proxy is what proxies are for.
+            assert (await c.post("/v1/chat/completions", json={"model": "scorer"},
+                                 headers={header: value})).status_code == 200
+
+
+async def test_v4_mapped_addresses_count_as_their_ipv4_address(monkeypatch):
+    """A server bound dual-stack on `::` sees IPv4 clients as `::ffff:a.b.c.d`."""
+    app = make_app(monkeypatch, allow="172.28.0.0/16")
+    for ip, status in (("::ffff:127.0.0.1", 200), ("::ffff:172.28.3.4", 200), ("::ffff:203.0.113.9", 403),
+                       ("::ffff:172.29.0.1", 403)):
+        async with client(app, ip) as c:
+            assert (await c.post("/pause", json={})).status_code == status, ip
+
+
+@contextmanager
+def served(app, family: socket.AddressFamily, host: str) -> Iterator[int]:
+    """`app` behind a real uvicorn (vLLM's server) on `host`, in a thread; yields the port."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual-stack, as `--host ::` binds
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_real_server_under_the_launchers_environment(monkeypatch, tmp_path):
+    """uvicorn, with the environment the launcher gives vLLM, takes no peer's word for the client's
+    address: a forwarded request keeps its real client, and its admin route stays shut."""
+    env = vllm_env(ServerSpec(role="scorer", port=9, device="cpu"), tmp_path / "registry.json", [])
+    monkeypatch.setenv(FORWARDED_ALLOW_IPS_ENV, env[FORWARDED_ALLOW_IPS_ENV])
+    app = make_app(monkeypatch)
+    with served(app, socket.AF_INET, "127.0.0.1") as port:
+        url = f"http://127.0.0.1:{port}"
+        forwarded = {"X-Forwarded-For": "203.0.113.9"}
+        assert httpx.post(f"{url}/v1/completions", json={}, headers=forwarded).json()["client"] == "127.0.0.1"
+        assert httpx.post(f"{url}/pause", json={}, headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 403
+        assert httpx.post(f"{url}/pause", json={}).status_code == 200
+
+
+def test_real_dual_stack_server_answers_ipv4_loopback_on_admin_routes(monkeypatch):
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 on this host")
+    app = make_app(monkeypatch)
+    with served(app, socket.AF_INET6, "::") as port:
+        resp = httpx.post(f"http://127.0.0.1:{port}/collective_rpc", json={})
+        assert resp.status_code == 200 and resp.json()["client"] == "::ffff:127.0.0.1"

@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 from humpback.contracts import API_KEY_ENV
 from humpback.settings import flags, parser_flags
 from services.config import ServeConfig, ServerSpec, cpu_binds, default_servers
 from services.launch import (
-    FALLBACK_CHAT_TEMPLATE, LaunchSettings, model_to_serve, parser, reap_previous, resolve, vllm_argv, vllm_env,
+    FALLBACK_CHAT_TEMPLATE, FORWARDED_ALLOW_IPS_ENV, LaunchSettings, model_to_serve, parser, reap_previous, resolve,
+    vllm_argv, vllm_env,
 )
-from services.supervisor import _conf
+from services.supervisor import _conf, write_state
 from services.registry import Registry, record_swap
 from tests.services.helpers import linked_checkpoint
 
@@ -69,6 +72,41 @@ def test_api_key_travels_in_env_not_argv(model_dir, tmp_path):
     assert env["VLLM_API_KEY"] == "s3cret"
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
     assert env["HUMPBACK_ADMIN_ALLOW"] == "10.0.0.0/8"
+
+
+def test_uvicorn_trusts_no_forwarding_peer_whatever_the_spec(monkeypatch, tmp_path):
+    monkeypatch.setenv(FORWARDED_ALLOW_IPS_ENV, "*")
+    spec = ServerSpec(role="scorer", port=9, device="cpu", env={FORWARDED_ALLOW_IPS_ENV: "127.0.0.1"})
+    assert vllm_env(spec, tmp_path / "registry.json", [])[FORWARDED_ALLOW_IPS_ENV] == ""
+
+
+@pytest.mark.parametrize("extra", [["--api-key", "s3cret"], ["--api-key=s3cret"]])
+def test_api_key_is_refused_as_a_vllm_argument(extra):
+    with pytest.raises(ValidationError, match=API_KEY_ENV):
+        ServerSpec(role="scorer", port=9, extra_args=["--enforce-eager", *extra])
+    with pytest.raises(SystemExit):
+        resolve(["--role", "scorer", "--port", "9", *(f"--vllm-arg={a}" for a in extra)])
+
+
+def test_state_files_are_private_and_the_supervisor_config_holds_no_key(tmp_path):
+    state = tmp_path / "serve"
+    cfg = ServeConfig(state_dir=state, servers=default_servers(api_key="s3cret"))
+    # Files left by an older `up`, readable by all: replaced, not kept with their mode.
+    for path in (state / "serve.json", *(cfg.spec_path(s.role) for s in cfg.servers)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+        path.chmod(0o644)
+    state.chmod(0o755)
+    conf = write_state(cfg)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    for path in (state / "serve.json", *(cfg.spec_path(s.role) for s in cfg.servers)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # The launcher and `serve swap` read the key from these files; `ps` shows only the config's commands.
+    assert all(ServerSpec.model_validate_json(cfg.spec_path(s.role).read_bytes()).api_key == "s3cret"
+               for s in cfg.servers)
+    assert ServeConfig.model_validate_json((state / "serve.json").read_bytes()) == cfg
+    assert "s3cret" not in conf.read_text()
+    assert not [p for p in state.rglob("*") if p.name.startswith(".")]  # no temp file left
 
 
 def test_restart_restores_the_served_checkpoint(model_dir, tmp_path):

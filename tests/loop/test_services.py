@@ -1,0 +1,37 @@
+"""How a run starts the trainer: its settings, API keys included, reach it in a private file, never argv."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from humpback.loop import services
+from humpback.loop.config import ServicesConfig
+from trainer.config import ServiceSettings
+
+
+class FakeProcess:
+    pid = 4242
+    returncode = None
+
+    def poll(self) -> None:
+        return None
+
+
+def test_the_trainer_gets_its_keys_from_a_private_file(monkeypatch, tmp_path: Path) -> None:
+    argv: list[list[str]] = []
+    answers = iter([False, True])  # down before the start, healthy after it
+    monkeypatch.setattr(services, "health", lambda url: next(answers))
+    monkeypatch.setattr(services.subprocess, "Popen", lambda cmd, **kw: argv.append(cmd) or FakeProcess())
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    settings_path = log_dir / "trainer.settings.json"
+    settings_path.write_text("{}")
+    settings_path.chmod(0o644)  # left by an earlier run, readable by all
+    cfg = ServicesConfig(api_key="s3cret", trainer_data_dir=tmp_path / "trainer", state_dir=tmp_path / "serve")
+    services.ensure_trainer(cfg, log_dir)
+    assert len(argv) == 1 and not any("s3cret" in a for a in argv[0])
+    assert argv[0][-1] == str(settings_path)
+    assert stat.S_IMODE(settings_path.stat().st_mode) == 0o600
+    settings = ServiceSettings.model_validate_json(settings_path.read_bytes())
+    assert (settings.api_key, settings.server_api_key) == ("s3cret", "s3cret")
