@@ -46,10 +46,11 @@ class ServeInfo:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
-def humpback(*args: str, check: bool = True, timeout: float = 1200) -> subprocess.CompletedProcess:
+def humpback(*args: str, check: bool = True, timeout: float = 1200,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "humpback", *args], cwd=REPO, check=check, timeout=timeout,
-        capture_output=True, text=True,
+        capture_output=True, text=True, env={**os.environ, **(env or {})},
     )
 
 
@@ -76,10 +77,10 @@ def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         return
     state_dir = tmp_path_factory.mktemp("serve")
     result = humpback(
-        "serve", "up", "--state-dir", str(state_dir), "--api-key", TEST_API_KEY,
+        "serve", "up", "--state-dir", str(state_dir),
         "--backward-model", str(model_dir), "--scorer-model", str(model_dir),
         "--backward-port", str(TEST_PORTS["backward"]), "--scorer-port", str(TEST_PORTS["scorer"]),
-        check=False,
+        check=False, env={"HUMPBACK_API_KEY": TEST_API_KEY},  # keys never on a command line
     )
     if result.returncode != 0:
         humpback("serve", "down", "--state-dir", str(state_dir), check=False)

@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from trainer.api import create_app
+    from trainer.api import create_app, settings_or_exit
 
-    settings = from_args(ServiceSettings, args)
+    settings = settings_or_exit(lambda: from_args(ServiceSettings, args))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0

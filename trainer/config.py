@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from humpback.contracts import (
     API_KEY_ENV,
@@ -107,17 +108,30 @@ PRESETS: dict[str, Preset] = {
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is an address of this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ServiceSettings(BaseModel):
-    """Settings of `humpback trainer serve`: one flag per field (`--models` is spelled `--model NAME=PATH`)."""
+    """Settings of `humpback trainer serve`: one flag per field (`--models` is spelled `--model NAME=PATH`).
+
+    Without an API key the service listens on loopback only: any other `host` is refused."""
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = setting(LOOPBACK, "where the API listens")
+    host: str = setting(LOOPBACK, f"where the API listens; other than loopback only with an API key ({API_KEY_ENV})")
     port: int = setting(TRAINER_PORT, "the API's port")
     data_dir: Path = setting(
         TRAINER_DATA_DIR, "the service's own folder: SQLite database, uploaded files (under service-chosen ids), "
         "checkpoints (checkpoints/<job_id>/); requests never name a path")
-    api_key: str | None = setting(None, "bearer token required on every request when set", env=API_KEY_ENV)
+    api_key: str | None = setting(None, "bearer token required on every request when set (empty: none)",
+                                  env=API_KEY_ENV)
     backward_url: str = setting(DEFAULT_URLS["backward"],
                                 "base URL (no /v1) of the backward server a job can deploy to")
     scorer_url: str = setting(DEFAULT_URLS["scorer"], "base URL (no /v1) of the scorer server a job can deploy to")
@@ -135,9 +149,29 @@ class ServiceSettings(BaseModel):
         3, "how many times a job may be started: a job interrupted by a service restart is started again "
         "(resuming from its last checkpoint) until then, and failed after")
     swap_timeout: float = setting(300.0, "seconds allowed for one hot-swap")
+    max_upload_bytes: int = setting(
+        512 * 1024 * 1024, "the largest training file an upload may carry, in bytes (a larger one: 413)", ge=1)
+    max_concurrent_uploads: int = setting(
+        2, "uploads received at once; one more is answered 429 (uploads stream to disk, so this bounds "
+        "open requests and disk writes)", ge=1)
     accelerate_config: Path | None = setting(
         None, "an `accelerate` config file (see trainer/accelerate/); when set, each run is started with "
         "`accelerate launch` (multi-GPU data parallel), else as one process")
+
+    @field_validator("api_key", "server_api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        # An unset compose variable arrives as "": no key, not a key that "Bearer " would match.
+        return value or None
+
+    @model_validator(mode="after")
+    def _open_only_with_a_key(self) -> ServiceSettings:
+        if self.api_key is None and not is_loopback(self.host):
+            raise ValueError(
+                f"the trainer has no API key, so it listens on loopback only, not on {self.host!r}: set "
+                f"{API_KEY_ENV} (or --api-key) to a secret to listen there, or listen on {LOOPBACK}"
+            )
+        return self
 
     def role_url(self, role: Role) -> str:
         return self.backward_url if role == "backward" else self.scorer_url

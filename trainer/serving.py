@@ -3,6 +3,9 @@
 Routes in `trainer.api` call these methods and map `ApiError` to OpenAI's error shape. Every path
 the service touches is derived from its data dir and ids it generated itself: requests name files
 and models by id or registered name, never by path.
+
+Uploads never sit in memory: the route streams the body into a staging file under the files folder
+(`staging`), and `upload` validates it line by line before it becomes a file.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from pydantic import ValidationError
 
 from humpback.contracts import (
     ACTIVE_STATUSES,
+    MAX_STEPS,
     ApiError,
     ChatExample,
     CreateJobRequest,
@@ -31,43 +37,68 @@ from humpback.contracts import (
 )
 from trainer.config import PRESETS, ServiceSettings
 from trainer.deploy import Deployer
-from trainer.store import Store, new_id, now
+from trainer.store import Store, new_id, now, validation_reason
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 MAX_REPORTED_ERRORS = 5
+# One example's line: far above any training example (`max_length` tokens), and what bounds the
+# memory a validation takes, whatever the file's size.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+# Uploads being received; what a killed service left of them is removed at the next start.
+STAGING_PREFIX = ".upload-"
 
 
-def validate_jsonl(data: bytes) -> int:
-    """The number of examples in an OpenAI chat fine-tuning file; ApiError naming the bad lines."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError(400, f"the file is not UTF-8 (byte {exc.start})", param="file", code="invalid_file") from exc
+def validate_jsonl(f: BinaryIO) -> int:
+    """The number of examples in an OpenAI chat fine-tuning file, read one line at a time; ApiError
+    naming the bad lines."""
     problems: list[str] = []
-    examples = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    bad = examples = 0
+    for number, line in enumerate(_lines(f), start=1):
+        if line is not None and not line.strip():
             continue
-        try:
-            ChatExample.model_validate_json(line)
+        problem = _problem(line)
+        if problem is None:
             examples += 1
-        except ValidationError as exc:
-            problems.append(f"line {number}: {_reason(exc)}")
+            continue
+        bad += 1
+        if len(problems) < MAX_REPORTED_ERRORS:
+            problems.append(f"line {number}: {problem}")
     if problems:
-        more = len(problems) - MAX_REPORTED_ERRORS
-        tail = f"; and {more} more invalid lines" if more > 0 else ""
-        raise ApiError(400, "; ".join(problems[:MAX_REPORTED_ERRORS]) + tail, param="file", code="invalid_file")
+        tail = f"; and {bad - len(problems)} more invalid lines" if bad > len(problems) else ""
+        raise ApiError(400, "; ".join(problems) + tail, param="file", code="invalid_file")
     if examples == 0:
         raise ApiError(400, "the file holds no examples", param="file", code="invalid_file")
     return examples
 
 
+def _lines(f: BinaryIO) -> Iterator[bytes | None]:
+    """Each line of `f`; None for a line longer than MAX_LINE_BYTES, whose rest is skipped unread."""
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := f.readline(1024 * 1024)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
+def _problem(line: bytes | None) -> str | None:
+    """Why one line is not a chat example; None when it is one."""
+    if line is None:
+        return f"the line is longer than {MAX_LINE_BYTES} bytes"
+    try:
+        ChatExample.model_validate_json(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 (byte {exc.start} of the line)"
+    except ValidationError as exc:
+        return _reason(exc)
+    return None
+
+
 def _reason(exc: ValidationError) -> str:
     """The first validation problem as `field: message`, e.g. `messages.1.role: Input should be ...`."""
-    err = exc.errors(include_url=False)[0]
-    where = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
+    where, msg = validation_reason(exc.errors(include_url=False))
     return f"{where}: {msg}" if where else msg
 
 
@@ -80,6 +111,8 @@ class TrainerService:
         self.data_dir = settings.data_dir.absolute()
         self.files_dir = self.data_dir / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.files_dir.glob(f"{STAGING_PREFIX}*"):
+            stale.unlink(missing_ok=True)
 
     # --- files --------------------------------------------------------------------------------
 
@@ -88,17 +121,29 @@ class TrainerService:
             raise ApiError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
         return self.files_dir / f"{file_id}.jsonl"
 
-    def upload(self, filename: str, purpose: str, data: bytes) -> FileObject:
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A new empty file under the files folder for an upload to stream into; removed on leaving
+        unless `upload` adopted it."""
+        fd, tmp = tempfile.mkstemp(dir=self.files_dir, prefix=STAGING_PREFIX)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def upload(self, filename: str, purpose: str | None, staged: Path) -> FileObject:
+        """Validate a staged upload and make it a file under a new id."""
         if purpose != "fine-tune":
-            raise ApiError(400, f"purpose {purpose!r} is not supported; use 'fine-tune'", param="purpose")
-        examples = validate_jsonl(data)
+            got = "no purpose" if purpose is None else f"purpose {purpose!r}"
+            raise ApiError(400, f"{got} is not supported; use 'fine-tune'", param="purpose")
+        with staged.open("rb") as f:
+            examples = validate_jsonl(f)
         file_id = new_id("file")
-        fd, tmp = tempfile.mkstemp(dir=self.files_dir, prefix=".upload-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.file_path(file_id))
+        size = staged.stat().st_size
+        os.replace(staged, self.file_path(file_id))
         # Only the base name is kept, for display: it never becomes a path.
-        return self.store.add_file(file_id, Path(filename or "upload.jsonl").name, len(data), examples)
+        return self.store.add_file(file_id, Path(filename or "upload.jsonl").name[:255], size, examples)
 
     def get_file(self, file_id: str) -> FileObject:
         found = self.store.get_file(file_id) if FILE_ID.match(file_id) else None
@@ -106,13 +151,21 @@ class TrainerService:
             raise ApiError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
         return found
 
-    def file_content(self, file_id: str) -> bytes:
+    def file_content(self, file_id: str) -> Path:
+        """The path of a file's content (streamed from disk, never read whole)."""
         self.get_file(file_id)
-        return self.file_path(file_id).read_bytes()
+        return self.file_path(file_id)
 
     def delete_file(self, file_id: str) -> bool:
+        """Delete a file, unless a job that has not finished needs it (409 naming the jobs)."""
         self.get_file(file_id)
-        self.store.delete_file(file_id)
+        users = self.store.delete_unused_file(file_id)
+        if users:
+            raise ApiError(
+                409, f"File {file_id} is the training or validation file of {len(users)} job(s) that have not "
+                f"finished ({', '.join(users)}); cancel them or wait until they end, then delete it",
+                param="id", code="file_in_use",
+            )
         self.file_path(file_id).unlink(missing_ok=True)
         return True
 
@@ -143,12 +196,6 @@ class TrainerService:
         metadata = req.metadata or {}
         self._check_metadata(metadata)
         hyper = req.effective_hyperparameters()
-        for name in ("batch_size", "n_epochs"):
-            value = getattr(hyper, name)
-            if value != "auto" and value < 1:
-                raise ApiError(400, f"hyperparameters.{name} must be at least 1", param=f"hyperparameters.{name}")
-        if hyper.learning_rate_multiplier != "auto" and hyper.learning_rate_multiplier <= 0:
-            raise ApiError(400, "hyperparameters.learning_rate_multiplier must be positive", param="hyperparameters.learning_rate_multiplier")
         job = FineTuningJob(
             id=new_id("ftjob"),
             created_at=now(),
@@ -161,7 +208,9 @@ class TrainerService:
             metadata=req.metadata,
             method=Method(supervised=SupervisedMethod(hyperparameters=hyper)),
         )
-        self.store.add_job(job, req.suffix)
+        if not self.store.add_job(job, req.suffix):
+            raise ApiError(400, "a file of this job was deleted while the job was created", param="training_file",
+                           code="file_not_found")
         self.store.add_event(job.id, f"Created fine-tuning job: {job.id}")
         return job
 
@@ -176,8 +225,9 @@ class TrainerService:
         if method is not None and method not in ("lora", "full"):
             raise ApiError(400, f"metadata.method must be 'lora' or 'full', got {method!r}", param="metadata.method")
         steps = metadata.get("max_steps")
-        if steps is not None and (not steps.isdigit() or int(steps) < 1):
-            raise ApiError(400, f"metadata.max_steps must be a positive integer, got {steps!r}", param="metadata.max_steps")
+        if steps is not None and not (re.fullmatch(r"[0-9]{1,6}", steps) and 1 <= int(steps) <= MAX_STEPS):
+            raise ApiError(400, f"metadata.max_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}",
+                           param="metadata.max_steps")
 
     def get_job(self, job_id: str) -> FineTuningJob:
         job = self.store.get_job(job_id) if JOB_ID.match(job_id) else None

@@ -12,14 +12,19 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
+
+from pydantic import ValidationError
 
 from humpback.contracts import (
+    ACTIVE_STATUSES,
     CheckpointMetrics,
     FileObject,
     FineTuningJob,
     Hyperparameters,
+    InputError,
     JobCheckpoint,
     JobError,
     JobEvent,
@@ -50,6 +55,26 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints (job_id, seq);
 """
+
+
+class UnreadableJob(InputError):
+    """A stored job that no longer parses (written by an older version, or edited by hand)."""
+
+    def __init__(self, job_id: str, problem: str) -> None:
+        super().__init__(f"the stored job {job_id} cannot be read: {problem}")
+        self.job_id = job_id
+
+
+def validation_reason(errors: Sequence[Mapping[str, Any]], skip: int = 0) -> tuple[str, str]:
+    """(where, why) of the first of pydantic's `errors`: the dotted field path (less its first `skip`
+    items) and the message. A value that fits no member of `"auto" | number` fails each member, with
+    the member's tag appended to the path: then the field is named, with the number's reason."""
+    err = errors[0]
+    loc = [str(p) for p in err["loc"][skip:]]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if loc and loc[-1].startswith("literal[") and len(errors) > 1 and errors[1]["loc"][:-1] == err["loc"][:-1]:
+        loc, msg = loc[:-1], f"{errors[1]['msg']} (or 'auto')"
+    return ".".join(loc), msg
 
 
 def new_id(prefix: str) -> str:
@@ -97,16 +122,40 @@ class Store:
     def file_examples(self, file_id: str) -> int:
         return int(self._exec("SELECT examples FROM files WHERE id = ?", (file_id,))[0]["examples"])
 
-    def list_files(self) -> list[FileObject]:
-        return [_file(r) for r in self._exec("SELECT * FROM files ORDER BY created_at DESC, rowid DESC")]
+    def list_files(self, after: str | None = None, limit: int = 10_000,
+                   order: Literal["asc", "desc"] = "desc") -> tuple[list[FileObject], bool]:
+        """In upload order (`desc`: newest first); `after` is the id of the last file of the previous page."""
+        sql, args = "SELECT * FROM files", []
+        if after:
+            sql += f" WHERE rowid {'<' if order == 'desc' else '>'} (SELECT rowid FROM files WHERE id = ?)"
+            args.append(after)
+        rows = self._exec(sql + f" ORDER BY rowid {order.upper()} LIMIT ?", (*args, limit + 1))
+        return [_file(r) for r in rows[:limit]], len(rows) > limit
 
-    def delete_file(self, file_id: str) -> bool:
+    def delete_unused_file(self, file_id: str) -> list[str]:
+        """Delete the file's row unless a job that has not finished names it; the ids of those jobs
+        (empty: deleted). One step under the lock, so a job created meanwhile cannot lose its file."""
+        marks = ",".join("?" * len(ACTIVE_STATUSES))
         with self._lock:
-            return self._db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+            users = self._db.execute(
+                f"SELECT id FROM jobs WHERE status IN ({marks}) AND (training_file = ? OR validation_file = ?)"
+                " ORDER BY rowid", (*ACTIVE_STATUSES, file_id, file_id),
+            ).fetchall()
+            if not users:
+                self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+            return [r["id"] for r in users]
 
     # --- jobs ---------------------------------------------------------------------------------
 
-    def add_job(self, job: FineTuningJob, suffix: str | None) -> None:
+    def add_job(self, job: FineTuningJob, suffix: str | None) -> bool:
+        """Insert the job, unless one of its files was deleted meanwhile (then False)."""
+        with self._lock:
+            if any(f is not None and self.get_file(f) is None for f in (job.training_file, job.validation_file)):
+                return False
+            self._insert_job(job, suffix)
+            return True
+
+    def _insert_job(self, job: FineTuningJob, suffix: str | None) -> None:
         self._exec(
             "INSERT INTO jobs (id, created_at, status, model, training_file, validation_file,"
             " hyperparameters, method, suffix, seed, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -126,8 +175,13 @@ class Store:
         )
 
     def get_job(self, job_id: str) -> FineTuningJob | None:
+        """The job as the API shows it (an unreadable row as far as it can be read, with the reason)."""
         rows = self._exec("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return _job(rows[0]) if rows else None
+        return _shown_job(rows[0]) if rows else None
+
+    def load_job(self, job_id: str) -> FineTuningJob:
+        """The job to run; UnreadableJob when its row does not parse."""
+        return _job(self.job_row(job_id))
 
     def job_row(self, job_id: str) -> sqlite3.Row:
         """The raw row, with the service-internal columns (attempts, pid, export_dir, suffix)."""
@@ -140,14 +194,14 @@ class Store:
             sql += " WHERE rowid < (SELECT rowid FROM jobs WHERE id = ?)"
             args.append(after)
         rows = self._exec(sql + " ORDER BY rowid DESC", tuple(args))
-        jobs = [_job(r) for r in rows]
+        jobs = [_shown_job(r) for r in rows]
         if metadata:
             jobs = [j for j in jobs if all((j.metadata or {}).get(k) == v for k, v in metadata.items())]
         return jobs[:limit], len(jobs) > limit
 
-    def jobs_with_status(self, *statuses: JobStatus) -> list[FineTuningJob]:
-        marks = ",".join("?" * len(statuses))
-        return [_job(r) for r in self._exec(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY rowid", statuses)]
+    def job_ids(self, status: JobStatus) -> list[str]:
+        """The ids of the jobs in `status`, oldest first: ids only, so no row that fails to parse stops a scan."""
+        return [r["id"] for r in self._exec("SELECT id FROM jobs WHERE status = ? ORDER BY rowid", (status,))]
 
     def count_by_status(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in self._exec("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")}
@@ -217,22 +271,65 @@ def _file(r: sqlite3.Row) -> FileObject:
 
 
 def _job(r: sqlite3.Row) -> FineTuningJob:
-    return FineTuningJob(
-        id=r["id"],
-        created_at=r["created_at"],
-        status=r["status"],
-        model=r["model"],
-        training_file=r["training_file"],
-        validation_file=r["validation_file"],
-        hyperparameters=Hyperparameters.model_validate_json(r["hyperparameters"]),
-        method=Method.model_validate_json(r["method"]),
-        seed=r["seed"],
-        metadata=json.loads(r["metadata"]) if r["metadata"] else None,
-        fine_tuned_model=r["fine_tuned_model"],
-        finished_at=r["finished_at"],
-        error=JobError.model_validate_json(r["error"]) if r["error"] else None,
-        trained_tokens=r["trained_tokens"],
-    )
+    """The row as a job; UnreadableJob naming the column that does not parse."""
+    hyperparameters = _column(r, "hyperparameters", Hyperparameters.model_validate_json)
+    method = _column(r, "method", Method.model_validate_json)
+    metadata = _column(r, "metadata", lambda v: json.loads(v) if v else None)
+    error = _column(r, "error", lambda v: JobError.model_validate_json(v) if v else None)
+    try:
+        return FineTuningJob(
+            id=r["id"],
+            created_at=r["created_at"],
+            status=r["status"],
+            model=r["model"],
+            training_file=r["training_file"],
+            validation_file=r["validation_file"],
+            hyperparameters=hyperparameters,
+            method=method,
+            seed=r["seed"],
+            metadata=metadata,
+            fine_tuned_model=r["fine_tuned_model"],
+            finished_at=r["finished_at"],
+            error=error,
+            trained_tokens=r["trained_tokens"],
+        )
+    except ValidationError as exc:
+        where, why = validation_reason(exc.errors(include_url=False))
+        raise UnreadableJob(str(r["id"]), f"{where}: {why}") from exc
+
+
+def _column(r: sqlite3.Row, column: str, parse: Callable[[Any], Any]) -> Any:
+    try:
+        return parse(r[column])
+    except ValidationError as exc:
+        where, why = validation_reason(exc.errors(include_url=False))
+        raise UnreadableJob(str(r["id"]), f"{'.'.join(filter(None, (column, where)))}: {why}") from exc
+    except (ValueError, TypeError) as exc:
+        raise UnreadableJob(str(r["id"]), f"{column}: {exc}") from exc
+
+
+_STATUSES: tuple[str, ...] = get_args(JobStatus)
+
+
+def _shown_job(r: sqlite3.Row) -> FineTuningJob:
+    """`_job`, or for a row that does not parse, its id, status and plain columns with the reason as its
+    error and "auto" hyperparameters, so that listing, retrieving and cancelling still work."""
+    try:
+        return _job(r)
+    except UnreadableJob as exc:
+        def text(column: str) -> str:
+            return r[column] if isinstance(r[column], str) else ""
+
+        def integer(column: str) -> int:
+            return r[column] if isinstance(r[column], int) else 0
+
+        return FineTuningJob(
+            id=str(r["id"]), created_at=integer("created_at"),
+            status=r["status"] if r["status"] in _STATUSES else "failed",
+            model=text("model"), training_file=text("training_file"), seed=integer("seed"),
+            hyperparameters=Hyperparameters(), method=Method(),
+            error=JobError(code="invalid_job", message=str(exc)),
+        )
 
 
 def _event(r: sqlite3.Row) -> JobEvent:

@@ -5,6 +5,10 @@ A job's life: `queued` -> `running` (training subprocess, then the swap) -> `suc
 each job as it was: jobs left `running` go back to the queue and resume from their last checkpoint
 (or from the exported weights, when only the swap was left), until `max_attempts` restarts, after
 which they are failed with the reason.
+
+No stored row stops the queue: the queue is read as ids, a job whose row does not parse is failed
+by id with the reason, and any other error fails its job. `alive()` says whether the loop runs
+(`/health` answers 503 when it does not).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from trainer.config import PRESETS
 from trainer.deploy import Deployer
 from trainer.metrics import TrainerMetrics
 from trainer.serving import TrainerService
-from trainer.store import model_name, now
+from trainer.store import UnreadableJob, model_name, now
 from trainer.train import TrainSpec, last_checkpoint
 
 log = logging.getLogger(__name__)
@@ -79,25 +83,29 @@ class Worker:
                 _kill(self._proc)
         self._thread.join(timeout)
 
+    def alive(self) -> bool:
+        """Whether the queue loop runs: it ends on `stop()`, or when failing a job fails too."""
+        return self._thread.is_alive()
+
     def notify(self) -> None:
         """A job was queued."""
         self._wake.set()
 
     def recover(self) -> None:
         """Requeue the jobs a previous process left `running`, or fail those out of attempts."""
-        for job in self.store.jobs_with_status("running"):
-            row = self.store.job_row(job.id)
-            _kill_stale(row["pid"], job.id)
+        for job_id in self.store.job_ids("running"):
+            row = self.store.job_row(job_id)
+            _kill_stale(row["pid"], job_id)
             if row["attempts"] >= self.settings.max_attempts:
                 self._fail(
-                    job.id, "interrupted",
+                    job_id, "interrupted",
                     f"The service stopped during this job {row['attempts']} times; it was not started again",
                 )
                 continue
-            ckpt = last_checkpoint(self.job_dir(job.id) / "train")
+            ckpt = last_checkpoint(self.job_dir(job_id) / "train")
             where = f"resuming from {ckpt.name}" if ckpt else "no checkpoint was saved yet; starting from step 0"
-            self.store.transition(job.id, ("running",), "queued")
-            self.store.add_event(job.id, f"The service restarted during the job; {where}", level="warn")
+            self.store.transition(job_id, ("running",), "queued")
+            self.store.add_event(job_id, f"The service restarted during the job; {where}", level="warn")
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
@@ -113,22 +121,41 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            queued = self.store.jobs_with_status("queued")
-            if not queued:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            job = queued[0]
+            job_id: str | None = None
             try:
-                self._run(job)
+                queued = self.store.job_ids("queued")
+                if not queued:
+                    self._wake.wait(1.0)
+                    self._wake.clear()
+                    continue
+                job_id = queued[0]
+                self._run(job_id)
             except Exception as exc:  # a bug must fail the job, not stop the queue
-                log.exception("job %s", job.id)
-                self._fail(job.id, "internal_error", f"{type(exc).__name__}: {exc}")
+                if job_id is None:
+                    # The store could not be read: wait and try again rather than spin.
+                    log.exception("reading the job queue")
+                    self._stop.wait(1.0)
+                    continue
+                log.exception("job %s", job_id)
+                self._abandon_process()
+                # Should failing the job raise too, the loop ends and /health reports it.
+                self._fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}")
             finally:
                 with self._lock:
                     self._current, self._proc, self._deploying = None, None, False
 
-    def _run(self, job: FineTuningJob) -> None:
+    def _abandon_process(self) -> None:
+        """Kill the training process of a job that failed while it still ran."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                _kill(self._proc)
+
+    def _run(self, job_id: str) -> None:
+        try:
+            job = self.store.load_job(job_id)
+        except UnreadableJob as exc:
+            self._fail(job_id, "invalid_job", f"{exc}; the job was not started")
+            return
         attempts = self.store.job_row(job.id)["attempts"] + 1
         with self._lock:
             if not self.store.transition(job.id, ("queued",), "running", attempts=attempts):
@@ -212,6 +239,8 @@ class Worker:
                 event = json.loads(line)
             except ValueError:
                 continue
+            if not isinstance(event, dict) or "type" not in event:
+                continue  # a line some library printed, not one of the training process's events
             if event["type"] == "exported":
                 exported = event
             else:

@@ -44,6 +44,12 @@ from humpback.contracts.errors import (
 )
 from humpback.contracts.fine_tuning import (
     ACTIVE_STATUSES,
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_LEARNING_RATE_MULTIPLIER,
+    MAX_METADATA_PAIRS,
+    MAX_SEED,
+    MAX_STEPS,
     ORGANIZATION,
     TERMINAL_STATUSES,
     CheckpointMetrics,
@@ -62,6 +68,9 @@ from humpback.contracts.fine_tuning import (
     JobStatus,
     ListPage,
     Method,
+    RequestedHyperparameters,
+    RequestedMethod,
+    RequestedSupervisedMethod,
     SupervisedMethod,
 )
 from humpback.contracts.prompts import (

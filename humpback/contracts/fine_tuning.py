@@ -5,9 +5,9 @@ Field names and status values are OpenAI's, so the official `openai` SDK parses 
 
 from __future__ import annotations
 
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from humpback.contracts.defaults import Role
 
@@ -15,7 +15,6 @@ JobStatus = Literal["validating_files", "queued", "running", "succeeded", "faile
 ACTIVE_STATUSES: tuple[JobStatus, ...] = ("validating_files", "queued", "running")
 TERMINAL_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 ORGANIZATION = "humpback"
-# The model servers a job's model can be deployed to.
 
 T = TypeVar("T")
 
@@ -37,14 +36,39 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
+# What a request may ask, OpenAI's ranges: every number finite and bounded, and of its own JSON type
+# (strict: `true` is not a batch size, "2" is not a number).
+MAX_BATCH_SIZE = 256
+MAX_LEARNING_RATE_MULTIPLIER = 10.0
+MAX_EPOCHS = 50
+MAX_SEED = 2**31 - 1
+# Humpback's `metadata.max_steps` (the paper's largest schedule is 1,600 steps).
+MAX_STEPS = 100_000
+# OpenAI's metadata: at most 16 pairs, keys of 64 characters, values of 512.
+MAX_METADATA_PAIRS = 16
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
 class Hyperparameters(BaseModel):
-    """OpenAI's three knobs; "auto" leaves the preset's value (paper rule for batch, its schedule)."""
+    """A job's three knobs as it reports them: what the request asked, then (once the job runs) the
+    values resolved from the preset. "auto" leaves the preset's value (paper rule for batch, its
+    schedule). Resolved `n_epochs` follow from `metadata.max_steps` and may pass a request's bound."""
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: Literal["auto"] | int = "auto"
-    learning_rate_multiplier: Literal["auto"] | float = "auto"
-    n_epochs: Literal["auto"] | int = "auto"
+    batch_size: Literal["auto"] | Annotated[int, Field(strict=True, ge=1)] = "auto"
+    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] = "auto"
+    n_epochs: Literal["auto"] | Annotated[int, Field(strict=True, ge=1)] = "auto"
+
+
+class RequestedHyperparameters(Hyperparameters):
+    """The knobs a request may set, within OpenAI's ranges."""
+
+    batch_size: Literal["auto"] | Annotated[int, Field(strict=True, ge=1, le=MAX_BATCH_SIZE)] = "auto"
+    learning_rate_multiplier: Literal["auto"] | Annotated[
+        float, Field(strict=True, gt=0, le=MAX_LEARNING_RATE_MULTIPLIER, allow_inf_nan=False)] = "auto"
+    n_epochs: Literal["auto"] | Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)] = "auto"
 
 
 class SupervisedMethod(BaseModel):
@@ -54,6 +78,14 @@ class SupervisedMethod(BaseModel):
 class Method(BaseModel):
     type: Literal["supervised"] = "supervised"
     supervised: SupervisedMethod | None = None
+
+
+class RequestedSupervisedMethod(SupervisedMethod):
+    hyperparameters: RequestedHyperparameters = Field(default_factory=RequestedHyperparameters)
+
+
+class RequestedMethod(Method):
+    supervised: RequestedSupervisedMethod | None = None
 
 
 class JobError(BaseModel):
@@ -68,26 +100,26 @@ class CreateJobRequest(BaseModel):
     - `deploy_to`: "backward" or "scorer": hot-swap the result into that server;
     - `preset`: a training preset name (see `trainer.config.PRESETS`);
     - `method`: "lora" or "full", overriding the preset's;
-    - `max_steps`: optimizer steps, overriding the preset's schedule.
+    - `max_steps`: optimizer steps (1 to `MAX_STEPS`), overriding the preset's schedule.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    training_file: str
-    validation_file: str | None = None
-    hyperparameters: Hyperparameters | None = None
-    method: Method | None = None
+    model: str = Field(min_length=1, max_length=256)
+    training_file: str = Field(max_length=64)
+    validation_file: str | None = Field(default=None, max_length=64)
+    hyperparameters: RequestedHyperparameters | None = None
+    method: RequestedMethod | None = None
     suffix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int | None = None
-    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    seed: Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)] | None = None
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=MAX_METADATA_PAIRS)
     integrations: list[dict[str, Any]] | None = None
 
-    def effective_hyperparameters(self) -> Hyperparameters:
+    def effective_hyperparameters(self) -> RequestedHyperparameters:
         """`method.supervised.hyperparameters` (current API) wins over the deprecated top-level field."""
         if self.method and self.method.supervised:
             return self.method.supervised.hyperparameters
-        return self.hyperparameters or Hyperparameters()
+        return self.hyperparameters or RequestedHyperparameters()
 
 
 class FineTuningJob(BaseModel):

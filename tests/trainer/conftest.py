@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -16,10 +17,11 @@ import openai
 import pytest
 import uvicorn
 
+from humpback.contracts import SeedPair, seed_forward_examples, write_jsonl
 from tests.conftest import MODEL_DIR
 from trainer.api import create_app
 from trainer.config import ServiceSettings
-from humpback.contracts import SeedPair, seed_forward_examples, write_jsonl
+from trainer.serving import TrainerService
 
 TRAINER_KEY = "trainer-test-key"
 # Nothing listens here: jobs that do not deploy never call it.
@@ -39,14 +41,14 @@ class RunningService:
         self.thread.join(60)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def start_service(settings: ServiceSettings) -> RunningService:
-    settings = settings.model_copy(update={"port": _free_port()})
+    settings = settings.model_copy(update={"port": free_port()})
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -66,6 +68,18 @@ def make_settings(data_dir: Path, **overrides: object) -> ServiceSettings:
         backward_model=MODEL_DIR, scorer_model=MODEL_DIR, default_preset="cpu-test",
     )
     return ServiceSettings(**{**base, **overrides})
+
+
+def upload(client: openai.OpenAI, path: Path) -> str:
+    with path.open("rb") as f:
+        return client.files.create(file=f, purpose="fine-tune").id
+
+
+def add_file(service: TrainerService, path: Path) -> str:
+    """Add `path` as a file through the service's own upload steps (staged, then validated), without HTTP."""
+    with service.staging() as staged:
+        shutil.copyfile(path, staged)
+        return service.upload(path.name, "fine-tune", staged).id
 
 
 @pytest.fixture

@@ -12,14 +12,17 @@ import httpx
 import openai
 import pytest
 
-from tests.trainer.conftest import TRAINER_KEY, RunningService, make_settings, start_service, wait_for, wait_for_event
+from tests.trainer.conftest import (
+    TRAINER_KEY,
+    RunningService,
+    make_settings,
+    start_service,
+    upload,
+    wait_for,
+    wait_for_event,
+)
 
 FAST = {"preset": "cpu-test", "max_steps": "2"}
-
-
-def upload(client: openai.OpenAI, path: Path) -> str:
-    with path.open("rb") as f:
-        return client.files.create(file=f, purpose="fine-tune").id
 
 
 def test_sdk_job_runs_to_succeeded(trainer_service: RunningService, train_file: Path) -> None:

@@ -1,7 +1,8 @@
-"""Pieces of the trainer without a service: presets, data builders, upload validation."""
+"""Pieces of the trainer without a service: presets, data builders, upload validation, wire bounds."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,14 @@ from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
     SEED_SYSTEM_PROMPT,
     ApiError,
+    CreateJobRequest,
+    Hyperparameters,
     SeedPair,
     backward_messages,
     seed_backward_examples,
     seed_forward_examples,
 )
+from trainer import serving
 from trainer.config import PRESETS, paper_batch_size, paper_steps
 from trainer.serving import validate_jsonl
 from trainer.train import TrainSpec
@@ -49,13 +53,44 @@ def test_data_builders_tag_seed_and_reuse_the_inference_prompt() -> None:
     assert backward["completion"] == [{"role": "assistant", "content": "Name a prime."}]
 
 
+GOOD = b'{"messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]}\n'
+
+
+def _validate(data: bytes) -> int:
+    return validate_jsonl(io.BytesIO(data))
+
+
 def test_validation_names_line_and_field() -> None:
-    good = b'{"messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]}\n'
-    assert validate_jsonl(good + b"\n" + good) == 2
+    assert _validate(GOOD + b"\n" + GOOD.replace(b"\n", b"\r\n") + GOOD.rstrip()) == 3
     with pytest.raises(ApiError) as err:
-        validate_jsonl(good + b'{"messages":[{"role":"user","content":"a"},{"role":"assistant","content":"  "}]}\n')
+        _validate(GOOD + b'{"messages":[{"role":"user","content":"a"},{"role":"assistant","content":"  "}]}\n')
     assert err.value.message == "line 2: messages.1.content: content is empty"
     with pytest.raises(ApiError, match="^line 1: messages: Field required$"):
-        validate_jsonl(b'{"prompt":"a"}')
+        _validate(b'{"prompt":"a"}')
+    with pytest.raises(ApiError, match="^line 2: not UTF-8 \\(byte 44 of the line\\)$"):
+        _validate(GOOD + GOOD[:44] + b"\xff" + GOOD[45:])
     with pytest.raises(ApiError, match="no examples"):
-        validate_jsonl(b"\n\n")
+        _validate(b"\n\n")
+
+
+def test_validation_reads_a_line_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long line is refused unread, and the report stays short however many lines are bad."""
+    monkeypatch.setattr(serving, "MAX_LINE_BYTES", 200)
+    long_line = b'{"messages":"' + b"x" * 500 + b'"}\n'
+    with pytest.raises(ApiError, match="^line 2: the line is longer than 200 bytes$"):
+        _validate(GOOD + long_line + GOOD)
+    with pytest.raises(ApiError) as err:
+        _validate(GOOD + b"{}\n" * 10_000)
+    assert err.value.message.count("line ") == serving.MAX_REPORTED_ERRORS
+    assert err.value.message.endswith("; and 9995 more invalid lines")
+
+
+def test_request_numbers_are_bounded_and_job_numbers_finite() -> None:
+    """A request holds OpenAI's ranges; a job reports what it resolved (n_epochs may pass 50 when
+    `metadata.max_steps` sets the schedule), but never a number that is not finite or not positive."""
+    with pytest.raises(ValidationError):
+        CreateJobRequest(model="m", training_file="f", hyperparameters={"n_epochs": 51})
+    assert Hyperparameters(n_epochs=400, batch_size=2, learning_rate_multiplier=1.0).n_epochs == 400
+    for bad in ({"learning_rate_multiplier": float("nan")}, {"batch_size": 0}, {"n_epochs": True}):
+        with pytest.raises(ValidationError):
+            Hyperparameters.model_validate(bad)
