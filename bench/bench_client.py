@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import re
 import subprocess
 import sys
@@ -127,6 +128,19 @@ async def bench_openai(texts: list[str], url: str, model: str, max_tokens: int, 
 
 # --- 3. overhead ------------------------------------------------------------------------------------
 
+def _wait_listening(port: int, timeout: float = 60.0) -> None:
+    """Wait until the fake server accepts connections (a fixed sleep is too short on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def bench_overhead(n: int, tmp: Path) -> dict[str, Any]:
     """The real CLI in a subprocess pinned to core 0, the fake server pinned to core 1."""
     sys.path.insert(0, str(ROOT))
@@ -142,7 +156,7 @@ def bench_overhead(n: int, tmp: Path) -> dict[str, Any]:
     server = subprocess.Popen([sys.executable, "-m", "tests.client.fake_server", "--port", str(port)], cwd=ROOT,
                               preexec_fn=lambda: os.sched_setaffinity(0, server_cpu))
     try:
-        time.sleep(2)
+        _wait_listening(port)
         out = tmp / "overhead.out.jsonl"
         # Exact dedup on (it is part of the default stream path); near dedup and the repetition rule off:
         # they are corpus preparation, measured separately below.

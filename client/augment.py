@@ -19,12 +19,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from client.completions import chat_choice
-from client.corpus import Corpus
+from client.corpus import Corpus, open_corpora
 from client.fanout import Fanout, FanoutConfig
-from client.journal import FsyncPolicy, Journal, LineWriter
+from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
-from client.runner import RunSummary, online, run, served_model, side_path
+from client.runner import CorruptLines, RunSummary, online, run, served_model, side_path
 from client.tasks import Job
 from humpback.contracts import (
     AUGMENT_TEMPERATURE,
@@ -127,20 +127,31 @@ async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | 
     """Backtranslate every kept segment of `corpus` into `out` (a candidates journal); resumable.
 
     `prepare=None` applies the paper's default preparation; pass `PrepareConfig(...)` to change it.
-    Side files: `<out>.errors.jsonl` (rejected input records), `<out>.failed.jsonl` (requests that
-    failed this run; retried next run), `<out>.summary.json`.
+    Every corpus file is checked first (`CorpusError` names each that cannot be read, and nothing is
+    sent), then `out` is locked for the run (`InputError` while another run writes it). Side files:
+    `<out>.errors.jsonl` (rejected input records, and journal lines that are no record: their segments
+    are asked again), `<out>.failed.jsonl` (requests that failed this run; retried next run),
+    `<out>.summary.json`.
     """
     cfg = config or AugmentConfig()
     out = Path(out)
-    corpora = [c if isinstance(c, Corpus) else Corpus(c, text_field=text_field) for c in corpus]
+    corpora = open_corpora(corpus, text_field)
+    with output_lock(out):
+        return await _augment(corpora, out, fanout, cfg, prepare)
+
+
+async def _augment(corpora: list[Corpus], out: Path, fanout: FanoutConfig, cfg: AugmentConfig,
+                   prepare: PrepareConfig | None) -> RunSummary:
     summary = RunSummary()
     preparer = Preparer(prepare)
     errors = LineWriter(side_path(out, "errors.jsonl"))
     failed = LineWriter(side_path(out, "failed.jsonl"))
     start = time.monotonic()
-    journal = Journal(out, fsync=cfg.fsync).open()
+    corrupt = CorruptLines(out, errors)
+    journal = Journal(out, fsync=cfg.fsync, on_corrupt=corrupt).open()
     summary.results["already_done"] = len(journal.done)
     summary.extra["repaired_bytes"] = journal.repaired_bytes
+    summary.extra["corrupt_journal_lines"] = corrupt.count
     progress = Progress(sum(c.total_bytes for c in corpora), "augment", cfg.progress)
     try:
         async with Fanout(fanout) as fan:

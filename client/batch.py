@@ -9,6 +9,9 @@ parse, the same journals (so online and batch runs mix and resume alike) and the
 result line that is no result, names an id the export does not hold, or repeats an id goes to
 `<out>.errors.jsonl` with its line number and reason; a request without a usable answer goes to
 `<out>.failed.jsonl` and counts in `results["failed"]`, as a failed request does online.
+
+Every input file is checked before anything is read or written (`InputError` naming the file), and
+the output is locked for the run, as `augment` and `curate` do.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from client.augment import AugmentConfig, AugmentTask, prepared_segments
-from client.corpus import Corpus
+from client.corpus import Lines, check_input, open_corpora
 from client.curate import CurateConfig, ScoreTask, read_candidates, select
-from client.journal import Journal, LineWriter
+from client.journal import Journal, LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
-from client.runner import RunSummary, run, side_path
+from client.runner import CorruptLines, RunSummary, run, side_path
 from client.tasks import Item, Job, Parsed, Task
 from humpback.contracts import (BatchRequest, BatchResult, Candidate, InputError, Rejected, RequestFailed,
                                 RetryableError, Segment)
@@ -90,42 +93,42 @@ def export_augment(corpus: Iterable[PathLike], out: PathLike, model: str, config
     out = Path(out)
     summary = RunSummary()
     preparer = Preparer(prepare)
-    errors = LineWriter(side_path(out, "errors.jsonl"))
-    segments = (seg for _, seg in prepared_segments([Corpus(c, text_field=text_field) for c in corpus], preparer,
-                                                    errors, summary))
-    try:
+    corpora = open_corpora(corpus, text_field)
+    with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
+        segments = (seg for _, seg in prepared_segments(corpora, preparer, errors, summary))
         _export(AugmentTask(model, None, config or AugmentConfig()), segments, out,
                 lambda cid, seg: SegmentMeta(custom_id=cid, segment=seg), summary)
-    finally:
-        errors.close()
     summary.prepare.update(preparer.counts)
     return summary
 
 
 def export_curate(candidates: PathLike, out: PathLike, model: str, config: CurateConfig | None = None) -> RunSummary:
     """Batch scoring requests for every candidate of a candidates file (one per distinct `custom_id`)."""
-    out = Path(out)
+    cfg = config or CurateConfig()
+    candidates, out = Path(candidates), Path(out)
     summary = RunSummary()
-    errors = LineWriter(side_path(out, "errors.jsonl"))
-    cands = (cand for cand, _ in read_candidates(Path(candidates), errors, summary))
-    try:
-        _export(ScoreTask(model, None, config or CurateConfig()), cands, out,
+    check_input(candidates)
+    with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
+        cands = (cand for cand, _ in read_candidates(candidates, errors, summary, cfg.max_field_chars))
+        _export(ScoreTask(model, None, cfg), cands, out,
                 lambda cid, cand: CandidateMeta(custom_id=cid, candidate=cand), summary)
-    finally:
-        errors.close()
     return summary
 
 
 def _lines(path: Path, model: type[Line]) -> Iterator[Line]:
     """The lines of a file this module wrote, each read through its model."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                rec = model.model_validate_json(line)
-            except ValidationError as exc:
-                raise InputError(f"{path}:{lineno}: not a {model.__name__} line ({exc.errors()[0]['msg']}); "
-                                 "export the requests again with `humpback batch export`") from None
-            yield rec
+    lines = Lines(path, max_bytes=None)
+    for lineno, line in lines:
+        assert line is not None  # no size limit: every line comes whole
+        try:
+            rec = model.model_validate_json(line)
+        except ValidationError as exc:
+            raise InputError(f"{path}:{lineno}: not a {model.__name__} line ({exc.errors()[0]['msg']}); "
+                             "export the requests again with `humpback batch export`") from None
+        yield rec
+    if lines.error is not None:
+        raise InputError(f"{path}:{lines.lineno + 1}: {lines.error}; export the requests again with "
+                         "`humpback batch export`")
 
 
 def _exported(requests: Path) -> tuple[set[str], str]:
@@ -168,9 +171,12 @@ class BatchAnswers:
     def __init__(self, path: Path, exported: set[str], errors: LineWriter, summary: RunSummary) -> None:
         self.results: dict[str, BatchResult] = {}
         first: dict[str, int] = {}
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                summary.input["results"] += 1
+        lines = Lines(path)
+        for lineno, raw in lines:
+            summary.input["results"] += 1
+            if raw is None:
+                field, reason = None, f"record larger than {lines.max_bytes} bytes"
+            else:
                 try:
                     res = BatchResult.model_validate_json(raw)
                 except ValidationError as exc:
@@ -185,10 +191,16 @@ class BatchAnswers:
                         first[res.custom_id] = lineno
                         self.results[res.custom_id] = res
                         continue
-                summary.input["rejected"] += 1
-                summary.rejected[reason.split(":")[0]] += 1
-                errors.write(Rejected(source=str(path), line=lineno, reason=reason, field=field,
-                                      excerpt=raw[:80].decode("utf-8", "replace")).model_dump_json())
+            summary.input["rejected"] += 1
+            summary.rejected[reason.split(":")[0]] += 1
+            excerpt = None if raw is None else raw[:80].decode("utf-8", "replace")
+            errors.write(Rejected(source=str(path), line=lineno, reason=reason, field=field,
+                                  excerpt=excerpt).model_dump_json())
+        broken = lines.broken()
+        if broken is not None:
+            summary.input["rejected"] += 1
+            summary.rejected["unreadable file"] += 1
+            errors.write(broken.model_dump_json())
 
     async def __call__(self, request: BatchRequest, parse: Callable[[dict[str, Any]], Parsed]) -> Parsed:
         res = self.results.get(request.custom_id)
@@ -203,43 +215,56 @@ class BatchAnswers:
             raise RequestFailed(str(exc), 1) from None
 
 
+def _check_import(requests: Path, results: Path) -> None:
+    """The files an import reads, checked before anything is: the export's requests and meta file, the results."""
+    for path in (requests, _meta_path(requests), results):
+        check_input(path)
+
+
 def _import(task: Task[Any, Any], requests: Path, meta: type[SegmentMeta] | type[CandidateMeta], exported: set[str],
-            results: Path, journal_path: Path, out: Path, summary: RunSummary) -> None:
+            results: Path, journal_path: Path, out: Path, summary: RunSummary, errors: LineWriter,
+            corrupt: CorruptLines | None) -> None:
     """Append the task's record of each exported request's answer to the journal (skipping ids
-    already there); side files next to `out`."""
-    errors = LineWriter(side_path(out, "errors.jsonl"))
+    already there, and passing the lines that are no record to `corrupt`); side files next to `out`."""
     failed = LineWriter(side_path(out, "failed.jsonl"))
     progress = Progress(0, "import", enabled=False)
     try:
         answers = BatchAnswers(results, exported, errors, summary)
-        with Journal(journal_path) as journal:
+        with Journal(journal_path, on_corrupt=corrupt) as journal:
             asyncio.run(run(task, _jobs(requests, meta), answers, journal, failed, summary, progress))
     finally:
         progress.close()
-        errors.close()
         failed.close()
         summary.results["failed"] = sum(summary.failures.values())
+    if corrupt is not None:
+        summary.extra["corrupt_journal_lines"] = corrupt.count
 
 
 def import_augment(requests: PathLike, results: PathLike, out: PathLike, checkpoint: str | None = None) -> RunSummary:
     """Append the batch's candidates to the `out` journal (skipping ids already there)."""
-    requests, out = Path(requests), Path(out)
-    summary = RunSummary()
+    requests, results, out = Path(requests), Path(results), Path(out)
+    _check_import(requests, results)
     exported, model = _exported(requests)
-    _import(AugmentTask(model, checkpoint), requests, SegmentMeta, exported, Path(results), out, out, summary)
+    summary = RunSummary()
+    with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
+        _import(AugmentTask(model, checkpoint), requests, SegmentMeta, exported, results, out, out, summary, errors,
+                CorruptLines(out, errors))
     return summary
 
 
 def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: CurateConfig | None = None) -> RunSummary:
     """Append the batch's scores to the scored journal, then write the curated set to `out`."""
     cfg = config or CurateConfig()
-    requests, out = Path(requests), Path(out)
-    scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
-    summary = RunSummary()
+    requests, results, out = Path(requests), Path(results), Path(out)
+    _check_import(requests, results)
     exported, first_model = _exported(requests)
     model = cfg.model or first_model
-    _import(ScoreTask(model, cfg.checkpoint, cfg), requests, CandidateMeta, exported, Path(results), scored_path,
-            out, summary)
-    if model:
-        select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None)
+    scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
+    summary = RunSummary()
+    with output_lock(out, scored_path), LineWriter(side_path(out, "errors.jsonl")) as errors:
+        _import(ScoreTask(model, cfg.checkpoint, cfg), requests, CandidateMeta, exported, results, scored_path,
+                out, summary, errors, None)  # select() reports the scored journal's lines that are no record
+        if model:
+            select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
+                   errors)
     return summary

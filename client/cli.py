@@ -2,13 +2,16 @@
 
 Every flag is generated (`humpback.settings`) from a field of `FanoutConfig`, `AugmentConfig`,
 `CurateConfig`, `PrepareConfig` or of the files models below, which document them; the handlers
-import the rest of the client only when run.
+import the rest of the client only when run. Input that cannot be used (a file that cannot be read,
+an output another run holds) ends a command with its message and exit status 2, before anything is sent.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+import functools
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from client.augment import AugmentConfig
 from client.curate import CurateConfig
 from client.fanout import FanoutConfig
 from client.prepare import PrepareConfig
-from humpback.contracts import DEFAULT_URLS
+from humpback.contracts import DEFAULT_URLS, InputError
 from humpback.settings import add_arguments, from_args, setting
 
 
@@ -40,7 +43,7 @@ class AugmentFiles(CorpusFiles):
 class CurateFiles(_Files):
     """What `humpback curate` reads and writes."""
 
-    candidates: Path = setting(help="candidates JSONL (instruction and output fields)")
+    candidates: Path = setting(help="candidates JSONL (instruction and output fields; .gz allowed)")
     out: Path = setting(help="curated set, chat-format JSONL (rewritten each run)")
 
 
@@ -53,7 +56,7 @@ class ExportAugmentFiles(CorpusFiles):
 class ExportCurateFiles(_Files):
     """What `humpback batch export curate` reads and writes."""
 
-    candidates: Path = setting(help="candidates JSONL (instruction and output fields)", flag="corpus")
+    candidates: Path = setting(help="candidates JSONL (instruction and output fields; .gz allowed)", flag="corpus")
     out: Path = setting(help="batch requests JSONL, and <out>.meta.jsonl beside it: the candidate of each request")
 
 
@@ -68,7 +71,7 @@ class ImportFiles(_Files):
 # The fields a batch step uses: the request body is built at export, the answers are read and the
 # set selected at import. The other fields of the config have no effect there, so no flag.
 EXPORT_AUGMENT = ("model", "max_tokens", "temperature", "top_p", "seed")
-EXPORT_CURATE = ("model", "mode", "max_tokens", "temperature")
+EXPORT_CURATE = ("model", "mode", "max_tokens", "temperature", "max_field_chars")
 IMPORT_AUGMENT = ("checkpoint",)
 IMPORT_CURATE = ("mode", "min_score", "top_fraction", "model", "checkpoint", "scored", "histogram")
 
@@ -126,10 +129,24 @@ def _run(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
+def _refusing(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`handler`, with input it cannot use reported as one message on stderr and exit status 2."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except InputError as exc:
+            for problem in str(exc).splitlines():  # one line per file that cannot be used
+                print(f"humpback: error: {problem}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def _report(summary: Any) -> int:
     """Print the run's summary; exit status 3 when any request failed (a re-run retries them)."""
     import json
-    import sys
 
     print(json.dumps(summary.to_dict(), indent=2), file=sys.stderr)
     return 3 if summary.results["failed"] else 0
@@ -188,13 +205,13 @@ def register(sub: Any) -> None:
     add_arguments(p.add_argument_group("generation"), AugmentConfig)
     _fanout_args(p, "backward")
     _prepare_args(p)
-    p.set_defaults(func=_augment)
+    p.set_defaults(func=_refusing(_augment))
 
     p = sub.add_parser("curate", help="self-curation: score candidates and select A_k (resumable)")
     _files_args(p, CurateFiles)
     _curate_args(p.add_argument_group("scoring and selection of A_k"))
     _fanout_args(p, "scorer")
-    p.set_defaults(func=_curate)
+    p.set_defaults(func=_refusing(_curate))
 
     p = sub.add_parser("batch", help="OpenAI batch JSONL: export requests, import results")
     bsub = p.add_subparsers(dest="batch_command", required=True)
@@ -204,19 +221,19 @@ def register(sub: Any) -> None:
     _files_args(e, ExportAugmentFiles)
     add_arguments(e, AugmentConfig, exclude=_except(AugmentConfig, EXPORT_AUGMENT), required=["model"])
     _prepare_args(e)
-    e.set_defaults(func=_export_augment)
+    e.set_defaults(func=_refusing(_export_augment))
     e = kinds.add_parser("curate", help="one scoring request per candidate")
     _files_args(e, ExportCurateFiles)
     _curate_args(e, exclude=_except(CurateConfig, EXPORT_CURATE), required=["model"])
-    e.set_defaults(func=_export_curate)
+    e.set_defaults(func=_refusing(_export_curate))
 
     imp = bsub.add_parser("import", help="turn batch results into candidates (augment) or a curated set (curate)")
     kinds = imp.add_subparsers(dest="kind", required=True)
     i = kinds.add_parser("augment", help="append the answers to a candidates journal")
     _files_args(i, ImportFiles)
     add_arguments(i, AugmentConfig, exclude=_except(AugmentConfig, IMPORT_AUGMENT))
-    i.set_defaults(func=_import_augment)
+    i.set_defaults(func=_refusing(_import_augment))
     i = kinds.add_parser("curate", help="append the scores to the scored journal and select A_k")
     _files_args(i, ImportFiles)
     _curate_args(i, exclude=_except(CurateConfig, IMPORT_CURATE))
-    i.set_defaults(func=_import_curate)
+    i.set_defaults(func=_refusing(_import_curate))

@@ -2,9 +2,14 @@
 
 Readers yield one `Segment` (a document, before preparation) or one `Rejected` per input record and
 hold at most one record in memory, so memory stays flat whatever the corpus size. A bad record never
-raises: every record that cannot be used comes back as a `Rejected` naming the file, line and reason.
-Only a file that cannot be read at all raises `CorpusError` (an unknown format, a Parquet file
-without the text column).
+raises: every record that cannot be used comes back as a `Rejected` naming the file, line and reason
+(a gzip stream that breaks off ends the file with one, at the line where it broke). A file that
+cannot be read at all raises `CorpusError` when its `Corpus` is made, before anything is read or
+sent: a missing file, a directory, an unknown format, a `.gz` that is not gzip, a Parquet file that
+cannot be opened or has no text column. `open_corpora` checks every file of a run and names them all.
+
+`Lines` is the line reader underneath, shared with the other JSONL inputs (candidates, batch files):
+a UTF-8 byte-order mark and CRLF line ends are read as if they were not there.
 """
 
 from __future__ import annotations
@@ -13,30 +18,117 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from humpback.contracts import CorpusError, Rejected, Segment, Source
+from humpback.contracts import CorpusError, InputError, Rejected, Segment, Source
 
 DEFAULT_MAX_RECORD_BYTES = 1 << 20  # a 1 MiB record is not a web segment; bigger ones are rejected unread
 _EXCERPT = 80
 _JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 _TEXT_SUFFIXES = {".txt", ".text", ".md"}
+_BOM = b"\xef\xbb\xbf"
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _format_of(path: Path) -> tuple[str, bool]:
+def _is_gzipped(path: Path) -> bool:
+    return path.suffix.lower() == ".gz"
+
+
+def check_input(path: Path, error: type[InputError] = InputError) -> None:
+    """Raise `error` naming `path` and the fix unless it is a readable file (and gzip where it says .gz)."""
+    if not path.exists():
+        raise error(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise error(f"{path}: a directory, not a file; pass the files inside it")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
+    if _is_gzipped(path) and head != _GZIP_MAGIC:
+        raise error(f"{path}: named .gz but not gzip-compressed; compress it with gzip or drop the .gz")
+
+
+def _format_of(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]
-    gz = bool(suffixes) and suffixes[-1] == ".gz"
+    gz = _is_gzipped(path)
     ext = suffixes[-2] if gz and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
     if ext in _JSONL_SUFFIXES:
-        return "jsonl", gz
+        return "jsonl"
     if ext in _TEXT_SUFFIXES:
-        return "text", gz
+        return "text"
     if ext == ".parquet" and not gz:
-        return "parquet", False
+        return "parquet"
     raise CorpusError(f"{path}: unknown corpus format {''.join(path.suffixes)!r} "
-                      "(expected .jsonl, .txt or .parquet, optionally .gz except Parquet)")
+                      "(expected .jsonl, .txt or .parquet, optionally .gz except Parquet); convert or rename it")
+
+
+class Lines:
+    """The lines of a file, gunzipped as they are read where it ends in .gz: (line number, line)
+    pairs, with a UTF-8 byte-order mark and the CR of CRLF line ends removed, and None for a line
+    over `max_bytes` (None: no limit), skipped without holding it.
+
+    `bytes_read` is the position in the file on disk (compressed if gzip'd). A stream that breaks off
+    (a truncated or corrupt gzip) ends the lines, and `broken()` then says where.
+    """
+
+    def __init__(self, path: Path, max_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.bytes_read = 0
+        self.lineno = 0
+        self.error: str | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, bytes | None]]:
+        limit = self.max_bytes
+        with open(self.path, "rb") as raw:
+            stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if _is_gzipped(self.path) else raw  # type: ignore[assignment]
+            while True:
+                try:
+                    line = stream.readline(-1 if limit is None else limit + 1)
+                    skipped = limit is not None and len(line) > limit and not line.endswith(b"\n")
+                    while skipped:
+                        rest = stream.readline(1 << 16)
+                        if not rest or rest.endswith(b"\n"):
+                            break
+                except (OSError, EOFError) as exc:  # a corrupt or truncated gzip stream ends the file, not the run
+                    self.error = f"unreadable file: {exc}"
+                    return
+                if not line:
+                    return
+                if self.lineno == 0 and line.startswith(_BOM):
+                    line = line[len(_BOM):]
+                self.lineno += 1
+                self.bytes_read = raw.tell()
+                if skipped:
+                    yield self.lineno, None
+                    continue
+                if line.endswith(b"\r\n"):
+                    line = line[:-2] + b"\n"
+                yield self.lineno, line
+
+    def broken(self) -> Rejected | None:
+        """Where and why the stream broke off (the line it broke in), or None if it was read to its end."""
+        if self.error is None:
+            return None
+        return Rejected(source=str(self.path), line=self.lineno + 1, reason=self.error)
+
+
+def open_corpora(paths: Iterable[str | os.PathLike[str] | Corpus], text_field: str = "text") -> list[Corpus]:
+    """A `Corpus` of each path (a `Corpus` is taken as it is): every file checked before any is read,
+    and one `CorpusError` naming each that cannot be read."""
+    corpora: list[Corpus] = []
+    problems: list[str] = []
+    for path in paths:
+        try:
+            corpora.append(path if isinstance(path, Corpus) else Corpus(path, text_field=text_field))
+        except CorpusError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise CorpusError("\n".join(problems))
+    return corpora
 
 
 def _excerpt(raw: bytes | str) -> str:
@@ -56,7 +148,7 @@ def _is_binary(text: str) -> bool:
 
 
 class Corpus:
-    """One corpus file, read as a stream of documents.
+    """One corpus file, read as a stream of documents; checked when made (see the module docstring).
 
     `bytes_read` and `total_bytes` (both of the file on disk, compressed if gzip'd) drive progress
     bars and ETAs without a counting pass.
@@ -67,60 +159,46 @@ class Corpus:
         self.path = Path(path)
         self.text_field = text_field
         self.max_record_bytes = max_record_bytes
-        self.format, self.gzipped = _format_of(self.path)
+        check_input(self.path, CorpusError)
+        self.format = _format_of(self.path)
+        if self.format == "parquet":
+            self._check_parquet()
         self.total_bytes = self.path.stat().st_size
         self.bytes_read = 0
-        self._raw: IO[bytes] | None = None
+
+    def _check_parquet(self) -> None:
+        import pyarrow.parquet as pq
+
+        try:
+            with pq.ParquetFile(self.path) as pf:
+                columns = pf.schema_arrow.names
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise CorpusError(f"{self.path}: not a readable Parquet file ({exc}); check the file") from None
+        if self.text_field not in columns:
+            raise CorpusError(f"{self.path}: no column {self.text_field!r} (columns: {columns}); pass --text-field")
 
     def __iter__(self) -> Iterator[Segment | Rejected]:
         if self.format == "parquet":
             yield from self._parquet()
             return
-        with open(self.path, "rb") as raw:
-            self._raw = raw
-            stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if self.gzipped else raw  # type: ignore[assignment]
-            try:
-                if self.format == "jsonl":
-                    yield from self._jsonl(stream)
-                else:
-                    yield from self._paragraphs(stream)
-            except (OSError, EOFError) as exc:  # a corrupt or truncated gzip stream ends the file, not the run
-                yield Rejected(source=str(self.path), line=0, reason=f"unreadable file: {exc}")
-            finally:
-                self.bytes_read = self.total_bytes
-                self._raw = None
-
-    def _tick(self) -> None:
-        if self._raw is not None:
-            self.bytes_read = self._raw.tell()
-
-    def _lines(self, stream: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
-        """(line number, line) pairs; None for a line over the size limit, skipped without holding it."""
-        limit = self.max_record_bytes
-        lineno = 0
-        while True:
-            line = stream.readline(limit + 1)
-            if not line:
-                return
-            lineno += 1
-            if len(line) > limit and not line.endswith(b"\n"):
-                while True:
-                    rest = stream.readline(1 << 16)
-                    if not rest or rest.endswith(b"\n"):
-                        break
-                self._tick()
-                yield lineno, None
-                continue
-            self._tick()
-            yield lineno, line
+        lines = Lines(self.path, self.max_record_bytes)
+        try:
+            for rec in self._jsonl(lines) if self.format == "jsonl" else self._paragraphs(lines):
+                self.bytes_read = lines.bytes_read
+                yield rec
+            broken = lines.broken()
+            if broken is not None:
+                yield broken
+        finally:
+            self.bytes_read = self.total_bytes
 
     def _reject(self, line: int, reason: str, field: str | None = None, excerpt: bytes | str | None = None) -> Rejected:
         return Rejected(source=str(self.path), line=line, reason=reason, field=field,
                         excerpt=None if excerpt is None else _excerpt(excerpt))
 
-    def _jsonl(self, stream: IO[bytes]) -> Iterator[Segment | Rejected]:
+    def _jsonl(self, lines: Lines) -> Iterator[Segment | Rejected]:
         field = self.text_field
-        for lineno, line in self._lines(stream):
+        for lineno, line in lines:
             if line is None:
                 yield self._reject(lineno, f"record larger than {self.max_record_bytes} bytes")
                 continue
@@ -154,7 +232,7 @@ class Corpus:
             return self._reject(lineno, f"field {field!r} holds binary data", field, text)
         return Segment(text=text, source=Source(path=str(self.path), line=lineno, metadata=metadata))
 
-    def _paragraphs(self, stream: IO[bytes]) -> Iterator[Segment | Rejected]:
+    def _paragraphs(self, lines: Lines) -> Iterator[Segment | Rejected]:
         buf: list[bytes] = []
         size = 0
         start = 0
@@ -174,7 +252,7 @@ class Corpus:
                 return self._reject(start, "binary data", excerpt=text)
             return Segment(text=text.strip("\n"), source=Source(path=str(self.path), line=start))
 
-        for lineno, line in self._lines(stream):
+        for lineno, line in lines:
             if line is not None and not line.strip():
                 rec = flush()
                 if rec is not None:
@@ -189,31 +267,24 @@ class Corpus:
             if not too_big:
                 buf.append(line)
                 size += len(line)
-        rec = flush()
+        rec = flush() if lines.error is None else None  # a paragraph the stream broke off in is not whole
         if rec is not None:
             yield rec
 
     def _parquet(self) -> Iterator[Segment | Rejected]:
         import pyarrow.parquet as pq
 
-        try:
-            pf = pq.ParquetFile(self.path)
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            yield self._reject(0, f"unreadable Parquet file: {exc}")
-            self.bytes_read = self.total_bytes
-            return
-        if self.text_field not in pf.schema_arrow.names:
-            raise CorpusError(f"{self.path}: no column {self.text_field!r} (columns: {pf.schema_arrow.names}); "
-                              "pass --text-field")
-        rows = max(1, pf.metadata.num_rows)
-        lineno = 0
-        for batch in pf.iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                lineno += 1
-                text = row.pop(self.text_field, None)
-                if isinstance(text, str) and len(text.encode("utf-8", "surrogatepass")) > self.max_record_bytes:
-                    yield self._reject(lineno, f"record larger than {self.max_record_bytes} bytes", self.text_field)
-                else:
-                    yield self._record(lineno, text, True, row)
-            self.bytes_read = self.total_bytes * lineno // rows
+        with pq.ParquetFile(self.path) as pf:  # opened and its columns checked when the corpus was made
+            rows = max(1, pf.metadata.num_rows)
+            lineno = 0
+            for batch in pf.iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    lineno += 1
+                    text = row.pop(self.text_field, None)
+                    if isinstance(text, str) and len(text.encode("utf-8", "surrogatepass")) > self.max_record_bytes:
+                        yield self._reject(lineno, f"record larger than {self.max_record_bytes} bytes",
+                                           self.text_field)
+                    else:
+                        yield self._record(lineno, text, True, row)
+                self.bytes_read = self.total_bytes * lineno // rows
         self.bytes_read = self.total_bytes

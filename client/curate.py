@@ -6,6 +6,8 @@ Two scoring modes share the rubric prefix (so vLLM's prefix cache serves it once
 - "free_text": the paper's prompt, a brief reasoning ending in "Score: N", parsed; the parse rate is
   reported.
 Scored candidates go to a resumable journal; the curated set is rewritten from it on every run.
+The candidates file is JSONL, gzip'd where it ends in .gz; a candidate with a field longer than
+`max_field_chars` is set aside unsent, as `augment` sets aside segments over `--max-chars`.
 """
 
 from __future__ import annotations
@@ -15,18 +17,19 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from client.completions import chat_choice, choice_mass
+from client.corpus import Lines, check_input
 from client.fanout import Fanout, FanoutConfig
-from client.journal import FsyncPolicy, Journal, LineWriter
+from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
 from client.progress import Progress
-from client.runner import RunSummary, online, run, served_model, side_path
+from client.runner import CorruptLines, RunSummary, online, run, served_model, side_path
 from client.tasks import Job
 from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
@@ -70,6 +73,10 @@ class CurateConfig(BaseModel):
     checkpoint: str | None = setting(None, "version label recorded with each score; unset records the served "
                                            "model's root (batch import: none)")
     max_tokens: int = setting(256, "budget of the free-text reasoning", ge=1)
+    max_field_chars: int = setting(8000, "longest instruction or output scored, in characters: a longer candidate "
+                                         "goes to <out>.errors.jsonl unsent (augment's segments are at most "
+                                         "--max-chars, 3,000 by default; both fields and the rubric must fit the "
+                                         "scorer's context)", ge=1)
     temperature: float = setting(0.0, "scoring temperature: 0 makes scores reproducible (the paper does not say how "
                                       "it sampled)", ge=0)
     scored: Path | None = setting(None, "scored-candidates journal; unset puts it next to the output as "
@@ -79,47 +86,63 @@ class CurateConfig(BaseModel):
     progress: bool = setting(True, "show a progress bar on stderr")
 
 
-def read_candidates(path: Path, errors: LineWriter, summary: RunSummary) -> Iterator[tuple[Candidate, int]]:
-    """The candidates of a JSONL file, each with the bytes of the file read so far (for progress).
+def read_candidates(path: Path, errors: LineWriter, summary: RunSummary,
+                    max_field_chars: int) -> Iterator[tuple[Candidate, int]]:
+    """The candidates of a JSONL file (gzip'd where it ends in .gz), each with the bytes of the file
+    read so far (for progress).
 
     A line `augment` wrote is read whole; any other JSON object with `instruction` and `output`
     strings is a candidate too, its `custom_id` and `source` derived from the line where it has none
-    (or an invalid one) and its `model` empty where it names none. Other lines go to `errors`.
+    (or an invalid one) and its `model` empty where it names none. Other lines, and candidates with a
+    field over `max_field_chars` characters, go to `errors`; so does the line where a gzip stream
+    breaks off, which ends the file.
     """
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            summary.input["records"] += 1
-            reason, field = None, None
-            obj: Any = None
+    lines = Lines(path)
+    for lineno, raw in lines:
+        summary.input["records"] += 1
+        reason, field = None, None
+        obj: Any = None
+        if raw is None:
+            reason = f"record larger than {lines.max_bytes} bytes"
+        else:
             try:
                 obj = json.loads(raw)
             except ValueError as exc:
                 reason = f"invalid JSON: {exc}"
-            if reason is None and not isinstance(obj, dict):
-                reason = "expected a JSON object"
-            if reason is None:
-                for field in ("instruction", "output"):
-                    v = obj.get(field)
-                    if not isinstance(v, str) or not v.strip():
-                        reason = f"field {field!r} missing, empty or not a string"
-                        break
-            if reason is not None:
-                summary.input["rejected"] += 1
-                summary.rejected[reason.split(":")[0]] += 1
-                errors.write(Rejected(source=str(path), line=lineno, reason=reason, field=field,
-                                      excerpt=raw[:80].decode("utf-8", "replace")).model_dump_json())
-                continue
-            src = obj.get("source")
-            try:
-                source = Source.model_validate(src) if isinstance(src, dict) else Source(path=str(path), line=lineno)
-            except ValueError:
-                source = Source(path=str(path), line=lineno)
-            cid = obj.get("custom_id")
-            if not isinstance(cid, str) or not cid:
-                cid = content_id("pair", obj["instruction"], obj["output"])
-            known = {k: v for k in ("model", "checkpoint", "finish_reason") if isinstance(v := obj.get(k), str)}
-            yield Candidate(**{"model": "", **known}, custom_id=cid, instruction=obj["instruction"],
-                            output=obj["output"], source=source), f.tell()
+        if reason is None and not isinstance(obj, dict):
+            reason = "expected a JSON object"
+        if reason is None:
+            for field in ("instruction", "output"):
+                v = obj.get(field)
+                if not isinstance(v, str) or not v.strip():
+                    reason = f"field {field!r} missing, empty or not a string"
+                    break
+                if len(v) > max_field_chars:
+                    reason = f"field {field!r} longer than {max_field_chars} characters (--max-field-chars)"
+                    break
+        if reason is not None:
+            summary.input["rejected"] += 1
+            summary.rejected[reason.split(":")[0]] += 1
+            excerpt = None if raw is None else raw[:80].decode("utf-8", "replace")
+            errors.write(Rejected(source=str(path), line=lineno, reason=reason, field=field,
+                                  excerpt=excerpt).model_dump_json())
+            continue
+        src = obj.get("source")
+        try:
+            source = Source.model_validate(src) if isinstance(src, dict) else Source(path=str(path), line=lineno)
+        except ValueError:
+            source = Source(path=str(path), line=lineno)
+        cid = obj.get("custom_id")
+        if not isinstance(cid, str) or not cid:
+            cid = content_id("pair", obj["instruction"], obj["output"])
+        known = {k: v for k in ("model", "checkpoint", "finish_reason") if isinstance(v := obj.get(k), str)}
+        yield Candidate(**{"model": "", **known}, custom_id=cid, instruction=obj["instruction"],
+                        output=obj["output"], source=source), lines.bytes_read
+    broken = lines.broken()
+    if broken is not None:
+        summary.input["rejected"] += 1
+        summary.rejected["unreadable file"] += 1
+        errors.write(broken.model_dump_json())
 
 
 def parse_logprob_score(data: dict[str, Any]) -> tuple[float, dict[str, float], str]:
@@ -180,11 +203,18 @@ class ScoreTask:
                                scorer_checkpoint=self.checkpoint)
 
 
-def _scored(scored: Path, mode: str, scorer_model: str) -> Iterator[ScoredCandidate]:
-    """This mode's and scorer's records of a scored journal (it may hold others)."""
-    with open(scored, encoding="utf-8") as src:
-        for line in src:
-            rec = ScoredCandidate.model_validate_json(line)
+def scored_records(scored: Path, mode: str, scorer_model: str,
+            corrupt: Callable[[int, bytes], None] | None = None) -> Iterator[ScoredCandidate]:
+    """This mode's and scorer's records of a scored journal (it may hold others). A line that is no
+    record is skipped, and passed to `corrupt` with its line number."""
+    with open(scored, "rb") as src:
+        for lineno, line in enumerate(src, 1):
+            try:
+                rec = ScoredCandidate.model_validate_json(line)
+            except ValidationError:
+                if corrupt is not None:
+                    corrupt(lineno, line)
+                continue
             if rec.mode == mode and rec.scorer_model == scorer_model:
                 yield rec
 
@@ -193,23 +223,25 @@ def threshold(scored: Path, cfg: CurateConfig, scorer_model: str) -> float:
     """k: cfg.min_score, or the score of the last pair in the top cfg.top_fraction."""
     if cfg.top_fraction is None:
         return cfg.min_score
-    ranked = sorted((r.score for r in _scored(scored, cfg.mode, scorer_model) if r.score is not None), reverse=True)
+    ranked = sorted((r.score for r in scored_records(scored, cfg.mode, scorer_model) if r.score is not None), reverse=True)
     if not ranked:
         return cfg.min_score
     return ranked[max(1, math.ceil(cfg.top_fraction * len(ranked))) - 1]
 
 
 def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summary: RunSummary,
-           histogram: Path | None) -> None:
-    """Rewrite the curated chat-format set from the scored journal; count bands; draw the histogram."""
+           histogram: Path | None, errors: LineWriter) -> None:
+    """Rewrite the curated chat-format set from the scored journal; count bands; draw the histogram.
+    Journal lines that are no record are skipped, counted and written to `errors`."""
     k = threshold(scored, cfg, scorer_model)
     bins = [0] * HIST_BINS
     bands = dict.fromkeys([*BAND_LABELS, UNPARSED], 0)
     kept = 0
+    corrupt = CorruptLines(scored, errors)
     tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as dst:
-        for rec in _scored(scored, cfg.mode, scorer_model):
+        for rec in scored_records(scored, cfg.mode, scorer_model, corrupt):
             bands[band_of(rec.score)] += 1
             if rec.score is None:
                 continue
@@ -224,6 +256,7 @@ def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summar
     summary.extra["min_score"] = k
     summary.extra["top_fraction"] = cfg.top_fraction
     summary.extra["scored_total"] = total
+    summary.extra["corrupt_journal_lines"] = corrupt.count
     if cfg.mode == "free_text":
         summary.extra["parse_rate"] = round((total - bands[UNPARSED]) / total, 4) if total else None
     if histogram is not None and total:
@@ -240,37 +273,46 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
 
     Resumable like `augment`: the scored journal (`<out>.scored.jsonl` unless `config.scored`) keeps
     every finished score; a re-run scores only what is missing and rewrites `out` from the journal.
+    The candidates file is checked first (`InputError`, nothing sent), then `out` and the journal are
+    locked for the run (`InputError` while another run writes them).
     """
     cfg = config or CurateConfig()
     out = Path(out)
     candidates = Path(candidates)
+    check_input(candidates)
     scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
+    with output_lock(out, scored_path):
+        return await _curate(candidates, out, scored_path, fanout, cfg)
+
+
+async def _curate(candidates: Path, out: Path, scored_path: Path, fanout: FanoutConfig,
+                  cfg: CurateConfig) -> RunSummary:
     summary = RunSummary()
-    errors = LineWriter(side_path(out, "errors.jsonl"))
     failed = LineWriter(side_path(out, "failed.jsonl"))
     start = time.monotonic()
-    journal = Journal(scored_path, fsync=cfg.fsync).open()
+    journal = Journal(scored_path, fsync=cfg.fsync).open()  # select() reports the lines that are no record
     summary.results["already_done"] = len(journal.done)
     summary.extra["repaired_bytes"] = journal.repaired_bytes
     progress = Progress(candidates.stat().st_size, f"curate[{cfg.mode}]", cfg.progress)
     model = cfg.model or ""
-    try:
-        async with Fanout(fanout) as fan:
-            model, root = await served_model(fan, cfg.model)
-            task = ScoreTask(model, cfg.checkpoint or root, cfg)
-            summary.extra.update(model=model, checkpoint=task.checkpoint, mode=cfg.mode)
-            jobs = (Job(task.request(cand), cand, cand.source, pos)
-                    for cand, pos in read_candidates(candidates, errors, summary))
-            await run(task, jobs, online(fan), journal, failed, summary, progress, fan.max_inflight)
-            summary.extra["retries"] = fan.retries
-    finally:
-        progress.close()
-        journal.close()
-        errors.close()
-        failed.close()
-        summary.results["failed"] = sum(summary.failures.values())
-    if model:
-        select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None)
+    with LineWriter(side_path(out, "errors.jsonl")) as errors:
+        try:
+            async with Fanout(fanout) as fan:
+                model, root = await served_model(fan, cfg.model)
+                task = ScoreTask(model, cfg.checkpoint or root, cfg)
+                summary.extra.update(model=model, checkpoint=task.checkpoint, mode=cfg.mode)
+                jobs = (Job(task.request(cand), cand, cand.source, pos)
+                        for cand, pos in read_candidates(candidates, errors, summary, cfg.max_field_chars))
+                await run(task, jobs, online(fan), journal, failed, summary, progress, fan.max_inflight)
+                summary.extra["retries"] = fan.retries
+        finally:
+            progress.close()
+            journal.close()
+            failed.close()
+            summary.results["failed"] = sum(summary.failures.values())
+        if model:
+            select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
+                   errors)
     summary.elapsed_s = time.monotonic() - start
     summary.write(side_path(out, "summary.json"))
     return summary

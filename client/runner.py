@@ -19,7 +19,7 @@ from client.fanout import Fanout
 from client.journal import Journal, LineWriter
 from client.progress import Progress
 from client.tasks import Item, Job, Parsed, Task
-from humpback.contracts import BatchRequest, Failure, RequestFailed
+from humpback.contracts import BatchRequest, Failure, Rejected, RequestFailed
 
 
 @dataclass
@@ -50,6 +50,21 @@ def side_path(out: Path, kind: str) -> Path:
     """`out.jsonl` -> `out.<kind>` (errors.jsonl, failed.jsonl, summary.json ...)."""
     stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
     return out.with_name(f"{stem}.{kind}")
+
+
+class CorruptLines:
+    """Called with each line of `journal` that is no record: writes it to `errors` with its line
+    number, and counts it."""
+
+    def __init__(self, journal: Path, errors: LineWriter) -> None:
+        self.journal = journal
+        self.errors = errors
+        self.count = 0
+
+    def __call__(self, lineno: int, line: bytes) -> None:
+        self.count += 1
+        self.errors.write(Rejected(source=str(self.journal), line=lineno, reason="corrupt journal line: not a record",
+                                   excerpt=line[:80].decode("utf-8", "replace")).model_dump_json())
 
 
 def reason_key(reason: str) -> str:

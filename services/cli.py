@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from humpback.contracts import DEFAULT_MODEL_DIR, ROLES
@@ -128,16 +129,21 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _swap(args: argparse.Namespace) -> int:
+    from humpback.contracts import CheckpointError
     from services.hotswap import swap_checkpoint
     from services.supervisor import load_config
 
     cfg = load_config(_state_dir(args))
     spec = next(s for s in cfg.servers if s.role == args.role)
     how = from_args(SwapSettings, args)
-    result = swap_checkpoint(
-        spec.url, args.checkpoint, role=args.role, version=how.version, alias=how.alias,
-        api_key=spec.api_key, registry=cfg.registry, method=how.method,
-    )
+    try:
+        result = swap_checkpoint(
+            spec.url, args.checkpoint, role=args.role, version=how.version, alias=how.alias,
+            api_key=spec.api_key, registry=cfg.registry, method=how.method,
+        )
+    except CheckpointError as exc:  # refused before the server was touched: it serves what it served
+        print(f"humpback: error: {exc}", file=sys.stderr)
+        return 2
     print(result.model_dump_json(indent=2))
     return 0
 

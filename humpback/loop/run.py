@@ -18,15 +18,13 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from client.augment import augment
-from client.corpus import Corpus
-from client.curate import curate
+from client.curate import curate, scored_records
 from client.fanout import FanoutConfig
 from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
     Candidate,
     ChatExample,
     CreateJobRequest,
-    ScoredCandidate,
     SeedPair,
     seed_backward_examples,
     seed_forward_examples,
@@ -122,10 +120,10 @@ class Loop:
         url = self.deployed(backward)
         out = self.dir / "augment" / "candidates.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
-        corpora = [Corpus(c, text_field=self.cfg.data.text_field) for c in data["corpus"]]
         config = self.cfg.augment.model_copy(
             update={"model": "backward", "checkpoint": backward["job"], "limit": self.cfg.data.max_segments})
-        summary = asyncio.run(augment(corpora, out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key), config))
+        summary = asyncio.run(augment(data["corpus"], out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key), config,
+                                      text_field=self.cfg.data.text_field))
         return {"candidates": str(out), "summary": summary.to_dict()}
 
     def curate(self, t: int, candidates: str, scorer: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +132,8 @@ class Loop:
         scored = self.dir / "curate" / f"scored{t}.jsonl"
         config = self.cfg.curate.model_copy(update={"model": "scorer", "checkpoint": scorer["job"], "scored": scored})
         summary = asyncio.run(curate(candidates, out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key), config))
-        scores = [r.score for r in read_records(scored, ScoredCandidate)]
+        # The curated set's own reader: a corrupt journal line is skipped here as `select` skipped it.
+        scores = [r.score for r in scored_records(scored, config.mode, "scorer")]
         kept = {str(k): sum(1 for s in scores if s is not None and s >= k) for k in self.cfg.curate.thresholds}
         return {"curated": str(out), "scored": str(scored),
                 "scorer": scorer["fine_tuned_model"], "k": summary.extra.get("min_score"),

@@ -69,6 +69,24 @@ async def test_torn_last_line_is_repaired_on_resume(fake: FakeServer, corpus: Pa
     assert len(_ids(out)) == 30 == len(set(_ids(out)))
 
 
+async def test_lines_of_the_journal_that_are_no_record_are_reported_and_done_again(
+        fake: FakeServer, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cands.jsonl"
+    await augment([corpus], out, _fan(fake.url), QUIET)
+    lines = out.read_text().splitlines(keepends=True)
+    lines[4] = '{"custom_id": "not-hex", "instruction": "?"}\n'  # crashed the resume
+    lines[11] = lines[11][:40] + "\n"
+    out.write_text("".join(lines))
+    summary = await augment([corpus], out, _fan(fake.url), QUIET)
+    assert summary.results["written"] == 2 and summary.extra["corrupt_journal_lines"] == 2
+    errors = [json.loads(x) for x in (tmp_path / "cands.errors.jsonl").read_text().splitlines()]
+    assert [(e["source"], e["line"], e["reason"]) for e in errors] == [
+        (str(out), 5, "corrupt journal line: not a record"), (str(out), 12, "corrupt journal line: not a record")]
+    ids = [Candidate.model_validate_json(x).custom_id for i, x in enumerate(out.read_text().splitlines())
+           if i not in (4, 11)]
+    assert len(ids) == 30 == len(set(ids))
+
+
 async def test_bad_records_go_to_the_errors_file(fake: FakeServer, tmp_path: Path) -> None:
     corpus = tmp_path / "mixed.jsonl"
     corpus.write_bytes(json.dumps({"text": make_text(1)}).encode() + b"\n{broken\n"

@@ -144,3 +144,19 @@ def test_import_refuses_a_meta_file_out_of_step(corpus: Path, tmp_path: Path) ->
     meta.write_text("".join(meta.read_text().splitlines(keepends=True)[1:]))
     with pytest.raises(InputError, match=r"req\.meta\.jsonl:1: does not match line 1 of .*export the requests again"):
         import_augment(req, res, tmp_path / "cands.jsonl")
+
+
+def test_import_reads_bom_and_crlf_and_names_the_line_of_a_bad_byte(corpus: Path, tmp_path: Path) -> None:
+    req, res, out = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "cands.jsonl"
+    export_augment([corpus], req, "backward")
+    _run_batch(req, res)
+    for path in (req, tmp_path / "req.meta.jsonl", res):  # as a Windows editor saves them
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    summary = import_augment(req, res, out)
+    assert summary.results == {"written": 30, "failed": 0} and summary.input == {"results": 30}
+    assert not (tmp_path / "cands.errors.jsonl").exists()
+    lines = req.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b"Segment", b"Segm\xe9nt", 1)  # one Latin-1 byte
+    req.write_bytes(b"".join(lines))
+    with pytest.raises(InputError, match=r"req\.jsonl:3: not a BatchRequest line \(.*\); export the requests again"):
+        import_augment(req, res, tmp_path / "other.jsonl")

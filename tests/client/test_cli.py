@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pydantic import BaseModel, ValidationError
 
@@ -13,12 +20,16 @@ from client import cli
 from client.augment import AugmentConfig
 from client.curate import CurateConfig
 from client.fanout import FanoutConfig
+from client.journal import lock_path, output_lock
 from client.prepare import PrepareConfig
 from humpback.cli import main
 from humpback.contracts import API_KEY_ENV, DEFAULT_URLS
 from humpback.settings import flags, from_args, parser_flags
+from tests.client.conftest import make_text
 from tests.client.fake_server import FakeServer
 from tests.subcommand import subcommand
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _flags(model: type[BaseModel], only: tuple[str, ...] | None = None) -> set[str]:
@@ -146,3 +157,79 @@ def test_batch_export_then_import_cli(corpus: Path, tmp_path: Path) -> None:
     assert main(["batch", "import", "augment", "--requests", str(req), "--results", str(res), "--out", str(cands)]) == 0
     assert len(cands.read_text().splitlines()) == 30
     assert json.loads(cands.read_text().splitlines()[0])["checkpoint"] == "v1"
+
+
+def test_unusable_input_files_end_with_status_2_before_anything_is_sent(
+        fake: FakeServer, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "c.csv").write_text("a,b\n")
+    pq.write_table(pa.table({"body": ["one"]}), tmp_path / "c.parquet")
+    bad = [tmp_path / n for n in ("missing.jsonl", "folder", "c.csv", "c.parquet")]
+    out = tmp_path / "run" / "cands.jsonl"
+    assert main(["augment", "--corpus", str(corpus), *map(str, bad), "--out", str(out), "--endpoint", fake.url,
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert [line.split(": ")[2] for line in err.splitlines()] == [str(p) for p in bad]
+    assert "no such file" in err and "a directory" in err and "unknown corpus format" in err and "--text-field" in err
+    assert main(["batch", "export", "augment", "--corpus", str(corpus), str(bad[1]), "--out", str(out),
+                 "--model", "m"]) == 2
+    for candidates in bad[:2]:
+        assert main(["curate", "--candidates", str(candidates), "--out", str(out), "--endpoint", fake.url,
+                     "--no-progress"]) == 2
+    assert f"{bad[1]}: a directory" in capsys.readouterr().err
+    assert sum(fake.requests.values()) == 0 and not (tmp_path / "run").exists()
+
+
+def test_batch_import_checks_its_files_first(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    req, res, out = tmp_path / "req.jsonl", tmp_path / "res.jsonl", tmp_path / "run" / "cands.jsonl"
+    assert main(["batch", "export", "augment", "--corpus", str(corpus), "--out", str(req), "--model", "m"]) == 0
+    res.write_text("")
+    (tmp_path / "req.meta.jsonl").unlink()
+    assert main(["batch", "import", "augment", "--requests", str(req), "--results", str(res), "--out", str(out)]) == 2
+    assert f"{tmp_path / 'req.meta.jsonl'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["augment", "curate", "import augment", "import curate"])
+def test_an_output_another_run_holds_is_refused(command: str, fake: FakeServer, corpus: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    req, res = tmp_path / "req.jsonl", tmp_path / "res.jsonl"
+    main(["batch", "export", "augment", "--corpus", str(corpus), "--out", str(req), "--model", "m"])
+    res.write_text("")
+    out, scored = tmp_path / "out.jsonl", tmp_path / "out.scored.jsonl"
+    argv = {"augment": ["augment", "--corpus", str(corpus), "--endpoint", fake.url, "--no-progress"],
+            "curate": ["curate", "--candidates", str(corpus), "--endpoint", fake.url, "--no-progress"],
+            "import augment": ["batch", "import", "augment", "--requests", str(req), "--results", str(res)],
+            "import curate": ["batch", "import", "curate", "--requests", str(req), "--results", str(res)]}[command]
+    held = scored if command.endswith("curate") else out  # curate appends to its scored journal: that is locked too
+    with output_lock(held):
+        assert main([*argv, "--out", str(out)]) == 2
+    assert f"{held} is in use: the run with pid {os.getpid()} is writing it" in capsys.readouterr().err
+    assert sum(fake.requests.values()) == 0 and not out.exists() and not scored.exists()
+
+
+def test_two_augment_runs_on_one_out_never_write_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeServer(delay=0.05).start()
+    try:
+        corpus, out = tmp_path / "corpus.jsonl", tmp_path / "cands.jsonl"
+        n = 60
+        corpus.write_text("".join(json.dumps({"text": make_text(i)}) + "\n" for i in range(n)))
+        argv = ["augment", "--corpus", str(corpus), "--out", str(out), "--endpoint", fake.url, "--no-progress",
+                "--concurrency", "2", "--fsync", "never"]
+        first = subprocess.Popen([sys.executable, "-m", "humpback", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not out.exists() or len(out.read_bytes().splitlines()) < 2:
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        assert main(argv) == 2  # refused at once while the first runs
+        assert f"the run with pid {first.pid} is writing it" in capsys.readouterr().err
+        assert first.poll() is None
+        os.kill(first.pid, signal.SIGKILL)  # the kernel drops its lock; the lock file stays behind
+        first.wait()
+        assert lock_path(out).read_text() == f"{first.pid}\n"
+        assert main(argv) == 0
+        ids = [json.loads(line)["custom_id"] for line in out.read_text().splitlines()]
+        assert len(ids) == n == len(set(ids)) and not lock_path(out).exists()
+    finally:
+        fake.stop()

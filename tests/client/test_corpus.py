@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from client.corpus import Corpus
+from client.corpus import Corpus, open_corpora
 from humpback.contracts import CorpusError, Rejected, Segment
 
 
@@ -91,6 +91,28 @@ def test_truncated_gzip_ends_file_not_run(tmp_path: Path) -> None:
     p.write_bytes(data[: len(data) // 2])
     good, bad = _split(Corpus(p))
     assert good and bad[-1].reason.startswith("unreadable file")
+    assert [g.source.line for g in good] == list(range(1, len(good) + 1))
+    assert bad == [bad[-1]] and bad[-1].line == len(good) + 1  # the line it broke in
+
+
+def test_truncated_gzip_text_drops_the_paragraph_it_broke_in(tmp_path: Path) -> None:
+    p = tmp_path / "c.txt.gz"
+    data = gzip.compress(b"".join(f"paragraph {i}\nsecond line\n\n".encode() for i in range(3000)))
+    p.write_bytes(data[: len(data) // 2])
+    good, bad = _split(Corpus(p))
+    assert all(g.text.endswith("\nsecond line") for g in good)
+    assert bad[-1].line > good[-1].source.line + 1 and bad[-1].reason.startswith("unreadable file")
+
+
+def test_byte_order_mark_and_crlf_line_ends(tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    p = tmp_path / "c.jsonl"
+    p.write_bytes(bom + b'{"text": "first"}\r\n{"text": "second"}\r\n\r\n')
+    good, bad = _split(Corpus(p))
+    assert [(g.text, g.source.line) for g in good] == [("first", 1), ("second", 2)] and not bad
+    t = tmp_path / "c.txt.gz"
+    t.write_bytes(gzip.compress(bom + b"para one\r\nline two\r\n\r\npara two\r\n"))
+    assert [(g.text, g.source.line) for g in Corpus(t)] == [("para one\nline two", 1), ("para two", 4)]
 
 
 def test_text_paragraphs(tmp_path: Path) -> None:
@@ -128,3 +150,22 @@ def test_unknown_format(tmp_path: Path) -> None:
     p.write_text("a,b\n")
     with pytest.raises(CorpusError, match="unknown corpus format"):
         Corpus(p)
+
+
+def test_every_file_is_checked_before_any_is_read(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": "fine"}) + "\n")
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "c.csv").write_text("a,b\n")
+    pq.write_table(pa.table({"body": ["one"]}), tmp_path / "c.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    (tmp_path / "plain.jsonl.gz").write_text(json.dumps({"text": "not compressed"}) + "\n")
+    names = ["good.jsonl", "missing.jsonl", "folder.jsonl", "c.csv", "c.parquet", "broken.parquet", "plain.jsonl.gz"]
+    with pytest.raises(CorpusError) as err:
+        open_corpora([tmp_path / n for n in names])
+    problems = str(err.value).splitlines()
+    assert [line.split(": ", 1)[0] for line in problems] == [str(tmp_path / n) for n in names[1:]]
+    assert ["no such file" in problems[0], "a directory" in problems[1], "unknown corpus format" in problems[2],
+            "pass --text-field" in problems[3], "not a readable Parquet file" in problems[4],
+            "not gzip-compressed" in problems[5]] == [True] * 6
+    assert [c.path for c in open_corpora([good, Corpus(good)])] == [good, good]

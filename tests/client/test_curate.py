@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -100,3 +101,64 @@ async def test_resume_scores_only_missing(fake: FakeServer, candidates: Path, tm
     second = await curate(candidates, out, _fan(fake.url), CurateConfig(progress=False))
     assert second.results["skipped_done"] == 17 and fake.requests["/v1/chat/completions"] - calls == 3
     assert second.extra["scored_total"] == 20
+
+
+async def test_reads_gzip_candidates_with_bom_and_crlf(fake: FakeServer, candidates: Path, tmp_path: Path) -> None:
+    gz = tmp_path / "cands.jsonl.gz"
+    gz.write_bytes(gzip.compress(b"\xef\xbb\xbf" + candidates.read_bytes().replace(b"\n", b"\r\n")))
+    plain = await curate(candidates, tmp_path / "plain.jsonl", _fan(fake.url), CurateConfig(progress=False))
+    packed = await curate(gz, tmp_path / "packed.jsonl", _fan(fake.url), CurateConfig(progress=False))
+    assert packed.results["written"] == 20 == plain.results["written"]
+    assert plain.extra["bands"] == packed.extra["bands"] and packed.input == {"records": 22, "rejected": 2}
+    assert (tmp_path / "plain.jsonl").read_text() == (tmp_path / "packed.jsonl").read_text()
+
+
+async def test_truncated_gzip_candidates_are_reported_where_they_broke(fake: FakeServer, tmp_path: Path) -> None:
+    gz = tmp_path / "cands.jsonl.gz"
+    data = gzip.compress(b"".join(json.dumps({"instruction": f"Explain {i}", "output": make_text(i, 300)}).encode()
+                                  + b"\n" for i in range(400)))
+    gz.write_bytes(data[: len(data) // 2])
+    summary = await curate(gz, tmp_path / "curated.jsonl", _fan(fake.url), CurateConfig(progress=False))
+    scored = summary.results["written"]
+    assert 0 < scored < 400 and summary.rejected == {"unreadable file": 1}
+    error = json.loads((tmp_path / "curated.errors.jsonl").read_text())
+    assert error["source"] == str(gz) and error["line"] == scored + 1
+
+
+async def test_fields_over_the_limit_are_set_aside_unsent(fake: FakeServer, tmp_path: Path) -> None:
+    fake.keep_bodies = True
+    cands = tmp_path / "cands.jsonl"
+    rows = [{"instruction": "Explain this", "output": make_text(0)},
+            {"instruction": "Explain that", "output": "y" * (10 << 20)},  # 10 MB, over the reader's 1 MiB too
+            {"instruction": "Why? " * 400, "output": make_text(2)},
+            {"instruction": "Explain more", "output": make_text(3, 1500)}]
+    cands.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = await curate(cands, tmp_path / "curated.jsonl", _fan(fake.url),
+                           CurateConfig(progress=False, max_field_chars=1200))
+    assert summary.results["written"] == 1 and len(fake.bodies) == 1
+    assert make_text(0) in fake.bodies[0]["messages"][-1]["content"]
+    errors = [json.loads(x) for x in (tmp_path / "curated.errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["field"], e["reason"]) for e in errors] == [
+        (2, None, "record larger than 1048576 bytes"),
+        (3, "instruction", "field 'instruction' longer than 1200 characters (--max-field-chars)"),
+        (4, "output", "field 'output' longer than 1200 characters (--max-field-chars)")]
+    assert CurateConfig().max_field_chars == 8000
+
+
+async def test_a_corrupt_scored_line_is_skipped_reported_and_scored_again(fake: FakeServer, candidates: Path,
+                                                                           tmp_path: Path) -> None:
+    out, scored = tmp_path / "curated.jsonl", tmp_path / "curated.scored.jsonl"
+    first = await curate(candidates, out, _fan(fake.url), CurateConfig(min_score=1.0, progress=False))
+    lines = scored.read_text().splitlines(keepends=True)
+    lines[6] = lines[6][:50] + "\n"  # cut in the middle of the file, not at its end
+    lines[9] = '{"custom_id": "' + "ab" * 32 + '", "mode": "garbled"}\n'  # JSON with an id, but no record
+    scored.write_text("".join(lines))
+    calls = fake.requests["/v1/chat/completions"]
+    summary = await curate(candidates, out, _fan(fake.url), CurateConfig(min_score=1.0, progress=False))
+    assert fake.requests["/v1/chat/completions"] - calls == 2 and summary.results["written"] == 2
+    assert summary.extra["corrupt_journal_lines"] == 2 == summary.results["written"]
+    assert summary.extra["selected"] == first.extra["selected"] == len(out.read_text().splitlines()) == 20
+    errors = [json.loads(x) for x in (tmp_path / "curated.errors.jsonl").read_text().splitlines()]
+    journal = [(e["source"], e["line"], e["reason"]) for e in errors if e["source"] == str(scored)]
+    assert journal == [(str(scored), 7, "corrupt journal line: not a record"),
+                       (str(scored), 10, "corrupt journal line: not a record")]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from client.journal import IdSet, Journal, LineWriter, repair_torn_tail
+import pytest
+
+from client.journal import IdSet, Journal, LineWriter, lock_path, output_lock, repair_torn_tail
+from humpback.contracts import InputError
 
 
 def _line(i: int) -> str:
@@ -62,3 +66,28 @@ def test_line_writer_replaces_stale_file(tmp_path: Path) -> None:
     w.write("{}")
     w.close()
     assert p.read_text() == "{}\n"
+
+
+def test_lines_that_are_no_record_are_skipped_and_reported(tmp_path: Path) -> None:
+    p = tmp_path / "j.jsonl"
+    lines = [_line(1), '{"custom_id": "not-hex", "v": 1}', _line(2)[:30], "garbage \xff", _line(3),
+             json.dumps({"custom_id": 7}), ""]
+    p.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    seen: list[int] = []
+    with Journal(p, on_corrupt=lambda lineno, line: seen.append(lineno)) as j:
+        assert len(j.done) == 2 and f"{1:016x}" * 2 in j.done and f"{3:016x}" * 2 in j.done
+        assert f"{2:016x}" * 2 not in j.done  # its line was cut: the run does it again
+    assert seen == [2, 3, 4, 6, 7]
+
+
+def test_a_second_lock_on_an_output_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "cands.jsonl"
+    with output_lock(out):
+        assert lock_path(out).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(InputError, match=rf"cands\.jsonl is in use: the run with pid {os.getpid()} "):
+            with output_lock(out):
+                pass
+    assert not lock_path(out).exists()
+    lock_path(out).write_text("999999\n")  # left behind by a killed run: nobody holds it
+    with output_lock(out, out, tmp_path / "other.jsonl"):
+        assert lock_path(out).read_text() == f"{os.getpid()}\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -29,9 +30,13 @@ def perturbed_checkpoint(src: Path, dst: Path, tensor: str = "model.norm.weight"
 
 
 def linked_checkpoint(src: Path, dst: Path) -> Path:
-    """A valid copy that links the weights instead of copying 270 MB."""
+    """A valid copy that hard-links the weights instead of copying 270 MB (a symlink out of the folder
+    is refused), copying them only across file systems."""
     copy_small_files(src, dst)
-    (dst / "model.safetensors").symlink_to(src / "model.safetensors")
+    try:
+        os.link(src / "model.safetensors", dst / "model.safetensors")
+    except OSError:
+        shutil.copy(src / "model.safetensors", dst / "model.safetensors")
     return dst
 
 

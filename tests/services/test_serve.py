@@ -16,6 +16,7 @@ from services.hotswap import swap_checkpoint
 from services.registry import Registry
 from tests.conftest import humpback
 from tests.services.helpers import copy_small_files, edit_config, linked_checkpoint, perturbed_checkpoint
+from tests.services.test_checkpoint import REFUSED, trainer_export
 
 pytestmark = pytest.mark.server
 
@@ -107,6 +108,49 @@ def test_bad_checkpoint_refused_and_server_keeps_serving(servers, model_dir, tmp
                         registry=servers.registry)
     assert prompt_logprobs(servers, "backward") == pytest.approx(before, abs=1e-4)
     assert Registry.load(servers.registry).roles["backward"].version == version_before
+
+
+# One refused kind per way a folder can break or corrupt a reload (tests/services/test_checkpoint.py
+# holds them all); each costs three CLI runs, so not every variant goes to the server.
+SWAP_REFUSED = (
+    "inconsistent_offsets", "dtype_F32", "extra_tensor", "stray_adapter", "stray_bin", "stale_shard_beside_weights",
+    "nan", "tokenizer_not_json", "tokenizer_foreign", "tokenizer_symlinked_out", "config_list", "header_list",
+)
+
+
+def cli_swap(servers, folder, version: str):
+    return humpback("serve", "swap", "backward", str(folder), "--version", version,
+                    "--state-dir", str(servers.state_dir), check=False, timeout=600)
+
+
+@pytest.mark.parametrize("kind", SWAP_REFUSED)
+def test_swap_refuses_each_unfit_kind_and_server_keeps_serving(servers, model_dir, tmp_path, kind):
+    folder, problem = REFUSED[kind](model_dir, tmp_path / kind)
+    row, logprobs = status(servers)["backward"], prompt_logprobs(servers, "backward")
+    out = cli_swap(servers, folder, f"bad-{kind}")
+    assert out.returncode == 2, out.stdout + out.stderr[-2000:]
+    assert f"checkpoint {folder.absolute()}: {problem}" in out.stderr
+    after = status(servers)["backward"]
+    assert after["healthy"] is True
+    assert {k: after[k] for k in ("version", "checkpoint", "pid", "state")} == \
+        {k: row[k] for k in ("version", "checkpoint", "pid", "state")}
+    assert prompt_logprobs(servers, "backward") == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_swap_reloads_a_trainer_export(servers, model_dir, tmp_path):
+    """A trainer export of the served weights is accepted and reloaded; swapping the served folder back
+    gives the same outputs (and leaves the base serving)."""
+    export = trainer_export(model_dir, tmp_path / "final")
+    out = cli_swap(servers, export, "export-test")
+    assert out.returncode == 0, out.stderr
+    row = status(servers)["backward"]
+    assert (row["healthy"], row["version"], row["checkpoint"]) == (True, "export-test", str(export.absolute()))
+    exported = prompt_logprobs(servers, "backward")
+    out = cli_swap(servers, model_dir, "base")
+    assert out.returncode == 0, out.stderr
+    row = status(servers)["backward"]
+    assert (row["healthy"], row["version"], row["checkpoint"]) == (True, "base", str(model_dir.absolute()))
+    assert prompt_logprobs(servers, "backward") == pytest.approx(exported, abs=1e-4)
 
 
 async def _load(servers, role: str, n: int) -> list[httpx.Response]:
