@@ -111,6 +111,7 @@ from humpback.contracts.records import (
     band_of,
     content_id,
     normalize,
+    read_jsonl,
     text_id,
     write_jsonl,
 )

@@ -14,9 +14,11 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Record(BaseModel):
@@ -233,6 +235,13 @@ class ChatExample(_Record):
         """The conversational prompt-completion row TRL trains on with loss on the completion only."""
         msgs = [m.model_dump() for m in self.messages]
         return {"prompt": msgs[:-1], "completion": msgs[-1:]}
+
+
+def read_jsonl(path: str | Path, model: type[M]) -> list[M]:
+    """Every record of a JSONL file the project wrote itself (blank lines skipped), through its model:
+    a line that does not fit raises, naming the field."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [model.model_validate_json(line) for line in f if line.strip()]
 
 
 def write_jsonl(path: Path, records: Iterable[BaseModel]) -> int:

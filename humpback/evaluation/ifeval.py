@@ -28,9 +28,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from client.runner import served_model
 from client.fanout import Fanout, FanoutConfig
-from humpback.contracts import write_jsonl
+from client.runner import served_model
+from humpback.contracts import read_jsonl, write_jsonl
 from humpback.evaluation.common import GenerationConfig, answer_all, eval_framework_dir, subset, table, write_summary
 from humpback.evaluation.records import Accuracy, IFEvalPrompt, IFEvalRow, IFEvalSummary
 
@@ -88,8 +88,7 @@ def data_path() -> Path:
 
 def load_prompts(path: Path | None = None) -> list[IFEvalPrompt]:
     path = path or data_path()
-    with path.open(encoding="utf-8") as f:
-        return [IFEvalPrompt.model_validate_json(line) for line in f if line.strip()]
+    return read_jsonl(path, IFEvalPrompt)
 
 
 def score(prompt: IFEvalPrompt, response: str) -> tuple[list[bool], list[bool]]:

@@ -13,9 +13,7 @@ import asyncio
 import logging
 import random
 from pathlib import Path
-from typing import Any, TypeVar
-
-from pydantic import BaseModel
+from typing import Any
 
 from client.augment import augment
 from client.curate import curate, scored_records
@@ -26,6 +24,7 @@ from humpback.contracts import (
     ChatExample,
     CreateJobRequest,
     SeedPair,
+    read_jsonl,
     seed_backward_examples,
     seed_forward_examples,
     tagged_example,
@@ -41,12 +40,6 @@ from services.registry import write_private
 
 log = logging.getLogger(__name__)
 
-R = TypeVar("R", bound=BaseModel)
-
-
-def read_records(path: str | Path, model: type[R]) -> list[R]:
-    with Path(path).open(encoding="utf-8") as f:
-        return [model.model_validate_json(line) for line in f if line.strip()]
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
@@ -141,7 +134,7 @@ class Loop:
 
     def uncurated(self, candidates: str, size: int) -> list[ChatExample]:
         """The ablation's control: candidates of A_k's size drawn without looking at scores."""
-        rows = read_records(candidates, Candidate)
+        rows = read_jsonl(candidates, Candidate)
         random.Random(0).shuffle(rows)
         return [tagged_example(r.instruction, r.output, AUGMENTED_SYSTEM_PROMPT) for r in rows[:size]]
 
@@ -161,7 +154,7 @@ class Loop:
         cfg = self.cfg
         save_config(cfg, self.dir / "config.json")
         data = self.stages.run("data", self.build_data)
-        seed = read_records(data["seed"], SeedPair)
+        seed = read_jsonl(data["seed"], SeedPair)
         ensure_servers(self.svc)
         ensure_trainer(self.svc, self.dir / "logs")
         self.trainer = TrainerClient(self.svc.trainer_url, self.svc.api_key)
@@ -177,7 +170,7 @@ class Loop:
         for t in range(1, cfg.iterations + 1):
             scorer = model
             picked = self.stages.run(f"curate_{t}", lambda: self.curate(t, cands, scorer))
-            curated = read_records(picked["curated"], ChatExample)
+            curated = read_jsonl(picked["curated"], ChatExample)
             model = self.stages.run(f"train_m{t}", lambda: self.train(
                 f"train_m{t}", forward_seed + curated, "scorer", "scorer", cfg.train.forward_preset))
             self.evaluate(f"m{t}", model, data)

@@ -78,3 +78,13 @@ def test_the_contracts_import_only_pydantic_and_the_standard_library() -> None:
             "'vllm', 'httpx', 'fastapi', 'transformers'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_jsonl_round_trip_and_a_line_that_does_not_fit(tmp_path) -> None:
+    pairs = [SeedPair.make(f"Q{i}?", f"A{i}.", "test", "CC0") for i in range(3)]
+    path = tmp_path / "seed.jsonl"
+    assert contracts.write_jsonl(path, pairs) == 3
+    assert contracts.read_jsonl(path, SeedPair) == pairs
+    path.write_text(path.read_text() + "\n" + '{"id": "x", "instruction": "q"}\n')
+    with pytest.raises(ValidationError, match="response"):
+        contracts.read_jsonl(path, SeedPair)
