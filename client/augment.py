@@ -3,6 +3,12 @@
 `augment()` is the whole `humpback augment` command as an async function. Results are appended to a
 journal as they arrive; running it again with the same arguments resumes (finished `custom_id`s are
 skipped, failed ones retried), and a kill at any moment loses no finished line and duplicates none.
+
+Every answer is checked with `client.instructions.instruction_issue`: an instruction that is truncated,
+empty, a copy of its segment or a meta-answer is no candidate. Online, such a segment is asked again
+with another seed, up to `AugmentConfig.resample` times, before it counts as failed; a batch import
+(`client.batch`) cannot ask again, so there it fails at once. Either way the failure's reason names
+the kind, and a later run retries the segment.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -21,11 +28,12 @@ from pydantic import BaseModel, ConfigDict
 from client.completions import chat_choice
 from client.corpus import Corpus, open_corpora
 from client.fanout import Fanout, FanoutConfig
+from client.instructions import ISSUE_KINDS, instruction_issue
 from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
-from client.runner import CorruptLines, RunSummary, online, run, served_model, side_path
-from client.tasks import Job
+from client.runner import Answer, CorruptLines, RunSummary, online, run, served_model, side_path
+from client.tasks import Job, Parsed
 from humpback.contracts import (
     AUGMENT_TEMPERATURE,
     AUGMENT_TOP_P,
@@ -34,6 +42,7 @@ from humpback.contracts import (
     Rejected,
     RequestFailed,
     Segment,
+    UnusableInstruction,
     backward_messages,
     content_id,
 )
@@ -55,6 +64,9 @@ class AugmentConfig(BaseModel):
     temperature: float = setting(AUGMENT_TEMPERATURE, "sampling temperature (the paper's, §3.1)", ge=0)
     top_p: float = setting(AUGMENT_TOP_P, "nucleus sampling mass (the paper's, §3.1)", gt=0, le=1)
     seed: int | None = setting(None, "per-request sampling seed, for reproducible runs")
+    resample: int = setting(2, "extra samples, each with the next seed, for a segment whose instruction is unusable "
+                               "(client.instructions) before it counts as failed; none at temperature 0. Not part "
+                               "of the custom_id", ge=0)
     limit: int | None = setting(None, "take only the first N kept segments (done ones included, so a resumed run "
                                       "takes the same ones): a trial run, or a fixed CPU budget", ge=0)
     fsync: FsyncPolicy = setting("interval", "journal durability policy (see client.journal.Journal)")
@@ -80,23 +92,21 @@ def prepared_segments(corpora: Iterable[Corpus], preparer: Preparer | None, erro
 
 
 def parse_instruction(data: dict[str, Any]) -> tuple[str, str]:
-    """(instruction, finish_reason) from a chat completion; aborted -> retry; truncated/empty -> fail."""
+    """(instruction, finish_reason) of a chat completion, the instruction stripped: an aborted or
+    malformed answer is retried (`RetryableError`), a finish other than stop or length fails. Whether
+    the instruction is usable is `AugmentTask.record`'s question: it needs the segment."""
     choice, text = chat_choice(data)
-    finish = choice.get("finish_reason")
-    if finish == "length":
-        raise RequestFailed("instruction truncated (finish_reason=length)", 1)
-    if finish not in ("stop", None):
+    finish = choice.get("finish_reason") or "stop"
+    if finish not in ("stop", "length"):
         raise RequestFailed(f"unusable finish_reason={finish!r}", 1)
-    text = text.strip()
-    if not text:
-        raise RequestFailed("empty instruction", 1)
-    return text, finish or "stop"
+    return text.strip(), finish
 
 
 @dataclass(frozen=True)
 class AugmentTask:
     """Backtranslate a segment (a `client.tasks.Task`): ask `model` for the instruction the segment
-    answers; the candidate records `checkpoint` as its version."""
+    answers; the candidate records `checkpoint` as its version. An unusable instruction is no
+    candidate: `record` raises `UnusableInstruction`, and `resample` builds the request for another try."""
 
     model: str
     checkpoint: str | None = None
@@ -112,13 +122,65 @@ class AugmentTask:
         cid = content_id("augment", messages, self.model, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed)
         return BatchRequest(custom_id=cid, body=body)
 
+    @property
+    def resamples(self) -> int:
+        """Extra samples allowed per segment: `config.resample`, or none at temperature 0, where
+        decoding is greedy and a new sample would repeat the last."""
+        return self.config.resample if self.config.temperature > 0 else 0
+
+    def resample(self, request: BatchRequest, attempt: int) -> BatchRequest:
+        """The `attempt`-th extra sample (1, 2, ...) of the segment `request` asks for, with the same
+        `custom_id` (the journal holds one line per segment however many samples it took). With a
+        `seed`, each sample gets its own, `seed + attempt`, so that it differs from the others; without
+        one, sampling differs by itself, and no seed is sent (CPU servers refuse per-request seeds)."""
+        if self.config.seed is None:
+            return request
+        return request.model_copy(update={"body": {**request.body, "seed": self.config.seed + attempt}})
+
     def parse(self, body: dict[str, Any]) -> tuple[str, str]:
         return parse_instruction(body)
 
     def record(self, custom_id: str, seg: Segment, parsed: tuple[str, str]) -> Candidate:
         instruction, finish = parsed
+        kind = instruction_issue(instruction, seg.text, finish)
+        if kind is not None:
+            raise UnusableInstruction(kind, instruction)
         return Candidate(custom_id=custom_id, instruction=instruction, output=seg.text, source=seg.source,
                          model=self.model, checkpoint=self.checkpoint, finish_reason=finish)
+
+
+def resampling(answer: Answer, task: AugmentTask, counts: Counter[str]) -> Answer:
+    """`answer`, asking again (`task.resample`) up to `task.resamples` times while the instruction is
+    unusable, at once: an unusable answer is no fault of the server, so there is no backoff. `counts`
+    gets the kind of each unusable answer, the extra requests (`resampled`) and the segments that a
+    resample turned into a candidate (`rescued`)."""
+
+    async def resampled(request: BatchRequest, parse: Callable[[dict[str, Any]], Parsed]) -> Parsed:
+        attempt = 0
+        while True:
+            try:
+                result = await answer(task.resample(request, attempt) if attempt else request, parse)
+            except UnusableInstruction as exc:
+                counts[exc.kind] += 1
+                if attempt == task.resamples:
+                    exc.attempts = attempt + 1
+                    raise
+                attempt += 1
+                counts["resampled"] += 1
+                continue
+            if attempt:
+                counts["rescued"] += 1
+            return result
+
+    return resampled
+
+
+def instruction_quality(summary: RunSummary, counts: Counter[str]) -> dict[str, Any]:
+    """The `quality` of an augment run's summary (see `augment`)."""
+    usable, sent = summary.results["written"], summary.results["written"] + summary.results["failed"]
+    return {"sent": sent, "usable": usable, **{kind: counts[kind] for kind in ISSUE_KINDS},
+            "resampled": counts["resampled"], "rescued": counts["rescued"],
+            "usable_rate": usable / sent if sent else None}
 
 
 async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | os.PathLike[str],
@@ -132,6 +194,13 @@ async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | 
     `<out>.errors.jsonl` (rejected input records, and journal lines that are no record: their segments
     are asked again), `<out>.failed.jsonl` (requests that failed this run; retried next run),
     `<out>.summary.json`.
+
+    The summary's `quality` measures the instructions of this run's requests: `sent` segments asked
+    (segments done by an earlier run are not), `usable` candidates written, the count of unusable
+    answers of each kind (`truncated`, `empty`, `copy`, `meta`; resampled ones included), `resampled`
+    (extra requests made) and `rescued` (segments a resample saved), and `usable_rate` = usable /
+    sent (None when nothing was sent). Every answer is usable or of one kind, so
+    `sent + resampled` = `usable` + the kinds + the segments that failed for another reason.
     """
     cfg = config or AugmentConfig()
     out = Path(out)
@@ -153,6 +222,7 @@ async def _augment(corpora: list[Corpus], out: Path, fanout: FanoutConfig, cfg: 
     summary.extra["repaired_bytes"] = journal.repaired_bytes
     summary.extra["corrupt_journal_lines"] = corrupt.count
     progress = Progress(sum(c.total_bytes for c in corpora), "augment", cfg.progress)
+    counts: Counter[str] = Counter()
     try:
         async with Fanout(fanout) as fan:
             model, root = await served_model(fan, cfg.model)
@@ -167,8 +237,8 @@ async def _augment(corpora: list[Corpus], out: Path, fanout: FanoutConfig, cfg: 
                         last = corp
                     yield Job(task.request(seg), seg, seg.source, offset + corp.bytes_read)
 
-            await run(task, jobs(), online(fan, usage=summary.results), journal, failed, summary, progress,
-                      fan.max_inflight)
+            await run(task, jobs(), resampling(online(fan, usage=summary.results), task, counts), journal, failed,
+                      summary, progress, fan.max_inflight)
             progress.advance(sum(c.total_bytes for c in corpora))
             summary.extra["retries"] = fan.retries
             summary.extra["endpoints"] = {e.url: {"completed": e.completed, "errors": e.errors, "window": e.window}
@@ -180,6 +250,7 @@ async def _augment(corpora: list[Corpus], out: Path, fanout: FanoutConfig, cfg: 
         failed.close()
         summary.prepare.update(preparer.counts)
         summary.results["failed"] = sum(summary.failures.values())
+        summary.quality.update(instruction_quality(summary, counts))
         summary.elapsed_s = time.monotonic() - start
         summary.write(side_path(out, "summary.json"))
     return summary

@@ -3,7 +3,8 @@
 Every flag is generated (`humpback.settings`) from a field of `FanoutConfig`, `AugmentConfig`,
 `CurateConfig`, `PrepareConfig` or of the files models below, which document them; the handlers
 import the rest of the client only when run. Input that cannot be used (a file that cannot be read,
-an output another run holds) ends a command with its message and exit status 2, before anything is sent.
+an output another run holds) ends a command with its message and exit status 2, before anything is sent;
+an output that cannot be written (a full disk) stops it with exit status 4, its journal whole.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from client.augment import AugmentConfig
 from client.curate import CurateConfig
 from client.fanout import FanoutConfig
 from client.prepare import PrepareConfig
-from humpback.contracts import DEFAULT_URLS, InputError
+from humpback.contracts import DEFAULT_URLS, InputError, OutputError
 from humpback.settings import add_arguments, from_args, setting
 
 
@@ -130,7 +131,8 @@ def _run(coro: Any) -> Any:
 
 
 def _refusing(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """`handler`, with input it cannot use reported as one message on stderr and exit status 2."""
+    """`handler`, with input it cannot use reported as one message on stderr and exit status 2, and an
+    output it cannot write (a full disk) with exit status 4."""
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
@@ -140,6 +142,9 @@ def _refusing(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
             for problem in str(exc).splitlines():  # one line per file that cannot be used
                 print(f"humpback: error: {problem}", file=sys.stderr)
             return 2
+        except OutputError as exc:
+            print(f"humpback: error: {exc}", file=sys.stderr)
+            return 4
 
     return run
 

@@ -236,6 +236,8 @@ class Fanout:
                 if status == 200:
                     try:
                         data = json.loads(resp.content)
+                        if not isinstance(data, dict):
+                            raise ValueError(f"a JSON {type(data).__name__}, not an object")
                         result = check(data) if check is not None else data
                     except RetryableError as exc:
                         reason = f"{exc} from {ep.url}"

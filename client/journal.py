@@ -23,7 +23,7 @@ from typing import Literal, TextIO
 
 from pydantic_core import from_json
 
-from humpback.contracts import InputError
+from humpback.contracts import InputError, OutputError
 
 FsyncPolicy = Literal["never", "interval", "always"]
 _HEX = re.compile(r"[0-9a-fA-F]+")
@@ -104,6 +104,7 @@ class Journal:
         self.fsync_interval = fsync_interval
         self.on_corrupt = on_corrupt
         self.done = IdSet()
+        self.records = 0  # whole records in the file (`done` also holds ids claimed by requests in flight)
         self.repaired_bytes = 0
         self._fd: int | None = None
         self._last_sync = 0.0
@@ -118,6 +119,7 @@ class Journal:
                     cid = _line_id(line)
                     if cid is not None:
                         self.done.add(cid)
+                        self.records += 1
                     elif self.on_corrupt is not None:
                         self.on_corrupt(lineno, line)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -125,16 +127,27 @@ class Journal:
         return self
 
     def append(self, line: str) -> None:
-        """Append one record (a JSON object without newline) as one write."""
+        """Append one record (a JSON object without newline) as one write. A write the file system
+        refuses (full disk) takes back the part of the line it took and raises `OutputError`: the
+        journal keeps whole records only, and the run can resume once there is room."""
         assert self._fd is not None, "journal not open"
         data = (line + "\n").encode("utf-8")
-        n = os.write(self._fd, data)
-        while n < len(data):  # short writes happen only on full disks and signals; finish the line
-            n += os.write(self._fd, data[n:])
-        if self.fsync == "always" or (self.fsync == "interval"
-                                      and time.monotonic() - self._last_sync >= self.fsync_interval):
-            os.fsync(self._fd)
-            self._last_sync = time.monotonic()
+        n = 0
+        try:
+            n = os.write(self._fd, data)
+            while n < len(data):  # short writes happen only on full disks and signals; finish the line
+                n += os.write(self._fd, data[n:])
+            if self.fsync == "always" or (self.fsync == "interval"
+                                          and time.monotonic() - self._last_sync >= self.fsync_interval):
+                os.fsync(self._fd)
+                self._last_sync = time.monotonic()
+            self.records += 1
+        except OSError as exc:
+            if 0 < n < len(data):
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size - n)
+            raise OutputError(
+                f"{self.path}: cannot write ({exc.strerror or exc}); it keeps its {self.records} records "
+                "whole. Make room and run the same command again: it resumes where this one stopped") from exc
 
     def close(self) -> None:
         if self._fd is not None:
@@ -159,11 +172,15 @@ class LineWriter:
         self._f: TextIO | None = None
 
     def write(self, line: str) -> None:
-        if self._f is None:  # created on first use: a clean run leaves no empty side files
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "w", encoding="utf-8")
-        self._f.write(line + "\n")
-        self._f.flush()
+        try:
+            if self._f is None:  # created on first use: a clean run leaves no empty side files
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._f = open(self.path, "w", encoding="utf-8")
+            self._f.write(line + "\n")
+            self._f.flush()
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc}). Make room and run the same "
+                              "command again") from exc
 
     def close(self) -> None:
         if self._f is not None:

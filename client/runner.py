@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -19,7 +20,9 @@ from client.fanout import Fanout
 from client.journal import Journal, LineWriter
 from client.progress import Progress
 from client.tasks import Item, Job, Parsed, Task
-from humpback.contracts import BatchRequest, Failure, Rejected, RequestFailed
+from humpback.contracts import BatchRequest, Failure, OutputError, Rejected, RequestFailed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +34,9 @@ class RunSummary:
     prepare: Counter[str] = field(default_factory=Counter)
     results: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
+    # What the answers were worth, where a task measures it (augment: usable instructions, each kind
+    # of unusable one, resampling and `usable_rate`; see `client.augment.augment`).
+    quality: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
@@ -41,9 +47,16 @@ class RunSummary:
         return d
 
     def write(self, path: Path) -> None:
+        """Write the summary atomically. A summary that cannot be written (full disk) is logged, not
+        raised: the records are safe in the journal, the CLI prints the summary too, and raising here
+        (in a run's `finally`) would hide the error that stopped the run."""
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("%s: summary not written (%s)", path, exc.strerror or exc)
 
 
 def side_path(out: Path, kind: str) -> Path:
@@ -98,15 +111,22 @@ async def run(task: Task[Item, Parsed], jobs: Iterable[Job[Item]], answer: Answe
               failed: LineWriter, summary: RunSummary, progress: Progress, max_inflight: int = 1) -> None:
     """Answer every job not yet in `journal`, at most `max_inflight` at once (the producer waits, so
     memory stays flat); append `task.record(...)` of each parsed answer as it arrives, or a `Failure`
-    to `failed` (retried on the next run). A `custom_id` is claimed when asked, so duplicates go once."""
+    to `failed` (retried on the next run). A `custom_id` is claimed when asked, so duplicates go once.
+    An output that cannot be written (`OutputError`: a full disk) stops the run at once: the requests
+    in flight are cancelled (the next run asks them again) and the error is raised.
+
+    The record is made where the answer is parsed, inside `answer`: a task's `record` may refuse an
+    answer that only its item shows to be unusable (augment: an instruction that copies its passage),
+    and an answer function may then ask again (augment's resampling)."""
     pending = asyncio.Semaphore(max_inflight)
     running: set[asyncio.Task[None]] = set()
+    unwritable: list[OutputError] = []
 
     async def one(job: Job[Item]) -> None:
         cid = job.request.custom_id
         try:
-            parsed = await answer(job.request, task.parse)
-            journal.append(task.record(cid, job.item, parsed).model_dump_json())
+            record = await answer(job.request, lambda body: task.record(cid, job.item, task.parse(body)))
+            journal.append(record.model_dump_json())
             summary.results["written"] += 1
             progress.advance(job.pos, done=1)
         except RequestFailed as exc:
@@ -114,10 +134,14 @@ async def run(task: Task[Item, Parsed], jobs: Iterable[Job[Item]], answer: Answe
             failed.write(Failure(custom_id=cid, source=job.source, reason=exc.reason,
                                  attempts=exc.attempts).model_dump_json())
             progress.advance(job.pos, failed=1)
+        except OutputError as exc:
+            unwritable.append(exc)
         finally:
             pending.release()
 
     for job in jobs:
+        if unwritable:
+            break
         if job.request.custom_id in journal.done:
             summary.results["skipped_done"] += 1
             progress.advance(job.pos)
@@ -127,8 +151,13 @@ async def run(task: Task[Item, Parsed], jobs: Iterable[Job[Item]], answer: Answe
         t = asyncio.create_task(one(job))
         running.add(t)
         t.add_done_callback(running.discard)
+    if unwritable:
+        for t in running:
+            t.cancel()
     if running:
-        await asyncio.gather(*running)
+        await asyncio.gather(*running, return_exceptions=bool(unwritable))
+    if unwritable:
+        raise unwritable[0]
 
 
 async def served_model(fan: Fanout, model: str | None) -> tuple[str, str | None]:

@@ -24,7 +24,8 @@ class Task(Protocol[Item, Parsed]):
     """Request, parse, record: what one kind of work needs to run online or in a batch.
 
     `parse` raises `RetryableError` for an answer that may succeed when asked again and
-    `RequestFailed` for one that never will.
+    `RequestFailed` for one that never will; `record` may raise `RequestFailed` too, for an answer
+    that its item shows to be unusable.
     """
 
     def request(self, item: Item) -> BatchRequest: ...

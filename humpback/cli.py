@@ -28,6 +28,7 @@ SETTINGS = (
     "humpback.evaluation.cli:Server", "humpback.evaluation.cli:Run", "humpback.evaluation.cli:SystemTag",
     "humpback.evaluation.cli:IFEvalInput", "humpback.evaluation.cli:PairwiseSides",
     "humpback.evaluation.common:GenerationConfig", "humpback.evaluation.pairwise:PairwiseConfig",
+    "humpback.evaluation.cli:StageRun", "humpback.evaluation.scorer:ScorerEvalConfig",
     "humpback.loop.cli:RunArgs", "humpback.loop.config:RunConfig", "humpback.loop.config:DataConfig",
     "humpback.loop.config:ServicesConfig", "humpback.loop.config:TrainConfig", "humpback.loop.config:CurateSection",
     "humpback.loop.config:EvalSection",

@@ -9,6 +9,7 @@ a server bound dual-stack on `::` sees) counts as its IPv4 address. An admin req
 forwarding header (`X-Forwarded-For`, `Forwarded`, `X-Real-IP`) is refused whoever sent it: it came
 through a proxy, and a proxy on the host would make any client look like loopback. (The launcher also
 empties uvicorn's `FORWARDED_ALLOW_IPS`, so no peer can rewrite the client address the guard reads.)
+Websocket handshakes pass the same checks: a refused one is closed before it is accepted.
 
 It also maps the model aliases recorded in the registry (`HUMPBACK_REGISTRY`, read through
 `services.registry`), so a fine-tuned model's name is requestable right after its weights were
@@ -98,7 +99,7 @@ class AdminGuard:
         return any(addr in net for net in self.networks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):  # lifespan
             await self.app(scope, receive, send)
             return
         path = scope["path"].removeprefix(scope.get("root_path", ""))
@@ -106,13 +107,17 @@ class AdminGuard:
             # ASGI header names are lower-case bytes.
             forwarded = sorted({name.decode() for name, _ in scope["headers"] if name in FORWARDING_HEADERS})
             if forwarded:
-                await _forbid(send, f"{path} is an admin route and this request came through a proxy "
-                                    f"({', '.join(forwarded)}): send it to the server directly from the host "
-                                    "or its internal network")
+                await _forbid(scope, send, f"{path} is an admin route and this request came through a proxy "
+                                           f"({', '.join(forwarded)}): send it to the server directly from the "
+                                           "host or its internal network")
                 return
             if not self.client_allowed(scope):
-                await _forbid(send, f"{path} is an admin route, reachable only from the host or its internal network")
+                await _forbid(scope, send, f"{path} is an admin route, reachable only from the host or its "
+                                           "internal network")
                 return
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
         if scope.get("method") == "POST" and path in ALIASED_PATHS:
             table = self.aliases.current()
             if table or self.reject_seed:
@@ -160,7 +165,11 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
     return receive
 
 
-async def _forbid(send: Send, message: str) -> None:
+async def _forbid(scope: Scope, send: Send, message: str) -> None:
+    if scope["type"] == "websocket":
+        # Closing before accepting is how ASGI refuses a handshake: the server answers it with 403.
+        await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+        return
     await _send_json(send, 403, {"error": {"message": message, "type": "forbidden", "code": 403}})
 
 

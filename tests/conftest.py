@@ -107,3 +107,22 @@ def _process_tree(state_dir: Path) -> list:
         return []
     root = psutil.Process(int(pidfile.read_text()))
     return [root, *root.children(recursive=True)]
+
+
+@pytest.fixture
+def fault_report():
+    """`fault_report(FaultRow(...))` adds a row to the fault suite's table (tests/faults/report.py)."""
+    from tests.faults.report import ROWS
+
+    return ROWS.append
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from tests.faults.report import ROWS, markdown, write_report
+
+    if ROWS:
+        terminalreporter.section("fault suite")
+        terminalreporter.write(markdown(ROWS))
+        path = write_report()
+        if path is not None:
+            terminalreporter.write_line(f"written to {path}")

@@ -248,6 +248,12 @@ class Worker:
         code = proc.wait()
         if self._stop.is_set() or self.store.job_row(job_id)["status"] != "running":
             return None  # service shutdown (resumed at the next start) or cancelled
+        if code < 0:  # killed by a signal: the log's last line is whatever it printed before, not a cause
+            self._fail(job_id, "training_failed",
+                       f"Training was killed by {_signal_name(-code)}"
+                       + (" (the out-of-memory killer sends it: see `dmesg`)" if code == -signal.SIGKILL else "")
+                       + f"; its log is {log_path}")
+            return None
         if code != 0 or exported is None:
             self._fail(job_id, "training_failed", f"Training exited with code {code}: {_last_error(log_path)}")
             return None
@@ -337,6 +343,13 @@ def _kill_stale(pid: int | None, job_id: str) -> None:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _last_error(log_path: Path) -> str:

@@ -36,11 +36,13 @@ from humpback.contracts.errors import (
     InputError,
     JobFailed,
     OasstError,
+    OutputError,
     PodError,
     RequestFailed,
     RetryableError,
     ServeError,
     SwapError,
+    UnusableInstruction,
 )
 from humpback.contracts.fine_tuning import (
     ACTIVE_STATUSES,

@@ -44,6 +44,11 @@ class CheckpointError(InputError):
         self.problem = problem
 
 
+class OutputError(HumpbackError, OSError):
+    """An output that cannot be written (a full disk, a read-only folder): names the file and says what
+    it still holds. The run stops at once rather than ask for answers it cannot keep."""
+
+
 # --- requests to the model servers -----------------------------------------------------------------
 
 
@@ -58,6 +63,15 @@ class RequestFailed(HumpbackError):
         super().__init__(reason)
         self.reason = reason
         self.attempts = attempts
+
+
+class UnusableInstruction(RequestFailed):
+    """An answer whose instruction is no candidate for its segment; `kind` is one of `client.instructions.ISSUE_KINDS`.
+    `attempts` counts the samples drawn for the segment."""
+
+    def __init__(self, kind: str, instruction: str) -> None:
+        super().__init__(f"unusable instruction ({kind}): {instruction[:80]!r}", 1)
+        self.kind = kind
 
 
 # --- the services -------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""`humpback eval ifeval|pairwise|nll`: thin wrappers over `humpback.evaluation`.
+"""`humpback eval ifeval|pairwise|nll|backward|scorer`: thin wrappers over `humpback.evaluation`.
 
-Flags are generated from the settings models below and from `GenerationConfig` and `PairwiseConfig`,
-which document them; `ifeval` and `nll` are imported only when their command runs.
+Flags are generated from the settings models below and from `GenerationConfig`, `PairwiseConfig`,
+`AugmentConfig` (how `backward` samples) and `ScorerEvalConfig`, which document them; `ifeval`, `nll`
+and `backward` (ROUGE) are imported only when their command runs.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from client.augment import AugmentConfig
 from client.fanout import FanoutConfig
 from humpback.contracts import API_KEY_ENV, AUGMENTED_SYSTEM_PROMPT, DEFAULT_URLS, SEED_SYSTEM_PROMPT
 from humpback.evaluation.common import GenerationConfig
 from humpback.evaluation import pairwise
+from humpback.evaluation.metrics import format_metrics
+from humpback.evaluation.scorer import ScorerEvalConfig, run_scorer_eval
 from humpback.settings import add_arguments, from_args, setting
 
 SYSTEM_PROMPTS = {"none": None, "seed": SEED_SYSTEM_PROMPT, "augmented": AUGMENTED_SYSTEM_PROMPT}
@@ -86,9 +90,24 @@ class IFEvalInput(BaseModel):
     responses: Path | None = setting(None, "score this JSONL of {prompt, response} instead of asking the endpoint")
 
 
+class StageRun(BaseModel):
+    """The held-out pairs a stage metric is measured on, and where its metrics go."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: Path = setting(help="held-out human pairs: JSONL of {instruction, response} (humpback's heldout.jsonl)")
+    out: Path = setting(help="the metrics, a JSON file; the rows and the request journal are written beside it")
+    limit: int | None = setting(None, "measure a subset of this many pairs, drawn with --seed, in file order")
+    seed: int = setting(0, "seed of the --limit subset, the sampling, the negatives and the bootstrap intervals")
+
+
 # The pairwise command takes its subset from `pairwise.PairwiseConfig`; the NLL reads the first --limit pairs, unseeded.
 PAIRWISE_SUBSET = ("limit", "seed")
 NLL_UNUSED = ("seed",)
+# `eval backward` samples as augment does; of augment's settings it takes the sampling ones.
+BACKWARD_SAMPLING = ("max_tokens", "temperature", "top_p")
+AUGMENT_UNUSED = tuple(f for f in AugmentConfig.model_fields if f not in BACKWARD_SAMPLING)
+SCORER_DEFAULTS = {"endpoint": DEFAULT_URLS["scorer"]}
 
 
 def _generation(args: argparse.Namespace) -> GenerationConfig:
@@ -129,6 +148,28 @@ def _nll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backward(args: argparse.Namespace) -> int:
+    from humpback.evaluation import backward
+
+    server, run = from_args(Server, args), from_args(StageRun, args)
+    result = asyncio.run(backward.run_backward_eval(
+        run.pairs, run.out, server.fanout(server.endpoint), server.model,
+        from_args(AugmentConfig, args, exclude=AUGMENT_UNUSED), run.limit, run.seed))
+    print(format_metrics("backward", result))
+    return 0
+
+
+def _scorer(args: argparse.Namespace) -> int:
+    server, run = from_args(Server, args, defaults=SCORER_DEFAULTS), from_args(StageRun, args)
+    cfg = from_args(ScorerEvalConfig, args)
+    result = asyncio.run(run_scorer_eval(run.pairs, run.out, server.fanout(server.endpoint), server.model, cfg,
+                                         run.limit, run.seed))
+    print(format_metrics("scorer", result))
+    if cfg.corpus is None:
+        print("no 'passage' negatives: pass --corpus to build them")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     add_arguments(p.add_argument_group("model under test"), Server)
     add_arguments(p, Run, exclude=exclude, required=("out",))
@@ -141,7 +182,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("eval", help="evaluate a served model: IFEval, pairwise win rate, held-out NLL")
+    p = sub.add_parser("eval", help="evaluate a served model: IFEval, pairwise win rate, held-out NLL, and the "
+                                    "backward model and the scorer against held-out human pairs")
     esub = p.add_subparsers(dest="eval_command", required=True)
 
     e = esub.add_parser("ifeval", help="IFEval: prompt- and instruction-level strict and loose accuracy")
@@ -162,3 +204,17 @@ def register(sub: Any) -> None:
     _common(n, exclude=NLL_UNUSED)
     add_arguments(n.add_argument_group("prompt"), SystemTag)
     n.set_defaults(func=_nll)
+
+    b = esub.add_parser("backward", help="the backward model on held-out pairs: NLL of the human instruction, "
+                                         "ROUGE-L, usable rate and distinct-2 of generated ones")
+    add_arguments(b.add_argument_group("model under test"), Server)
+    add_arguments(b, StageRun, required=("pairs", "out"))
+    add_arguments(b.add_argument_group("sampling (augment's)"), AugmentConfig, exclude=AUGMENT_UNUSED)
+    b.set_defaults(func=_backward)
+
+    c = esub.add_parser("scorer", help="the scorer on held-out pairs against negatives built from them: AUC, "
+                                       "precision at the threshold, mean score of each kind")
+    add_arguments(c.add_argument_group("model under test"), Server, defaults=SCORER_DEFAULTS)
+    add_arguments(c, StageRun, required=("pairs", "out"))
+    add_arguments(c.add_argument_group("negatives and threshold"), ScorerEvalConfig)
+    c.set_defaults(func=_scorer)

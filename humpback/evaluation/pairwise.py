@@ -7,6 +7,12 @@ shown second, to cancel position bias; its score is the mean of the two greedy v
 each, 0 loss). The win rate is the mean score over prompts, with a bootstrap (or normal) interval over
 prompts. The default baseline is the GPT-4-turbo reference answers shipped with AlpacaEval.
 
+The judge's position bias is measured on the same verdicts: a prompt whose verdict flips with the order
+(the judge picked the same position both times, so its verdict about the answers contradicts itself) is
+a tie. `position_flip_rate` is their share, with an interval over prompts. A judge that decides by
+position rather than content is marked `informative: false`, and its win rate (pulled towards 0.5 by
+the ties) is reported as no result: see `judge_informative`.
+
 Generated answers and verdicts are journaled in `--out` as they arrive (`pairwise.answers_a`,
 `pairwise.answers_b`, `pairwise.judge`, each `.journal.jsonl`), so an interrupted run resumes.
 """
@@ -61,6 +67,9 @@ class PairwiseConfig(BaseModel):
     ci: Literal["bootstrap", "normal"] = setting(
         "bootstrap", "interval: bootstrap (percentile, over prompts) or normal (mean ± z·s/√n, clipped to [0, 1])")
     ci_level: float = setting(0.95, "coverage of the interval")
+    max_flip_rate: float = setting(
+        0.5, "the judge is reported uninformative when more than this share of prompts get a verdict that flips "
+        "with the order (0.5: less consistent than a judge tossing a coin for each order)", ge=0.0, le=1.0)
     n_boot: int = setting(10_000, "bootstrap resamples", cli=False)
 
 
@@ -155,18 +164,37 @@ def confidence_interval(scores: list[float], level: float = 0.95, method: str = 
     return float(lo), float(hi)
 
 
+def judge_informative(n: int, flips: int, max_flip_rate: float) -> bool:
+    """Whether a judge's verdicts say anything about the answers: some prompt got the same verdict in both
+    orders, and no more than `max_flip_rate` of the `n` prompts got one that flips with the order.
+
+    A judge that tosses a fair coin for each order flips half the time, so the default 0.5 marks any judge
+    less consistent than chance; a judge that always picks one position flips every time."""
+    return 0 < n and flips < n and flips / n <= max_flip_rate
+
+
+def uninformative_text(position_flip_rate: float) -> str:
+    """What is shown in place of the win rate of an uninformative judge."""
+    return f"judge uninformative (position bias {position_flip_rate:.0%})"
+
+
 def summarize(rows: list[PairwiseRow], model_a: str, model_b: str, judge: str, judge_checkpoint: str | None,
               cfg: PairwiseConfig, elapsed_s: float = 0.0) -> PairwiseSummary:
     scores = [r.score for r in rows]
     lo, hi = confidence_interval(scores, cfg.ci_level, cfg.ci, cfg.n_boot, cfg.seed)
     n = len(rows)
     firsts = sum(r.a_won_first for r in rows) + sum(not r.a_won_second for r in rows)
+    # The verdict flips with the order exactly when the judge picks the same position twice: a tie.
+    flipped = [float(r.a_won_first != r.a_won_second) for r in rows]
+    flip_lo, flip_hi = confidence_interval(flipped, cfg.ci_level, cfg.ci, cfg.n_boot, cfg.seed)
     return PairwiseSummary(
         model_a=model_a, model_b=model_b, judge_model=judge, judge_checkpoint=judge_checkpoint, n=n,
         wins=sum(s == 1.0 for s in scores), ties=sum(s == 0.5 for s in scores), losses=sum(s == 0.0 for s in scores),
         win_rate=statistics.fmean(scores) if n else 0.0, ci_low=lo, ci_high=hi, ci_level=cfg.ci_level,
         ci_method=cfg.ci, soft_win_rate=statistics.fmean((r.p_a_first + r.p_a_second) / 2 for r in rows) if n else 0.0,
-        first_position_rate=firsts / (2 * n) if n else 0.0, elapsed_s=elapsed_s)
+        first_position_rate=firsts / (2 * n) if n else 0.0,
+        position_flip_rate=statistics.fmean(flipped) if n else 0.0, flip_ci_low=flip_lo, flip_ci_high=flip_hi,
+        informative=judge_informative(n, int(sum(flipped)), cfg.max_flip_rate), elapsed_s=elapsed_s)
 
 
 @dataclass
@@ -236,6 +264,11 @@ async def run_pairwise(out: Path, a: Contender, b: Contender, judge: FanoutConfi
 
 
 def format_summary(s: PairwiseSummary) -> str:
-    return table([("A vs B", "n", "win/tie/loss", "win rate", f"{s.ci_level:.0%} CI", "soft", "1st-pos"),
-                  (f"{s.model_a} vs {s.model_b}", str(s.n), f"{s.wins}/{s.ties}/{s.losses}", f"{s.win_rate:.3f}",
-                   f"[{s.ci_low:.3f}, {s.ci_high:.3f}]", f"{s.soft_win_rate:.3f}", f"{s.first_position_rate:.3f}")])
+    """The summary as a table; an uninformative judge's win rate and its interval are not shown."""
+    win_rate, ci = ((f"{s.win_rate:.3f}", f"[{s.ci_low:.3f}, {s.ci_high:.3f}]") if s.informative
+                    else (uninformative_text(s.position_flip_rate), "-"))
+    return table([("A vs B", "n", "win/tie/loss", "win rate", f"{s.ci_level:.0%} CI", "soft", "1st-pos",
+                   f"flip rate [{s.ci_level:.0%} CI]"),
+                  (f"{s.model_a} vs {s.model_b}", str(s.n), f"{s.wins}/{s.ties}/{s.losses}", win_rate, ci,
+                   f"{s.soft_win_rate:.3f}", f"{s.first_position_rate:.3f}",
+                   f"{s.position_flip_rate:.3f} [{s.flip_ci_low:.3f}, {s.flip_ci_high:.3f}]")])

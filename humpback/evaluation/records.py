@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Record(BaseModel):
@@ -120,6 +120,12 @@ class PairwiseSummary(_Record):
     ci_method: str
     soft_win_rate: float = Field(description="mean judge probability that A is better, both orders")
     first_position_rate: float = Field(description="share of verdicts for the response shown first (0.5 = no bias)")
+    position_flip_rate: float = Field(description="share of prompts whose verdict flips with the order: the judge "
+                                      "picked the same position in both (= ties / n)")
+    flip_ci_low: float
+    flip_ci_high: float
+    informative: bool = Field(description="false when the judge cannot be trusted: position_flip_rate above "
+                              "max_flip_rate, or no prompt with the same verdict in both orders")
     elapsed_s: float = 0.0
 
 
@@ -154,3 +160,51 @@ class NllSummary(_Record):
     nll_per_pair: float = Field(description="mean over pairs of each pair's per-token NLL")
     perplexity: float = Field(description="exp(nll_per_token)")
     elapsed_s: float = 0.0
+
+
+class HeldoutPair(_Record):
+    """A held-out human pair the stage metrics are measured on: instruction x and response y, read
+    from `line` (1-based) of the pairs file."""
+
+    line: int
+    instruction: str
+    response: str
+
+    @field_validator("instruction", "response")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty")
+        return v
+
+
+class BackwardRow(_Record):
+    """One held-out pair under the backward model (`eval backward`): the instruction it wrote for the
+    response, and how that compares with the human one.
+
+    `issue`: why the generated instruction is unusable (`client.instructions.ISSUE_KINDS`), None when
+    usable; `nll_mean`: per-token NLL of the human instruction (None, with `skipped`, when the
+    conversation does not fit the server's context)."""
+
+    line: int
+    instruction: str
+    generated: str
+    finish_reason: str | None = None
+    issue: str | None = None
+    rouge_l: float
+    instruction_tokens: int
+    nll_sum: float | None = None
+    nll_mean: float | None = None
+    skipped: str | None = None
+
+
+class ScorerRow(_Record):
+    """One pair the scorer rated (`eval scorer`): a held-out pair (`kind` "positive") or a negative
+    built from the pair on `line` of the pairs file ("mismatched", "first_sentence", "passage"),
+    with its expected score."""
+
+    line: int
+    kind: str
+    instruction: str
+    output: str
+    score: float

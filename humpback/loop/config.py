@@ -82,6 +82,13 @@ class EvalSection(_Section):
     max_tokens: int = setting(128, "answer length cap")
     nll: bool = setting(True, "measure the held-out NLL")
     ablation: bool = setting(True, "train and evaluate the uncurated control")
+    # Cost on the demo's 2 cores: ~1 min per backward model and ~2 min per scorer (each pair is scored with
+    # up to 3 negatives) at 32 pairs.
+    stage_metrics: bool = setting(True, "measure the stages against held-out human pairs: the backward model before "
+                                        "and after training (`eval backward`), each model used as a scorer "
+                                        "(`eval scorer`), and the candidates' usable rate and diversity")
+    stage_pairs: int | None = setting(32, "held-out pairs of the stage metrics, a seeded subset (null: all of them)",
+                                      ge=1)
 
 
 # The demo's values where they differ from the client's defaults.
@@ -131,7 +138,8 @@ QUICK: dict[str, Any] = {
     "train": {"backward_preset": "cpu-test", "forward_preset": "cpu-test", "max_steps": None},
     "augment": {"max_tokens": 48},
     "curate": {"min_score": 1.0, "top_fraction": None},  # keep all: exercise every path
-    "eval": {"ifeval_limit": 3, "pairwise_limit": 2, "nll_limit": 4, "max_tokens": 48, "ablation": True},
+    "eval": {"ifeval_limit": 3, "pairwise_limit": 2, "nll_limit": 4, "max_tokens": 48, "ablation": True,
+             "stage_pairs": 4},
 }
 
 

@@ -1,4 +1,5 @@
-"""Evaluate one served model on IFEval, pairwise win rate and held-out NLL."""
+"""Evaluate one served model on IFEval, pairwise win rate and held-out NLL; measure the loop's stages
+(the backward model, each scorer, the candidates) against held-out human pairs."""
 
 from __future__ import annotations
 
@@ -6,13 +7,19 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from client.augment import AugmentConfig
 from client.fanout import FanoutConfig
-from humpback.contracts import SEED_SYSTEM_PROMPT
+from client.instructions import ISSUE_KINDS
+from humpback.contracts import SEED_SYSTEM_PROMPT, Candidate, read_jsonl
+from humpback.evaluation.backward import run_backward_eval
 from humpback.evaluation.common import GenerationConfig, normal_interval
+from humpback.evaluation.diversity import diversity_metrics, plot_verb_objects, verb_object_pairs
 from humpback.evaluation.ifeval import run_ifeval
+from humpback.evaluation.metrics import Metric, mean_metric
 from humpback.evaluation.nll import run_nll
 from humpback.evaluation.pairwise import Contender, PairwiseConfig, run_pairwise
 from humpback.evaluation.records import NllRow
+from humpback.evaluation.scorer import ScorerEvalConfig, run_scorer_eval
 from humpback.loop.config import EvalSection
 
 
@@ -39,7 +46,8 @@ def evaluate_model(url: str, api_key: str | None, model: str, cfg: EvalSection, 
                    "prompt_loose": ife.prompt_level.loose, "instruction_strict": ife.instruction_level.strict,
                    "instruction_loose": ife.instruction_level.loose},
         "pairwise": {"n": pw.n, "win_rate": pw.win_rate, "ci": [pw.ci_low, pw.ci_high], "wins": pw.wins,
-                     "ties": pw.ties, "losses": pw.losses, "judge": pw.judge_model, "baseline": pw.model_b},
+                     "ties": pw.ties, "losses": pw.losses, "judge": pw.judge_model, "baseline": pw.model_b,
+                     "position_flip_rate": pw.position_flip_rate, "informative": pw.informative},
     }
     if cfg.nll and heldout is not None and heldout.is_file():
         nll = asyncio.run(run_nll(heldout, out, fan, model=model, limit=cfg.nll_limit,
@@ -54,3 +62,45 @@ def evaluate_model(url: str, api_key: str | None, model: str, cfg: EvalSection, 
 def _pair_means(rows: Path) -> list[float]:
     with rows.open(encoding="utf-8") as f:
         return [row.nll_mean for row in map(NllRow.model_validate_json, f) if row.nll_mean is not None]
+
+
+# --- stage metrics: each a `Metric` ({"value", "ci95", "n"}) per name, as `humpback eval` writes them ---
+
+
+def _dumped(metrics: dict[str, Metric]) -> dict[str, dict[str, Any]]:
+    return {name: m.model_dump(mode="json") for name, m in metrics.items()}
+
+
+def measure_backward(url: str, api_key: str | None, model: str, pairs: Path, out: Path, generation: AugmentConfig,
+                     limit: int | None) -> dict[str, Any]:
+    """`eval backward` of the backward model served at `url` on `limit` held-out `pairs`, its instructions
+    sampled as augment samples them (`generation`); written to `out`."""
+    metrics = asyncio.run(run_backward_eval(pairs, out, FanoutConfig(endpoints=[url], api_key=api_key), model,
+                                            generation, limit))
+    return {"metrics": _dumped(metrics), "out": str(out)}
+
+
+def measure_scorer(url: str, api_key: str | None, model: str, pairs: Path, out: Path, corpus: Path | None,
+                   threshold: float, limit: int | None) -> dict[str, Any]:
+    """`eval scorer` of the scorer served at `url` on `limit` held-out `pairs` and negatives built from
+    them (the `passage` kind from `corpus`), precision counted at `threshold`; written to `out`."""
+    metrics = asyncio.run(run_scorer_eval(pairs, out, FanoutConfig(endpoints=[url], api_key=api_key), model,
+                                          ScorerEvalConfig(threshold=threshold, corpus=corpus), limit))
+    return {"metrics": _dumped(metrics), "threshold": threshold, "out": str(out)}
+
+
+def candidate_quality(candidates: Path, quality: dict[str, Any], plot: Path) -> dict[str, Any]:
+    """What augment's candidates are worth: its `quality` counts (`client.augment.augment`; absent from
+    runs before them) as `usable_rate` with an interval and the count of each rejection kind, the
+    diversity of the candidates' instructions, and their root verbs and objects drawn to `plot`."""
+    instructions = [c.instruction for c in read_jsonl(candidates, Candidate)]
+    metrics: dict[str, Metric] = {}
+    if quality.get("sent"):
+        usable, sent = quality["usable"], quality["sent"]
+        metrics["usable_rate"] = mean_metric([True] * usable + [False] * (sent - usable))
+    metrics.update(diversity_metrics(instructions))
+    plot_verb_objects(verb_object_pairs(instructions), plot,
+                      title=f"Root verbs and their direct objects of the {len(instructions)} candidates")
+    counts = ("sent", "usable", *ISSUE_KINDS, "resampled", "rescued")
+    return {"metrics": _dumped(metrics), "instructions": len(instructions),
+            "rejections": {k: quality[k] for k in counts if k in quality}, "plot": str(plot)}

@@ -1,4 +1,5 @@
-"""`humpback report RUN_DIR`: one self-contained HTML page (plots embedded as PNG) of a run."""
+"""`humpback report RUN_DIR`: one self-contained HTML page (plots embedded as PNG) of a run, and
+`RUN_DIR/stage_metrics.md`, its stage metrics as Markdown tables."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from humpback.contracts import BAND_LABELS, ScoredCandidate, band_of
+from humpback.evaluation.pairwise import uninformative_text
 from humpback.loop.stages import Stages
 
 
@@ -19,7 +21,11 @@ def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return _img(buf.getvalue())
+
+
+def _img(png: bytes) -> str:
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def _scores(path: Path) -> list[ScoredCandidate]:
@@ -68,21 +74,32 @@ def _figure(width: float = 7, height: float = 3.6, columns: int = 1):
     return plt.subplots(1, columns, figsize=(width, height))
 
 
+def _uninformative(pairwise: dict[str, Any] | None) -> bool:
+    """Whether a pairwise result came from a judge marked uninformative (records before the mark count as
+    informative)."""
+    return bool(pairwise) and pairwise.get("informative") is False
+
+
 def eval_plot(evals: dict[str, dict[str, Any]]) -> str:
     fig, axes = _figure(12, 3.6, columns=3)
     names = list(evals)
     metrics = (("pairwise", "win_rate", "win rate vs baseline"), ("ifeval", "prompt_loose", "IFEval prompt-level loose"),
                ("nll", "mean", "held-out NLL per token (lower is better)"))
     for ax, (section, key, title) in zip(axes, metrics):
-        vals, errs = [], [[], []]
+        vals, errs, notes = [], [[], []], []
         for name in names:
             m = evals[name].get(section) or {}
+            if _uninformative(m):  # its win rate is no result: no bar, a note in its place
+                notes.append(len(vals))
+                m = {}
             v = m.get(key)
             vals.append(v if v is not None else 0.0)
             lo, hi = (m.get("ci") or [v, v]) if v is not None else (0.0, 0.0)
             errs[0].append(max(0.0, (v or 0) - (lo if lo is not None else v or 0)))
             errs[1].append(max(0.0, (hi if hi is not None else v or 0) - (v or 0)))
         ax.bar(names, vals, yerr=errs, capsize=4, color="#4c78a8")
+        for i in notes:
+            ax.text(i, 0.02, "judge uninformative", ha="center", va="bottom", rotation=90, fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle("Evaluation per model (error bars: 95% intervals)")
@@ -152,14 +169,118 @@ def eval_rows(evals: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
         ci = m.get("ci")
         return f"{m[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and key in ("win_rate", "mean") else "")
 
-    return [(name, fmt(e.get("pairwise"), "win_rate"), fmt(e.get("ifeval"), "prompt_strict"),
+    def win_rate(m: dict[str, Any] | None) -> str:
+        return uninformative_text(m["position_flip_rate"]) if m and _uninformative(m) else fmt(m, "win_rate")
+
+    return [(name, win_rate(e.get("pairwise")), fmt(e.get("ifeval"), "prompt_strict"),
              fmt(e.get("ifeval"), "prompt_loose"), fmt(e.get("ifeval"), "instruction_loose"), fmt(e.get("nll"), "mean"))
             for name, e in evals.items()]
 
 
+# --- stage metrics (`stage_*` records: see humpback.loop.run) ------------------------------------------
+
+STAGE_TABLES = (
+    ("Backward model on held-out pairs (eval backward: instruction_nll lower is better, the others higher)",
+     "stage_backward_"),
+    ("Scorer on held-out pairs and negatives built from them (eval scorer; threshold: the k its iteration "
+     "selected with, at which precision_at_k and recall_at_k count)", "stage_scorer_"),
+)
+
+
+def metric_cell(m: dict[str, Any] | None) -> str:
+    """A `Metric` as "value [lo, hi] (n=N)"; "-" where nothing was measured (or a run did not record it)."""
+    if not m:
+        return "-"
+    n = f"(n={m['n']})"
+    if m.get("value") is None:
+        return f"- {n}"
+    value = m["value"]
+    shown = str(int(value)) if m.get("ci95") is None and float(value).is_integer() else f"{value:.3f}"
+    ci = m.get("ci95")
+    return f"{shown} [{ci[0]:.3f}, {ci[1]:.3f}] {n}" if ci else f"{shown} {n}"
+
+
+def _stage_label(name: str) -> str:
+    what = name.removeprefix("stage_")
+    labels = {"backward_base": "backward, base weights", "backward_myx": "M_yx", "candidates": "candidates of augment"}
+    return labels.get(what) or "scorer " + what.removeprefix("scorer_").upper()
+
+
+def _stage_order(name: str) -> tuple[int, str]:
+    """base before M_yx, then scorers by iteration (M10 after M2)."""
+    tail = name.rsplit("_", 1)[-1]
+    return (0 if tail == "base" else int(tail[1:]) + 1 if tail[1:].isdigit() else 1), name
+
+
+def stage_rows(records: dict[str, dict[str, Any]], extra: tuple[str, ...] = ()) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """(header, rows) of stage records: one row per record, one column per metric any of them has; `extra`
+    names record fields shown before the metrics. A skipped stage says why in its model column."""
+    metrics: list[str] = []
+    for res in records.values():
+        metrics += [m for m in res.get("metrics", {}) if m not in metrics]
+    rows = []
+    for name in sorted(records, key=_stage_order):
+        res = records[name]
+        model = f"not measured: {res['skipped']}" if res.get("skipped") else str(res.get("model", ""))
+        rows.append((_stage_label(name), model, *(_plain(res.get(f)) for f in extra),
+                     *(metric_cell(res.get("metrics", {}).get(m)) for m in metrics)))
+    return ("stage", "model", *extra, *metrics), rows
+
+
+def _plain(value: Any) -> str:
+    return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def stage_tables(stages: dict[str, dict[str, Any]]) -> list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]]:
+    """(title, header, rows) of each stage-metrics table of a run, in the report's order; none for a run
+    recorded before these stages (or with `eval.stage_metrics` off)."""
+    tables = []
+    for title, prefix in STAGE_TABLES:
+        records = {n: r for n, r in stages.items() if n.startswith(prefix)}
+        if records:
+            header, rows = stage_rows(records, extra=("threshold",) if prefix == "stage_scorer_" else ())
+            tables.append((title, header, rows))
+    cand = stages.get("stage_candidates")
+    if cand:
+        tables.append(("Candidates (usable_rate: usable / segments sent; the others: diversity of their instructions)",
+                       *stage_rows({"stage_candidates": cand})))
+        if cand.get("rejections"):
+            tables.append(("Candidates: augment's counts (each rejection kind; resampled: extra requests, rescued: "
+                           "segments a resample saved)", ("count", "value"),
+                           [(k, str(v)) for k, v in cand["rejections"].items()]))
+    return tables
+
+
+CELLS = "Each cell: value [95% bootstrap interval] (n: items measured); - where nothing was measured."
+NO_STAGES = "No stage metrics in this run: it was recorded before they existed, or with eval.stage_metrics off."
+
+
+def stage_section(stages: dict[str, dict[str, Any]]) -> str:
+    tables = stage_tables(stages)
+    if not tables:
+        return f"<p>{NO_STAGES}</p>"
+    parts = [f"<p>{CELLS}</p>"] + [f"<h3>{html.escape(title)}</h3>" + _table(header, rows)
+                                   for title, header, rows in tables]
+    plot = (stages.get("stage_candidates") or {}).get("plot")
+    if plot and Path(plot).is_file():
+        parts.append("<h3>Root verbs and their direct objects of the candidates' instructions</h3>"
+                     + _img(Path(plot).read_bytes()))
+    return "\n".join(parts)
+
+
+def stage_markdown(run_dir: Path, stages: dict[str, dict[str, Any]]) -> str:
+    tables = stage_tables(stages)
+    parts = [f"# Stage metrics of {run_dir.name}", "", CELLS if tables else NO_STAGES, ""]
+    for title, header, rows in tables:
+        parts += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        parts += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        parts.append("")
+    return "\n".join(parts)
+
+
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
-h2{margin-top:2em;border-bottom:1px solid #ddd}img{max-width:100%}"""
+h2{margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:15px;margin-top:1.4em}img{max-width:100%}"""
 
 
 def render(run_dir: Path) -> Path:
@@ -176,6 +297,7 @@ def render(run_dir: Path) -> Path:
         parts.append(eval_plot(evals))
     else:
         parts.append("<p>No evaluation yet.</p>")
+    parts.append("<h2>Stage metrics</h2>" + stage_section(stages))
     parts.append("<h2>Self-curation</h2>")
     if curates:
         parts += [score_plot(curates), kept_plot(curates)]
@@ -188,6 +310,7 @@ def render(run_dir: Path) -> Path:
     parts.append("<h2>Time and throughput per stage</h2>" + time_plot(stages))
     parts.append(_table(("stage", "time", "throughput"), throughput_rows(stages)))
     parts.append("</body></html>")
+    (run_dir / "stage_metrics.md").write_text(stage_markdown(run_dir, stages), encoding="utf-8")
     out = run_dir / "report.html"
     out.write_text("\n".join(parts), encoding="utf-8")
     return out

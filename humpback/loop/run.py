@@ -3,8 +3,11 @@
 data -> train M_yx (backward) and M0 (seed) -> hot-swap them into `backward` / `scorer` -> augment
 the corpus -> curate with M0 -> train M1 on seed (S_a) + A_k (S_w) -> curate the same candidates with
 M1 -> train M2 ... Every model is evaluated; the ablation trains on seed + uncurated candidates of
-A_k's size. Each stage records its outputs in RUN_DIR/stages, so a re-run skips finished stages and
-resumes the current one (augment/curate journals, trainer jobs by id).
+A_k's size. With `eval.stage_metrics`, the stages are measured against held-out human pairs too
+(`stage_*`, the same seeded subset each time): the backward model before training and M_yx after it
+(`eval backward`), each model when it has served as the scorer (`eval scorer`), and the candidates
+(usable rate, diversity). Each stage records its outputs in RUN_DIR/stages, so a re-run skips
+finished stages and resumes the current one (augment/curate journals, trainer jobs by id).
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from humpback.contracts import (
 )
 from humpback.data.build import BuildConfig, build_demo, format_table
 from humpback.loop.config import RunConfig
-from humpback.loop.evaluate import evaluate_model
+from humpback.loop.evaluate import candidate_quality, evaluate_model, measure_backward, measure_scorer
 from humpback.loop.services import ensure_servers, ensure_trainer
 from humpback.loop.stages import Stages
 from humpback.loop.trainer_client import TrainerClient
-from services.registry import write_private
+from services.config import ServeConfig
+from services.registry import Registry, write_private
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,73 @@ class Loop:
 
         self.stages.run(f"eval_{name}", run)
 
+    # --- stage metrics (`eval.stage_metrics`) ---------------------------------------------------
+
+    def _heldout(self, data: dict[str, Any]) -> Path | None:
+        if not self.cfg.eval.stage_metrics:
+            return None
+        if not data.get("heldout"):
+            log.info("no held-out pairs (data.heldout): the backward model and the scorers are not measured")
+            return None
+        return Path(data["heldout"])
+
+    def base_backward_weights(self) -> str | None:
+        """Why the backward server may not serve its base weights now (None when it does): once M_yx's
+        job exists the trainer may have deployed it, and the registry names what an earlier run left."""
+        if self.stages.result("train_backward") or "job" in self.stages.state("train_backward"):
+            return ("M_yx's training job was started before this stage ran (the run began with an older version "
+                    "or with eval.stage_metrics off)")
+        served = Registry.load(ServeConfig(state_dir=self.svc.state_dir, servers=[]).registry).roles.get("backward")
+        if served is not None and served.version != "base":
+            return f"the backward server serves {served.version}, not its base weights"
+        return None
+
+    def measure_base_backward(self, data: dict[str, Any]) -> None:
+        """The untrained backward model, measured before `train_backward` and recorded as a stage, so
+        that a resumed run never measures M_yx in its place."""
+        heldout = self._heldout(data)
+        if heldout is None:
+            return
+
+        def run() -> dict[str, Any]:
+            reason = self.base_backward_weights()
+            if reason is not None:
+                log.warning("the base backward model is not measured: %s", reason)
+                return {"model": "base", "skipped": reason}
+            return {"model": "base", **measure_backward(
+                self.svc.backward_url, self.svc.api_key, "backward", heldout,
+                self.dir / "eval" / "stages" / "backward_base.json", self.cfg.augment, self.cfg.eval.stage_pairs)}
+
+        self.stages.run("stage_backward_base", run)
+
+    def measure_backward_model(self, backward: dict[str, Any], data: dict[str, Any]) -> None:
+        heldout = self._heldout(data)
+        if heldout is None:
+            return
+        self.stages.run("stage_backward_myx", lambda: {"model": backward["fine_tuned_model"], **measure_backward(
+            self.deployed(backward), self.svc.api_key, backward["role"], heldout,
+            self.dir / "eval" / "stages" / "backward_myx.json", self.cfg.augment, self.cfg.eval.stage_pairs)})
+
+    def measure_scorer(self, name: str, scorer: dict[str, Any], k: float | None, data: dict[str, Any]) -> None:
+        """`scorer` (served as the scorer of an iteration that selected with threshold `k`) on held-out
+        pairs, its `passage` negatives from the run's first corpus."""
+        heldout = self._heldout(data)
+        if heldout is None:
+            return
+        # `eval scorer` reads the corpus's "text" field: another field would yield no passage.
+        corpus = Path(data["corpus"][0]) if self.cfg.data.text_field == "text" else None
+        threshold = k if k is not None else self.cfg.curate.min_score
+        self.stages.run(f"stage_scorer_{name}", lambda: {"model": scorer["fine_tuned_model"], **measure_scorer(
+            self.deployed(scorer), self.svc.api_key, scorer["role"], heldout,
+            self.dir / "eval" / "stages" / f"scorer_{name}.json", corpus, threshold, self.cfg.eval.stage_pairs)})
+
+    def measure_candidates(self, augmented: dict[str, Any], backward: dict[str, Any]) -> None:
+        if not self.cfg.eval.stage_metrics:
+            return
+        self.stages.run("stage_candidates", lambda: {"model": backward["fine_tuned_model"], **candidate_quality(
+            Path(augmented["candidates"]), augmented["summary"].get("quality") or {},
+            self.dir / "report" / "candidates_verb_objects.png")})
+
     # --- the loop -------------------------------------------------------------------------------
 
     def run(self) -> dict[str, dict[str, Any]]:
@@ -160,16 +231,22 @@ class Loop:
         self.trainer = TrainerClient(self.svc.trainer_url, self.svc.api_key)
         forward_seed = seed_forward_examples(seed)
 
+        self.measure_base_backward(data)
         backward = self.stages.run("train_backward", lambda: self.train(
             "train_backward", seed_backward_examples(seed), "backward", "backward", cfg.train.backward_preset))
         model = self.stages.run("train_m0", lambda: self.train(
             "train_m0", forward_seed, "scorer", "scorer", cfg.train.forward_preset))
         self.evaluate("m0", model, data)
-        cands = self.stages.run("augment", lambda: self.augment(data, backward))["candidates"]
+        augmented = self.stages.run("augment", lambda: self.augment(data, backward))
+        cands = augmented["candidates"]
+        # Measured while each model is served anyway: M_yx after augment, each scorer after its curation.
+        self.measure_candidates(augmented, backward)
+        self.measure_backward_model(backward, data)
         curated: list[ChatExample] = []
         for t in range(1, cfg.iterations + 1):
             scorer = model
             picked = self.stages.run(f"curate_{t}", lambda: self.curate(t, cands, scorer))
+            self.measure_scorer(f"m{t - 1}", scorer, picked.get("k"), data)
             curated = read_jsonl(picked["curated"], ChatExample)
             model = self.stages.run(f"train_m{t}", lambda: self.train(
                 f"train_m{t}", forward_seed + curated, "scorer", "scorer", cfg.train.forward_preset))

@@ -2,7 +2,8 @@
 
 `FakeServer().start()` serves on a free 127.0.0.1 port in a background thread. `script` is a queue of
 faults consumed one per chat request ("429", "500", "503", "abort", "length", "drop", "hang",
-"empty"); when it is empty, requests succeed. `delay` slows every request. `python -m
+"empty", and two unusable instructions: "meta", a generic question, and "copy", the end of the
+prompt's text); when it is empty, requests succeed. `delay` slows every request. `python -m
 tests.client.fake_server --port N` runs it in its own process (the overhead benchmark).
 """
 
@@ -116,6 +117,11 @@ class FakeServer:
                 return await self._send(send, 200, _completion("What is the meaning of", "length"))
             if fault == "empty":
                 return await self._send(send, 200, _completion("   "))
+            if fault == "meta":
+                return await self._send(send, 200, _completion("How can I help you?"))
+            if fault == "copy":
+                words = body["messages"][-1]["content"].split()[-20:]
+                return await self._send(send, 200, _completion(" ".join(words)))
             return await self._send(send, 200, self.answer(body))
         finally:
             self.running -= 1

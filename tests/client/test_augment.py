@@ -11,14 +11,16 @@ import time
 from pathlib import Path
 
 from client.augment import AugmentConfig, augment
+from client.instructions import ISSUE_KINDS
 from client.fanout import FanoutConfig
-from humpback.contracts import Candidate
+from humpback.contracts import Candidate, Failure
 from humpback.contracts import AUGMENT_TEMPERATURE, AUGMENT_TOP_P, backward_messages
 from tests.client.conftest import make_text
 from tests.client.fake_server import FakeServer
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = AugmentConfig(progress=False)
+NO_RESAMPLE = AugmentConfig(progress=False, resample=0)
 
 
 def _fan(*urls: str, **kw: object) -> FanoutConfig:
@@ -47,12 +49,15 @@ async def test_writes_one_candidate_per_segment(fake: FakeServer, corpus: Path, 
 async def test_rerun_skips_done_and_retries_failed(fake: FakeServer, corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "cands.jsonl"
     fake.script.extend(["length", "400", "empty"])  # three segments fail for good this run
-    first = await augment([corpus], out, _fan(fake.url), QUIET)
+    first = await augment([corpus], out, _fan(fake.url), NO_RESAMPLE)
     assert first.results["written"] == 27 and first.results["failed"] == 3
     failed = (tmp_path / "cands.failed.jsonl").read_text().splitlines()
     assert len(failed) == 3 and "truncated" in failed[0] + failed[1] + failed[2]
+    assert first.failures["unusable instruction (truncated)"] == first.failures["unusable instruction (empty)"] == 1
+    assert first.quality == {"sent": 30, "usable": 27, "truncated": 1, "empty": 1, "copy": 0, "meta": 0,
+                             "resampled": 0, "rescued": 0, "usable_rate": 0.9}
     calls = fake.requests["/v1/chat/completions"]
-    second = await augment([corpus], out, _fan(fake.url), QUIET)
+    second = await augment([corpus], out, _fan(fake.url), NO_RESAMPLE)
     assert second.results["skipped_done"] == 27 and second.results["written"] == 3
     assert fake.requests["/v1/chat/completions"] - calls == 3
     assert sorted(_ids(out)) == sorted(set(_ids(out))) and len(_ids(out)) == 30
@@ -106,6 +111,66 @@ async def test_duplicate_segments_are_sent_once(fake: FakeServer, tmp_path: Path
     summary = await augment([corpus], tmp_path / "c.jsonl", _fan(fake.url), QUIET,
                             PrepareConfig(dedup_exact=False, dedup_near=False))
     assert summary.results["written"] == 3 and fake.requests["/v1/chat/completions"] == 3
+
+
+def _one_segment(tmp_path: Path) -> Path:
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps({"text": make_text(7)}) + "\n")
+    return corpus
+
+
+async def test_an_unusable_instruction_is_resampled_with_the_next_seed(fake: FakeServer, tmp_path: Path) -> None:
+    fake.keep_bodies = True
+    fake.script.append("length")
+    out = tmp_path / "cands.jsonl"
+    summary = await augment([_one_segment(tmp_path)], out, _fan(fake.url), AugmentConfig(progress=False, seed=7))
+    assert summary.results["written"] == 1 and summary.results["failed"] == 0
+    assert summary.quality == {"sent": 1, "usable": 1, "truncated": 1, "empty": 0, "copy": 0, "meta": 0,
+                               "resampled": 1, "rescued": 1, "usable_rate": 1.0}
+    assert summary.extra["retries"] == 0  # a resample is no retry: no backoff
+    first, second = fake.bodies
+    assert (first["seed"], second["seed"]) == (7, 8) and first["messages"] == second["messages"]
+    assert Candidate.model_validate_json(out.read_text()).instruction.startswith("What does this say")
+    # The custom_id does not depend on `resample`: a run without resampling finds the segment done.
+    again = await augment([_one_segment(tmp_path)], out, _fan(fake.url),
+                          AugmentConfig(progress=False, seed=7, resample=0))
+    assert again.results["skipped_done"] == 1 and len(fake.bodies) == 2
+
+
+async def test_a_segment_fails_when_its_resamples_are_unusable_too(fake: FakeServer, tmp_path: Path) -> None:
+    fake.keep_bodies = True
+    fake.script.extend(["meta", "copy", "empty"])
+    out = tmp_path / "cands.jsonl"
+    summary = await augment([_one_segment(tmp_path)], out, _fan(fake.url), QUIET)
+    assert summary.results["written"] == 0 and summary.failures == {"unusable instruction (empty)": 1}
+    assert summary.quality == {"sent": 1, "usable": 0, "truncated": 0, "empty": 1, "copy": 1, "meta": 1,
+                               "resampled": 2, "rescued": 0, "usable_rate": 0.0}
+    assert [b.get("seed") for b in fake.bodies] == [None, None, None]  # no seed set: none sent (CPU servers refuse one)
+    failure = Failure.model_validate_json((tmp_path / "cands.failed.jsonl").read_text())
+    assert (failure.reason, failure.attempts) == ("unusable instruction (empty): ''", 3)
+    saved = json.loads((tmp_path / "cands.summary.json").read_text())
+    assert saved["quality"] == summary.quality
+    rerun = await augment([_one_segment(tmp_path)], out, _fan(fake.url), QUIET)  # a re-run retries it
+    assert rerun.results["written"] == 1 and rerun.quality["usable_rate"] == 1.0
+
+
+async def test_no_resample_at_temperature_zero(fake: FakeServer, tmp_path: Path) -> None:
+    fake.script.extend(["meta", "meta"])
+    summary = await augment([_one_segment(tmp_path)], tmp_path / "c.jsonl", _fan(fake.url),
+                            AugmentConfig(progress=False, temperature=0.0))
+    assert summary.results["failed"] == 1 and summary.quality["resampled"] == 0
+    assert fake.requests["/v1/chat/completions"] == 1
+
+
+async def test_every_answer_is_counted_once(fake: FakeServer, corpus: Path, tmp_path: Path) -> None:
+    fake.script.extend(["length", "meta", "400", "copy", "empty", "length", "meta", "length"])
+    summary = await augment([corpus], tmp_path / "c.jsonl", _fan(fake.url), AugmentConfig(progress=False, resample=1))
+    q = summary.quality
+    assert {k: q[k] for k in ISSUE_KINDS} == {"truncated": 3, "empty": 1, "copy": 1, "meta": 2}
+    other = summary.failures["HTTP 400"]
+    assert q["sent"] == 30 and q["usable"] == summary.results["written"] and q["usable_rate"] == q["usable"] / 30
+    assert q["sent"] + q["resampled"] == q["usable"] + sum(q[k] for k in ISSUE_KINDS) + other
+    assert fake.requests["/v1/chat/completions"] == q["sent"] + q["resampled"]
 
 
 def _run_cli(url: str, corpus: Path, out: Path) -> subprocess.Popen[bytes]:

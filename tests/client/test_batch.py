@@ -96,11 +96,11 @@ def test_import_sets_aside_bad_result_lines_and_fails_missing_answers(corpus: Pa
 
     failed = [Failure.model_validate_json(x) for x in (tmp_path / "cands.failed.jsonl").read_text().splitlines()]
     assert [(f.custom_id, f.reason, f.attempts) for f in failed] == [
-        (ids[3], "batch error: 500", 1), (ids[5], "instruction truncated (finish_reason=length)", 1),
+        (ids[3], "batch error: 500", 1), (ids[5], "unusable instruction (truncated): 'What is'", 1),
         (ids[7], "no result in the batch output", 0)]
     assert all(f.source is not None and f.source.path == str(corpus) for f in failed)
     assert summary.results == {"written": 27, "failed": 3}
-    assert summary.failures == {"batch error": 1, "instruction truncated (finish_reason=length)": 1,
+    assert summary.failures == {"batch error": 1, "unusable instruction (truncated)": 1,
                                 "no result in the batch output": 1}
     cands = [Candidate.model_validate_json(x) for x in out.read_text().splitlines()]
     assert len({c.custom_id for c in cands}) == 27 and "second answer" not in {c.instruction for c in cands}

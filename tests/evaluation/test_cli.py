@@ -34,7 +34,8 @@ def test_every_field_has_a_flag_and_every_flag_a_field() -> None:
                               run_exclude=PAIRWISE_SUBSET)
     assert SERVER_FLAGS | GENERATION_FLAGS | {"--seed", "--answers", "--baseline-answers", "--baseline-endpoint",
                                               "--baseline-model", "--judge-endpoint", "--judge-model",
-                                              "--judge-max-chars", "--dataset", "--ci", "--ci-level"} == pairwise
+                                              "--judge-max-chars", "--dataset", "--ci", "--ci-level",
+                                              "--max-flip-rate"} == pairwise
 
     nll = parser_flags(subcommand("eval", "nll"))
     assert nll == _flags(Server, SystemTag, run_exclude=NLL_UNUSED)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,7 @@ from humpback.contracts import Failure, RequestFailed
 from humpback.evaluation import pairwise
 from humpback.evaluation.common import AnswerTask, GenerationConfig
 from humpback.evaluation.records import JournaledAnswer, PairwiseRow, Verdict
+from tests.client.fake_server import _completion
 from tests.evaluation.fake_eval_server import EvalFake
 
 
@@ -37,8 +40,21 @@ def test_summary_on_known_verdicts() -> None:
     assert s.soft_win_rate == pytest.approx((0.85 + 0.4 + 0.2 + 0.8) / 4)
     # Verdicts for the first-shown answer: A first and won (3), A second and lost (2): 5 of 8.
     assert s.first_position_rate == pytest.approx(5 / 8)
+    # One prompt's verdict flips with the order (the second: the judge chose the first shown both times).
+    assert s.position_flip_rate == pytest.approx(0.25) and s.informative
+    half = 1.959963984540054 * 0.5 / 2  # z_0.975 * stdev([0, 1, 0, 0]) / sqrt(4)
+    assert (s.flip_ci_low, s.flip_ci_high) == (0.0, pytest.approx(0.25 + half))
     half = 1.959963984540054 * 0.4787135538781691 / 2  # z_0.975 * stdev([1, .5, 0, 1]) / sqrt(4)
     assert (s.ci_low, s.ci_high) == (pytest.approx(0.625 - half), pytest.approx(min(1.0, 0.625 + half)))
+
+
+@pytest.mark.parametrize(("n", "flips", "max_flip_rate", "informative"), [
+    (10, 0, 0.5, True), (10, 5, 0.5, True), (10, 6, 0.5, False),  # above the threshold
+    (10, 6, 0.6, True), (10, 10, 1.0, False),  # no prompt judged the same in both orders, whatever the threshold
+    (0, 0, 0.5, False),  # nothing judged
+])
+def test_judge_informative_rule(n: int, flips: int, max_flip_rate: float, informative: bool) -> None:
+    assert pairwise.judge_informative(n, flips, max_flip_rate) is informative
 
 
 def test_normal_interval_is_clipped_to_unit_range() -> None:
@@ -200,3 +216,66 @@ def test_bad_answer_record_names_file_and_line(tmp_path: Path) -> None:
     path.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n" + json.dumps({"instruction": "x"}) + "\n")
     with pytest.raises(ValueError, match="a.jsonl line 2"):
         read_answers(path)
+
+
+class FirstPositionJudge(EvalFake):
+    """A judge that answers "1" whatever it is shown: all position, no content."""
+
+    def answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        if "structured_outputs" not in body:
+            return super().answer(body)
+        top = [{"token": "1", "logprob": -0.1053605}, {"token": "2", "logprob": -2.3025851}]
+        return _completion("1", logprobs={"content": [{"token": "1", "logprob": -0.1, "top_logprobs": top}]})
+
+
+def _answer_files(tmp_path: Path, a_better: list[bool]) -> tuple[Path, Path]:
+    """Answer files for A and B on the first prompts of the `PairwiseConfig(limit=len(a_better))` subset:
+    on each prompt the better answer (the one the content judge picks) is A's where `a_better` says so."""
+    alpaca = pairwise.load_alpaca()
+    prompts = [alpaca[i] for i in pairwise.subset(len(alpaca), len(a_better), 0)]
+    files = []
+    for side, good in (("a", a_better), ("b", [not g for g in a_better])):
+        path = tmp_path / f"{side}.jsonl"
+        path.write_text("".join(json.dumps({"instruction": p.instruction, "output": "good" if g else "meh"}) + "\n"
+                                for p, g in zip(prompts, good)))
+        files.append(path)
+    return files[0], files[1]
+
+
+def _cells(text: str) -> dict[str, str]:
+    """The printed summary table as header -> value (cells are separated by two spaces or more)."""
+    header, _, row = text.splitlines()
+    return dict(zip(re.split(r"\s{2,}", header), re.split(r"\s{2,}", row)))
+
+
+async def _judge_files(server: EvalFake, tmp_path: Path, a_better: list[bool]) -> pairwise.PairwiseSummary:
+    a, b = _answer_files(tmp_path, a_better)
+    fan = FanoutConfig(endpoints=[server.url], max_retries=0)
+    return await pairwise.run_pairwise(tmp_path / "out", pairwise.Contender(answers=a), pairwise.Contender(answers=b),
+                                       fan, config=pairwise.PairwiseConfig(limit=len(a_better)))
+
+
+async def test_a_judge_that_always_picks_the_first_position_is_uninformative(tmp_path: Path) -> None:
+    server = FirstPositionJudge().start()
+    try:
+        s = await _judge_files(server, tmp_path, [True, True, False, True])
+    finally:
+        server.stop()
+    assert (s.first_position_rate, s.position_flip_rate, s.informative) == (1.0, 1.0, False)
+    assert (s.flip_ci_low, s.flip_ci_high) == (1.0, 1.0)
+    assert s.ties == 4 and s.win_rate == 0.5  # the number that must not be read as a result
+    cells = _cells(pairwise.format_summary(s))
+    assert (cells["win rate"], cells["95% CI"]) == ("judge uninformative (position bias 100%)", "-")
+    assert cells["flip rate [95% CI]"] == "1.000 [1.000, 1.000]"
+    summary = json.loads((tmp_path / "out" / "pairwise.summary.json").read_text())
+    assert (summary["informative"], summary["position_flip_rate"]) == (False, 1.0)
+
+
+async def test_a_judge_that_picks_the_better_answer_is_informative(judge: EvalFake, tmp_path: Path) -> None:
+    s = await _judge_files(judge, tmp_path, [True, True, False, True])
+    assert (s.position_flip_rate, s.flip_ci_low, s.flip_ci_high, s.informative) == (0.0, 0.0, 0.0, True)
+    assert (s.wins, s.ties, s.losses, s.win_rate) == (3, 0, 1, 0.75)
+    assert s.first_position_rate == 0.5
+    cells = _cells(pairwise.format_summary(s))
+    assert (cells["win rate"], cells["95% CI"]) == ("0.750", f"[{s.ci_low:.3f}, {s.ci_high:.3f}]")
+    assert cells["flip rate [95% CI]"] == "0.000 [0.000, 0.000]"

@@ -76,6 +76,17 @@ def test_quick_shrinks_sizes():
     assert (quick.augment.max_tokens, quick.curate.min_score, quick.curate.top_fraction) == (48, 1.0, None)
 
 
+def test_stage_metrics_are_on_by_default_within_the_demos_budget():
+    full, quick = load_config(), load_config(quick=True)
+    assert full.eval.stage_metrics and quick.eval.stage_metrics
+    # The demo's held-out set has ~48 pairs; 32 of them keep the stage metrics to minutes on 2 cores.
+    assert (full.eval.stage_pairs, quick.eval.stage_pairs) == (32, 4)
+    off = load_config(overrides=["eval.stage_metrics=false", "eval.stage_pairs=null"])
+    assert (off.eval.stage_metrics, off.eval.stage_pairs) == (False, None)
+    with pytest.raises(ValidationError, match="eval.stage_pairs"):
+        load_config(overrides=["eval.stage_pairs=0"])
+
+
 def test_file_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("iterations: 3\ncurate:\n  min_score: 4.0\n")

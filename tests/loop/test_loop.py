@@ -129,6 +129,86 @@ def test_ensure_trainer_starts_the_service_from_its_settings(tmp_path: Path) -> 
         time.sleep(0.2)
 
 
+# --- stage metrics, without servers ---------------------------------------------------------------
+
+
+def test_the_base_backward_model_is_measured_only_while_it_is_served(tmp_path: Path) -> None:
+    from humpback.loop.config import load_config
+    from humpback.loop.run import Loop
+
+    loop = Loop(load_config(overrides=[f"services.state_dir={tmp_path / 'serve'}"]), tmp_path / "run")
+    assert loop.base_backward_weights() is None  # no registry: a server just started on its base weights
+    registry = tmp_path / "serve" / "registry.json"
+    record_swap(registry, "backward", "base", "/models/base", "reload", "backward")
+    assert loop.base_backward_weights() is None
+    # An earlier run's M_yx still served: measuring now would credit it to the base model.
+    record_swap(registry, "backward", "ftjob-old", "/ckpt/old", "reload", "ft:backward:old")
+    assert loop.base_backward_weights() == "the backward server serves ftjob-old, not its base weights"
+    record_swap(registry, "backward", "base", "/models/base", "reload", "backward")
+    # Resumed after M_yx's job was created: the trainer may have deployed it at any moment since.
+    loop.stages.save_state("train_backward", {"job": "ftjob-1"})
+    assert "M_yx's training job was started" in loop.base_backward_weights()
+
+
+def test_stage_metrics_are_recorded_as_stages_against_a_fake_server(tmp_path: Path) -> None:
+    """The loop's calls of `eval backward` and `eval scorer`, on a fake that writes one question for every
+    response and rates every pair 3."""
+    from humpback.loop.config import load_config
+    from humpback.loop.evaluate import measure_scorer
+    from humpback.loop.run import Loop
+    from tests.evaluation.fake_stage_server import StageFake
+
+    pairs = tmp_path / "heldout.jsonl"
+    pairs.write_text("".join(json.dumps({"instruction": f"Question {i}?", "response": f"Answer {i}. More."}) + "\n"
+                             for i in range(6)))
+    server = StageFake(write=lambda prompt: "How do I list the files?").start()
+    try:
+        cfg = load_config(overrides=[f"services.backward_url={server.url}", "eval.stage_pairs=4",
+                                     f"services.state_dir={tmp_path / 'serve'}"])
+        loop = Loop(cfg, tmp_path / "run")
+        loop.measure_base_backward({"heldout": str(pairs)})
+        base = loop.stages.result("stage_backward_base")
+        assert base["model"] == "base" and base["metrics"] == json.loads(Path(base["out"]).read_text())
+        assert base["metrics"]["rouge_l"]["n"] == 4
+        assert base["metrics"]["distinct_2"]["value"] == pytest.approx(1 / 4)  # one question, 4 times
+        loop.stages.save_state("train_backward", {"job": "ftjob-1"})
+        loop.measure_base_backward({"heldout": str(pairs)})  # recorded: never measured again
+        assert loop.stages.result("stage_backward_base") == base
+        for threshold, kept in ((3.0, 4 + 4 + 4), (3.5, 0)):  # positives, mismatched, first sentences
+            res = measure_scorer(server.url, None, "fake", pairs, tmp_path / f"scorer{threshold}.json", None,
+                                 threshold, 4)
+            assert res["threshold"] == threshold and res["metrics"]["precision_at_k"]["n"] == kept
+    finally:
+        server.stop()
+    off = Loop(load_config(overrides=["eval.stage_metrics=false"]), tmp_path / "off")
+    off.measure_base_backward({"heldout": str(pairs)})
+    assert off.stages.all() == {}
+
+
+def test_candidate_quality_counts_usable_instructions_and_their_diversity(tmp_path: Path) -> None:
+    from humpback.contracts import Candidate, Source, write_jsonl
+    from humpback.loop.evaluate import candidate_quality
+
+    candidates = tmp_path / "candidates.jsonl"
+    texts = ["Write a poem about the sea.", "Explain the code below.", "Write a poem about rain.", "What is Perl?"]
+    write_jsonl(candidates, [Candidate(custom_id=f"c{i}", instruction=t, output="...", model="backward",
+                                       source=Source(path="corpus.jsonl", line=i + 1)) for i, t in enumerate(texts)])
+    quality = {"sent": 10, "usable": 4, "truncated": 5, "empty": 0, "copy": 0, "meta": 1, "resampled": 6,
+               "rescued": 0, "usable_rate": 0.4}
+    result = candidate_quality(candidates, quality, tmp_path / "report" / "verbs.png")
+    metrics = result["metrics"]
+    assert metrics["usable_rate"]["value"] == pytest.approx(0.4) and metrics["usable_rate"]["n"] == 10
+    lo, hi = metrics["usable_rate"]["ci95"]
+    assert lo < 0.4 < hi
+    assert metrics["verb_rate"]["value"] == pytest.approx(0.75) and metrics["verb_rate"]["n"] == 4
+    assert metrics["unique_root_verbs"]["value"] == 2  # write, explain
+    assert result["rejections"] == {k: v for k, v in quality.items() if k != "usable_rate"}
+    assert Path(result["plot"]).read_bytes().startswith(b"\x89PNG")
+    # An augment record from before augment counted its answers: diversity only.
+    older = candidate_quality(candidates, {}, tmp_path / "report" / "verbs2.png")
+    assert "usable_rate" not in older["metrics"] and older["rejections"] == {}
+
+
 # --- the quick loop on the real stack -------------------------------------------------------------
 
 
@@ -174,12 +254,17 @@ def loop_dir(tmp_path):
 
 @pytest.mark.server
 def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
+    # The servers outlive each test: put the backward one back on its base weights, which the run measures
+    # before training M_yx.
+    swap_checkpoint(servers.backward_url, MODEL_DIR, role="backward", version="base", api_key=servers.api_key,
+                    registry=servers.registry)
     first = run_loop(servers, loop_dir)
     assert first.returncode == 0, first.stderr[-5000:]
     run = loop_dir / "run"
     stages = Stages(run).all()
-    expected = {"data", "train_backward", "train_m0", "eval_m0", "augment", "curate_1", "train_m1", "eval_m1",
-                "train_uncurated", "eval_uncurated"}
+    expected = {"data", "stage_backward_base", "train_backward", "train_m0", "eval_m0", "augment", "stage_candidates",
+                "stage_backward_myx", "curate_1", "stage_scorer_m0", "train_m1", "eval_m1", "train_uncurated",
+                "eval_uncurated"}
     assert expected <= set(stages), sorted(stages)
 
     # M_yx serves the backward role, M1 or the control the scorer: every swap went through the registry.
@@ -223,7 +308,27 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
         assert ev["nll"]["mean"] == pytest.approx(statistics.fmean(nll))
         half = 1.959964 * statistics.stdev(nll) / len(nll) ** 0.5
         assert ev["nll"]["ci"] == pytest.approx([ev["nll"]["mean"] - half, ev["nll"]["mean"] + half], rel=1e-5)
-    assert "data:image/png;base64," in (run / "report.html").read_text()
+    # Stage metrics: the quick preset measures 4 held-out pairs; each record is its `eval` output.
+    base, myx, scorer = stages["stage_backward_base"], stages["stage_backward_myx"], stages["stage_scorer_m0"]
+    assert (base["model"], myx["model"]) == ("base", stages["train_backward"]["fine_tuned_model"])
+    assert scorer["model"] == stages["train_m0"]["fine_tuned_model"]
+    for record in (base, myx, scorer):
+        assert record["metrics"] == json.loads(Path(record["out"]).read_text())
+    for record in (base, myx):
+        assert set(record["metrics"]) == {"instruction_nll", "rouge_l", "usable_rate", "distinct_2"}
+        assert record["metrics"]["rouge_l"]["n"] == 4
+    # Base and M_yx answered from their own journals, so neither took the other's instructions.
+    assert len(lines(Path(base["out"]).with_name("backward_base.generations.journal.jsonl"))) == 4
+    assert len(lines(Path(myx["out"]).with_name("backward_myx.generations.journal.jsonl"))) == 4
+    assert scorer["threshold"] == stages["curate_1"]["k"] == 1.0
+    assert scorer["metrics"]["mean_score_positive"]["n"] == 4 and "mean_score_passage" in scorer["metrics"]
+    cand, quality = stages["stage_candidates"], stages["augment"]["summary"]["quality"]
+    assert cand["rejections"]["sent"] == quality["sent"] and cand["rejections"]["usable"] == len(candidates)
+    assert cand["metrics"]["usable_rate"]["value"] == pytest.approx(quality["usable_rate"])
+    assert cand["metrics"]["verb_rate"]["n"] == len(candidates)
+    report = (run / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 6  # the candidates' verbs and objects among them
+    assert "<td>scorer M0</td>" in report and "| M_yx |" in (run / "stage_metrics.md").read_text()
     assert json.loads((run / "config.json").read_text())["iterations"] == 1
 
     # Interruptions: between stages (the last two markers gone), inside a training stage (its job was
@@ -242,7 +347,8 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     second = run_loop(servers, loop_dir)
     assert second.returncode == 0, second.stderr[-5000:]
     log = second.stderr
-    for name in ("train_backward", "train_m0", "eval_m0", "curate_1", "train_m1", "eval_m1"):
+    for name in ("stage_backward_base", "train_backward", "train_m0", "eval_m0", "stage_backward_myx", "curate_1",
+                 "stage_scorer_m0", "train_m1", "eval_m1"):
         assert f"stage {name}: done earlier, skipped" in log
     assert trainer_jobs(servers) == jobs_before  # the interrupted training stage waited for its job, started none
     assert f"re-deployed {stages['train_backward']['fine_tuned_model']} to backward" in log

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import subprocess
+from collections import Counter
 
 import pytest
 
@@ -76,3 +78,85 @@ def test_report_renders_in_chromium(tmp_path):
 
     colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # plots, not a blank page
+
+
+def test_an_uninformative_judge_is_reported_as_such(tmp_path):
+    """A win rate from a judge marked uninformative is no result: the table says why instead of showing it."""
+    run = make_run(tmp_path)
+    Stages(run).run("eval_m3", lambda: {"pairwise": {"n": 8, "win_rate": 0.5, "ci": [0.5, 0.5],
+                                                     "position_flip_rate": 1.0, "informative": False}})
+    html = render(run).read_text()
+    assert "judge uninformative (position bias 100%)" in html
+    assert "0.500 [0.500, 0.500]" not in html
+    assert "0.400 [0.200, 0.600]" in html  # the informative ones are still shown
+
+
+def add_stage_metrics(run, plot):
+    """Stage records as the loop leaves them (`stage_*`), with a skipped one and an unmeasured value."""
+    stages = Stages(run)
+
+    def metric(value, lo, hi, n):
+        return {"value": value, "ci95": [lo, hi] if lo is not None else None, "n": n}
+
+    stages.run("stage_backward_base", lambda: {"model": "base", "metrics": {
+        "instruction_nll": metric(3.1, 2.9, 3.3, 32), "rouge_l": metric(0.12, 0.08, 0.16, 32),
+        "usable_rate": metric(0.25, 0.125, 0.406, 32), "distinct_2": metric(0.31, 0.22, 0.4, 32)}})
+    stages.run("stage_backward_myx", lambda: {"model": "ft:backward:myx", "metrics": {
+        "instruction_nll": metric(2.4, 2.2, 2.6, 32), "rouge_l": metric(0.2, 0.15, 0.25, 32),
+        "usable_rate": metric(0.9, 0.8, 1.0, 32), "distinct_2": metric(0.6, 0.5, 0.7, 32)}})
+    for t, auc in ((0, 0.71), (1, 0.64)):
+        stages.run(f"stage_scorer_m{t}", lambda: {"model": f"ft:scorer:m{t}", "threshold": 1.8, "metrics": {
+            "auc": metric(auc, auc - 0.1, auc + 0.1, 120), "precision_at_k": metric(None, None, None, 0),
+            "mean_score_positive": metric(1.9, 1.8, 2.0, 32)}})
+    stages.run("stage_scorer_m2", lambda: {"model": "ft:scorer:m2", "skipped": "the server was down"})
+    stages.run("stage_candidates", lambda: {"model": "ft:backward:myx", "plot": str(plot), "metrics": {
+        "usable_rate": metric(0.375, 0.3, 0.45, 128), "unique_root_verbs": metric(9, None, None, 40)},
+        "rejections": {"sent": 128, "usable": 48, "truncated": 70, "empty": 0, "copy": 4, "meta": 6}})
+
+
+def cells(html_text: str) -> list[list[str]]:
+    """The rows of every table of a page, each a list of its cells' text."""
+    rows = re.findall(r"<tr>(.*?)</tr>", html_text)
+    return [re.findall(r"<t[dh]>(.*?)</t[dh]>", row) for row in rows]
+
+
+def test_the_stage_metrics_table_shows_each_model_with_intervals(tmp_path):
+    from humpback.evaluation.diversity import plot_verb_objects
+
+    plot = plot_verb_objects(Counter({("write", "poem"): 3, ("explain", "code"): 2}), tmp_path / "verbs.png")
+    run = make_run(tmp_path)
+    add_stage_metrics(run, plot)
+    page = render(run).read_text()
+    section = page.split("<h2>Stage metrics</h2>")[1].split("<h2>")[0]
+    rows = cells(section)
+    assert rows[0] == ["stage", "model", "instruction_nll", "rouge_l", "usable_rate", "distinct_2"]
+    assert rows[1] == ["backward, base weights", "base", "3.100 [2.900, 3.300] (n=32)", "0.120 [0.080, 0.160] (n=32)",
+                       "0.250 [0.125, 0.406] (n=32)", "0.310 [0.220, 0.400] (n=32)"]
+    assert rows[2][:3] == ["M_yx", "ft:backward:myx", "2.400 [2.200, 2.600] (n=32)"]
+    assert rows[3] == ["stage", "model", "threshold", "auc", "precision_at_k", "mean_score_positive"]
+    # One row per scorer, in iteration order; an unmeasured value is "-" with its n; a skipped stage says why.
+    assert rows[4] == ["scorer M0", "ft:scorer:m0", "1.8", "0.710 [0.610, 0.810] (n=120)", "- (n=0)",
+                       "1.900 [1.800, 2.000] (n=32)"]
+    assert rows[5][:4] == ["scorer M1", "ft:scorer:m1", "1.8", "0.640 [0.540, 0.740] (n=120)"]
+    assert rows[6] == ["scorer M2", "not measured: the server was down", "-", "-", "-", "-"]
+    assert rows[7:9] == [["stage", "model", "usable_rate", "unique_root_verbs"],
+                         ["candidates of augment", "ft:backward:myx", "0.375 [0.300, 0.450] (n=128)", "9 (n=40)"]]
+    assert dict(rows[10:]) == {"sent": "128", "usable": "48", "truncated": "70", "empty": "0", "copy": "4", "meta": "6"}
+    assert section.count('src="data:image/png;base64,') == 1  # the verbs and objects figure
+    # The same tables in Markdown, for the README and the benchmark.
+    markdown = (run / "stage_metrics.md").read_text()
+    assert "| scorer M0 | ft:scorer:m0 | 1.8 | 0.710 [0.610, 0.810] (n=120) | - (n=0) |" in markdown
+    assert "| candidates of augment | ft:backward:myx | 0.375 [0.300, 0.450] (n=128) | 9 (n=40) |" in markdown
+
+
+def test_a_run_recorded_before_the_stage_metrics_still_renders(tmp_path):
+    run = make_run(tmp_path)
+    page = render(run).read_text()
+    assert "No stage metrics in this run" in page.split("<h2>Stage metrics</h2>")[1].split("<h2>")[0]
+    assert "No stage metrics in this run" in (run / "stage_metrics.md").read_text()
+    # Candidates of a run before augment counted rejections: no counts table, and no figure whose file is gone.
+    Stages(run).run("stage_candidates", lambda: {"plot": str(tmp_path / "gone.png"), "metrics": {
+        "verb_rate": {"value": 0.5, "ci95": [0.4, 0.6], "n": 20}}})
+    section = render(run).read_text().split("<h2>Stage metrics</h2>")[1].split("<h2>")[0]
+    assert cells(section) == [["stage", "model", "verb_rate"], ["candidates of augment", "", "0.500 [0.400, 0.600] (n=20)"]]
+    assert "base64" not in section

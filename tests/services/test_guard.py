@@ -18,7 +18,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV
 from services.config import ServerSpec
@@ -208,3 +209,36 @@ def test_real_dual_stack_server_answers_ipv4_loopback_on_admin_routes(monkeypatc
     with served(app, socket.AF_INET6, "::") as port:
         resp = httpx.post(f"http://127.0.0.1:{port}/collective_rpc", json={})
         assert resp.status_code == 200 and resp.json()["client"] == "::ffff:127.0.0.1"
+
+
+async def _ws_handshake(guard: AdminGuard, path: str, ip: str, headers: list[tuple[bytes, bytes]]) -> dict:
+    """The first message the app sends back for a websocket handshake to `path` from `ip`."""
+    sent: list[dict] = []
+    incoming = [{"type": "websocket.connect"}]
+
+    async def receive() -> dict:
+        return incoming.pop(0) if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": path, "raw_path": path.encode(), "root_path": "", "scheme": "ws",
+             "query_string": b"", "headers": headers, "client": (ip, 5000), "server": ("server", 80),
+             "subprotocols": [], "asgi": {"version": "3.0"}}
+    await guard(scope, receive, send)
+    return sent[0]
+
+
+async def test_websocket_handshakes_to_admin_routes_are_guarded_too(monkeypatch):
+    async def accept(ws: WebSocket) -> None:
+        await ws.accept()
+        await ws.close()
+
+    monkeypatch.setenv(ADMIN_ALLOW_ENV, "")
+    guard = AdminGuard(Starlette(routes=[WebSocketRoute("/collective_rpc", accept), WebSocketRoute("/v1/realtime", accept)]))
+    outside = await _ws_handshake(guard, "/collective_rpc", "203.0.113.9", [])
+    assert outside["type"] == "websocket.close" and "admin route" in outside["reason"]
+    proxied = await _ws_handshake(guard, "/collective_rpc", "127.0.0.1", [(b"x-forwarded-for", b"203.0.113.9")])
+    assert proxied["type"] == "websocket.close" and "proxy" in proxied["reason"]
+    assert (await _ws_handshake(guard, "/collective_rpc", "127.0.0.1", []))["type"] == "websocket.accept"
+    assert (await _ws_handshake(guard, "/v1/realtime", "203.0.113.9", []))["type"] == "websocket.accept"
