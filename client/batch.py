@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from client.augment import AugmentConfig, AugmentTask, prepared_segments
+from client.augment import AugmentConfig, AugmentTask, load_demonstrations, prepared_segments
 from client.corpus import Lines, check_input, open_corpora
 from client.curate import CurateConfig, ScoreTask, read_candidates, select
 from client.journal import Journal, LineWriter, output_lock
@@ -91,12 +91,14 @@ def export_augment(corpus: Iterable[PathLike], out: PathLike, model: str, config
                    prepare: PrepareConfig | None = None, text_field: str = "text") -> RunSummary:
     """Batch requests for every kept segment (one per distinct `custom_id`)."""
     out = Path(out)
+    cfg = config or AugmentConfig()
     summary = RunSummary()
     preparer = Preparer(prepare)
     corpora = open_corpora(corpus, text_field)
+    demonstrations = load_demonstrations(cfg)
     with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
         segments = (seg for _, seg in prepared_segments(corpora, preparer, errors, summary))
-        _export(AugmentTask(model, None, config or AugmentConfig()), segments, out,
+        _export(AugmentTask(model, None, cfg, demonstrations), segments, out,
                 lambda cid, seg: SegmentMeta(custom_id=cid, segment=seg), summary)
     summary.prepare.update(preparer.counts)
     return summary

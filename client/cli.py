@@ -71,7 +71,7 @@ class ImportFiles(_Files):
 
 # The fields a batch step uses: the request body is built at export, the answers are read and the
 # set selected at import. The other fields of the config have no effect there, so no flag.
-EXPORT_AUGMENT = ("model", "max_tokens", "temperature", "top_p", "seed")
+EXPORT_AUGMENT = ("model", "max_tokens", "temperature", "top_p", "seed", "shots", "demonstrations")
 EXPORT_CURATE = ("model", "mode", "max_tokens", "temperature", "max_field_chars")
 IMPORT_AUGMENT = ("checkpoint",)
 IMPORT_CURATE = ("mode", "min_score", "top_fraction", "model", "checkpoint", "scored", "histogram")

@@ -8,7 +8,7 @@ trained on, and the scorer is asked exactly one rubric.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from humpback.contracts.records import ChatExample, ChatMessage, SeedPair
@@ -41,12 +41,33 @@ _BACKWARD_USER_TEMPLATE = (
 )
 
 
-def backward_messages(response: str) -> list[dict[str, str]]:
-    """The chat prompt the backward model sees for one unlabelled segment (inference and training)."""
-    return [
-        {"role": "system", "content": BACKWARD_SYSTEM_PROMPT},
-        {"role": "user", "content": _BACKWARD_USER_TEMPLATE.format(response=response)},
-    ]
+def backward_messages(response: str, demonstrations: Sequence[SeedPair] = ()) -> list[dict[str, str]]:
+    """The chat prompt the backward model sees for one unlabelled segment (inference and training).
+
+    `demonstrations` (see `pick_demonstrations`) go before the segment as earlier turns of the same
+    conversation, each a response and the instruction that was its answer: the model is shown the task
+    instead of being told it. They are the same for every segment of a run, so every request shares
+    one long prefix that vLLM's prefix cache computes once."""
+    msgs = [{"role": "system", "content": BACKWARD_SYSTEM_PROMPT}]
+    for demo in demonstrations:
+        msgs += [{"role": "user", "content": _BACKWARD_USER_TEMPLATE.format(response=demo.response)},
+                 {"role": "assistant", "content": demo.instruction}]
+    msgs.append({"role": "user", "content": _BACKWARD_USER_TEMPLATE.format(response=response)})
+    return msgs
+
+
+# Demonstrations are read in full by every request: short ones keep the shared prefix small.
+DEMONSTRATION_MAX_CHARS = 700
+
+
+def pick_demonstrations(pairs: Iterable[SeedPair], k: int,
+                        max_chars: int = DEMONSTRATION_MAX_CHARS) -> tuple[SeedPair, ...]:
+    """`k` seed pairs to show the backward model: those whose response fits `max_chars` and whose
+    instruction is one line, the first `k` in the order of their ids (a hash: deterministic, and as
+    varied in topic as the seed; the seed's file order groups pairs by source). Fewer when the seed
+    has fewer such pairs."""
+    fit = [p for p in pairs if len(p.response) <= max_chars and "\n" not in p.instruction.strip()]
+    return tuple(sorted(fit, key=lambda p: p.id)[:k])
 
 
 def backward_example(instruction: str, response: str) -> ChatExample:

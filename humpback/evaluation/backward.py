@@ -2,9 +2,10 @@
 human pairs (x, y) from their responses y.
 
 - `instruction_nll`: NLL of the human x per token (its end-of-turn tokens included) given y, under
-  the backward prompt: the conversation `backward_messages(y)` with x as the assistant turn, read
-  with the held-out NLL's chain (`nll.pair_nll`: `/tokenize`, then `prompt_logprobs`); summed over
-  pairs and divided by their tokens. Lower is better.
+  the backward prompt: the conversation `backward_messages(y)` (with augment's demonstrations, when
+  `--shots` asks for them) with x as the assistant turn, read with the held-out NLL's chain
+  (`nll.conversation_nll`: `/tokenize`, then `prompt_logprobs`); summed over pairs and divided by
+  their tokens. Lower is better.
 - `rouge_l`: mean ROUGE-L F1 (PyPI `rouge-score`, Porter stemming) of one generated instruction
   against x. The instruction is asked exactly as `augment` asks it (`AugmentTask`'s request:
   augment's sampling, T=0.7, top-p 0.9 by default); journaled, so a rerun reuses them.
@@ -26,7 +27,7 @@ from typing import Any
 
 from rouge_score import rouge_scorer
 
-from client.augment import AugmentConfig, AugmentTask
+from client.augment import AugmentConfig, AugmentTask, load_demonstrations
 from client.fanout import Fanout, FanoutConfig
 from client.instructions import instruction_issue
 from client.runner import served_model
@@ -41,18 +42,8 @@ from humpback.evaluation.metrics import (
     read_pairs,
     write_metrics,
 )
-from humpback.evaluation.nll import pair_nll
-from humpback.evaluation.records import Answer, BackwardRow, HeldoutPair, JournaledAnswer, NllPair
-
-
-def backward_pair(pair: HeldoutPair) -> NllPair:
-    """The NLL pair of x given y under the backward prompt: its system and user turns, x as the answer."""
-    prompt = backward_messages(pair.response)
-    if [m["role"] for m in prompt] != ["system", "user"]:
-        raise ValueError("the backward prompt is no longer one system and one user turn, the shape an NllPair "
-                         "holds: measure its NLL on the whole message list instead")
-    system, user = prompt
-    return NllPair(system=system["content"], instruction=user["content"], output=pair.instruction)
+from humpback.evaluation.nll import conversation_nll
+from humpback.evaluation.records import Answer, BackwardRow, HeldoutPair, JournaledAnswer
 
 
 @dataclass(frozen=True)
@@ -102,12 +93,14 @@ async def run_backward_eval(pairs_path: Path, out: Path, fanout: FanoutConfig, m
     pairs = read_pairs(pairs_path)
     pairs = [pairs[i] for i in subset(len(pairs), limit, seed)]
     gen = generation or AugmentConfig()
+    demonstrations = load_demonstrations(gen)
     async with Fanout(fanout) as fan:
         name, root = await served_model(fan, model)
-        task = BackwardTask(AugmentTask(name, root, gen), pairs_path)
+        task = BackwardTask(AugmentTask(name, root, gen, demonstrations), pairs_path)
         answers, nll_rows = await asyncio.gather(
             run_journaled(task, pairs, fan, beside(out, "generations"), JournaledAnswer),
-            asyncio.gather(*(pair_nll(fan, name, p.line, backward_pair(p)) for p in pairs)))
+            asyncio.gather(*(conversation_nll(fan, name, p.line, backward_messages(p.response, task.augment.demonstrations),
+                                              p.instruction, p.response) for p in pairs)))
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rows = []
     for pair, journaled, nll_row in zip(pairs, answers, nll_rows):

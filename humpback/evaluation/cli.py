@@ -104,8 +104,8 @@ class StageRun(BaseModel):
 # The pairwise command takes its subset from `pairwise.PairwiseConfig`; the NLL reads the first --limit pairs, unseeded.
 PAIRWISE_SUBSET = ("limit", "seed")
 NLL_UNUSED = ("seed",)
-# `eval backward` samples as augment does; of augment's settings it takes the sampling ones.
-BACKWARD_SAMPLING = ("max_tokens", "temperature", "top_p")
+# `eval backward` asks as augment does; of augment's settings it takes the sampling and prompt ones.
+BACKWARD_SAMPLING = ("max_tokens", "temperature", "top_p", "shots", "demonstrations")
 AUGMENT_UNUSED = tuple(f for f in AugmentConfig.model_fields if f not in BACKWARD_SAMPLING)
 SCORER_DEFAULTS = {"endpoint": DEFAULT_URLS["scorer"]}
 

@@ -90,15 +90,21 @@ def _prompt_logprobs(data: dict[str, Any]) -> list[Any]:
 
 
 async def pair_nll(fan: Fanout, model: str, index: int, pair: NllPair) -> NllRow:
-    prompt = _messages(pair)
+    return await conversation_nll(fan, model, index, _messages(pair), pair.output, pair.instruction)
+
+
+async def conversation_nll(fan: Fanout, model: str, index: int, prompt: list[dict[str, str]], output: str,
+                           label: str) -> NllRow:
+    """NLL of `output` as the assistant's answer to the chat `prompt` (any earlier turns); `label` is
+    the row's `instruction`."""
     (prompt_ids, max_len), (ids, _) = await asyncio.gather(
         fan.post(TOKENIZE_PATH, {"model": model, "messages": prompt, "add_generation_prompt": True}, _tokens),
         fan.post(TOKENIZE_PATH, {"model": model, "add_generation_prompt": False,
-                                 "messages": [*prompt, {"role": "assistant", "content": pair.output}]}, _tokens))
+                                 "messages": [*prompt, {"role": "assistant", "content": output}]}, _tokens))
     if ids[:len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
         raise ValueError(f"seed pair {index}: the chat template does not render the conversation as the prompt "
                          "followed by the response, so the response tokens cannot be told apart")
-    row = NllRow(index=index, instruction=pair.instruction, prompt_tokens=len(prompt_ids),
+    row = NllRow(index=index, instruction=label, prompt_tokens=len(prompt_ids),
                  response_tokens=len(ids) - len(prompt_ids))
     if max_len is not None and len(ids) >= max_len:  # the completion's one extra token must fit too
         row.skipped = f"{len(ids)} tokens do not fit max_model_len {max_len}"

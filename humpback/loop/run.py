@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from client.augment import augment
+from client.augment import AugmentConfig, augment
 from client.curate import curate, scored_records
 from client.fanout import FanoutConfig
 from humpback.contracts import (
@@ -113,11 +113,19 @@ class Loop:
                      deployment.stall_s)
         return self.svc.backward_url if role == "backward" else self.svc.scorer_url
 
+    def augment_config(self, data: dict[str, Any]) -> AugmentConfig:
+        """The run's augment settings; with `augment.shots` and no `augment.demonstrations`, the
+        demonstrations come from the run's seed (never its held-out pairs, which measure the model)."""
+        cfg = self.cfg.augment
+        if cfg.shots and cfg.demonstrations is None:
+            cfg = cfg.model_copy(update={"demonstrations": Path(data["seed"])})
+        return cfg
+
     def augment(self, data: dict[str, Any], backward: dict[str, Any]) -> dict[str, Any]:
         url = self.deployed(backward)
         out = self.dir / "augment" / "candidates.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
-        config = self.cfg.augment.model_copy(
+        config = self.augment_config(data).model_copy(
             update={"model": "backward", "checkpoint": backward["job"], "limit": self.cfg.data.max_segments})
         summary = asyncio.run(augment(data["corpus"], out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key), config,
                                       text_field=self.cfg.data.text_field))
@@ -187,7 +195,7 @@ class Loop:
                 return {"model": "base", "skipped": reason}
             return {"model": "base", **measure_backward(
                 self.svc.backward_url, self.svc.api_key, "backward", heldout,
-                self.dir / "eval" / "stages" / "backward_base.json", self.cfg.augment, self.cfg.eval.stage_pairs)}
+                self.dir / "eval" / "stages" / "backward_base.json", self.augment_config(data), self.cfg.eval.stage_pairs)}
 
         self.stages.run("stage_backward_base", run)
 
@@ -197,7 +205,7 @@ class Loop:
             return
         self.stages.run("stage_backward_myx", lambda: {"model": backward["fine_tuned_model"], **measure_backward(
             self.deployed(backward), self.svc.api_key, backward["role"], heldout,
-            self.dir / "eval" / "stages" / "backward_myx.json", self.cfg.augment, self.cfg.eval.stage_pairs)})
+            self.dir / "eval" / "stages" / "backward_myx.json", self.augment_config(data), self.cfg.eval.stage_pairs)})
 
     def measure_scorer(self, name: str, scorer: dict[str, Any], k: float | None, data: dict[str, Any]) -> None:
         """`scorer` (served as the scorer of an iteration that selected with threshold `k`) on held-out

@@ -233,3 +233,24 @@ def test_two_augment_runs_on_one_out_never_write_twice(tmp_path: Path, capsys: p
         assert len(ids) == n == len(set(ids)) and not lock_path(out).exists()
     finally:
         fake.stop()
+
+
+def test_demonstrations_that_cannot_be_used_end_with_status_2_and_batch_export_shows_them(
+        fake: FakeServer, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run" / "cands.jsonl"
+    base = ["augment", "--corpus", str(corpus), "--out", str(out), "--endpoint", fake.url, "--no-progress"]
+    assert main([*base, "--shots", "2"]) == 2
+    assert "--shots 2 needs --demonstrations FILE" in capsys.readouterr().err
+    demos = tmp_path / "seed.jsonl"
+    demos.write_text(json.dumps({"instruction": "Why?", "response": "Because."}) + "\n" + '{"instruction": "No answer"}\n')
+    assert main([*base, "--shots", "2", "--demonstrations", str(demos)]) == 2
+    assert f"{demos} line 2: not a pair with 'instruction' and 'response'" in capsys.readouterr().err
+    assert sum(fake.requests.values()) == 0 and not (tmp_path / "run").exists()
+    demos.write_text("".join(json.dumps({"instruction": f"Why {i}?", "response": f"Because {i}."}) + "\n"
+                             for i in range(3)))
+    req = tmp_path / "req.jsonl"
+    assert main(["batch", "export", "augment", "--corpus", str(corpus), "--out", str(req), "--model", "m",
+                 "--shots", "2", "--demonstrations", str(demos)]) == 0
+    bodies = [json.loads(line)["body"] for line in req.read_text().splitlines()]
+    assert {len(b["messages"]) for b in bodies} == {6}  # system, two demonstrations, the segment
+    assert len({json.dumps(b["messages"][:5]) for b in bodies}) == 1

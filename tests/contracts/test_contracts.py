@@ -88,3 +88,19 @@ def test_jsonl_round_trip_and_a_line_that_does_not_fit(tmp_path) -> None:
     path.write_text(path.read_text() + "\n" + '{"id": "x", "instruction": "q"}\n')
     with pytest.raises(ValidationError, match="response"):
         contracts.read_jsonl(path, SeedPair)
+
+
+def test_demonstrations_are_earlier_turns_picked_short_and_by_id() -> None:
+    from humpback.contracts import DEMONSTRATION_MAX_CHARS, backward_messages, pick_demonstrations
+
+    pairs = [SeedPair.make(f"Question {i}?", "word " * (20 * i), "perlfaq", "Artistic") for i in range(1, 12)]
+    pairs.append(SeedPair.make("Two\nlines?", "short answer", "perlfaq", "Artistic"))
+    picked = pick_demonstrations(pairs, 3)
+    fit = [p for p in pairs if len(p.response) <= DEMONSTRATION_MAX_CHARS and "\n" not in p.instruction]
+    assert picked == tuple(sorted(fit, key=lambda p: p.id)[:3])
+    assert pick_demonstrations(reversed(pairs), 3) == picked  # the file's order does not matter
+    assert len(pick_demonstrations(pairs, 50)) == len(fit) < len(pairs)
+    msgs = backward_messages("the segment", picked)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user", "assistant", "user"]
+    assert msgs[2]["content"] == picked[0].instruction and picked[0].response in msgs[1]["content"]
+    assert msgs[-1] == backward_messages("the segment")[-1] and msgs[0] == backward_messages("the segment")[0]

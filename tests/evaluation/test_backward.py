@@ -145,7 +145,8 @@ async def test_an_instruction_too_long_for_the_context_is_left_out_of_the_nll(pa
 def test_every_field_has_a_flag() -> None:
     assert parser_flags(subcommand("eval", "backward")) == (
         set(flags(Server)) | set(flags(StageRun)) | set(flags(AugmentConfig, exclude=AUGMENT_UNUSED)))
-    assert set(flags(AugmentConfig, exclude=AUGMENT_UNUSED)) == {"--max-tokens", "--temperature", "--top-p"}
+    assert set(flags(AugmentConfig, exclude=AUGMENT_UNUSED)) == {"--max-tokens", "--temperature", "--top-p", "--shots",
+                                                                 "--demonstrations"}
 
 
 def test_the_command_writes_the_metrics_and_prints_them(pairs: Path, copier: StageFake, tmp_path: Path,
@@ -159,3 +160,24 @@ def test_the_command_writes_the_metrics_and_prints_them(pairs: Path, copier: Sta
     assert [r.line for r in _rows(tmp_path / "r" / "backward.rows.jsonl")] == [i + 1 for i in subset(6, 3, 5)]
     printed = capsys.readouterr().out
     assert "rouge_l" in printed and "1.0000" in printed
+
+
+async def test_demonstrations_precede_each_response_and_count_in_the_nll(pairs: Path, copier: StageFake,
+                                                                          tmp_path: Path) -> None:
+    """With `shots`, each request (and the conversation the NLL reads) holds the demonstrations as
+    earlier turns; the demonstrations come from their own file, never from the measured pairs."""
+    demos = tmp_path / "seed.jsonl"
+    demos.write_text("".join(json.dumps({"instruction": f"Question {i}?", "response": f"Answer number {i}."}) + "\n"
+                             for i in range(5)))
+    copier.keep_bodies = True
+    gen = AugmentConfig(max_tokens=32, shots=2, demonstrations=demos)
+    m = await backward.run_backward_eval(pairs, tmp_path / "b.json", _fan(copier), generation=gen)
+    assert m["rouge_l"].value == 1.0  # the copier still finds its response in the last turn
+    shown = {tuple(msg["content"] for msg in b["messages"][1:-1]) for b in copier.bodies}
+    assert len(shown) == 1  # one shared prefix for every request
+    (turns,) = shown
+    assert len(turns) == 4 and all(t.startswith("Question ") for t in turns[1::2])
+    # The NLL reads the same instruction tokens after the longer prompt (the fake's log-probabilities
+    # depend on the token alone, so the value is the zero-shot one), and every pair is measured.
+    zero = await backward.run_backward_eval(pairs, tmp_path / "z.json", _fan(copier))
+    assert m["instruction_nll"] == zero["instruction_nll"] and m["instruction_nll"].n == len(PAIRS)

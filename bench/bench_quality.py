@@ -1,0 +1,196 @@
+"""Quality benchmark: every backward-model and scorer configuration tried on the embedded default,
+measured with the stage metrics on the same held-out human pairs, side by side in one run.
+
+    .venv/bin/python bench/bench_quality.py [--pairs 32] [--out runs/bench-quality] [--no-train] [--no-qwen]
+
+It builds the demo's data (`humpback data demo`: seed, held-out pairs, corpus), starts its own two
+model servers (ports 18201/18202, state under OUT/serve, so a running demo is not touched) and measures:
+
+- backward configurations with `eval backward` (instruction_nll, rouge_l, usable_rate, distinct_2):
+  the untrained SmolLM2-135M-Instruct with the paper's zero-shot prompt and with 3 demonstrations from
+  the seed (`augment.shots`); M_yx, trained as the demo trains it (the `cpu-demo` preset, 6 steps of 8
+  reversed seed pairs, through `python -m trainer.train`, the trainer's own training process), with
+  both prompts; and Qwen2.5-Coder-0.5B-Instruct with both, when `make models-quality` prepared it;
+- scorer configurations with `eval scorer` (auc, precision_at_k at the paper's 4.5, the mean score of
+  positives and of each negative kind): SmolLM2 untrained, M0 trained as the demo trains it, Qwen 0.5B.
+
+Every configuration sees the same seeded subset of held-out pairs and the same negatives; each row has
+its wall minutes (training separate). `instruction_nll` compares models of one tokenizer only (Qwen's
+differs from SmolLM2's). The table goes to stdout and to OUT/bench_quality.md, the metrics to
+OUT/bench_quality.json; every measurement's rows and journals stay under OUT/eval/, so a rerun reuses
+what it has (delete OUT for a fresh measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from client.augment import AugmentConfig  # noqa: E402
+from client.fanout import FanoutConfig  # noqa: E402
+from humpback.contracts import SeedPair, read_jsonl, seed_backward_examples, seed_forward_examples, write_jsonl  # noqa: E402
+from humpback.data.build import BuildConfig, build_demo  # noqa: E402
+from humpback.evaluation.backward import run_backward_eval  # noqa: E402
+from humpback.evaluation.metrics import Metric  # noqa: E402
+from humpback.evaluation.scorer import ScorerEvalConfig, run_scorer_eval  # noqa: E402
+from humpback.loop.config import DEMO, DataConfig, TrainConfig  # noqa: E402
+from trainer.config import PRESETS  # noqa: E402
+from trainer.train import TrainSpec  # noqa: E402
+
+SMOLLM = REPO / "models" / "smollm2-135m-instruct"
+QWEN = REPO / "models" / "qwen2.5-coder-0.5b-instruct"
+PORTS = {"backward": 18201, "scorer": 18202}
+SHOTS = 3
+BACKWARD_COLUMNS = ("instruction_nll", "rouge_l", "usable_rate", "distinct_2")
+SCORER_COLUMNS = ("auc", "precision_at_k", "mean_score_positive", "mean_score_mismatched",
+                  "mean_score_first_sentence", "mean_score_passage")
+
+
+@dataclass
+class Row:
+    stage: str  # "backward" or "scorer"
+    config: str
+    metrics: dict[str, Metric]
+    minutes: float
+    note: str = ""
+
+
+def humpback(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "humpback", *args], cwd=REPO, check=True)
+
+
+def serve_up(state: Path, backward: Path, scorer: Path) -> None:
+    humpback("serve", "down", "--state-dir", str(state))
+    humpback("serve", "up", "--state-dir", str(state), "--backward-model", str(backward), "--scorer-model",
+             str(scorer), "--backward-port", str(PORTS["backward"]), "--scorer-port", str(PORTS["scorer"]))
+
+
+def url(role: str) -> str:
+    return f"http://127.0.0.1:{PORTS[role]}"
+
+
+def train(name: str, examples: list, out: Path) -> tuple[Path, float]:
+    """Train as the demo's jobs train (the `cpu-demo` preset, the demo's step count, batch 8) with the
+    trainer's training process; returns the merged export and the minutes it took."""
+    export = out / name / "export"
+    if (export / "config.json").is_file():
+        return export, 0.0
+    (out / name).mkdir(parents=True, exist_ok=True)
+    data = out / name / "train.jsonl"
+    write_jsonl(data, examples)
+    preset = PRESETS[TrainConfig.model_fields["backward_preset"].default]
+    steps = TrainConfig.model_fields["max_steps"].default
+    spec = TrainSpec(**{**preset.model_dump(), "batch_size": 8, "max_steps": steps}, base_model=SMOLLM,
+                     training_file=data, output_dir=out / name / "train", export_dir=export, seed=0)
+    (out / name / "spec.json").write_text(spec.model_dump_json())
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "trainer.train", str(out / name / "spec.json")], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL)
+    return export, (time.monotonic() - start) / 60
+
+
+def swap(state: Path, role: str, checkpoint: Path, version: str) -> None:
+    humpback("serve", "swap", role, str(checkpoint), "--version", version, "--state-dir", str(state))
+
+
+def measure_backward(name: str, pairs: Path, seed: Path, out: Path, limit: int, shots: int, note: str = "") -> Row:
+    cfg = AugmentConfig(max_tokens=DEMO["augment"]["max_tokens"], shots=shots, demonstrations=seed if shots else None)
+    start = time.monotonic()
+    metrics = asyncio.run(run_backward_eval(pairs, out / "eval" / f"backward_{name}.json",
+                                            FanoutConfig(endpoints=[url("backward")]), "backward", cfg, limit))
+    return Row("backward", name, metrics, (time.monotonic() - start) / 60, note)
+
+
+def measure_scorer(name: str, pairs: Path, corpus: Path, out: Path, limit: int, note: str = "") -> Row:
+    start = time.monotonic()
+    metrics = asyncio.run(run_scorer_eval(pairs, out / "eval" / f"scorer_{name}.json",
+                                          FanoutConfig(endpoints=[url("scorer")]), "scorer",
+                                          ScorerEvalConfig(corpus=corpus), limit))
+    return Row("scorer", name, metrics, (time.monotonic() - start) / 60, note)
+
+
+def cell(m: Metric | None) -> str:
+    if m is None or m.value is None:
+        return "-"
+    return f"{m.value:.3f} [{m.ci95[0]:.3f}, {m.ci95[1]:.3f}]" if m.ci95 else f"{m.value:.3f}"
+
+
+def table(rows: list[Row], stage: str, columns: tuple[str, ...]) -> str:
+    picked = [r for r in rows if r.stage == stage]
+    n = max((m.n for r in picked for m in r.metrics.values()), default=0)
+    lines = [f"| {stage} configuration | " + " | ".join(columns) + " | minutes | note |",
+             "|---|" + "---|" * (len(columns) + 2)]
+    for r in picked:
+        lines.append(f"| {r.config} | " + " | ".join(cell(r.metrics.get(c)) for c in columns)
+                     + f" | {r.minutes:.1f} | {r.note} |")
+    return "\n".join(lines) + f"\n\n(n = {n} items at most per cell; 95% bootstrap intervals)\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=32, help="held-out pairs measured (a seeded subset)")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-quality")
+    ap.add_argument("--no-train", action="store_true", help="skip M_yx and M0 (each ~4 min of training)")
+    ap.add_argument("--no-qwen", action="store_true", help="skip Qwen2.5-Coder-0.5B-Instruct even if prepared")
+    args = ap.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    state = out / "serve"
+
+    data_cfg = DataConfig()
+    data = out / "data"
+    if not (data / "heldout.jsonl").is_file():
+        build_demo(BuildConfig(out=data, max_seed=data_cfg.max_seed, max_corpus_docs=data_cfg.max_corpus_docs))
+    pairs, seed, corpus = data / "heldout.jsonl", data / "seed.jsonl", data / "corpus.jsonl"
+    seed_pairs = read_jsonl(seed, SeedPair)
+    rows: list[Row] = []
+    started = time.monotonic()
+    try:
+        serve_up(state, SMOLLM, SMOLLM)
+        rows.append(measure_backward("smollm2-135m base, zero-shot (paper prompt)", pairs, seed, out, args.pairs, 0))
+        rows.append(measure_backward(f"smollm2-135m base, {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS))
+        rows.append(measure_scorer("smollm2-135m base", pairs, corpus, out, args.pairs))
+        if not args.no_train:
+            myx, minutes = train("myx", seed_backward_examples(seed_pairs), out)
+            swap(state, "backward", myx, "myx")
+            note = f"trained {minutes:.1f} min" if minutes else "trained earlier"
+            rows.append(measure_backward("M_yx (demo training), zero-shot", pairs, seed, out, args.pairs, 0, note))
+            rows.append(measure_backward(f"M_yx (demo training), {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS))
+            m0, minutes = train("m0", seed_forward_examples(seed_pairs), out)
+            swap(state, "scorer", m0, "m0")
+            rows.append(measure_scorer("M0 (demo training)", pairs, corpus, out, args.pairs,
+                                       f"trained {minutes:.1f} min" if minutes else "trained earlier"))
+        if not args.no_qwen and (QWEN / "humpback-manifest.json").is_file():
+            serve_up(state, QWEN, QWEN)
+            rows.append(measure_backward("qwen2.5-coder-0.5b base, zero-shot", pairs, seed, out, args.pairs, 0))
+            rows.append(measure_backward(f"qwen2.5-coder-0.5b base, {SHOTS}-shot", pairs, seed, out, args.pairs,
+                                         SHOTS))
+            rows.append(measure_scorer("qwen2.5-coder-0.5b base", pairs, corpus, out, args.pairs))
+        elif not args.no_qwen:
+            print(f"{QWEN} is not prepared (make models-quality): Qwen configurations skipped", file=sys.stderr)
+    finally:
+        humpback("serve", "down", "--state-dir", str(state))
+    report = (f"# Quality benchmark ({args.pairs} held-out pairs, {(time.monotonic() - started) / 60:.1f} min)\n\n"
+              + table(rows, "backward", BACKWARD_COLUMNS) + "\n" + table(rows, "scorer", SCORER_COLUMNS))
+    print(report)
+    (out / "bench_quality.md").write_text(report, encoding="utf-8")
+    (out / "bench_quality.json").write_text(json.dumps(
+        [{"stage": r.stage, "config": r.config, "minutes": r.minutes, "note": r.note,
+          "metrics": {k: m.model_dump(mode="json") for k, m in r.metrics.items()}} for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
