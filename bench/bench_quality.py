@@ -10,7 +10,9 @@ model servers (ports 18201/18202, state under OUT/serve, so a running demo is no
   the untrained SmolLM2-135M-Instruct with the paper's zero-shot prompt and with 3 demonstrations from
   the seed (`augment.shots`); M_yx, trained as the demo trains it (the `cpu-demo` preset, 6 steps of 8
   reversed seed pairs, through `python -m trainer.train`, the trainer's own training process), with
-  both prompts; and Qwen2.5-Coder-0.5B-Instruct with both, when `make models-quality` prepared it;
+  both prompts; M_yx trained on more of the seed in shorter examples (every seed pair whose response
+  fits a demonstration, 256 tokens, 12 steps); and Qwen2.5-Coder-0.5B-Instruct with both prompts,
+  when `make models-quality` prepared it;
 - scorer configurations with `eval scorer` (auc, precision_at_k at the paper's 4.5, the mean score of
   positives and of each negative kind): SmolLM2 untrained, M0 trained as the demo trains it, Qwen 0.5B.
 
@@ -40,7 +42,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from client.augment import AugmentConfig  # noqa: E402
 from client.fanout import FanoutConfig  # noqa: E402
-from humpback.contracts import SeedPair, read_jsonl, seed_backward_examples, seed_forward_examples, write_jsonl  # noqa: E402
+from humpback.contracts import (  # noqa: E402
+    SeedPair,
+    pick_demonstrations,
+    read_jsonl,
+    seed_backward_examples,
+    seed_forward_examples,
+    write_jsonl,
+)
 from humpback.data.build import BuildConfig, build_demo  # noqa: E402
 from humpback.evaluation.backward import run_backward_eval  # noqa: E402
 from humpback.evaluation.metrics import Metric  # noqa: E402
@@ -53,6 +62,7 @@ SMOLLM = REPO / "models" / "smollm2-135m-instruct"
 QWEN = REPO / "models" / "qwen2.5-coder-0.5b-instruct"
 PORTS = {"backward": 18201, "scorer": 18202}
 SHOTS = 3
+SHORT_LENGTH = 256
 BACKWARD_COLUMNS = ("instruction_nll", "rouge_l", "usable_rate", "distinct_2")
 SCORER_COLUMNS = ("auc", "precision_at_k", "mean_score_positive", "mean_score_mismatched",
                   "mean_score_first_sentence", "mean_score_passage")
@@ -81,9 +91,10 @@ def url(role: str) -> str:
     return f"http://127.0.0.1:{PORTS[role]}"
 
 
-def train(name: str, examples: list, out: Path) -> tuple[Path, float]:
-    """Train as the demo's jobs train (the `cpu-demo` preset, the demo's step count, batch 8) with the
-    trainer's training process; returns the merged export and the minutes it took."""
+def train(name: str, examples: list, out: Path, **override: Any) -> tuple[Path, float]:
+    """Train as the demo's jobs train (the `cpu-demo` preset, the demo's step count, batch 8; `override`
+    changes preset fields) with the trainer's training process; returns the merged export and the
+    minutes it took."""
     export = out / name / "export"
     if (export / "config.json").is_file():
         return export, 0.0
@@ -92,7 +103,7 @@ def train(name: str, examples: list, out: Path) -> tuple[Path, float]:
     write_jsonl(data, examples)
     preset = PRESETS[TrainConfig.model_fields["backward_preset"].default]
     steps = TrainConfig.model_fields["max_steps"].default
-    spec = TrainSpec(**{**preset.model_dump(), "batch_size": 8, "max_steps": steps}, base_model=SMOLLM,
+    spec = TrainSpec(**{**preset.model_dump(), "batch_size": 8, "max_steps": steps, **override}, base_model=SMOLLM,
                      training_file=data, output_dir=out / name / "train", export_dir=export, seed=0)
     (out / name / "spec.json").write_text(spec.model_dump_json())
     start = time.monotonic()
@@ -153,6 +164,9 @@ def main() -> int:
     data = out / "data"
     if not (data / "heldout.jsonl").is_file():
         build_demo(BuildConfig(out=data, max_seed=data_cfg.max_seed, max_corpus_docs=data_cfg.max_corpus_docs))
+    full = out / "data-full"  # every seed pair, not the demo's 60; the same held-out split
+    if not (full / "seed.jsonl").is_file():
+        build_demo(BuildConfig(out=full, max_seed=None, max_corpus_docs=data_cfg.max_corpus_docs))
     pairs, seed, corpus = data / "heldout.jsonl", data / "seed.jsonl", data / "corpus.jsonl"
     seed_pairs = read_jsonl(seed, SeedPair)
     rows: list[Row] = []
@@ -168,6 +182,15 @@ def main() -> int:
             note = f"trained {minutes:.1f} min" if minutes else "trained earlier"
             rows.append(measure_backward("M_yx (demo training), zero-shot", pairs, seed, out, args.pairs, 0, note))
             rows.append(measure_backward(f"M_yx (demo training), {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS))
+            # More of the seed in shorter examples: every seed pair short enough to be a demonstration,
+            # twice the steps at half the length (about the demo job's tokens).
+            short = pick_demonstrations(read_jsonl(full / "seed.jsonl", SeedPair), 10**9)
+            myx_short, minutes = train("myx_short", seed_backward_examples(short), out, max_length=SHORT_LENGTH,
+                                       max_steps=2 * TrainConfig.model_fields["max_steps"].default)
+            swap(state, "backward", myx_short, "myx-short")
+            note = f"{len(short)} short seed pairs, {SHORT_LENGTH} tokens, 12 steps; " + (
+                f"trained {minutes:.1f} min" if minutes else "trained earlier")
+            rows.append(measure_backward("M_yx (short examples), zero-shot", pairs, seed, out, args.pairs, 0, note))
             m0, minutes = train("m0", seed_forward_examples(seed_pairs), out)
             swap(state, "scorer", m0, "m0")
             rows.append(measure_scorer("M0 (demo training)", pairs, corpus, out, args.pairs,

@@ -34,6 +34,7 @@ from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
 from client.runner import Answer, CorruptLines, RunSummary, online, run, served_model, side_path
+from client.shard import ShardSpec, shard_jobs
 from client.tasks import Job, Parsed
 from humpback.contracts import (
     AUGMENT_TEMPERATURE,
@@ -81,6 +82,13 @@ class AugmentConfig(BaseModel):
                                "of the custom_id", ge=0)
     limit: int | None = setting(None, "take only the first N kept segments (done ones included, so a resumed run "
                                       "takes the same ones): a trial run, or a fixed CPU budget", ge=0)
+    shard: ShardSpec | None = setting(None, "do only shard I of N (0 <= I < N) of the requests, by content id "
+                                            "(client.shard): N runs on N machines split the corpus with no "
+                                            "overlap and no gap. Every shard reads and prepares the whole corpus, "
+                                            "and --limit L is the unsharded run's (the first L kept segments "
+                                            "overall, of which this shard does its own); `humpback merge` joins "
+                                            "the shards' outputs",
+                                      metavar="I/N")
     fsync: FsyncPolicy = setting("interval", "journal durability policy (see client.journal.Journal)")
     progress: bool = setting(True, "show a progress bar on stderr")
 
@@ -245,6 +253,9 @@ async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | 
     (extra requests made) and `rescued` (segments a resample saved), and `usable_rate` = usable /
     sent (None when nothing was sent). Every answer is usable or of one kind, so
     `sent + resampled` = `usable` + the kinds + the segments that failed for another reason.
+
+    With `config.shard` I/N, only the segments whose `custom_id` is in shard I are asked; the others
+    are counted as `results["other_shard"]` and left to the other shards (`client.shard`).
     """
     cfg = config or AugmentConfig()
     out = Path(out)
@@ -273,6 +284,8 @@ async def _augment(corpora: list[Corpus], out: Path, fanout: FanoutConfig, cfg: 
             model, root = await served_model(fan, cfg.model)
             task = AugmentTask(model, cfg.checkpoint or root, cfg, demonstrations)
             summary.extra.update(model=model, checkpoint=task.checkpoint)
+            if cfg.shard is not None:
+                summary.extra["shard"] = str(cfg.shard)
 
             def jobs() -> Iterator[Job[Segment]]:
                 offset, last = 0, None  # bytes of the corpora before `last`, the one being read
@@ -282,7 +295,8 @@ async def _augment(corpora: list[Corpus], out: Path, fanout: FanoutConfig, cfg: 
                         last = corp
                     yield Job(task.request(seg), seg, seg.source, offset + corp.bytes_read)
 
-            await run(task, jobs(), resampling(online(fan, usage=summary.results), task, counts), journal, failed,
+            mine = shard_jobs(jobs(), cfg.shard, summary.results)  # after --limit: the limit is the whole run's
+            await run(task, mine, resampling(online(fan, usage=summary.results), task, counts), journal, failed,
                       summary, progress, fan.max_inflight)
             progress.advance(sum(c.total_bytes for c in corpora))
             summary.extra["retries"] = fan.retries

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from client.augment import AugmentConfig, AugmentTask, load_demonstrations, prepared_segments
 from client.corpus import Lines, check_input, open_corpora
-from client.curate import CurateConfig, ScoreTask, read_candidates, select
+from client.curate import Contamination, CurateConfig, ScoreTask, decontaminator, read_candidates, select
 from client.journal import Journal, LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
@@ -105,13 +105,18 @@ def export_augment(corpus: Iterable[PathLike], out: PathLike, model: str, config
 
 
 def export_curate(candidates: PathLike, out: PathLike, model: str, config: CurateConfig | None = None) -> RunSummary:
-    """Batch scoring requests for every candidate of a candidates file (one per distinct `custom_id`)."""
+    """Batch scoring requests for every candidate of a candidates file (one per distinct `custom_id`),
+    but the contaminated ones (`config.decontaminate`), which go to `<out>.contaminated.jsonl` as
+    `curate` sets them aside: they are never asked, so an import never selects them."""
     cfg = config or CurateConfig()
     candidates, out = Path(candidates), Path(out)
     summary = RunSummary()
     check_input(candidates)
-    with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
-        cands = (cand for cand, _ in read_candidates(candidates, errors, summary, cfg.max_field_chars))
+    found = decontaminator(cfg)
+    with (output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors,
+          LineWriter(side_path(out, "contaminated.jsonl")) as contaminated):
+        clean = Contamination(found, contaminated, summary).clean
+        cands = (cand for cand, _ in clean(read_candidates(candidates, errors, summary, cfg.max_field_chars)))
         _export(ScoreTask(model, None, cfg), cands, out,
                 lambda cid, cand: CandidateMeta(custom_id=cid, candidate=cand), summary)
     return summary

@@ -1,7 +1,8 @@
-"""`humpback augment`, `humpback curate` and `humpback batch ...`: thin wrappers over the async API.
+"""`humpback augment|curate|rewrite|batch|merge|export`: thin wrappers over the API.
 
 Every flag is generated (`humpback.settings`) from a field of `FanoutConfig`, `AugmentConfig`,
-`CurateConfig`, `PrepareConfig` or of the files models below, which document them; the handlers
+`CurateConfig`, `RewriteConfig`, `PrepareConfig`, `PreferenceConfig` or of the files models below
+(and `client.dataset.DatasetFiles`), which document them; the handlers
 import the rest of the client only when run. Input that cannot be used (a file that cannot be read,
 an output another run holds) ends a command with its message and exit status 2, before anything is sent;
 an output that cannot be written (a full disk) stops it with exit status 4, its journal whole.
@@ -16,12 +17,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from client.augment import AugmentConfig
 from client.curate import CurateConfig
+from client.dataset import DatasetFiles
 from client.fanout import FanoutConfig
+from client.preferences import PreferenceConfig
 from client.prepare import PrepareConfig
+from client.rewrite import RewriteConfig
 from humpback.contracts import DEFAULT_URLS, InputError, OutputError
 from humpback.settings import add_arguments, from_args, setting
 
@@ -48,6 +52,23 @@ class CurateFiles(_Files):
     out: Path = setting(help="curated set, chat-format JSONL (rewritten each run)")
 
 
+class RewriteFiles(_Files):
+    """What `humpback rewrite` reads and writes."""
+
+    candidates: Path = setting(help="pairs to rewrite: candidates or any JSONL with instruction and output "
+                                    "fields (.gz allowed)")
+    out: Path = setting(help="rewritten candidates JSONL (appended; each with its original_output; side files "
+                             "next to it)")
+
+
+class PreferenceFiles(_Files):
+    """What `humpback export dpo` reads and writes."""
+
+    scored: list[Path] = setting(help="scored journals (curate's <out>.scored.jsonl): the responses of each "
+                                      "instruction across all of them are compared", many="+")
+    out: Path = setting(help="preference pairs JSONL, TRL's conversational format (rewritten)")
+
+
 class ExportAugmentFiles(CorpusFiles):
     """What `humpback batch export augment` reads and writes."""
 
@@ -69,12 +90,30 @@ class ImportFiles(_Files):
     out: Path = setting(help="candidates journal (augment, appended) or curated set (curate, rewritten)")
 
 
-# The fields a batch step uses: the request body is built at export, the answers are read and the
-# set selected at import. The other fields of the config have no effect there, so no flag.
+class MergeFiles(_Files):
+    """What `humpback merge` reads and writes."""
+
+    shards: list[Path] = setting(help="each shard's output (its --out): candidates, scored candidates or curated "
+                                      "sets", cli=False)
+    out: Path = setting(help="the merged JSONL (rewritten), each record once; side files next to it")
+    corpus: list[Path] | None = setting(None, "the corpus the shards augmented: check that together they hold every "
+                                              "request the unsharded run asks for, and list the others in "
+                                              "<out>.missing.jsonl (give the shards' preparation flags, --limit, "
+                                              "and sampling flags); repeat the flag for each file, so that it "
+                                              "cannot swallow the shard outputs")
+    text_field: str = setting("text", "JSONL/Parquet field holding the text")
+
+
+# The fields a batch step uses: the request body is built (and contaminated candidates dropped) at
+# export, the answers are read and the set selected at import. The other fields of the config have
+# no effect there, so no flag.
 EXPORT_AUGMENT = ("model", "max_tokens", "temperature", "top_p", "seed", "shots", "demonstrations")
-EXPORT_CURATE = ("model", "mode", "max_tokens", "temperature", "max_field_chars")
+EXPORT_CURATE = ("model", "mode", "max_tokens", "temperature", "max_field_chars", "decontaminate",
+                 "decontaminate_against")
 IMPORT_AUGMENT = ("checkpoint",)
 IMPORT_CURATE = ("mode", "min_score", "top_fraction", "model", "checkpoint", "scored", "histogram")
+# What makes an augment request's custom_id, and which segments a run takes: `merge --corpus` needs them.
+MERGE_AUGMENT = ("model", "max_tokens", "temperature", "top_p", "seed", "shots", "demonstrations", "limit")
 
 # k is either an absolute score or the lowest score of the best-scored fraction.
 _K = ("min_score", "top_fraction")
@@ -145,6 +184,10 @@ def _refusing(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
         except OutputError as exc:
             print(f"humpback: error: {exc}", file=sys.stderr)
             return 4
+        except ValidationError as exc:  # a flag's value the config refuses (say, --shard 4/4)
+            for err in exc.errors():
+                print(f"humpback: error: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+            return 2
 
     return run
 
@@ -202,8 +245,49 @@ def _import_curate(args: argparse.Namespace) -> int:
     return _report(batch.import_curate(files.requests, files.results, files.out, from_args(CurateConfig, args)))
 
 
+def _merge(args: argparse.Namespace) -> int:
+    """Print the merge's summary; exit status 3 when the shards miss requests of the unsharded run."""
+    import json
+
+    from client.merge import merge
+
+    files = from_args(MergeFiles, args, shards=args.shards)
+    summary = merge(files.shards, files.out, files.corpus, from_args(AugmentConfig, args), _prepare_config(args),
+                    text_field=files.text_field)
+    print(json.dumps(summary.to_dict(), indent=2), file=sys.stderr)
+    return 3 if summary.results["missing"] else 0
+
+
+def _rewrite(args: argparse.Namespace) -> int:
+    from client.rewrite import rewrite
+
+    files = from_args(RewriteFiles, args)
+    return _report(_run(rewrite(files.candidates, files.out, _fanout_config(args, "scorer"),
+                                from_args(RewriteConfig, args))))
+
+
+def _export_dpo(args: argparse.Namespace) -> int:
+    import json
+
+    from client.preferences import export_dpo
+
+    files = from_args(PreferenceFiles, args)
+    summary = export_dpo(files.scored, files.out, from_args(PreferenceConfig, args))
+    print(json.dumps(summary.to_dict(), indent=2), file=sys.stderr)
+    return 0
+
+
+def _export_dataset(args: argparse.Namespace) -> int:
+    import json
+
+    from client.dataset import export_dataset
+
+    print(json.dumps(export_dataset(from_args(DatasetFiles, args)), indent=2), file=sys.stderr)
+    return 0
+
+
 def register(sub: Any) -> None:
-    """Add `augment`, `curate` and `batch` to the `humpback` command."""
+    """Add `augment`, `curate`, `rewrite`, `batch`, `merge` and `export` to the `humpback` command."""
     p = sub.add_parser("augment", help="self-augmentation: one instruction per corpus segment (resumable)",
                        description="Stream a corpus through the backward model; re-run the same command to resume.")
     _files_args(p, AugmentFiles)
@@ -217,6 +301,23 @@ def register(sub: Any) -> None:
     _curate_args(p.add_argument_group("scoring and selection of A_k"))
     _fanout_args(p, "scorer")
     p.set_defaults(func=_refusing(_curate))
+
+    p = sub.add_parser("rewrite", help="rewrite each pair's text as an assistant's answer with an aligned model "
+                                       "(back-and-forth translation; resumable)")
+    _files_args(p, RewriteFiles)
+    add_arguments(p.add_argument_group("generation"), RewriteConfig)
+    _fanout_args(p, "scorer")
+    p.set_defaults(func=_refusing(_rewrite))
+
+    p = sub.add_parser("export", help="curated data as users load it: preference pairs, a datasets folder")
+    xsub = p.add_subparsers(dest="export_command", required=True)
+    x = xsub.add_parser("dpo", help="chosen/rejected pairs from scored responses to the same instruction")
+    _files_args(x, PreferenceFiles)
+    add_arguments(x.add_argument_group("pairs"), PreferenceConfig)
+    x.set_defaults(func=_refusing(_export_dpo))
+    x = xsub.add_parser("dataset", help="a curated set as a Hugging Face datasets folder with a dataset card")
+    _files_args(x, DatasetFiles)
+    x.set_defaults(func=_refusing(_export_dataset))
 
     p = sub.add_parser("batch", help="OpenAI batch JSONL: export requests, import results")
     bsub = p.add_subparsers(dest="batch_command", required=True)
@@ -242,3 +343,16 @@ def register(sub: Any) -> None:
     _files_args(i, ImportFiles)
     _curate_args(i, exclude=_except(CurateConfig, IMPORT_CURATE))
     i.set_defaults(func=_refusing(_import_curate))
+
+    p = sub.add_parser("merge", help="join the outputs of `--shard I/N` runs and check that none is missing",
+                       description="Join the shards' outputs into one JSONL, each record once (two different "
+                                   "records under one custom_id are refused); with --corpus, list the requests "
+                                   "of the unsharded augment run that no shard holds (exit status 3). --model "
+                                   "unset: the one model the shards' records name.")
+    p.add_argument("shards", nargs="+", type=Path, metavar="SHARD_OUTPUT",  # positional: no flag to generate
+                   help=MergeFiles.model_fields["shards"].description)
+    _files_args(p, MergeFiles)
+    add_arguments(p.add_argument_group("the unsharded run (with --corpus)"), AugmentConfig,
+                  exclude=_except(AugmentConfig, MERGE_AUGMENT))
+    _prepare_args(p)
+    p.set_defaults(func=_refusing(_merge))

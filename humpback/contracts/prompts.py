@@ -87,6 +87,28 @@ def seed_backward_examples(pairs: Iterable[SeedPair]) -> list[ChatExample]:
     return [backward_example(p.instruction, p.response) for p in pairs]
 
 
+# --- Response rewriting (back-and-forth translation, Nguyen et al. 2024) -------------------------
+
+REWRITE_SYSTEM_PROMPT = "You are a helpful AI assistant."
+# The instruction comes after the fixed part, so every rewrite request of a run shares the prefix.
+_REWRITE_TEMPLATE = (
+    "Below is an instruction and a text from the web that answers it. Rewrite the text as an AI "
+    "assistant's answer to the instruction: keep its facts, details and code, leave out what does not "
+    "help answer the instruction (navigation, cross-references, asides about the document itself), and "
+    "write clearly, in the assistant's own voice. Reply with the rewritten answer only.\n\n"
+    "Instruction:\n{instruction}\n\nText:\n{text}"
+)
+
+
+def rewrite_messages(instruction: str, text: str) -> list[dict[str, str]]:
+    """The chat prompt an aligned model sees to rewrite web `text` into an answer to `instruction`:
+    conditioned on both, as back-and-forth translation does, so the facts stay the text's."""
+    return [
+        {"role": "system", "content": REWRITE_SYSTEM_PROMPT},
+        {"role": "user", "content": _REWRITE_TEMPLATE.format(instruction=instruction, text=text)},
+    ]
+
+
 # --- Self-curation: the paper's 5-point rubric (Table 1 of v1) -----------------------------------
 
 RUBRIC = """Below is an instruction from an user and a candidate answer. Evaluate whether or not the answer is a good example of how AI Assistant should respond to the user's instruction. Please assign a score using the following 5-point scale:

@@ -133,6 +133,15 @@ class Candidate(_Record):
     finish_reason: str | None = None
 
 
+class RewrittenCandidate(Candidate):
+    """A candidate whose output an aligned model rewrote (`humpback rewrite`): `output` is the rewrite,
+    `original_output` the text it was rewritten from; `model`/`checkpoint` name the rewriter and
+    `candidate_id` the candidate it came from. A candidates file like any other: curate scores it."""
+
+    candidate_id: str
+    original_output: str
+
+
 class ScoredCandidate(_Record):
     """A candidate with the scorer's verdict: a line of the scored journal.
 
@@ -256,3 +265,20 @@ def write_jsonl(path: Path, records: Iterable[BaseModel]) -> int:
             n += 1
     tmp.replace(path)
     return n
+
+
+class PreferencePair(_Record):
+    """A chosen/rejected pair in TRL's conversational preference format (`prompt`, `chosen`,
+    `rejected`, each a message list: `DPOTrainer` reads it as it is), from two scored responses to
+    one instruction (`humpback export dpo`). `margin` = `score_chosen` - `score_rejected`; the ids
+    are the scored records' `candidate_id`s."""
+
+    prompt: list[ChatMessage]
+    chosen: list[ChatMessage]
+    rejected: list[ChatMessage]
+    score_chosen: float
+    score_rejected: float
+    margin: float
+    chosen_id: str
+    rejected_id: str
+

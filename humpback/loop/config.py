@@ -103,7 +103,7 @@ DEMO: dict[str, Any] = {
 }
 
 # Set by the loop for each stage: the served role, the job that trained it, files of the run folder.
-STAGE_FIELDS = {"augment": ("model", "checkpoint", "limit"), "curate": ("model", "checkpoint", "scored")}
+STAGE_FIELDS = {"augment": ("model", "checkpoint", "limit", "shard"), "curate": ("model", "checkpoint", "scored", "shard")}
 
 
 class RunConfig(_Section):
@@ -127,7 +127,9 @@ class RunConfig(_Section):
             for name in names:
                 if getattr(getattr(self, section), name) is not None:
                     raise ValueError(f"{section}.{name} is set by the loop for each stage; remove it from the config"
-                                     + (" (data.max_segments sets the augment limit)" if name == "limit" else ""))
+                                     + (" (data.max_segments sets the augment limit)" if name == "limit" else "")
+                                     + (" (the loop runs whole stages: shard with `humpback augment|curate "
+                                        "--shard` and `humpback merge`)" if name == "shard" else ""))
         return self
 
 

@@ -3,10 +3,12 @@
 data -> train M_yx (backward) and M0 (seed) -> hot-swap them into `backward` / `scorer` -> augment
 the corpus -> curate with M0 -> train M1 on seed (S_a) + A_k (S_w) -> curate the same candidates with
 M1 -> train M2 ... Every model is evaluated; the ablation trains on seed + uncurated candidates of
-A_k's size. With `eval.stage_metrics`, the stages are measured against held-out human pairs too
-(`stage_*`, the same seeded subset each time): the backward model before training and M_yx after it
-(`eval backward`), each model when it has served as the scorer (`eval scorer`), and the candidates
-(usable rate, diversity). Each stage records its outputs in RUN_DIR/stages, so a re-run skips
+A_k's size. Curation first drops the candidates that share a 13-word n-gram with an evaluation prompt
+or a held-out pair (`client.decontaminate`); the control never draws them either. With
+`eval.stage_metrics`, the stages are measured against held-out human pairs too (`stage_*`, the same
+seeded subset each time): the backward model before training and M_yx after it (`eval backward`),
+each model when it has served as the scorer (`eval scorer`), and the candidates (usable rate,
+diversity). Each stage records its outputs in RUN_DIR/stages, so a re-run skips
 finished stages and resumes the current one (augment/curate journals, trainer jobs by id).
 """
 
@@ -15,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from client.augment import AugmentConfig, augment
-from client.curate import curate, scored_records
+from client.curate import contaminated_ids, curate, scored_records
 from client.fanout import FanoutConfig
+from client.runner import side_path
 from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
     Candidate,
@@ -131,22 +135,39 @@ class Loop:
                                       text_field=self.cfg.data.text_field))
         return {"candidates": str(out), "summary": summary.to_dict()}
 
-    def curate(self, t: int, candidates: str, scorer: dict[str, Any]) -> dict[str, Any]:
+    def decontamination_sets(self, data: dict[str, Any]) -> list[Path]:
+        """The sets curate decontaminates against besides the shipped evaluation prompts: the
+        configured ones and the run's held-out pairs, which measure the models (`eval nll`, the stage
+        metrics) and so must not be trained on."""
+        against = list(self.cfg.curate.decontaminate_against)
+        if data.get("heldout"):
+            against.append(Path(data["heldout"]))
+        return against
+
+    def curate(self, t: int, candidates: str, scorer: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         url = self.deployed(scorer)
         out = self.dir / "curate" / f"A{t}.jsonl"
         scored = self.dir / "curate" / f"scored{t}.jsonl"
-        config = self.cfg.curate.model_copy(update={"model": "scorer", "checkpoint": scorer["job"], "scored": scored})
+        config = self.cfg.curate.model_copy(update={"model": "scorer", "checkpoint": scorer["job"], "scored": scored,
+                                                    "decontaminate_against": self.decontamination_sets(data)})
         summary = asyncio.run(curate(candidates, out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key), config))
-        # The curated set's own reader: a corrupt journal line is skipped here as `select` skipped it.
-        scores = [r.score for r in scored_records(scored, config.mode, "scorer")]
+        # The curated set's own reader: a corrupt journal line is skipped here as `select` skipped it,
+        # and so is a contaminated candidate's score.
+        contaminated = side_path(out, "contaminated.jsonl")
+        dropped = contaminated_ids(contaminated)
+        scores = [r.score for r in scored_records(scored, config.mode, "scorer", exclude=dropped)]
         kept = {str(k): sum(1 for s in scores if s is not None and s >= k) for k in self.cfg.curate.thresholds}
         return {"curated": str(out), "scored": str(scored),
                 "scorer": scorer["fine_tuned_model"], "k": summary.extra.get("min_score"),
-                "selected": summary.extra.get("selected"), "kept_per_threshold": kept, "summary": summary.to_dict()}
+                "selected": summary.extra.get("selected"), "kept_per_threshold": kept,
+                "contaminated": summary.results["contaminated"], "contaminated_file": str(contaminated),
+                "summary": summary.to_dict()}
 
-    def uncurated(self, candidates: str, size: int) -> list[ChatExample]:
-        """The ablation's control: candidates of A_k's size drawn without looking at scores."""
-        rows = read_jsonl(candidates, Candidate)
+    def uncurated(self, candidates: str, size: int, exclude: Collection[str] = ()) -> list[ChatExample]:
+        """The ablation's control: candidates of A_k's size drawn without looking at scores, but not
+        those in `exclude` (the contaminated ones, which A_k cannot hold either: the two sets differ
+        by the scores alone)."""
+        rows = [r for r in read_jsonl(candidates, Candidate) if r.custom_id not in exclude]
         random.Random(0).shuffle(rows)
         return [tagged_example(r.instruction, r.output, AUGMENTED_SYSTEM_PROMPT) for r in rows[:size]]
 
@@ -251,9 +272,12 @@ class Loop:
         self.measure_candidates(augmented, backward)
         self.measure_backward_model(backward, data)
         curated: list[ChatExample] = []
+        contaminated: set[str] = set()
         for t in range(1, cfg.iterations + 1):
             scorer = model
-            picked = self.stages.run(f"curate_{t}", lambda: self.curate(t, cands, scorer))
+            picked = self.stages.run(f"curate_{t}", lambda: self.curate(t, cands, scorer, data))
+            if picked.get("contaminated_file"):  # a stage an older version ran has none
+                contaminated = contaminated_ids(Path(picked["contaminated_file"]))
             self.measure_scorer(f"m{t - 1}", scorer, picked.get("k"), data)
             curated = read_jsonl(picked["curated"], ChatExample)
             model = self.stages.run(f"train_m{t}", lambda: self.train(
@@ -261,7 +285,7 @@ class Loop:
             self.evaluate(f"m{t}", model, data)
         if cfg.eval.ablation:
             control = self.stages.run("train_uncurated", lambda: self.train(
-                "train_uncurated", forward_seed + self.uncurated(cands, len(curated)), "scorer", "scorer",
+                "train_uncurated", forward_seed + self.uncurated(cands, len(curated), contaminated), "scorer", "scorer",
                 cfg.train.forward_preset))
             self.evaluate("uncurated", control, data)
         return self.stages.all()

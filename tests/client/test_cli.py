@@ -19,6 +19,9 @@ from pydantic import BaseModel, ValidationError
 from client import cli
 from client.augment import AugmentConfig
 from client.curate import CurateConfig
+from client.dataset import DatasetFiles
+from client.preferences import PreferenceConfig
+from client.rewrite import RewriteConfig
 from client.fanout import FanoutConfig
 from client.journal import lock_path, output_lock
 from client.prepare import PrepareConfig
@@ -52,6 +55,11 @@ COMMANDS = {
     ("batch", "export", "curate"): _flags(cli.ExportCurateFiles) | _flags(CurateConfig, cli.EXPORT_CURATE),
     ("batch", "import", "augment"): _flags(cli.ImportFiles) | _flags(AugmentConfig, cli.IMPORT_AUGMENT),
     ("batch", "import", "curate"): _flags(cli.ImportFiles) | _flags(CurateConfig, cli.IMPORT_CURATE),
+    ("rewrite",): _flags(cli.RewriteFiles) | _flags(RewriteConfig) | _flags(FanoutConfig),
+    ("export", "dpo"): _flags(cli.PreferenceFiles) | _flags(PreferenceConfig),
+    ("export", "dataset"): _flags(DatasetFiles),
+    ("merge",): (_flags(cli.MergeFiles) | _flags(AugmentConfig, cli.MERGE_AUGMENT) | _flags(PrepareConfig))
+    - {"--shards"},  # the shards are positional
 }
 
 # Flags scripts, docs and the benchmark used before the flags were generated: they keep working.
@@ -69,6 +77,10 @@ KEPT = {
     ("batch", "import", "augment"): {"--requests", "--results", "--out", "--checkpoint"},
     ("batch", "import", "curate"): {"--requests", "--results", "--out", "--model", "--mode", "--min-score",
                                     "--top-fraction", "--scored", "--no-histogram", "--checkpoint"},
+    ("rewrite",): {"--candidates", "--out", "--endpoint", "--model", "--shard"},
+    ("export", "dpo"): {"--scored", "--out", "--min-margin"},
+    ("export", "dataset"): {"--curated", "--out", "--push-to-hub"},
+    ("merge",): {"--out", "--corpus"},
 }
 
 
@@ -254,3 +266,27 @@ def test_demonstrations_that_cannot_be_used_end_with_status_2_and_batch_export_s
     bodies = [json.loads(line)["body"] for line in req.read_text().splitlines()]
     assert {len(b["messages"]) for b in bodies} == {6}  # system, two demonstrations, the segment
     assert len({json.dumps(b["messages"][:5]) for b in bodies}) == 1
+
+
+def test_rewrite_then_curate_then_export_dpo_from_the_command_line(fake: FakeServer, tmp_path: Path) -> None:
+    """The back-and-forth path as a user runs it: rewrite the candidates, score originals and rewrites,
+    and pair each instruction's best and worst response."""
+    cands = tmp_path / "cands.jsonl"
+    cands.write_text("".join(json.dumps({"instruction": f"What is topic {i}?", "output": make_text(i, 700)}) + "\n"
+                             for i in range(6)))
+    rewritten = tmp_path / "rewritten.jsonl"
+    assert main(["rewrite", "--candidates", str(cands), "--out", str(rewritten), "--endpoint", fake.url,
+                 "--no-progress"]) == 0
+    assert len(rewritten.read_text().splitlines()) == 6
+    for name, src in (("orig", cands), ("rew", rewritten)):
+        assert main(["curate", "--candidates", str(src), "--out", str(tmp_path / f"{name}.jsonl"), "--endpoint",
+                     fake.url, "--no-progress", "--no-histogram", "--no-decontaminate"]) == 0
+    out = tmp_path / "dpo.jsonl"
+    assert main(["export", "dpo", "--scored", str(tmp_path / "orig.scored.jsonl"), str(tmp_path / "rew.scored.jsonl"),
+                 "--out", str(out), "--min-margin", "0"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    summary = json.loads((tmp_path / "dpo.summary.json").read_text())
+    # The fake scores by prompt length, so some responses tie and make no pair; every other is one.
+    assert len(rows) == summary["results"]["pairs"] and summary["results"]["instructions"] == 6
+    assert len(rows) + summary["results"]["tied"] == 6 and rows
+    assert all(r["score_chosen"] > r["score_rejected"] for r in rows)

@@ -67,6 +67,10 @@ HUMAN = [
     # An instruction that carries its own input below it.
     "Summarize the text below:\n\nThe cat sat on the mat all afternoon.",
     "Translate the following sentence into French: I like apples.",
+    # Openings close to the ones that present an answer.
+    "Here is my code; why does it crash when the list is empty?",
+    "Here's a question about Perl: how do I sort a hash by value?",
+    "To answer a survey, what is the best way to sample people?",
 ]
 
 
@@ -109,6 +113,11 @@ META = [
     "To help with the above query, I'll re-answer with the requested instruction.",
     "The instruction is incomplete. Please specify what the instruction is for and what the question is asking.",
     "The above response contains multiple explanations of the same answer.",
+    # bench/bench_quality.py: the untrained backward model on the demo's held-out responses.
+    "Here's a possible response with the instruction:\n\nTo answer the question, I'll provide a possible response.",
+    "To provide an appropriate answer to the requested instruction, please provide the requested answer:\n",
+    "To answer the instruction or question, we need to provide a response that meets the following criteria.",
+    "Here is the answer: use File::Copy.",
     # Descriptions of the passage, and requests that fit any passage.
     "The passage describes the history of the Roman Empire.",
     "This response explains how to install Python.",

@@ -185,6 +185,25 @@ def test_stage_metrics_are_recorded_as_stages_against_a_fake_server(tmp_path: Pa
     assert off.stages.all() == {}
 
 
+def test_curation_is_decontaminated_against_the_held_out_pairs_and_the_control_too(tmp_path: Path) -> None:
+    from humpback.contracts import Candidate, Source, write_jsonl
+    from humpback.loop.config import load_config
+    from humpback.loop.run import Loop
+
+    extra = tmp_path / "extra.jsonl"
+    loop = Loop(load_config(overrides=[f"curate.decontaminate_against={json.dumps([str(extra)])}"]), tmp_path / "run")
+    # The configured sets, then the run's held-out pairs (none where the run has none).
+    heldout = tmp_path / "heldout.jsonl"
+    assert loop.decontamination_sets({"heldout": str(heldout)}) == [extra, heldout]
+    assert loop.decontamination_sets({"heldout": None}) == [extra]
+    # The ablation's control never draws what curation dropped: A_k cannot hold it either.
+    candidates = tmp_path / "candidates.jsonl"
+    write_jsonl(candidates, [Candidate(custom_id=f"c{i}", instruction=f"Question {i}?", output="...", model="backward",
+                                       source=Source(path="corpus.jsonl", line=i + 1)) for i in range(4)])
+    control = loop.uncurated(str(candidates), 10, {"c1", "c3"})
+    assert sorted(ex.messages[1].content for ex in control) == ["Question 0?", "Question 2?"]
+
+
 def test_candidate_quality_counts_usable_instructions_and_their_diversity(tmp_path: Path) -> None:
     from humpback.contracts import Candidate, Source, write_jsonl
     from humpback.loop.evaluate import candidate_quality
@@ -281,7 +300,11 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     assert len({c["custom_id"] for c in candidates}) == len(candidates)
     assert all(c["checkpoint"] == stages["train_backward"]["job"] for c in candidates)
     scored = lines(stages["curate_1"]["scored"])
-    assert len(scored) == len(candidates)
+    # Candidates that overlap an evaluation prompt or a held-out pair are set aside unscored.
+    contaminated = stages["curate_1"]["contaminated"]
+    contaminated_file = Path(stages["curate_1"]["contaminated_file"])
+    assert contaminated == (len(lines(contaminated_file)) if contaminated_file.is_file() else 0)
+    assert len(scored) == len(candidates) - contaminated
     for s in scored:  # the expected score over the scorer's digit distribution, by M0
         assert (s["mode"], s["scorer_checkpoint"]) == ("logprobs", stages["train_m0"]["job"])
         assert sum(s["distribution"].values()) == pytest.approx(1.0)

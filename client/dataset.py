@@ -1,0 +1,161 @@
+"""A curated set as users load it (`humpback export dataset`): a Hugging Face `datasets` folder
+(`save_to_disk`, read back with `datasets.load_from_disk`) with a dataset card, `README.md`.
+
+The rows are the curated pairs, rebuilt from the scored journal with curate's own selection (this
+scorer and mode, score >= the k the curate summary reports), so each row keeps what the chat-format
+A_k file drops: its score and where its text came from (file, license, title). The card is written
+from the run's own records: the curate summary (scorer, k, score bands, decontamination), the augment
+summary (backward model and version, every preparation rule with its count) and the data build's
+manifest and licenses, where they are given. `datasets` comes with the `trainer` extra; the client
+itself does not need it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from client.curate import contaminated_ids, scored_records
+from client.runner import side_path
+from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, HumpbackError, InputError, tagged_example
+from humpback.settings import setting
+
+
+class DatasetFiles(BaseModel):
+    """What `humpback export dataset` reads and writes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    curated: Path = setting(help="the curated set `curate` wrote (A_k, chat JSONL); its summary and scored journal "
+                                 "are found beside it unless given")
+    out: Path = setting(help="the dataset folder to write (datasets' save_to_disk layout, with README.md)")
+    scored: Path | None = setting(None, "the scored journal (default: <curated>.scored.jsonl)")
+    summary: Path | None = setting(None, "curate's summary (default: <curated>.summary.json)")
+    augment_summary: Path | None = setting(None, "augment's summary of the candidates, for the card's preparation "
+                                                 "rules and backward model")
+    data_manifest: Path | None = setting(None, "the data build's manifest.json (`humpback data demo|oasst1`), for the "
+                                               "card's sources; its LICENSES.md beside it is copied into the card")
+    push_to_hub: str | None = setting(None, "also push the dataset and its card to this hub repository (needs the "
+                                            "hub to be reachable and a token)")
+
+
+def _json(path: Path | None, what: str) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: the {what} is not JSON ({exc})") from None
+
+
+def curated_rows(scored: Path, summary: dict[str, Any], contaminated: set[str] | None = None
+                 ) -> list[dict[str, Any]]:
+    """The rows of the curated set: curate's selection of the scored journal (see the module doc),
+    without the `contaminated` candidates (their scores may be in the journal from an earlier run)."""
+    extra = summary.get("extra", {})
+    k, mode, model = extra.get("min_score"), extra.get("mode"), extra.get("model")
+    if k is None or mode is None or model is None:
+        raise InputError("the curate summary names no threshold, mode or scorer (extra.min_score, extra.mode, "
+                         "extra.model): pass the summary of the run that wrote the curated set")
+    rows = []
+    for rec in scored_records(scored, mode, model, exclude=contaminated or set()):
+        if rec.score is not None and rec.score >= k:
+            meta = rec.source.metadata
+            rows.append({"messages": [m.model_dump() for m in tagged_example(
+                rec.instruction, rec.output, AUGMENTED_SYSTEM_PROMPT).messages],
+                "score": rec.score, "source": rec.source.path, "license": meta.get("license"),
+                "title": meta.get("title")})
+    return rows
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def dataset_card(name: str, rows: list[dict[str, Any]], curate: dict[str, Any], augment: dict[str, Any],
+                 manifest: dict[str, Any], licenses: str | None) -> str:
+    """The card's Markdown (with the hub's YAML header), from the records named in the module doc."""
+    cx, ax = curate.get("extra", {}), augment.get("extra", {})
+    licenses_used = sorted({str(r["license"]) for r in rows if r.get("license")})
+    parts = ["---", "license: other", "task_categories:", "- text-generation", "language:", "- en",
+             "tags:", "- instruction-backtranslation", "- humpback", "---", "", f"# {name}", "",
+             f"{len(rows)} instruction-response pairs made by instruction backtranslation (Li et al., 2023, "
+             "\"Self-Alignment with Instruction Backtranslation\") with humpback: a backward model wrote the "
+             "instruction each unlabelled text answers, a scorer rated every pair on the paper's 5-point rubric, "
+             f"and the pairs scored at least k = {cx.get('min_score')} were kept. Each row holds `messages` (system "
+             f"prompt \"{AUGMENTED_SYSTEM_PROMPT}\", the instruction, the text), its `score`, and the `source` file, "
+             "`license` and `title` of its text.", "", "## Sources and licenses", ""]
+    by_source = Counter((r["source"], r.get("license")) for r in rows)
+    parts.append(_table(("source file", "license", "rows"), [(s, lic, n) for (s, lic), n in by_source.most_common()]))
+    if manifest.get("sources"):
+        parts += ["", "Data build (`manifest.json`):", "",
+                  _table(("source", "files", "parsed", "kept", "dropped"),
+                         [(s, c.get("files"), c.get("parsed"), c.get("kept"),
+                           ", ".join(f"{k} {v}" for k, v in c.get("dropped", {}).items()) or "-")
+                          for s, c in manifest["sources"].items()])]
+    if licenses:
+        parts += ["", licenses.replace("# Licenses of the data sources", "### Licenses of the data sources")]
+    parts += ["", "## Preparation", ""]
+    prepare = augment.get("prepare") or {}
+    parts.append(_table(("rule", "segments"), sorted(prepare.items())) if prepare
+                 else "No augment summary was given: the preparation counts are not recorded here.")
+    parts += ["", "## Decontamination", ""]
+    contaminated = cx.get("contaminated")
+    parts.append(_table(("reference set", "candidates dropped"), sorted(contaminated.items())) if contaminated
+                 else f"Candidates dropped as contaminated: {curate.get('results', {}).get('contaminated', 0)}.")
+    parts += ["", "## Models and selection", "",
+              _table(("role", "model", "version"),
+                     [("backward (wrote the instructions)", ax.get("model", "-"), ax.get("checkpoint", "-")),
+                      ("scorer (rated the pairs)", cx.get("model", "-"), cx.get("checkpoint", "-"))]), "",
+              f"Scoring mode `{cx.get('mode')}`; threshold k = {cx.get('min_score')}"
+              + (f" (the best-scored {cx['top_fraction']:.0%})" if cx.get("top_fraction") else "")
+              + f"; kept {cx.get('selected')} of {cx.get('scored_total')} scored pairs.",
+              "", "## Score distribution", "",
+              _table(("score band", "pairs"), list((cx.get("bands") or {}).items()))]
+    if licenses_used:
+        parts += ["", "Licenses of the kept rows: " + ", ".join(licenses_used) + "."]
+    return "\n".join(parts) + "\n"
+
+
+def export_dataset(files: DatasetFiles) -> dict[str, Any]:
+    """Write the dataset folder and its card; push them when `files.push_to_hub` names a repository."""
+    try:
+        import datasets
+    except ImportError:
+        raise InputError("`humpback export dataset` needs the `datasets` library: pip install -e '.[trainer]'") from None
+    curated = files.curated
+    scored = files.scored or side_path(curated, "scored.jsonl")
+    summary = _json(files.summary or side_path(curated, "summary.json"), "curate summary")
+    if not scored.is_file():
+        raise InputError(f"{scored}: no scored journal (pass --scored)")
+    rows = curated_rows(scored, summary, contaminated_ids(side_path(curated, "contaminated.jsonl")))
+    manifest = _json(files.data_manifest, "data manifest")
+    lic = files.data_manifest.parent / "LICENSES.md" if files.data_manifest else None
+    card = dataset_card(curated.stem, rows, summary, _json(files.augment_summary, "augment summary"), manifest,
+                        lic.read_text(encoding="utf-8") if lic is not None and lic.is_file() else None)
+    ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
+        {"messages": [], "score": [], "source": [], "license": [], "title": []})
+    ds.save_to_disk(os.fspath(files.out))
+    (files.out / "README.md").write_text(card, encoding="utf-8")
+    result = {"rows": len(rows), "out": str(files.out), "card": str(files.out / "README.md")}
+    if files.push_to_hub:
+        try:
+            ds.push_to_hub(files.push_to_hub)
+            from huggingface_hub import HfApi
+
+            HfApi().upload_file(path_or_fileobj=str(files.out / "README.md"), path_in_repo="README.md",
+                                repo_id=files.push_to_hub, repo_type="dataset")
+        except Exception as exc:  # the hub's client raises many kinds: offline, no token, no rights
+            raise HumpbackError(f"could not push to the hub repository {files.push_to_hub!r} ({type(exc).__name__}: "
+                                f"{exc}); the dataset is saved in {files.out}") from None
+        result["pushed"] = files.push_to_hub
+    return result
