@@ -8,11 +8,13 @@ model servers (ports 18201/18202, state under OUT/serve, so a running demo is no
 
 - backward configurations with `eval backward` (instruction_nll, rouge_l, usable_rate, distinct_2):
   the untrained SmolLM2-135M-Instruct with the paper's zero-shot prompt and with 3 demonstrations from
-  the seed (`augment.shots`); M_yx, trained as the demo trains it (the `cpu-demo` preset, 6 steps of 8
-  reversed seed pairs, through `python -m trainer.train`, the trainer's own training process), with
-  both prompts; M_yx trained on more of the seed in shorter examples (every seed pair whose response
-  fits a demonstration, 256 tokens, 12 steps); and Qwen2.5-Coder-0.5B-Instruct with both prompts,
-  when `make models-quality` prepared it;
+  the seed (`augment.shots`); M_yx trained on the paper's examples as the forward models are (the
+  demo's 60 seed pairs reversed, the `cpu-demo` preset, 512 tokens, 6 steps of 8, through `python -m
+  trainer.train`, the trainer's own training process), with
+  both prompts; M_yx trained on more of the seed in shorter examples, as the demo now trains it
+  (`train.backward_examples: short`: every seed-side pair whose response has at most 700 characters,
+  the `cpu-demo-short` preset, 256 tokens, 12 steps), with both prompts; and
+  Qwen2.5-Coder-0.5B-Instruct with both prompts, when `make models-quality` prepared it;
 - scorer configurations with `eval scorer` (auc, precision_at_k at the paper's 4.5, the mean score of
   positives and of each negative kind): SmolLM2 untrained, M0 trained as the demo trains it, Qwen 0.5B.
 
@@ -44,10 +46,10 @@ from client.augment import AugmentConfig  # noqa: E402
 from client.fanout import FanoutConfig  # noqa: E402
 from humpback.contracts import (  # noqa: E402
     SeedPair,
-    pick_demonstrations,
     read_jsonl,
     seed_backward_examples,
     seed_forward_examples,
+    short_pairs,
     write_jsonl,
 )
 from humpback.data.build import BuildConfig, build_demo  # noqa: E402
@@ -62,7 +64,6 @@ SMOLLM = REPO / "models" / "smollm2-135m-instruct"
 QWEN = REPO / "models" / "qwen2.5-coder-0.5b-instruct"
 PORTS = {"backward": 18201, "scorer": 18202}
 SHOTS = 3
-SHORT_LENGTH = 256
 BACKWARD_COLUMNS = ("instruction_nll", "rouge_l", "usable_rate", "distinct_2")
 SCORER_COLUMNS = ("auc", "precision_at_k", "mean_score_positive", "mean_score_mismatched",
                   "mean_score_first_sentence", "mean_score_passage")
@@ -91,25 +92,27 @@ def url(role: str) -> str:
     return f"http://127.0.0.1:{PORTS[role]}"
 
 
-def train(name: str, examples: list, out: Path, **override: Any) -> tuple[Path, float]:
-    """Train as the demo's jobs train (the `cpu-demo` preset, the demo's step count, batch 8; `override`
-    changes preset fields) with the trainer's training process; returns the merged export and the
-    minutes it took."""
-    export = out / name / "export"
-    if (export / "config.json").is_file():
-        return export, 0.0
+def train(name: str, examples: list, out: Path, preset_name: str, steps: int) -> tuple[Path, float]:
+    """Train as the demo's jobs train (a trainer preset, batch 8, `steps` steps) with the trainer's
+    training process; returns the merged export and the minutes the training took (kept beside the
+    export, so a rerun that reuses it reports them too)."""
+    export, timing = out / name / "export", out / name / "minutes.txt"
+    if (export / "config.json").is_file() and timing.is_file():
+        return export, float(timing.read_text())
     (out / name).mkdir(parents=True, exist_ok=True)
     data = out / name / "train.jsonl"
     write_jsonl(data, examples)
-    preset = PRESETS[TrainConfig.model_fields["backward_preset"].default]
-    steps = TrainConfig.model_fields["max_steps"].default
-    spec = TrainSpec(**{**preset.model_dump(), "batch_size": 8, "max_steps": steps, **override}, base_model=SMOLLM,
-                     training_file=data, output_dir=out / name / "train", export_dir=export, seed=0)
+    preset = PRESETS[preset_name]
+    spec = TrainSpec(**{**preset.model_dump(), "batch_size": 8, "max_steps": steps,
+                        "save_steps": min(preset.save_steps, steps)}, base_model=SMOLLM, training_file=data,
+                     output_dir=out / name / "train", export_dir=export, seed=0)
     (out / name / "spec.json").write_text(spec.model_dump_json())
     start = time.monotonic()
     subprocess.run([sys.executable, "-m", "trainer.train", str(out / name / "spec.json")], cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL)
-    return export, (time.monotonic() - start) / 60
+    minutes = (time.monotonic() - start) / 60
+    timing.write_text(f"{minutes:.2f}")
+    return export, minutes
 
 
 def swap(state: Path, role: str, checkpoint: Path, version: str) -> None:
@@ -162,11 +165,8 @@ def main() -> int:
 
     data_cfg = DataConfig()
     data = out / "data"
-    if not (data / "heldout.jsonl").is_file():
+    if not (data / "seed_rest.jsonl").is_file():
         build_demo(BuildConfig(out=data, max_seed=data_cfg.max_seed, max_corpus_docs=data_cfg.max_corpus_docs))
-    full = out / "data-full"  # every seed pair, not the demo's 60; the same held-out split
-    if not (full / "seed.jsonl").is_file():
-        build_demo(BuildConfig(out=full, max_seed=None, max_corpus_docs=data_cfg.max_corpus_docs))
     pairs, seed, corpus = data / "heldout.jsonl", data / "seed.jsonl", data / "corpus.jsonl"
     seed_pairs = read_jsonl(seed, SeedPair)
     rows: list[Row] = []
@@ -177,24 +177,27 @@ def main() -> int:
         rows.append(measure_backward(f"smollm2-135m base, {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS))
         rows.append(measure_scorer("smollm2-135m base", pairs, corpus, out, args.pairs))
         if not args.no_train:
-            myx, minutes = train("myx", seed_backward_examples(seed_pairs), out)
+            # The paper's examples: the demo's 60 seed pairs reversed, as the forward models see them.
+            paper, long_steps = TrainConfig.model_fields["forward_preset"].default, TrainConfig.model_fields["max_steps"].default
+            myx, minutes = train("myx", seed_backward_examples(seed_pairs), out, paper, long_steps)
             swap(state, "backward", myx, "myx")
-            note = f"trained {minutes:.1f} min" if minutes else "trained earlier"
-            rows.append(measure_backward("M_yx (demo training), zero-shot", pairs, seed, out, args.pairs, 0, note))
-            rows.append(measure_backward(f"M_yx (demo training), {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS))
-            # More of the seed in shorter examples: every seed pair short enough to be a demonstration,
-            # twice the steps at half the length (about the demo job's tokens).
-            short = pick_demonstrations(read_jsonl(full / "seed.jsonl", SeedPair), 10**9)
-            myx_short, minutes = train("myx_short", seed_backward_examples(short), out, max_length=SHORT_LENGTH,
-                                       max_steps=2 * TrainConfig.model_fields["max_steps"].default)
+            note = f"{len(seed_pairs)} seed pairs, {PRESETS[paper].max_length} tokens, {long_steps} steps; trained {minutes:.1f} min"
+            rows.append(measure_backward("M_yx (paper examples), zero-shot", pairs, seed, out, args.pairs, 0, note))
+            rows.append(measure_backward(f"M_yx (paper examples), {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS))
+            # More of the seed in shorter examples: the demo's M_yx now (train.backward_examples "short").
+            short_preset = TrainConfig.model_fields["backward_preset"].default
+            short_steps = TrainConfig.model_fields["backward_max_steps"].default
+            short = short_pairs([*seed_pairs, *read_jsonl(data / "seed_rest.jsonl", SeedPair)])
+            myx_short, minutes = train("myx_short", seed_backward_examples(short), out, short_preset, short_steps)
             swap(state, "backward", myx_short, "myx-short")
-            note = f"{len(short)} short seed pairs, {SHORT_LENGTH} tokens, 12 steps; " + (
-                f"trained {minutes:.1f} min" if minutes else "trained earlier")
+            note = (f"{len(short)} short seed pairs, {PRESETS[short_preset].max_length} tokens, {short_steps} steps; "
+                    f"trained {minutes:.1f} min")
             rows.append(measure_backward("M_yx (short examples), zero-shot", pairs, seed, out, args.pairs, 0, note))
-            m0, minutes = train("m0", seed_forward_examples(seed_pairs), out)
+            rows.append(measure_backward(f"M_yx (short examples), {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS))
+            m0, minutes = train("m0", seed_forward_examples(seed_pairs), out, paper, long_steps)
             swap(state, "scorer", m0, "m0")
             rows.append(measure_scorer("M0 (demo training)", pairs, corpus, out, args.pairs,
-                                       f"trained {minutes:.1f} min" if minutes else "trained earlier"))
+                                       f"{len(seed_pairs)} seed pairs, {long_steps} steps; trained {minutes:.1f} min"))
         if not args.no_qwen and (QWEN / "humpback-manifest.json").is_file():
             serve_up(state, QWEN, QWEN)
             rows.append(measure_backward("qwen2.5-coder-0.5b base, zero-shot", pairs, seed, out, args.pairs, 0))

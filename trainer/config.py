@@ -97,6 +97,9 @@ PRESETS: dict[str, Preset] = {
     "paper-lora": Preset(learning_rate=1e-4),
     # A few minutes on a 2-core CPU: enough to see the loss fall on a small seed set.
     "cpu-demo": Preset(learning_rate=2e-4, batch_size=8, max_steps=30, max_length=512, save_steps=10),
+    # The demo's backward model: short examples (a response of <= 700 characters is < 256 tokens), so
+    # a step costs half of cpu-demo's and twice the steps see twice the pairs (bench/bench_quality.py).
+    "cpu-demo-short": Preset(learning_rate=2e-4, batch_size=8, max_steps=12, max_length=256, save_steps=6),
     # Seconds per step on a CPU: for tests and smoke runs.
     "cpu-test": Preset(
         learning_rate=1e-3, batch_size=2, micro_batch_size=2, max_steps=3, max_length=256, save_steps=1

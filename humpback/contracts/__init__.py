@@ -97,6 +97,7 @@ from humpback.contracts.prompts import (
     rubric_messages,
     seed_backward_examples,
     seed_forward_examples,
+    short_pairs,
     tagged_example,
 )
 from humpback.contracts.records import (

@@ -60,14 +60,19 @@ def backward_messages(response: str, demonstrations: Sequence[SeedPair] = ()) ->
 DEMONSTRATION_MAX_CHARS = 700
 
 
+def short_pairs(pairs: Iterable[SeedPair], max_chars: int = DEMONSTRATION_MAX_CHARS) -> list[SeedPair]:
+    """The pairs whose response fits `max_chars` and whose instruction is one line, in their order: the
+    backward model's demonstrations are drawn from them, and the demo's M_yx learns from them (short
+    examples train twice the pairs at the cost of the long ones)."""
+    return [p for p in pairs if len(p.response) <= max_chars and "\n" not in p.instruction.strip()]
+
+
 def pick_demonstrations(pairs: Iterable[SeedPair], k: int,
                         max_chars: int = DEMONSTRATION_MAX_CHARS) -> tuple[SeedPair, ...]:
-    """`k` seed pairs to show the backward model: those whose response fits `max_chars` and whose
-    instruction is one line, the first `k` in the order of their ids (a hash: deterministic, and as
-    varied in topic as the seed; the seed's file order groups pairs by source). Fewer when the seed
-    has fewer such pairs."""
-    fit = [p for p in pairs if len(p.response) <= max_chars and "\n" not in p.instruction.strip()]
-    return tuple(sorted(fit, key=lambda p: p.id)[:k])
+    """`k` seed pairs to show the backward model: of the `short_pairs`, the first `k` in the order of
+    their ids (a hash: deterministic, and as varied in topic as the seed; the seed's file order groups
+    pairs by source). Fewer when the seed has fewer such pairs."""
+    return tuple(sorted(short_pairs(pairs, max_chars), key=lambda p: p.id)[:k])
 
 
 def backward_example(instruction: str, response: str) -> ChatExample:

@@ -1,8 +1,8 @@
 """The data builds: `demo` (Debian documentation: seed Q/A, held-out split, prose corpus) and `oasst1`.
 
 Both share the seed pipeline: length filter, dedup by normalized instruction and by normalized response,
-a hash-based held-out split that never reshuffles, then `seed.jsonl`, `heldout.jsonl`, `LICENSES.md`
-and `manifest.json`. A file that fails to parse is recorded in the manifest and the build goes on.
+a hash-based held-out split that never reshuffles, then `seed.jsonl`, `heldout.jsonl`, `seed_rest.jsonl`
+(the seed pairs past `max_seed`), `LICENSES.md` and `manifest.json`. A file that fails to parse is recorded in the manifest and the build goes on.
 """
 
 from __future__ import annotations
@@ -154,10 +154,11 @@ def filter_pairs(pairs: Iterable[SeedPair], cfg: BuildConfig, counts: dict[str, 
 
 
 def split_pairs(pairs: list[SeedPair], cfg: BuildConfig, counts: dict[str, SourceCounts],
-                ) -> tuple[list[SeedPair], list[SeedPair]]:
-    """(seed, held-out), each in input order. The held-out side is chosen first, by a hash of each id,
-    so it never depends on `max_seed`; `max_seed` then keeps the seed pairs of smallest id hash."""
-    seed, heldout = [], []
+                ) -> tuple[list[SeedPair], list[SeedPair], list[SeedPair]]:
+    """(seed, held-out, rest), each in input order. The held-out side is chosen first, by a hash of each
+    id, so it never depends on `max_seed`; `max_seed` then keeps the seed pairs of smallest id hash, and
+    the others are the rest (never held-out pairs: a model may still learn from them)."""
+    seed, heldout, rest = [], [], []
     for p in pairs:
         (heldout if split_bucket(p.id) < cfg.heldout_fraction else seed).append(p)
     if cfg.max_seed is not None and len(seed) > cfg.max_seed:
@@ -165,6 +166,7 @@ def split_pairs(pairs: list[SeedPair], cfg: BuildConfig, counts: dict[str, Sourc
         for p in seed:
             if p.id not in chosen:
                 counts[p.source].dropped["over_max_seed"] += 1
+        rest = [p for p in seed if p.id not in chosen]
         seed = [p for p in seed if p.id in chosen]
     for side, held in ((seed, False), (heldout, True)):
         for p in side:
@@ -172,7 +174,7 @@ def split_pairs(pairs: list[SeedPair], cfg: BuildConfig, counts: dict[str, Sourc
             c.heldout += held
             c.seed += not held
             c.chars += len(p.instruction) + len(p.response)
-    return seed, heldout
+    return seed, heldout, rest
 
 
 # --- corpus ----------------------------------------------------------------------------------------
@@ -272,9 +274,12 @@ def _file_info(path: Path, records: int, chars: int) -> dict[str, int]:
     return {"records": records, "chars": chars, "bytes": path.stat().st_size}
 
 
-def _write_seed(out: Path, seed: list[SeedPair], heldout: list[SeedPair]) -> dict[str, dict[str, int]]:
+def _write_seed(out: Path, seed: list[SeedPair], heldout: list[SeedPair], rest: list[SeedPair]
+                ) -> dict[str, dict[str, int]]:
+    """seed.jsonl, heldout.jsonl and seed_rest.jsonl (the seed pairs past `max_seed`: the loop's backward
+    model learns from more of the seed than the forward models, see `humpback.loop.config.TrainConfig`)."""
     outputs = {}
-    for name, pairs in (("seed.jsonl", seed), ("heldout.jsonl", heldout)):
+    for name, pairs in (("seed.jsonl", seed), ("heldout.jsonl", heldout), ("seed_rest.jsonl", rest)):
         n = write_jsonl(out / name, pairs)
         outputs[name] = _file_info(out / name, n, sum(len(p.instruction) + len(p.response) for p in pairs))
     return outputs
@@ -296,8 +301,7 @@ def build_demo(cfg: BuildConfig) -> BuildResult:
     counts: dict[str, SourceCounts] = {}
     failures: list[ParseFailure] = []
     pairs = filter_pairs(collect_seed(cfg, counts, failures), cfg, counts)
-    seed, heldout = split_pairs(pairs, cfg, counts)
-    outputs = _write_seed(cfg.out, seed, heldout)
+    outputs = _write_seed(cfg.out, *split_pairs(pairs, cfg, counts))
 
     corpus_counts: dict[str, SourceCounts] = {}
     docs = _cap_corpus(collect_corpus(cfg, corpus_counts, failures), cfg, corpus_counts)
@@ -331,8 +335,7 @@ def build_oasst1(inputs: list[Path], hub: str | None, split: str, cfg: BuildConf
     counts: dict[str, SourceCounts] = {SOURCE: SourceCounts(files=len(inputs) + bool(hub))}
     selected = list(first_turn_pairs(read_messages(inputs, hub, split, stats), stats, lang))
     counts[SOURCE].parsed = len(selected)
-    seed, heldout = split_pairs(filter_pairs(selected, cfg, counts), cfg, counts)
-    outputs = _write_seed(cfg.out, seed, heldout)
+    outputs = _write_seed(cfg.out, *split_pairs(filter_pairs(selected, cfg, counts), cfg, counts))
     write_licenses(cfg.out / "LICENSES.md", cfg.root, [(SOURCE, f"OpenAssistant/oasst1 ({hub or 'local copy'})",
                                                          LICENSE, None)])
     selection = {"messages": stats.messages, "roots": stats.roots, "first_turn_pairs": stats.selected,

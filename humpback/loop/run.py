@@ -23,6 +23,7 @@ from typing import Any
 
 from client.augment import AugmentConfig, augment
 from client.curate import contaminated_ids, curate, scored_records
+from client.dataset import DatasetFiles, export_dataset
 from client.fanout import FanoutConfig
 from client.runner import side_path
 from humpback.contracts import (
@@ -34,6 +35,7 @@ from humpback.contracts import (
     read_jsonl,
     seed_backward_examples,
     seed_forward_examples,
+    short_pairs,
     tagged_example,
     write_jsonl,
 )
@@ -79,10 +81,20 @@ class Loop:
         result = build_demo(BuildConfig(out=self.dir / "data", max_seed=d.max_seed, max_corpus_docs=d.max_corpus_docs))
         log.info("data built in %s:\n%s", result.out, format_table(result))
         return {"seed": str(result.out / "seed.jsonl"), "heldout": str(result.out / "heldout.jsonl"),
-                "corpus": [str(result.out / "corpus.jsonl")]}
+                "seed_rest": str(result.out / "seed_rest.jsonl"), "corpus": [str(result.out / "corpus.jsonl")]}
 
-    def train(self, name: str, examples: list[ChatExample], base: str, deploy: str, preset: str) -> dict[str, Any]:
-        """One fine-tuning job through the trainer service, deployed to `deploy` when it succeeds."""
+    def backward_pairs(self, data: dict[str, Any], seed: list[SeedPair]) -> list[SeedPair]:
+        """What M_yx learns from (`train.backward_examples`): the seed, or the short pairs of the seed
+        and of the rest of the seed side (`seed_rest.jsonl`, where the build wrote one)."""
+        if self.cfg.train.backward_examples == "seed":
+            return seed
+        rest = data.get("seed_rest")
+        return short_pairs([*seed, *(read_jsonl(rest, SeedPair) if rest and Path(rest).is_file() else [])])
+
+    def train(self, name: str, examples: list[ChatExample], base: str, deploy: str, preset: str,
+              max_steps: int | None = None) -> dict[str, Any]:
+        """One fine-tuning job through the trainer service, deployed to `deploy` when it succeeds; its
+        steps are `max_steps`, else `train.max_steps`, else the preset's."""
         assert self.trainer is not None
         state = self.stages.state(name)
         if "job" not in state:
@@ -90,8 +102,9 @@ class Loop:
             write_jsonl(path, examples)
             file_id = self.trainer.upload(path).id
             metadata = {"deploy_to": deploy, "preset": preset}
-            if self.cfg.train.max_steps:
-                metadata["max_steps"] = str(self.cfg.train.max_steps)
+            steps = max_steps or self.cfg.train.max_steps
+            if steps:
+                metadata["max_steps"] = str(steps)
             job = self.trainer.create_job(CreateJobRequest(
                 model=base, training_file=file_id, suffix=name.removeprefix("train_"), metadata=metadata, seed=0))
             state = {"job": job.id, "file": file_id, "examples": len(examples)}
@@ -157,7 +170,12 @@ class Loop:
         dropped = contaminated_ids(contaminated)
         scores = [r.score for r in scored_records(scored, config.mode, "scorer", exclude=dropped)]
         kept = {str(k): sum(1 for s in scores if s is not None and s >= k) for k in self.cfg.curate.thresholds}
-        return {"curated": str(out), "scored": str(scored),
+        manifest = Path(data["seed"]).parent / "manifest.json"
+        dataset = export_dataset(DatasetFiles(
+            curated=out, out=out.with_name(f"A{t}.dataset"), scored=scored,
+            augment_summary=side_path(Path(candidates), "summary.json"),
+            data_manifest=manifest if manifest.is_file() else None))
+        return {"curated": str(out), "scored": str(scored), "dataset": dataset["out"],
                 "scorer": scorer["fine_tuned_model"], "k": summary.extra.get("min_score"),
                 "selected": summary.extra.get("selected"), "kept_per_threshold": kept,
                 "contaminated": summary.results["contaminated"], "contaminated_file": str(contaminated),
@@ -262,7 +280,8 @@ class Loop:
 
         self.measure_base_backward(data)
         backward = self.stages.run("train_backward", lambda: self.train(
-            "train_backward", seed_backward_examples(seed), "backward", "backward", cfg.train.backward_preset))
+            "train_backward", seed_backward_examples(self.backward_pairs(data, seed)), "backward", "backward",
+            cfg.train.backward_preset, cfg.train.backward_max_steps))
         model = self.stages.run("train_m0", lambda: self.train(
             "train_m0", forward_seed, "scorer", "scorer", cfg.train.forward_preset))
         self.evaluate("m0", model, data)

@@ -81,6 +81,12 @@ def test_demo_is_deterministic_and_caps_sizes(tmp_path: Path):
     held = (tmp_path / "all" / "heldout.jsonl").read_bytes()
     assert held and (tmp_path / "capped" / "heldout.jsonl").read_bytes() == held  # max_seed leaves it alone
     assert len(_read(tmp_path / "capped" / "seed.jsonl", SeedPair)) == 1
+    # The pairs past the cap are kept aside, never held-out ones: together they are the uncapped seed.
+    rest = _read(tmp_path / "capped" / "seed_rest.jsonl", SeedPair)
+    everything = _read(tmp_path / "all" / "seed.jsonl", SeedPair)
+    assert sorted(p.id for p in [*_read(tmp_path / "capped" / "seed.jsonl", SeedPair), *rest]) == sorted(
+        p.id for p in everything) and len(rest) == len(everything) - 1
+    assert (tmp_path / "all" / "seed_rest.jsonl").read_text() == ""
 
 
 # --- the real thing: the Debian documentation packages the setup installs ---------------------------

@@ -129,6 +129,25 @@ def test_ensure_trainer_starts_the_service_from_its_settings(tmp_path: Path) -> 
         time.sleep(0.2)
 
 
+def test_the_backward_model_learns_from_the_short_pairs_of_the_whole_seed_side(tmp_path: Path) -> None:
+    from humpback.contracts import DEMONSTRATION_MAX_CHARS, SeedPair, write_jsonl
+    from humpback.loop.config import load_config
+    from humpback.loop.run import Loop
+
+    def pair(i: int, chars: int, instruction: str = "Why {i}?") -> SeedPair:
+        return SeedPair.make(instruction.format(i=i), "x" * chars, "perlfaq", "Artistic")
+
+    seed = [pair(0, 100), pair(1, DEMONSTRATION_MAX_CHARS + 1), pair(2, 50, "Two\nlines {i}?")]
+    rest = [pair(3, 300), pair(4, 2000)]
+    write_jsonl(tmp_path / "rest.jsonl", rest)
+    data = {"seed_rest": str(tmp_path / "rest.jsonl")}
+    loop = Loop(load_config(), tmp_path / "run")
+    assert loop.backward_pairs(data, seed) == [seed[0], rest[0]]
+    assert loop.backward_pairs({}, seed) == [seed[0]]  # a seed given by the user has no rest
+    paper = Loop(load_config(overrides=["train.backward_examples=seed"]), tmp_path / "run2")
+    assert paper.backward_pairs(data, seed) == seed
+
+
 # --- stage metrics, without servers ---------------------------------------------------------------
 
 
@@ -314,6 +333,13 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     curated = lines(stages["curate_1"]["curated"])
     assert len(curated) == sum(1 for s in scored if s["score"] >= 1.0) > 0  # the quick preset keeps all
     assert all(c["messages"][0]["content"] == "Answer with knowledge from web search." for c in curated)
+    # ... and the same set as a `datasets` folder, with its card.
+    import datasets
+
+    published = datasets.load_from_disk(stages["curate_1"]["dataset"])
+    assert [row["messages"] for row in published] == [c["messages"] for c in curated]
+    card = (Path(stages["curate_1"]["dataset"]) / "README.md").read_text()
+    assert "## Decontamination" in card and "perlfaq" in card  # the data build's sources and licenses
     assert stages["train_m1"]["examples"] == stages["train_m0"]["examples"] + len(curated)
 
     # Each model's numbers are those of its rows on disk.
