@@ -31,6 +31,7 @@ from client.curate import Contamination, CurateConfig, ScoreTask, decontaminator
 from client.journal import Journal, LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
+from client.rewrite import RewriteConfig, RewriteTask
 from client.runner import CorruptLines, RunSummary, run, side_path
 from client.tasks import Item, Job, Parsed, Task
 from humpback.contracts import (BatchRequest, BatchResult, Candidate, InputError, Rejected, RequestFailed,
@@ -54,7 +55,8 @@ class SegmentMeta(BaseModel):
 
 
 class CandidateMeta(BaseModel):
-    """A line of a curate export's meta file: the candidate request `custom_id` scores."""
+    """A line of a curate or rewrite export's meta file: the candidate request `custom_id` scores or
+    rewrites."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -118,6 +120,19 @@ def export_curate(candidates: PathLike, out: PathLike, model: str, config: Curat
         clean = Contamination(found, contaminated, summary).clean
         cands = (cand for cand, _ in clean(read_candidates(candidates, errors, summary, cfg.max_field_chars)))
         _export(ScoreTask(model, None, cfg), cands, out,
+                lambda cid, cand: CandidateMeta(custom_id=cid, candidate=cand), summary)
+    return summary
+
+
+def export_rewrite(candidates: PathLike, out: PathLike, model: str, config: RewriteConfig | None = None) -> RunSummary:
+    """Batch rewriting requests for every pair of a candidates file (one per distinct `custom_id`)."""
+    cfg = config or RewriteConfig()
+    candidates, out = Path(candidates), Path(out)
+    summary = RunSummary()
+    check_input(candidates)
+    with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
+        cands = (cand for cand, _ in read_candidates(candidates, errors, summary, cfg.max_field_chars))
+        _export(RewriteTask(model, None, cfg), cands, out,
                 lambda cid, cand: CandidateMeta(custom_id=cid, candidate=cand), summary)
     return summary
 
@@ -274,4 +289,16 @@ def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: 
         if model:
             select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
                    errors)
+    return summary
+
+
+def import_rewrite(requests: PathLike, results: PathLike, out: PathLike, checkpoint: str | None = None) -> RunSummary:
+    """Append the batch's rewrites to the `out` journal (skipping ids already there)."""
+    requests, results, out = Path(requests), Path(results), Path(out)
+    _check_import(requests, results)
+    exported, model = _exported(requests)
+    summary = RunSummary()
+    with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
+        _import(RewriteTask(model, checkpoint, RewriteConfig()), requests, CandidateMeta, exported, results, out, out,
+                summary, errors, CorruptLines(out, errors))
     return summary

@@ -82,6 +82,13 @@ class ExportCurateFiles(_Files):
     out: Path = setting(help="batch requests JSONL, and <out>.meta.jsonl beside it: the candidate of each request")
 
 
+class ExportRewriteFiles(_Files):
+    """What `humpback batch export rewrite` reads and writes."""
+
+    candidates: Path = setting(help="pairs to rewrite: candidates or any JSONL with instruction and output fields")
+    out: Path = setting(help="batch requests JSONL, and <out>.meta.jsonl beside it: the pair of each request")
+
+
 class ImportFiles(_Files):
     """What `humpback batch import` reads and writes."""
 
@@ -110,7 +117,9 @@ class MergeFiles(_Files):
 EXPORT_AUGMENT = ("model", "max_tokens", "temperature", "top_p", "seed", "shots", "demonstrations")
 EXPORT_CURATE = ("model", "mode", "max_tokens", "temperature", "max_field_chars", "decontaminate",
                  "decontaminate_against")
+EXPORT_REWRITE = ("model", "max_tokens", "temperature", "top_p", "max_field_chars")
 IMPORT_AUGMENT = ("checkpoint",)
+IMPORT_REWRITE = ("checkpoint",)
 IMPORT_CURATE = ("mode", "min_score", "top_fraction", "model", "checkpoint", "scored", "histogram")
 # What makes an augment request's custom_id, and which segments a run takes: `merge --corpus` needs them.
 MERGE_AUGMENT = ("model", "max_tokens", "temperature", "top_p", "seed", "shots", "demonstrations", "limit")
@@ -231,6 +240,20 @@ def _export_curate(args: argparse.Namespace) -> int:
     return _report(batch.export_curate(files.candidates, files.out, cfg.model, cfg))
 
 
+def _export_rewrite(args: argparse.Namespace) -> int:
+    from client import batch
+
+    files, cfg = from_args(ExportRewriteFiles, args), from_args(RewriteConfig, args)
+    return _report(batch.export_rewrite(files.candidates, files.out, cfg.model, cfg))
+
+
+def _import_rewrite(args: argparse.Namespace) -> int:
+    from client import batch
+
+    files, cfg = from_args(ImportFiles, args), from_args(RewriteConfig, args)
+    return _report(batch.import_rewrite(files.requests, files.results, files.out, checkpoint=cfg.checkpoint))
+
+
 def _import_augment(args: argparse.Namespace) -> int:
     from client import batch
 
@@ -332,8 +355,13 @@ def register(sub: Any) -> None:
     _files_args(e, ExportCurateFiles)
     _curate_args(e, exclude=_except(CurateConfig, EXPORT_CURATE), required=["model"])
     e.set_defaults(func=_refusing(_export_curate))
+    e = kinds.add_parser("rewrite", help="one rewriting request per pair")
+    _files_args(e, ExportRewriteFiles)
+    add_arguments(e, RewriteConfig, exclude=_except(RewriteConfig, EXPORT_REWRITE), required=["model"])
+    e.set_defaults(func=_refusing(_export_rewrite))
 
-    imp = bsub.add_parser("import", help="turn batch results into candidates (augment) or a curated set (curate)")
+    imp = bsub.add_parser("import", help="turn batch results into candidates (augment), a curated set (curate) or "
+                                         "rewrites (rewrite)")
     kinds = imp.add_subparsers(dest="kind", required=True)
     i = kinds.add_parser("augment", help="append the answers to a candidates journal")
     _files_args(i, ImportFiles)
@@ -343,6 +371,10 @@ def register(sub: Any) -> None:
     _files_args(i, ImportFiles)
     _curate_args(i, exclude=_except(CurateConfig, IMPORT_CURATE))
     i.set_defaults(func=_refusing(_import_curate))
+    i = kinds.add_parser("rewrite", help="append the rewrites to a rewritten-candidates journal")
+    _files_args(i, ImportFiles)
+    add_arguments(i, RewriteConfig, exclude=_except(RewriteConfig, IMPORT_REWRITE))
+    i.set_defaults(func=_refusing(_import_rewrite))
 
     p = sub.add_parser("merge", help="join the outputs of `--shard I/N` runs and check that none is missing",
                        description="Join the shards' outputs into one JSONL, each record once (two different "

@@ -23,7 +23,7 @@ SETTINGS = (
     "client.fanout:FanoutConfig", "client.prepare:PrepareConfig", "client.augment:AugmentConfig",
     "client.curate:CurateConfig", "client.cli:CorpusFiles", "client.cli:AugmentFiles", "client.cli:CurateFiles",
     "client.cli:ExportAugmentFiles", "client.cli:ExportCurateFiles", "client.cli:ImportFiles",
-    "client.cli:MergeFiles", "client.rewrite:RewriteConfig", "client.cli:RewriteFiles",
+    "client.cli:MergeFiles", "client.rewrite:RewriteConfig", "client.cli:RewriteFiles", "client.cli:ExportRewriteFiles",
     "client.preferences:PreferenceConfig", "client.cli:PreferenceFiles", "client.dataset:DatasetFiles",
     "trainer.config:ServiceSettings", "trainer.config:Preset",
     "humpback.data.build:BuildConfig", "humpback.data.cli:Oasst1Source",

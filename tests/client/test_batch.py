@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from client.batch import CandidateMeta, export_augment, export_curate, import_augment, import_curate
+from client.batch import (CandidateMeta, export_augment, export_curate, export_rewrite, import_augment, import_curate,
+                          import_rewrite)
 from client.curate import CurateConfig
 from humpback.cli import main
-from humpback.contracts import Candidate, Failure, InputError, Rejected, ScoredCandidate
+from humpback.contracts import Candidate, Failure, InputError, Rejected, RewrittenCandidate, ScoredCandidate
 from tests.client.conftest import make_text
 from tests.client.fake_server import FakeServer
 
@@ -60,6 +61,25 @@ def test_curate_batch_round_trip(corpus: Path, tmp_path: Path) -> None:
     scored = [ScoredCandidate.model_validate_json(x) for x in (tmp_path / "curated.scored.jsonl").read_text().splitlines()]
     assert len(scored) == 30 and all(1 <= s.score <= 5 for s in scored)  # type: ignore[operator]
     assert summary.extra["selected"] == len(out.read_text().splitlines()) == sum(s.score >= 3.0 for s in scored)  # type: ignore[operator]
+
+
+def test_rewrite_batch_round_trip_gives_the_live_path_s_records(corpus: Path, tmp_path: Path) -> None:
+    cands = tmp_path / "cands.jsonl"
+    req, res = tmp_path / "a_req.jsonl", tmp_path / "a_res.jsonl"
+    export_augment([corpus], req, "backward")
+    _run_batch(req, res)
+    import_augment(req, res, cands)
+    rreq, rres, out = tmp_path / "r_req.jsonl", tmp_path / "r_res.jsonl", tmp_path / "rewritten.jsonl"
+    assert export_rewrite(cands, rreq, "scorer").results["requests"] == 30
+    _run_batch(rreq, rres, fail={0})
+    first = import_rewrite(rreq, rres, out, checkpoint="rw1")
+    assert first.results["written"] == 29 and first.results["failed"] == 1
+    _run_batch(rreq, rres)
+    assert import_rewrite(rreq, rres, out).results["written"] == 1
+    recs = [RewrittenCandidate.model_validate_json(x) for x in out.read_text().splitlines()]
+    originals = {c.custom_id: c for c in map(Candidate.model_validate_json, cands.read_text().splitlines())}
+    assert len(recs) == 30 and {r.candidate_id for r in recs} == set(originals)
+    assert all(r.original_output == originals[r.candidate_id].output and r.model == "scorer" for r in recs)
 
 
 def _result(custom_id: str, body: dict[str, Any] | None, status: int = 200) -> str:

@@ -56,6 +56,8 @@ COMMANDS = {
     ("batch", "import", "augment"): _flags(cli.ImportFiles) | _flags(AugmentConfig, cli.IMPORT_AUGMENT),
     ("batch", "import", "curate"): _flags(cli.ImportFiles) | _flags(CurateConfig, cli.IMPORT_CURATE),
     ("rewrite",): _flags(cli.RewriteFiles) | _flags(RewriteConfig) | _flags(FanoutConfig),
+    ("batch", "export", "rewrite"): _flags(cli.ExportRewriteFiles) | _flags(RewriteConfig, cli.EXPORT_REWRITE),
+    ("batch", "import", "rewrite"): _flags(cli.ImportFiles) | _flags(RewriteConfig, cli.IMPORT_REWRITE),
     ("export", "dpo"): _flags(cli.PreferenceFiles) | _flags(PreferenceConfig),
     ("export", "dataset"): _flags(DatasetFiles),
     ("merge",): (_flags(cli.MergeFiles) | _flags(AugmentConfig, cli.MERGE_AUGMENT) | _flags(PrepareConfig))
@@ -78,6 +80,8 @@ KEPT = {
     ("batch", "import", "curate"): {"--requests", "--results", "--out", "--model", "--mode", "--min-score",
                                     "--top-fraction", "--scored", "--no-histogram", "--checkpoint"},
     ("rewrite",): {"--candidates", "--out", "--endpoint", "--model", "--shard"},
+    ("batch", "export", "rewrite"): {"--candidates", "--out", "--model", "--max-tokens"},
+    ("batch", "import", "rewrite"): {"--requests", "--results", "--out", "--checkpoint"},
     ("export", "dpo"): {"--scored", "--out", "--min-margin"},
     ("export", "dataset"): {"--curated", "--out", "--push-to-hub"},
     ("merge",): {"--out", "--corpus"},
