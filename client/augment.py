@@ -13,7 +13,6 @@ the kind, and a later run retries the segment.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -51,6 +50,7 @@ from humpback.contracts import (
     backward_messages,
     content_id,
     pick_demonstrations,
+    read_pairs,
 )
 from humpback.settings import setting
 
@@ -120,19 +120,8 @@ def load_demonstrations(cfg: AugmentConfig) -> tuple[SeedPair, ...]:
     path = cfg.demonstrations
     if path is None:
         raise InputError(f"--shots {cfg.shots} needs --demonstrations FILE: human pairs to show the model")
-    pairs = []
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    pairs.append(SeedPair.make(obj["instruction"], obj["response"], source=f"{path}:{lineno}",
-                                               license=obj.get("license") or "unknown"))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise InputError(f"{path} line {lineno}: not a pair with 'instruction' and 'response' "
-                                     f"strings ({type(exc).__name__}: {exc})") from None
+        pairs = [SeedPair.make(x, y, source=f"{path}:{n}", license="unknown") for n, x, y in read_pairs(path)]
     except OSError as exc:
         raise InputError(f"{path}: cannot read the demonstrations ({exc.strerror or exc})") from None
     demos = pick_demonstrations(pairs, cfg.shots)

@@ -262,16 +262,22 @@ def _import(task: Task[Any, Any], requests: Path, meta: type[SegmentMeta] | type
         summary.extra["corrupt_journal_lines"] = corrupt.count
 
 
-def import_augment(requests: PathLike, results: PathLike, out: PathLike, checkpoint: str | None = None) -> RunSummary:
-    """Append the batch's candidates to the `out` journal (skipping ids already there)."""
+def _import_journal(task: Callable[[str], Task[Any, Any]], meta: type[SegmentMeta] | type[CandidateMeta],
+                    requests: PathLike, results: PathLike, out: PathLike) -> RunSummary:
+    """Append the records of the batch's answers to the `out` journal (skipping ids already there);
+    `task(model)` is the task of the model the requests name."""
     requests, results, out = Path(requests), Path(results), Path(out)
     _check_import(requests, results)
     exported, model = _exported(requests)
     summary = RunSummary()
     with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
-        _import(AugmentTask(model, checkpoint), requests, SegmentMeta, exported, results, out, out, summary, errors,
-                CorruptLines(out, errors))
+        _import(task(model), requests, meta, exported, results, out, out, summary, errors, CorruptLines(out, errors))
     return summary
+
+
+def import_augment(requests: PathLike, results: PathLike, out: PathLike, checkpoint: str | None = None) -> RunSummary:
+    """Append the batch's candidates to the `out` journal (skipping ids already there)."""
+    return _import_journal(lambda model: AugmentTask(model, checkpoint), SegmentMeta, requests, results, out)
 
 
 def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: CurateConfig | None = None) -> RunSummary:
@@ -294,11 +300,5 @@ def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: 
 
 def import_rewrite(requests: PathLike, results: PathLike, out: PathLike, checkpoint: str | None = None) -> RunSummary:
     """Append the batch's rewrites to the `out` journal (skipping ids already there)."""
-    requests, results, out = Path(requests), Path(results), Path(out)
-    _check_import(requests, results)
-    exported, model = _exported(requests)
-    summary = RunSummary()
-    with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
-        _import(RewriteTask(model, checkpoint, RewriteConfig()), requests, CandidateMeta, exported, results, out, out,
-                summary, errors, CorruptLines(out, errors))
-    return summary
+    return _import_journal(lambda model: RewriteTask(model, checkpoint, RewriteConfig()), CandidateMeta, requests,
+                           results, out)

@@ -121,6 +121,7 @@ from humpback.contracts.records import (
     content_id,
     normalize,
     read_jsonl,
+    read_pairs,
     text_id,
     write_jsonl,
 )

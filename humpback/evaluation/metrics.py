@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
+from humpback import contracts
 from humpback.evaluation.common import table
 from humpback.evaluation.records import HeldoutPair
 
@@ -109,24 +110,11 @@ def distinct_2(texts: Sequence[str], seed: int = 0, n_boot: int = N_BOOT) -> Met
 
 
 def read_pairs(path: Path) -> list[HeldoutPair]:
-    """Held-out human pairs: JSONL whose lines carry `instruction` and `response` strings (humpback's
-    `seed.jsonl` / `heldout.jsonl`; other fields are ignored); `output` is read for `response` too."""
-    pairs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
-                pairs.append(HeldoutPair(line=lineno, instruction=obj.get("instruction"),
-                                         response=obj.get("response", obj.get("output"))))
-            except (ValueError, ValidationError) as exc:
-                raise ValueError(f"{path} line {lineno}: not a pair with non-empty strings 'instruction' and "
-                                 f"'response': {exc}") from None
+    """Held-out human pairs (`contracts.read_pairs`: `instruction` and `response` strings per line,
+    `output` read for `response`); `InputError` names a line that is none, or a file with no pair."""
+    pairs = [HeldoutPair(line=n, instruction=x, response=y) for n, x, y in contracts.read_pairs(path)]
     if not pairs:
-        raise ValueError(f"{path}: no pairs")
+        raise contracts.InputError(f"{path}: no pairs")
     return pairs
 
 

@@ -260,7 +260,7 @@ def test_demonstrations_that_cannot_be_used_end_with_status_2_and_batch_export_s
     demos = tmp_path / "seed.jsonl"
     demos.write_text(json.dumps({"instruction": "Why?", "response": "Because."}) + "\n" + '{"instruction": "No answer"}\n')
     assert main([*base, "--shots", "2", "--demonstrations", str(demos)]) == 2
-    assert f"{demos} line 2: not a pair with 'instruction' and 'response'" in capsys.readouterr().err
+    assert f"{demos} line 2: not a pair with non-empty strings 'instruction' and 'response'" in capsys.readouterr().err
     assert sum(fake.requests.values()) == 0 and not (tmp_path / "run").exists()
     demos.write_text("".join(json.dumps({"instruction": f"Why {i}?", "response": f"Because {i}."}) + "\n"
                              for i in range(3)))
