@@ -25,11 +25,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from client.instructions import words
 from humpback.contracts import InputError
 from humpback.contracts.defaults import ALPACA_EVAL_DATA, IFEVAL_DATA, eval_framework_dir
 
@@ -43,7 +43,6 @@ SHIPPED: dict[str, tuple[Path, tuple[str, ...]]] = {
     "ifeval": (IFEVAL_DATA, ("prompt",)),
     "alpaca_eval": (ALPACA_EVAL_DATA, ("instruction",)),
 }
-_WORD = re.compile(r"\w+")
 
 
 class Match(NamedTuple):
@@ -51,11 +50,6 @@ class Match(NamedTuple):
 
     set_name: str
     ngram: str
-
-
-def words(text: str) -> list[str]:
-    """The normalised words of `text`: lower-cased runs of `\\w` (letters, digits, underscore)."""
-    return _WORD.findall(text.lower())
 
 
 def ngrams(text: str, n: int = NGRAM) -> Iterator[str]:

@@ -96,22 +96,24 @@ _DEICTIC = re.compile(rf"\b(?:the|this|that|these)\s+(?:(?:above|preceding|previ
 _HEADING = re.compile(r"^\s*#{1,6}\s")
 
 
-def _words(text: str) -> list[str]:
+def words(text: str) -> list[str]:
+    """The normalised words of `text`: lower-cased runs of `\\w` (letters, digits, underscore); how
+    instructions, passages and (`client.decontaminate`) evaluation sets are compared."""
     return re.findall(r"\w+", text.lower())
 
 
-def _ngrams(words: list[str]) -> list[tuple[str, ...]]:
-    return [tuple(words[i:i + _N]) for i in range(len(words) - _N + 1)]
+def _ngrams(ws: list[str]) -> list[tuple[str, ...]]:
+    return [tuple(ws[i:i + _N]) for i in range(len(ws) - _N + 1)]
 
 
 def copies_passage(instruction: str, passage: str) -> bool:
     """True when `instruction` is the passage's text rather than a request for it (see the module doc)."""
-    words = _words(instruction)
-    if len(words) < COPY_MIN_WORDS or instruction.rstrip().endswith("?"):
+    ws = words(instruction)
+    if len(ws) < COPY_MIN_WORDS or instruction.rstrip().endswith("?"):
         return False
     body = "\n".join(line for line in passage.splitlines() if not _HEADING.match(line))
-    seen = set(_ngrams(_words(body)))
-    grams = _ngrams(words)
+    seen = set(_ngrams(words(body)))
+    grams = _ngrams(ws)
     return 2 * sum(g in seen for g in grams) > len(grams)
 
 
@@ -120,7 +122,7 @@ def is_meta(instruction: str) -> bool:
     flat = " ".join(instruction.lower().replace("\u2019", "'").split())
     if _OPENING.match(flat) or _DEICTIC.search(flat):
         return True
-    return all(w in GENERIC_WORDS for w in _words(instruction))
+    return all(w in GENERIC_WORDS for w in words(instruction))
 
 
 def instruction_issue(instruction: str, passage: str, finish_reason: str | None) -> str | None:
