@@ -60,7 +60,8 @@ def kept_plot(curates: dict[str, dict[str, Any]]) -> str:
         ax.bar([j + i * width for j in range(len(thresholds))], [kept.get(k, 0) for k in thresholds], width, label=name)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(thresholds))], [f">= {k}" for k in thresholds])
     ax.set_ylabel("pairs kept")
-    ax.set_title("Kept candidates per threshold k")
+    ax.set_ylim(bottom=0, top=max([1, *(v for res in curates.values() for v in res["kept_per_threshold"].values())]))
+    ax.set_title("Kept candidates per threshold k (0 where no bar)")
     ax.legend(fontsize=7)
     return _png(fig)
 
@@ -101,6 +102,8 @@ def eval_plot(evals: dict[str, dict[str, Any]]) -> str:
         for i in notes:
             ax.text(i, 0.02, "judge uninformative", ha="center", va="bottom", rotation=90, fontsize=7)
         ax.set_title(title, fontsize=9)
+        if section == "pairwise":  # a rate: the full scale, also when no bar is drawn
+            ax.set_ylim(0, 1)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle("Evaluation per model (error bars: 95% intervals)")
     return _png(fig)
