@@ -81,6 +81,11 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
     return "\n".join(lines)
 
 
+def _k(curate_extra: dict[str, Any]) -> str:
+    k = curate_extra.get("min_score")
+    return "-" if k is None else f"{k:.3g}"
+
+
 def dataset_card(name: str, rows: list[dict[str, Any]], curate: dict[str, Any], augment: dict[str, Any],
                  manifest: dict[str, Any], licenses: str | None) -> str:
     """The card's Markdown (with the hub's YAML header), from the records named in the module doc."""
@@ -91,7 +96,7 @@ def dataset_card(name: str, rows: list[dict[str, Any]], curate: dict[str, Any], 
              f"{len(rows)} instruction-response pairs made by instruction backtranslation (Li et al., 2023, "
              "\"Self-Alignment with Instruction Backtranslation\") with humpback: a backward model wrote the "
              "instruction each unlabelled text answers, a scorer rated every pair on the paper's 5-point rubric, "
-             f"and the pairs scored at least k = {cx.get('min_score')} were kept. Each row holds `messages` (system "
+             f"and the pairs scored at least k = {_k(cx)} were kept. Each row holds `messages` (system "
              f"prompt \"{AUGMENTED_SYSTEM_PROMPT}\", the instruction, the text), its `score`, and the `source` file, "
              "`license` and `title` of its text.", "", "## Sources and licenses", ""]
     by_source = Counter((r["source"], r.get("license")) for r in rows)
@@ -116,7 +121,7 @@ def dataset_card(name: str, rows: list[dict[str, Any]], curate: dict[str, Any], 
               _table(("role", "model", "version"),
                      [("backward (wrote the instructions)", ax.get("model", "-"), ax.get("checkpoint", "-")),
                       ("scorer (rated the pairs)", cx.get("model", "-"), cx.get("checkpoint", "-"))]), "",
-              f"Scoring mode `{cx.get('mode')}`; threshold k = {cx.get('min_score')}"
+              f"Scoring mode `{cx.get('mode')}`; threshold k = {_k(cx)}"
               + (f" (the best-scored {cx['top_fraction']:.0%})" if cx.get("top_fraction") else "")
               + f"; kept {cx.get('selected')} of {cx.get('scored_total')} scored pairs.",
               "", "## Score distribution", "",
