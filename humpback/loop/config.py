@@ -92,8 +92,8 @@ class EvalSection(_Section):
     max_tokens: int = setting(128, "answer length cap")
     nll: bool = setting(True, "measure the held-out NLL")
     ablation: bool = setting(True, "train and evaluate the uncurated control")
-    # Cost on the demo's 2 cores: ~1 min per backward model and ~2 min per scorer (each pair is scored with
-    # up to 3 negatives) at 32 pairs.
+    # Cost on the demo's 2 cores, measured in `make demo`: 12-23 s per backward model and 16-17 s per scorer
+    # (each pair is scored with up to 3 negatives) at 32 pairs.
     stage_metrics: bool = setting(True, "measure the stages against held-out human pairs: the backward model before "
                                         "and after training (`eval backward`), each model used as a scorer "
                                         "(`eval scorer`), and the candidates' usable rate and diversity")
