@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from client.fanout import FanoutConfig
+from humpback.contracts import API_KEY_ENV
 from humpback.evaluation import ifeval, nll, pairwise
 from humpback.evaluation.common import GenerationConfig, subset
 from humpback.evaluation.records import IFEvalRow, NllRow, PairwiseRow
@@ -93,3 +94,52 @@ async def test_nll_tells_a_sentence_from_its_words_reversed(servers: Any, tmp_pa
     assert s.tokens == sum(r.response_tokens for r in rows)
     assert s.nll_per_token == pytest.approx(math.fsum(sums) / s.tokens)
     assert s.perplexity == pytest.approx(math.exp(s.nll_per_token))
+
+
+PAIRS = [
+    ("How do I undo the last git commit?", "Run git reset --soft HEAD~1. The commit goes and its changes stay staged."),
+    ("What is Debian?", "Debian is a free operating system. It is built and maintained by volunteers around the world."),
+    ("How can I count the lines of a file in Python?", "Sum one for each line: sum(1 for _ in open(path)). The file "
+     "is read a line at a time, so memory stays flat."),
+    ("What does the Perl function chomp do?", "chomp removes the trailing newline from a string. It returns the "
+     "number of characters it removed."),
+]
+# Real prose (pip's documentation, MIT) for the scorer's passage negatives.
+CORPUS = Path(__file__).parents[1] / "client" / "data" / "pip_docs.jsonl"
+
+
+def _pairs_file(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"instruction": x, "response": y}) + "\n" for x, y in pairs))
+    return path
+
+
+def test_eval_backward_and_scorer_commands_on_the_real_servers(servers: Any, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two stage commands as a user runs them. What the 135M model writes is not known, but its
+    NLL of an instruction is: the true instructions are far likelier than their words reversed."""
+    from humpback.cli import main
+
+    true = _pairs_file(tmp_path / "true.jsonl", PAIRS)
+    reversed_ = _pairs_file(tmp_path / "reversed.jsonl", [(" ".join(reversed(x.split())), y) for x, y in PAIRS])
+    if servers.api_key:  # keys travel in the environment, never on a command line
+        monkeypatch.setenv(API_KEY_ENV, servers.api_key)
+    for pairs, out in ((true, "true.json"), (reversed_, "reversed.json")):
+        assert main(["eval", "backward", "--endpoint", servers.backward_url, "--model", servers.backward_model,
+                     "--pairs", str(pairs), "--out", str(tmp_path / out), "--max-tokens", "48"]) == 0
+    good, bad = (json.loads((tmp_path / f).read_text()) for f in ("true.json", "reversed.json"))
+    assert set(good) == {"instruction_nll", "rouge_l", "usable_rate", "distinct_2"}
+    assert good["instruction_nll"]["n"] == len(PAIRS) and good["rouge_l"]["n"] == len(PAIRS)
+    assert bad["instruction_nll"]["value"] > good["instruction_nll"]["value"] + 1.0
+    assert "instruction_nll" in capsys.readouterr().out
+
+    assert main(["eval", "scorer", "--endpoint", servers.scorer_url, "--model", servers.scorer_model, "--pairs",
+                 str(true), "--out", str(tmp_path / "scorer.json"), "--corpus", str(CORPUS)]) == 0
+    m = json.loads((tmp_path / "scorer.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "scorer.rows.jsonl").read_text().splitlines()]
+    kinds = {k: sum(r["kind"] == k for r in rows) for k in ("positive", "mismatched", "first_sentence", "passage")}
+    # Each pair gives one negative of each kind: every response here has two sentences.
+    assert kinds == {"positive": 4, "mismatched": 4, "first_sentence": 4, "passage": 4}
+    assert m["auc"]["n"] == len(rows) and all(1.0 <= r["score"] <= 5.0 for r in rows)
+    positives = [r["score"] for r in rows if r["kind"] == "positive"]
+    assert m["mean_score_positive"]["value"] == pytest.approx(statistics.fmean(positives))
