@@ -33,7 +33,7 @@ SETTINGS = (
     "humpback.evaluation.cli:StageRun", "humpback.evaluation.scorer:ScorerEvalConfig",
     "humpback.loop.cli:RunArgs", "humpback.loop.config:RunConfig", "humpback.loop.config:DataConfig",
     "humpback.loop.config:ServicesConfig", "humpback.loop.config:TrainConfig", "humpback.loop.config:CurateSection",
-    "humpback.loop.config:EvalSection",
+    "humpback.loop.config:RewriteSection", "humpback.loop.config:EvalSection",
 )
 TABLE_START = "<!-- settings-table"
 TABLE_END = "<!-- /settings-table -->"

@@ -1,8 +1,9 @@
 """The one config of `humpback run`: defaults are the embedded CPU demo; every value is overridable
 from a YAML/JSON file or `--set section.field=value`. The resolved config is saved in the run folder.
 
-`augment` and `curate` are the client's own `AugmentConfig` and `CurateConfig` (declared once, in
-`client/`), with the demo's values in `DEMO`; the training presets are the trainer's `PRESETS`.
+`augment`, `curate` and `rewrite` are the client's own `AugmentConfig`, `CurateConfig` and
+`RewriteConfig` (declared once, in `client/`), with the demo's values in `DEMO`; the training presets
+are the trainer's `PRESETS`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from client.augment import AugmentConfig
 from client.curate import CurateConfig
+from client.rewrite import RewriteConfig
 from humpback.contracts import API_KEY_ENV, DEFAULT_URLS, SERVE_STATE_DIR, TRAINER_DATA_DIR, TRAINER_URL
 from humpback.settings import env_values, setting
 from trainer.config import PresetName
@@ -53,15 +55,15 @@ class ServicesConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """The demo trains five models (M_yx, M0, M1, M2, the uncurated control). On 2 cores a step of batch 8
-    (max_length 512) takes ~35 s, ~40 s of each job is start, export and swap, and the other stages take
-    ~13 min, so 6 steps per job keep the whole run under 40 minutes."""
+    """The demo trains six models (M_yx, M0, M1, M2, M1 on rewritten pairs, the uncurated control). On 2
+    cores a step of batch 8 (max_length 512) takes ~35 s, ~40 s of each job is start, export and swap, and
+    the other stages take ~13 min, so 6 steps per job keep the whole run under 40 minutes."""
 
     backward_preset: PresetName = setting("cpu-demo-short", "training preset of the backward model "
                                                             "(trainer/config.py)")
     forward_preset: PresetName = setting("cpu-demo", "training preset of the forward models M0, M1, ...")
-    max_steps: int | None = setting(6, "steps of every forward job (M0, M1, ..., the control); null for the preset's "
-                                       "schedule")
+    max_steps: int | None = setting(6, "steps of every forward job (M0, M1, ..., the rewrite arm, the control); "
+                                       "null for the preset's schedule")
     backward_max_steps: int | None = setting(12, "steps of the backward model's job: its short examples cost half a "
                                                  "forward step each; null for the preset's schedule")
     backward_examples: Literal["seed", "short"] = setting(
@@ -77,6 +79,27 @@ class CurateSection(CurateConfig):
 
     thresholds: list[float] = setting(default_factory=lambda: [3.0, 3.5, 4.0, 4.5],
                                       help="k values whose kept counts the report shows")
+
+
+class RewriteSection(RewriteConfig):
+    """The client's rewrite settings, and the loop's rewrite ablation arm: M1 trained on the curated A_1
+    with its responses rewritten, against M1 on the originals."""
+
+    enabled: bool = setting(True, "rewrite A_1's responses after curate_1 and train and evaluate M1 on the seed and "
+                                  "the rewritten pairs beside M1 (the report's \"Rewrite ablation\")")
+    url: str | None = setting(None, "the rewriter: base URL of an OpenAI-compatible server of an aligned model (the "
+                                    "run's api_key is sent to it). null: the run's scorer server while it serves "
+                                    "M0, right after curate_1: M0 is the aligned SmolLM2-Instruct fine-tuned on the "
+                                    "seed and the model that curated A_1, so the arm needs no other server or "
+                                    "model swap; a stronger aligned model rewrites better (the method used a 70B "
+                                    "chat model)")
+
+    @model_validator(mode="after")
+    def _model_needs_url(self) -> RewriteSection:
+        if self.model is not None and self.url is None:
+            raise ValueError("rewrite.model names a model of rewrite.url; with url null the loop sets it (M0, "
+                             "served as the scorer): remove it or give rewrite.url")
+        return self
 
 
 class EvalSection(_Section):
@@ -110,10 +133,16 @@ DEMO: dict[str, Any] = {
     # paper's absolute k = 4.5 keeps nothing there, while its ranking still separates pairs: keep its best
     # quarter. `--set curate.top_fraction=null` restores the paper's rule.
     "curate": {"top_fraction": 0.25},
+    # M1's examples are cut at 512 tokens (the cpu-demo preset), instruction and system prompt included: a
+    # longer rewrite would not be learnt whole, and on 2 cores costs minutes.
+    "rewrite": {"max_tokens": 384},
 }
 
 # Set by the loop for each stage: the served role, the job that trained it, files of the run folder.
-STAGE_FIELDS = {"augment": ("model", "checkpoint", "limit", "shard"), "curate": ("model", "checkpoint", "scored", "shard")}
+# (`rewrite.model` is the loop's only where `rewrite.url` is null: `RewriteSection` checks it.)
+STAGE_FIELDS = {"augment": ("model", "checkpoint", "limit", "shard"),
+                "curate": ("model", "checkpoint", "scored", "shard"),
+                "rewrite": ("checkpoint", "shard")}
 
 
 class RunConfig(_Section):
@@ -123,6 +152,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     curate: CurateSection = Field(default_factory=CurateSection)
+    rewrite: RewriteSection = Field(default_factory=RewriteSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="before")
@@ -138,7 +168,7 @@ class RunConfig(_Section):
                 if getattr(getattr(self, section), name) is not None:
                     raise ValueError(f"{section}.{name} is set by the loop for each stage; remove it from the config"
                                      + (" (data.max_segments sets the augment limit)" if name == "limit" else "")
-                                     + (" (the loop runs whole stages: shard with `humpback augment|curate "
+                                     + (" (the loop runs whole stages: shard with `humpback augment|curate|rewrite "
                                         "--shard` and `humpback merge`)" if name == "shard" else ""))
         return self
 
@@ -151,6 +181,7 @@ QUICK: dict[str, Any] = {
               "backward_max_steps": None},
     "augment": {"max_tokens": 48},
     "curate": {"min_score": 1.0, "top_fraction": None},  # keep all: exercise every path
+    "rewrite": {"max_tokens": 96},  # the arm stays on; a rewrite cut at the cap fails and is counted
     "eval": {"ifeval_limit": 3, "pairwise_limit": 2, "nll_limit": 4, "max_tokens": 48, "ablation": True,
              "stage_pairs": 4},
 }

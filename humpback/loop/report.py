@@ -9,7 +9,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from humpback.contracts import BAND_LABELS, ScoredCandidate, band_of
+from humpback.contracts import BAND_LABELS, RewrittenCandidate, ScoredCandidate, band_of
 from humpback.evaluation.pairwise import uninformative_text
 from humpback.loop.stages import Stages
 
@@ -165,6 +165,10 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+EVAL_HEADER = ("model", "win rate [95% CI]", "IFEval prompt strict", "IFEval prompt loose", "IFEval instruction loose",
+               "held-out NLL [95% CI]")
+
+
 def eval_rows(evals: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
     def fmt(m: dict[str, Any] | None, key: str) -> str:
         if not m or m.get(key) is None:
@@ -178,6 +182,49 @@ def eval_rows(evals: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
     return [(name, win_rate(e.get("pairwise")), fmt(e.get("ifeval"), "prompt_strict"),
              fmt(e.get("ifeval"), "prompt_loose"), fmt(e.get("ifeval"), "instruction_loose"), fmt(e.get("nll"), "mean"))
             for name, e in evals.items()]
+
+
+# --- the rewrite ablation (`rewrite_1`, `train_m1_rewritten`, `eval_m1_rewritten`: see humpback.loop.run) -----
+
+NO_REWRITE = "No rewrite ablation in this run: rewrite.enabled was off, or the run has not reached it."
+
+
+def rewrite_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
+    """M1 and M1-rewritten side by side: the A_1 pairs each learnt from, its training examples (seed
+    included), then the evaluation table's columns ("-" where a model is not evaluated yet)."""
+    arm = stages["rewrite_1"]
+    rows = []
+    for name, label, pairs in (("m1", "M1 (curated originals)", f"{arm['curated']} curated"),
+                               ("m1_rewritten", "M1-rewritten (curated rewrites)",
+                                f"{arm['rewritten']} of {arm['curated']} rewritten")):
+        _, *metrics = eval_rows({name: stages.get(f"eval_{name}") or {}})[0]
+        rows.append((label, pairs, _plain((stages.get(f"train_{name}") or {}).get("examples")), *metrics))
+    return rows
+
+
+def rewrite_examples(path: Path, count: int = 3) -> str:
+    """The first `count` rewrites beside the responses they came from, cut for display."""
+    if not path.is_file():
+        return ""
+    with path.open(encoding="utf-8") as f:
+        rows = [RewrittenCandidate.model_validate_json(line) for line, _ in zip(f, range(count))]
+    out = ["<table><tr><th>instruction</th><th>original response (start)</th><th>rewritten response (start)</th></tr>"]
+    out += [f"<tr><td>{html.escape(r.instruction[:300])}</td><td>{html.escape(r.original_output[:400])}</td>"
+            f"<td>{html.escape(r.output[:400])}</td></tr>" for r in rows]
+    return "\n".join(out) + "</table>"
+
+
+def rewrite_section(stages: dict[str, dict[str, Any]]) -> str:
+    arm = stages.get("rewrite_1")
+    if not arm:
+        return f"<p>{NO_REWRITE}</p>"
+    rewriter = f"{arm.get('rewriter')} ({arm.get('rewriter_checkpoint')})"
+    parts = [f"<p>M1 trained on the seed and the curated A_1, against the same with A_1's responses rewritten by "
+             f"{html.escape(rewriter)}; a pair whose rewrite failed is left out ({arm['not_rewritten']} of "
+             f"{arm['curated']}).</p>",
+             _table(("model", "A_1 pairs", "training examples", *EVAL_HEADER[1:]), rewrite_rows(stages)),
+             rewrite_examples(Path(arm["rewritten_file"]))]
+    return "\n".join(parts)
 
 
 # --- stage metrics (`stage_*` records: see humpback.loop.run) ------------------------------------------
@@ -295,11 +342,11 @@ def render(run_dir: Path) -> Path:
              f"<style>{CSS}</style></head><body><h1>humpback run: {html.escape(str(run_dir))}</h1>"]
     parts.append("<h2>Evaluation per model</h2>")
     if evals:
-        parts.append(_table(("model", "win rate [95% CI]", "IFEval prompt strict", "IFEval prompt loose",
-                             "IFEval instruction loose", "held-out NLL [95% CI]"), eval_rows(evals)))
+        parts.append(_table(EVAL_HEADER, eval_rows(evals)))
         parts.append(eval_plot(evals))
     else:
         parts.append("<p>No evaluation yet.</p>")
+    parts.append("<h2>Rewrite ablation</h2>" + rewrite_section(stages))
     parts.append("<h2>Stage metrics</h2>" + stage_section(stages))
     parts.append("<h2>Self-curation</h2>")
     if curates:

@@ -5,11 +5,14 @@ the corpus -> curate with M0 -> train M1 on seed (S_a) + A_k (S_w) -> curate the
 M1 -> train M2 ... Every model is evaluated; the ablation trains on seed + uncurated candidates of
 A_k's size. Curation first drops the candidates that share a 13-word n-gram with an evaluation prompt
 or a held-out pair (`client.decontaminate`); the control never draws them either. With
-`eval.stage_metrics`, the stages are measured against held-out human pairs too (`stage_*`, the same
-seeded subset each time): the backward model before training and M_yx after it (`eval backward`),
-each model when it has served as the scorer (`eval scorer`), and the candidates (usable rate,
-diversity). Each stage records its outputs in RUN_DIR/stages, so a re-run skips
-finished stages and resumes the current one (augment/curate journals, trainer jobs by id).
+`rewrite.enabled`, the rewrite arm has an aligned model (by default M0, on the scorer server right
+after it curated A_1) rewrite A_1's responses (`client.rewrite`), then trains M1 again on seed + the
+rewritten pairs and evaluates it beside M1. With `eval.stage_metrics`, the stages are measured
+against held-out human pairs too (`stage_*`, the same seeded subset each time): the backward model
+before training and M_yx after it (`eval backward`), each model when it has served as the scorer
+(`eval scorer`), and the candidates (usable rate, diversity). Each stage records its outputs in
+RUN_DIR/stages, so a re-run skips finished stages and resumes the current one (augment/curate/rewrite
+journals, trainer jobs by id).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from client.augment import AugmentConfig, augment
 from client.curate import contaminated_ids, curate, scored_records
 from client.dataset import DatasetFiles, export_dataset
 from client.fanout import FanoutConfig
+from client.rewrite import rewrite
 from client.runner import side_path
 from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
     Candidate,
     ChatExample,
     CreateJobRequest,
+    RewrittenCandidate,
     SeedPair,
     read_jsonl,
     seed_backward_examples,
@@ -181,6 +186,41 @@ class Loop:
                 "contaminated": summary.results["contaminated"], "contaminated_file": str(contaminated),
                 "summary": summary.to_dict()}
 
+    def curated_candidates(self, picked: dict[str, Any], contaminated: Collection[str], out: Path) -> int:
+        """A_t as a candidates file, for `rewrite`; the number of pairs. Curate's own selection from its
+        scored journal (this scorer and mode, score >= k, no contaminated candidate), so that each pair
+        keeps its candidate id and source, which the chat-format A_t drops."""
+        extra = picked["summary"]["extra"]
+        # The backward model's name is not in the scored journal: empty, as curate reads a pair without one.
+        return write_jsonl(out, (
+            Candidate(custom_id=r.candidate_id, instruction=r.instruction, output=r.output, source=r.source, model="")
+            for r in scored_records(Path(picked["scored"]), extra["mode"], extra["model"], exclude=contaminated)
+            if r.score is not None and r.score >= picked["k"]))
+
+    def rewrite(self, picked: dict[str, Any], scorer: dict[str, Any], contaminated: Collection[str]) -> dict[str, Any]:
+        """A_1's responses rewritten by `rewrite.url`, else by `scorer` (M0, which curated A_1) on the
+        scorer server. A pair whose rewrite fails (cut at max_tokens, empty) is left out of the arm and
+        counted."""
+        cfg = self.cfg.rewrite
+        pairs = self.dir / "rewrite" / "A1.candidates.jsonl"
+        out = self.dir / "rewrite" / "A1.rewritten.jsonl"
+        curated = self.curated_candidates(picked, contaminated, pairs)
+        if cfg.url is None:
+            url, config = self.deployed(scorer), cfg.model_copy(update={"model": "scorer", "checkpoint": scorer["job"]})
+        else:
+            url, config = cfg.url, cfg
+        summary = asyncio.run(rewrite(pairs, out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key), config))
+        rewritten = len(read_jsonl(out, RewrittenCandidate))
+        return {"candidates": str(pairs), "rewritten_file": str(out), "rewriter": summary.extra.get("model"),
+                "rewriter_checkpoint": summary.extra.get("checkpoint"), "curated": curated, "rewritten": rewritten,
+                "not_rewritten": curated - rewritten, "summary": summary.to_dict()}
+
+    def rewritten_pairs(self, rewritten: dict[str, Any]) -> list[ChatExample]:
+        """The rewrite arm's A_1: the pairs whose rewrite succeeded, tagged as curated pairs are, so that
+        the two M1s differ by their responses alone."""
+        return [tagged_example(r.instruction, r.output, AUGMENTED_SYSTEM_PROMPT)
+                for r in read_jsonl(rewritten["rewritten_file"], RewrittenCandidate)]
+
     def uncurated(self, candidates: str, size: int, exclude: Collection[str] = ()) -> list[ChatExample]:
         """The ablation's control: candidates of A_k's size drawn without looking at scores, but not
         those in `exclude` (the contaminated ones, which A_k cannot hold either: the two sets differ
@@ -292,16 +332,24 @@ class Loop:
         self.measure_backward_model(backward, data)
         curated: list[ChatExample] = []
         contaminated: set[str] = set()
+        rewritten: dict[str, Any] | None = None
         for t in range(1, cfg.iterations + 1):
             scorer = model
             picked = self.stages.run(f"curate_{t}", lambda: self.curate(t, cands, scorer, data))
             if picked.get("contaminated_file"):  # a stage an older version ran has none
                 contaminated = contaminated_ids(Path(picked["contaminated_file"]))
             self.measure_scorer(f"m{t - 1}", scorer, picked.get("k"), data)
+            if t == 1 and cfg.rewrite.enabled:  # while M0 still serves as the scorer: no swap when it rewrites
+                rewritten = self.stages.run("rewrite_1", lambda: self.rewrite(picked, scorer, contaminated))
             curated = read_jsonl(picked["curated"], ChatExample)
             model = self.stages.run(f"train_m{t}", lambda: self.train(
                 f"train_m{t}", forward_seed + curated, "scorer", "scorer", cfg.train.forward_preset))
             self.evaluate(f"m{t}", model, data)
+        if rewritten is not None:  # after the iterations, which would otherwise swap M1 back in for curate_2
+            m1_rewritten = self.stages.run("train_m1_rewritten", lambda: self.train(
+                "train_m1_rewritten", forward_seed + self.rewritten_pairs(rewritten), "scorer", "scorer",
+                cfg.train.forward_preset))
+            self.evaluate("m1_rewritten", m1_rewritten, data)
         if cfg.eval.ablation:
             control = self.stages.run("train_uncurated", lambda: self.train(
                 "train_uncurated", forward_seed + self.uncurated(cands, len(curated), contaminated), "scorer", "scorer",

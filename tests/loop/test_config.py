@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from client.augment import AugmentConfig
 from client.curate import CurateConfig
+from client.rewrite import RewriteConfig
 from humpback.loop.cli import RunArgs
 from humpback.loop.config import RunConfig, load_config
 from humpback.settings import flags, from_args, parser_flags
@@ -46,10 +47,29 @@ def test_top_fraction_is_validated_by_the_clients_config(override):
         load_config(overrides=[override])
 
 
-@pytest.mark.parametrize("override", ["augment.model=x", "augment.limit=3", "curate.scored=s.jsonl"])
+@pytest.mark.parametrize("override", ["augment.model=x", "augment.limit=3", "curate.scored=s.jsonl",
+                                      "rewrite.checkpoint=ftjob-1", "rewrite.shard=0/2"])
 def test_values_the_loop_sets_per_stage_are_refused(override):
     with pytest.raises(ValidationError, match="set by the loop"):
         load_config(overrides=[override])
+
+
+def test_the_rewrite_arm_is_the_clients_rewrite_config_on_by_default():
+    cfg = load_config()
+    assert isinstance(cfg.rewrite, RewriteConfig)
+    assert cfg.rewrite.enabled and cfg.rewrite.url is None  # the scorer server, while it serves M0
+    assert cfg.rewrite.model_dump(exclude={"enabled", "url"}) == RewriteConfig(max_tokens=384).model_dump()
+    quick = load_config(quick=True).rewrite
+    assert quick.enabled and quick.max_tokens < cfg.rewrite.max_tokens  # the loop test runs the arm, briefly
+    assert load_config(overrides=["rewrite.enabled=false"]).rewrite.enabled is False
+    assert load_config(quick=True, overrides=["rewrite.enabled=false"]).rewrite.enabled is False
+    # The rewriter's model is the loop's to name on the scorer server; on another server, the user's.
+    with pytest.raises(ValidationError, match="rewrite.model names a model of rewrite.url"):
+        load_config(overrides=["rewrite.model=scorer"])
+    other = load_config(overrides=["rewrite.url=http://aligned:8000", "rewrite.model=big-chat"]).rewrite
+    assert (other.url, other.model, other.max_tokens) == ("http://aligned:8000", "big-chat", 384)
+    with pytest.raises(ValidationError, match="rewrite.max_tokens"):
+        load_config(overrides=["rewrite.max_tokens=0"])
 
 
 def test_presets_are_the_trainers():

@@ -223,6 +223,37 @@ def test_curation_is_decontaminated_against_the_held_out_pairs_and_the_control_t
     assert sorted(ex.messages[1].content for ex in control) == ["Question 0?", "Question 2?"]
 
 
+def test_the_rewrite_arm_rewrites_the_curated_pairs_and_trains_on_those_it_got(tmp_path: Path) -> None:
+    """`rewrite_1` on a fake rewriter that answers one pair with nothing: A_1 as curate selected it (its
+    threshold, its scorer and mode, no contaminated pair) is rewritten, and the failed pair left out."""
+    from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, ScoredCandidate, Source, write_jsonl
+    from humpback.loop.config import load_config
+    from humpback.loop.run import Loop
+    from tests.evaluation.fake_stage_server import StageFake
+
+    scored = tmp_path / "scored1.jsonl"
+    write_jsonl(scored, [ScoredCandidate(
+        custom_id=f"s{i}", candidate_id=f"c{i}", instruction=f"Question {i}?", output=f"Web text {i}.",
+        source=Source(path="corpus.jsonl", line=i + 1), mode="logprobs", score=score, scorer_model=scorer)
+        for i, (score, scorer) in enumerate([(4.0, "scorer"), (1.5, "scorer"), (3.0, "scorer"), (4.5, "other"),
+                                             (5.0, "scorer"), (3.5, "scorer")])])
+    picked = {"scored": str(scored), "k": 3.0, "summary": {"extra": {"mode": "logprobs", "model": "scorer"}}}
+    server = StageFake(write=lambda prompt: "" if "Question 2?" in prompt else "Rewritten: " + prompt[-12:]).start()
+    try:
+        loop = Loop(load_config(overrides=[f"rewrite.url={server.url}", "rewrite.progress=false"]), tmp_path / "run")
+        arm = loop.stages.run("rewrite_1", lambda: loop.rewrite(picked, {"job": "unused"}, {"c5"}))
+    finally:
+        server.stop()
+    selected = [json.loads(line)["custom_id"] for line in Path(arm["candidates"]).read_text().splitlines()]
+    assert selected == ["c0", "c2", "c4"]  # score >= k, by this scorer, not contaminated
+    assert (arm["curated"], arm["rewritten"], arm["not_rewritten"]) == (3, 2, 1)
+    assert arm["summary"]["results"]["failed"] == 1
+    pairs = loop.rewritten_pairs(arm)
+    assert [[m.content for m in ex.messages][:2] for ex in pairs] == [
+        [AUGMENTED_SYSTEM_PROMPT, "Question 0?"], [AUGMENTED_SYSTEM_PROMPT, "Question 4?"]]
+    assert all(ex.messages[2].content.startswith("Rewritten: ") for ex in pairs)
+
+
 def test_candidate_quality_counts_usable_instructions_and_their_diversity(tmp_path: Path) -> None:
     from humpback.contracts import Candidate, Source, write_jsonl
     from humpback.loop.evaluate import candidate_quality
@@ -301,8 +332,8 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     run = loop_dir / "run"
     stages = Stages(run).all()
     expected = {"data", "stage_backward_base", "train_backward", "train_m0", "eval_m0", "augment", "stage_candidates",
-                "stage_backward_myx", "curate_1", "stage_scorer_m0", "train_m1", "eval_m1", "train_uncurated",
-                "eval_uncurated"}
+                "stage_backward_myx", "curate_1", "stage_scorer_m0", "rewrite_1", "train_m1", "eval_m1",
+                "train_m1_rewritten", "eval_m1_rewritten", "train_uncurated", "eval_uncurated"}
     assert expected <= set(stages), sorted(stages)
 
     # M_yx serves the backward role, M1 or the control the scorer: every swap went through the registry.
@@ -341,9 +372,17 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     card = (Path(stages["curate_1"]["dataset"]) / "README.md").read_text()
     assert "## Decontamination" in card and "perlfaq" in card  # the data build's sources and licenses
     assert stages["train_m1"]["examples"] == stages["train_m0"]["examples"] + len(curated)
+    # The rewrite arm: M0 (on the scorer server) rewrote A_1; M1 again on the seed and the rewrites it got.
+    arm = stages["rewrite_1"]
+    rewrites = lines(arm["rewritten_file"])
+    assert arm["curated"] == len(curated) and arm["rewritten"] == len(rewrites)
+    assert arm["rewritten"] + arm["not_rewritten"] == len(curated)
+    assert {r["candidate_id"] for r in rewrites} <= {s["candidate_id"] for s in scored}
+    assert all(r["checkpoint"] == stages["train_m0"]["job"] and r["original_output"] for r in rewrites)
+    assert stages["train_m1_rewritten"]["examples"] == stages["train_m0"]["examples"] + len(rewrites)
 
     # Each model's numbers are those of its rows on disk.
-    for name in ("m0", "m1", "uncurated"):
+    for name in ("m0", "m1", "m1_rewritten", "uncurated"):
         ev, out = stages[f"eval_{name}"], run / "eval" / name
         ifeval = records(out / "ifeval.rows.jsonl", IFEvalRow)
         assert ev["ifeval"]["n"] == len(ifeval) == 3
@@ -377,6 +416,7 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     assert cand["metrics"]["verb_rate"]["n"] == len(candidates)
     report = (run / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 6  # the candidates' verbs and objects among them
+    assert "<h2>Rewrite ablation</h2>" in report and "<td>M1-rewritten (curated rewrites)</td>" in report
     assert "<td>scorer M0</td>" in report and "| M_yx |" in (run / "stage_metrics.md").read_text()
     assert json.loads((run / "config.json").read_text())["iterations"] == 1
 
@@ -397,7 +437,7 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     assert second.returncode == 0, second.stderr[-5000:]
     log = second.stderr
     for name in ("stage_backward_base", "train_backward", "train_m0", "eval_m0", "stage_backward_myx", "curate_1",
-                 "stage_scorer_m0", "train_m1", "eval_m1"):
+                 "stage_scorer_m0", "rewrite_1", "train_m1", "eval_m1", "train_m1_rewritten", "eval_m1_rewritten"):
         assert f"stage {name}: done earlier, skipped" in log
     assert trainer_jobs(servers) == jobs_before  # the interrupted training stage waited for its job, started none
     assert f"re-deployed {stages['train_backward']['fine_tuned_model']} to backward" in log

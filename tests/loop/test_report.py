@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from humpback.contracts import ScoredCandidate, Source, write_jsonl
+from humpback.contracts import RewrittenCandidate, ScoredCandidate, Source, write_jsonl
 from humpback.loop.report import render
 from humpback.loop.stages import Stages
 
@@ -41,7 +41,7 @@ def make_run(tmp_path):
 
 def test_report_has_every_section(tmp_path):
     html = render(make_run(tmp_path)).read_text()
-    for heading in ("Evaluation per model", "Self-curation", "Examples per score band", "Training",
+    for heading in ("Evaluation per model", "Rewrite ablation", "Self-curation", "Examples per score band", "Training",
                     "Time and throughput per stage"):
         assert heading in html
     assert html.count('src="data:image/png;base64,') == 5  # eval, scores, kept, loss, time
@@ -160,3 +160,59 @@ def test_a_run_recorded_before_the_stage_metrics_still_renders(tmp_path):
     section = render(run).read_text().split("<h2>Stage metrics</h2>")[1].split("<h2>")[0]
     assert cells(section) == [["stage", "model", "verb_rate"], ["candidates of augment", "", "0.500 [0.400, 0.600] (n=20)"]]
     assert "base64" not in section
+
+
+def add_rewrite_arm(run, evaluated=True):
+    """The rewrite arm's records as the loop leaves them: 5 of 6 curated pairs rewritten, M1 trained again."""
+    stages = Stages(run)
+    rewritten = run / "rewrite" / "A1.rewritten.jsonl"
+    write_jsonl(rewritten, (RewrittenCandidate(
+        custom_id=f"rw-{i}", candidate_id=f"cand-{i}", instruction=f"Question {i} <i>?</i>",
+        output=f"Rewritten answer {i} " + "y" * 500, original_output=f"Web text {i} <script>", model="scorer",
+        source=Source(path="corpus.jsonl", line=i + 1)) for i in range(5)))
+    stages.run("rewrite_1", lambda: {"rewritten_file": str(rewritten), "rewriter": "scorer",
+                                     "rewriter_checkpoint": "ftjob-m0", "curated": 6, "rewritten": 5,
+                                     "not_rewritten": 1})
+    stages.run("train_m1_rewritten", lambda: {"fine_tuned_model": "ft:m1_rewritten", "examples": 39,
+                                              "trained_tokens": 9000, "losses": []})
+    if evaluated:
+        stages.run("eval_m1_rewritten", lambda: {
+            "ifeval": {"n": 10, "prompt_strict": 0.3, "prompt_loose": 0.4, "instruction_strict": 0.5,
+                       "instruction_loose": 0.55},
+            "pairwise": {"n": 8, "win_rate": 0.6, "ci": [0.45, 0.75]},
+            "nll": {"n": 5, "mean": 2.1, "ci": [1.9, 2.3]}})
+
+
+def rewrite_part(page: str) -> str:
+    return page.split("<h2>Rewrite ablation</h2>")[1].split("<h2>")[0]
+
+
+def test_the_rewrite_ablation_shows_both_m1s_side_by_side_with_examples(tmp_path):
+    run = make_run(tmp_path)
+    add_rewrite_arm(run)
+    page = render(run).read_text()
+    section = rewrite_part(page)
+    rows = cells(section)
+    assert rows[0] == ["model", "A_1 pairs", "training examples", "win rate [95% CI]", "IFEval prompt strict",
+                       "IFEval prompt loose", "IFEval instruction loose", "held-out NLL [95% CI]"]
+    assert rows[1] == ["M1 (curated originals)", "6 curated", "40", "0.400 [0.200, 0.600]", "0.100", "0.200", "0.350",
+                       "2.500 [2.200, 2.800]"]
+    assert rows[2] == ["M1-rewritten (curated rewrites)", "5 of 6 rewritten", "39", "0.600 [0.450, 0.750]", "0.300",
+                       "0.400", "0.550", "2.100 [1.900, 2.300]"]
+    assert "scorer (ftjob-m0)" in section and "left out (1 of 6)" in section
+    # Three examples, each escaped and cut for display.
+    assert rows[3] == ["instruction", "original response (start)", "rewritten response (start)"]
+    assert len(rows) == 7
+    assert rows[4][:2] == ["Question 0 &lt;i&gt;?&lt;/i&gt;", "Web text 0 &lt;script&gt;"]
+    assert rows[4][2].startswith("Rewritten answer 0 ") and len(rows[4][2]) == 400
+    assert "<script>" not in page
+    # M1-rewritten is a model of the evaluation table too, as the control is.
+    assert "<td>m1_rewritten</td>" in page.split("<h2>Evaluation per model</h2>")[1].split("<h2>")[0]
+
+
+def test_the_rewrite_ablation_before_its_evaluation_or_without_the_arm(tmp_path):
+    run = make_run(tmp_path)
+    assert "No rewrite ablation in this run" in rewrite_part(render(run).read_text())
+    add_rewrite_arm(run, evaluated=False)
+    rows = cells(rewrite_part(render(run).read_text()))
+    assert rows[2] == ["M1-rewritten (curated rewrites)", "5 of 6 rewritten", "39", "-", "-", "-", "-", "-"]
