@@ -181,7 +181,9 @@ QUICK: dict[str, Any] = {
               "backward_max_steps": None},
     "augment": {"max_tokens": 48},
     "curate": {"min_score": 1.0, "top_fraction": None},  # keep all: exercise every path
-    "rewrite": {"max_tokens": 96},  # the arm stays on; a rewrite cut at the cap fails and is counted
+    # The arm stays on, briefly: in the loop test M0 ran past 96 tokens on all 12 pairs, so there it
+    # exercises the failure path (counted, left out) and M1-rewritten learns from the seed alone.
+    "rewrite": {"max_tokens": 96},
     "eval": {"ifeval_limit": 3, "pairwise_limit": 2, "nll_limit": 4, "max_tokens": 48, "ablation": True,
              "stage_pairs": 4},
 }

@@ -204,10 +204,12 @@ def rewrite_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
 
 def rewrite_examples(path: Path, count: int = 3) -> str:
     """The first `count` rewrites beside the responses they came from, cut for display."""
-    if not path.is_file():
-        return ""
-    with path.open(encoding="utf-8") as f:
-        rows = [RewrittenCandidate.model_validate_json(line) for line, _ in zip(f, range(count))]
+    rows = []
+    if path.is_file():
+        with path.open(encoding="utf-8") as f:
+            rows = [RewrittenCandidate.model_validate_json(line) for line, _ in zip(f, range(count))]
+    if not rows:
+        return "<p>No pair was rewritten: M1-rewritten learnt from the seed alone.</p>"
     out = ["<table><tr><th>instruction</th><th>original response (start)</th><th>rewritten response (start)</th></tr>"]
     out += [f"<tr><td>{html.escape(r.instruction[:300])}</td><td>{html.escape(r.original_output[:400])}</td>"
             f"<td>{html.escape(r.output[:400])}</td></tr>" for r in rows]
@@ -219,9 +221,11 @@ def rewrite_section(stages: dict[str, dict[str, Any]]) -> str:
     if not arm:
         return f"<p>{NO_REWRITE}</p>"
     rewriter = f"{arm.get('rewriter')} ({arm.get('rewriter_checkpoint')})"
+    # Why rewrites failed (cut at max_tokens, empty): the rewriter's summary counts each reason.
+    reasons = ", ".join(f"{why}: {n}" for why, n in ((arm.get("summary") or {}).get("failures") or {}).items())
     parts = [f"<p>M1 trained on the seed and the curated A_1, against the same with A_1's responses rewritten by "
              f"{html.escape(rewriter)}; a pair whose rewrite failed is left out ({arm['not_rewritten']} of "
-             f"{arm['curated']}).</p>",
+             f"{arm['curated']}{html.escape(f'; {reasons}' if reasons else '')}).</p>",
              _table(("model", "A_1 pairs", "training examples", *EVAL_HEADER[1:]), rewrite_rows(stages)),
              rewrite_examples(Path(arm["rewritten_file"]))]
     return "\n".join(parts)

@@ -216,3 +216,17 @@ def test_the_rewrite_ablation_before_its_evaluation_or_without_the_arm(tmp_path)
     add_rewrite_arm(run, evaluated=False)
     rows = cells(rewrite_part(render(run).read_text()))
     assert rows[2] == ["M1-rewritten (curated rewrites)", "5 of 6 rewritten", "39", "-", "-", "-", "-", "-"]
+
+
+def test_a_rewrite_arm_whose_rewrites_all_failed_says_why(tmp_path):
+    run = make_run(tmp_path)
+    rewritten = run / "rewrite" / "A1.rewritten.jsonl"
+    rewritten.parent.mkdir(parents=True)
+    rewritten.write_text("")
+    Stages(run).run("rewrite_1", lambda: {
+        "rewritten_file": str(rewritten), "rewriter": "scorer", "rewriter_checkpoint": "ftjob-m0", "curated": 12,
+        "rewritten": 0, "not_rewritten": 12, "summary": {"failures": {"rewrite truncated at max_tokens": 12}}})
+    section = rewrite_part(render(run).read_text())
+    assert "left out (12 of 12; rewrite truncated at max_tokens: 12)" in section
+    assert "No pair was rewritten: M1-rewritten learnt from the seed alone." in section
+    assert cells(section)[2][:2] == ["M1-rewritten (curated rewrites)", "0 of 12 rewritten"]
