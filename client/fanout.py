@@ -9,6 +9,10 @@ and nobody hand-tunes a concurrency. Endpoints without `/metrics` get a fixed ge
 Requests go to the endpoint with the lowest load; failures are retried with exponential backoff and
 full jitter, preferring another endpoint (failover), and an endpoint that refuses connections is
 benched for a growing cool-down. The httpx pool is sized to the windows: no hidden 100-connection cap.
+
+With `require_version`, every request names the served version it must be answered by; the replicas
+of a role that do not serve it yet (a swap is rolling through them) refuse with 503
+`version_not_served`, and the request goes at once to an endpoint that has not refused it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +31,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict
 
 from client.transport import AsyncioBackend
-from humpback.contracts import API_KEY_ENV, RequestFailed, RetryableError
+from humpback.contracts import API_KEY_ENV, VERSION_HEADER, VERSION_NOT_SERVED, RequestFailed, RetryableError
 from humpback.settings import setting
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,10 @@ class FanoutConfig(BaseModel):
     backoff_base: float = setting(0.5, "first backoff in seconds (exponential, full jitter)", ge=0)
     backoff_max: float = setting(30.0, "longest backoff in seconds", ge=0)
     metrics_interval: float = setting(1.0, "seconds between /metrics polls", gt=0)
+    require_version: str | None = setting(
+        None, f"the served version every answer must come from, sent as {VERSION_HEADER}: a replica that does not "
+              "serve it (yet) refuses, and the request goes to another endpoint (the version barrier of a role "
+              "served by several replicas, services.hotswap.swap_role)")
 
 
 @dataclass(eq=False)
@@ -108,6 +116,8 @@ class Fanout:
         self.endpoints = [Endpoint(url=u.rstrip("/"), window=fixed or config.initial_window, adaptive=fixed is None)
                           for u in config.endpoints]
         self.retries = 0
+        # Answers of a replica that did not serve the required version (yet): tried elsewhere at once.
+        self.version_refusals = 0
         self._cond = asyncio.Condition()
         self._client: httpx.AsyncClient | None = None  # control requests (/v1/models, /metrics)
         self._free: list[httpcore.AsyncConnectionPool] = []  # idle per-request pools, most recent last
@@ -140,7 +150,9 @@ class Fanout:
             url = httpx.URL(ep.url)
             host = url.netloc.decode("ascii")
             self._headers[ep.url] = [(b"Host", host.encode("ascii")), (b"Content-Type", b"application/json"),
-                                     *([(b"Authorization", f"Bearer {cfg.api_key}".encode())] if cfg.api_key else [])]
+                                     *([(b"Authorization", f"Bearer {cfg.api_key}".encode())] if cfg.api_key else []),
+                                     *([(VERSION_HEADER.encode(), cfg.require_version.encode())]
+                                       if cfg.require_version else [])]
         self._timeouts = {"connect": cfg.connect_timeout, "read": cfg.timeout, "write": cfg.timeout, "pool": None}
         self._client = httpx.AsyncClient(timeout=timeout, headers=headers)
         if any(e.adaptive for e in self.endpoints):
@@ -159,11 +171,14 @@ class Fanout:
 
     # --- load balancing ------------------------------------------------------------------------
 
-    async def _acquire(self, avoid: Endpoint | None) -> Endpoint:
+    async def _acquire(self, avoid: Endpoint | None, exclude: Collection[str] = ()) -> Endpoint:
+        """The least loaded endpoint with room, other than `avoid` when there is a choice, and never
+        one in `exclude` (waiting for another to have room)."""
         async with self._cond:
             while True:
                 now = time.monotonic()
-                ready = [e for e in self.endpoints if e.down_until <= now and e.inflight < e.window]
+                ready = [e for e in self.endpoints
+                         if e.down_until <= now and e.inflight < e.window and e.url not in exclude]
                 if avoid is not None and len(ready) > 1:
                     ready = [e for e in ready if e is not avoid]
                 if ready:
@@ -211,14 +226,19 @@ class Fanout:
         extensions = {"timeout": self._timeouts}
         avoid: Endpoint | None = None
         retry_after: float | None = None
+        refused: set[str] = set()  # endpoints that did not serve the required version, since the last wait
         reason = ""
         attempts = self.config.max_retries + 1
         for attempt in range(attempts):
             if attempt:
                 self.retries += 1
-                await asyncio.sleep(self._backoff(attempt, retry_after))
-                retry_after = None
-            ep = await self._acquire(avoid)
+                if refused and len(refused) < len(self.endpoints):
+                    retry_after = None  # another replica may serve it already: go there, no wait
+                else:
+                    refused.clear()
+                    await asyncio.sleep(self._backoff(attempt, retry_after))
+                    retry_after = None
+            ep = await self._acquire(avoid, refused)
             try:
                 pool = self._free.pop() if self._free else self._new_pool()
                 try:
@@ -247,6 +267,11 @@ class Fanout:
                         ep.failures = 0
                         ep.completed += 1
                         return result
+                elif status == 503 and VERSION_NOT_SERVED in text:
+                    self.version_refusals += 1
+                    refused.add(ep.url)
+                    reason = f"HTTP 503 from {ep.url}: {text[:200]}"
+                    retry_after = _retry_after(resp.headers)
                 elif status == 429 or status >= 500:
                     reason = f"HTTP {status} from {ep.url}: {text[:200]}"
                     retry_after = _retry_after(resp.headers)

@@ -18,13 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the backward and scorer vLLM servers")
     serve_sub = serve.add_subparsers(dest="serve_command", required=True)
 
-    up = serve_sub.add_parser("up", help="start both servers under a supervisor and wait until healthy")
+    up = serve_sub.add_parser("up", help="start the servers of both roles under a supervisor and wait until healthy")
     add_arguments(up, ServeConfig)
     add_arguments(up, ServeSettings)
-    add_arguments(up.add_argument_group("settings of both servers"), ServerSpec, exclude=PER_ROLE)
+    add_arguments(up.add_argument_group("settings of every server"), ServerSpec, exclude=PER_ROLE)
     up.set_defaults(func=_up)
 
-    status = serve_sub.add_parser("status", help="role, URL, model, version, pid and health of each server")
+    status = serve_sub.add_parser("status", help="name, role, URL, model, version, pid and health of each server")
     _state_arg(status)
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
     status.set_defaults(func=_status)
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _state_arg(down)
     down.set_defaults(func=_down)
 
-    swap = serve_sub.add_parser("swap", help="hot-swap a checkpoint folder into a running server")
+    swap = serve_sub.add_parser("swap", help="hot-swap a checkpoint folder into every running server of a role")
     _state_arg(swap)
     swap.add_argument("role", choices=ROLES)
     swap.add_argument("checkpoint", type=Path)
@@ -57,8 +57,8 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def up_config(args: argparse.Namespace) -> tuple[ServeConfig, ServeSettings]:
-    """What `serve up` starts, from its flags: one server per role, each with the role's model and
-    port and the settings both servers share."""
+    """What `serve up` starts, from its flags: the servers of each role (`--replicas`), each with the
+    role's model and its port and the settings all servers share."""
     settings = from_args(ServeSettings, args)
     servers = default_servers(settings, **values_from(ServerSpec, args, exclude=PER_ROLE))
     return from_args(ServeConfig, args, servers=servers), settings
@@ -70,7 +70,7 @@ def _up(args: argparse.Namespace) -> int:
     cfg, settings = up_config(args)
     up(cfg, timeout=settings.timeout)
     for spec in cfg.servers:
-        print(f"{spec.role}: {spec.url} (model {spec.role}, log {cfg.log_path(spec.role)})")
+        print(f"{spec.name}: {spec.url} (model {spec.role}, log {cfg.log_path(spec.name)})")
     return 0
 
 
@@ -83,10 +83,11 @@ def status_rows(state_dir: Path) -> list[dict]:
     registry = Registry.load(cfg.registry)
     rows = []
     for spec in cfg.servers:
-        proc = procs.get(spec.role, {})
-        served = registry.roles.get(spec.role)
+        proc = procs.get(spec.name, {})
+        served = registry.servers.get(spec.name)
         rows.append(
             {
+                "name": spec.name,
                 "role": spec.role,
                 "url": spec.url,
                 "model": spec.model,
@@ -96,7 +97,7 @@ def status_rows(state_dir: Path) -> list[dict]:
                 "pid": proc.get("pid") or None,
                 "state": proc.get("statename", "STOPPED"),
                 "healthy": health(spec.url),
-                "log": str(cfg.log_path(spec.role)),
+                "log": str(cfg.log_path(spec.name)),
             }
         )
     return rows
@@ -113,7 +114,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        cols = ("role", "url", "model", "version", "pid", "state", "healthy", "log")
+        cols = ("name", "role", "url", "model", "version", "pid", "state", "healthy", "log")
         print("\t".join(cols))
         for row in rows:
             print("\t".join(str(row[c]) for c in cols))
@@ -129,21 +130,27 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _swap(args: argparse.Namespace) -> int:
-    from humpback.contracts import CheckpointError
-    from services.hotswap import swap_checkpoint
+    from humpback.contracts import CheckpointError, SwapError
+    from services.hotswap import swap_role
     from services.supervisor import load_config
 
     cfg = load_config(_state_dir(args))
-    spec = next(s for s in cfg.servers if s.role == args.role)
+    specs = [s for s in cfg.servers if s.role == args.role]
+    if not specs:
+        print(f"humpback: error: no {args.role} server runs from {cfg.state_dir}", file=sys.stderr)
+        return 2
     how = from_args(SwapSettings, args)
     try:
-        result = swap_checkpoint(
-            spec.url, args.checkpoint, role=args.role, version=how.version, alias=how.alias,
-            api_key=spec.api_key, registry=cfg.registry, method=how.method,
+        result = swap_role(
+            {s.name: s.url for s in specs}, args.checkpoint, role=args.role, version=how.version, alias=how.alias,
+            api_key=specs[0].api_key, registry=cfg.registry, method=how.method,
         )
-    except CheckpointError as exc:  # refused before the server was touched: it serves what it served
+    except CheckpointError as exc:  # refused before a server was touched: they serve what they served
         print(f"humpback: error: {exc}", file=sys.stderr)
         return 2
+    except SwapError as exc:  # every replica serves what it served before (or the error says which not)
+        print(f"humpback: error: {exc}", file=sys.stderr)
+        return 1
     print(result.model_dump_json(indent=2))
     return 0
 

@@ -2,8 +2,8 @@
 `python -m services.launch` are generated from these fields (`humpback.settings`).
 
 - `ServerSpec`: one vLLM server. `python -m services.launch` takes every field as a flag (compose
-  runs it so); `serve up` takes the fields both servers share, and sets role, model and port per role
-  from `ServeSettings`.
+  runs it so); `serve up` takes the fields all servers share, and sets role, replica, model and port
+  per server from `ServeSettings`.
 - `ServeConfig`: where `serve up` keeps its state, and the servers it started (saved as
   `STATE_DIR/serve.json`).
 - `ServeSettings`: `serve up`'s own options. `SwapSettings`: `serve swap`'s.
@@ -19,15 +19,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, field_validator
 
 from humpback.contracts import (
-    API_KEY_ENV, DEFAULT_MODEL_DIR, DEFAULT_PORTS, LOOPBACK, ROLES, SERVE_STATE_DIR, STATE_DIR_ENV,
+    API_KEY_ENV, DEFAULT_MODEL_DIR, DEFAULT_PORTS, LOOPBACK, ROLES, SERVE_STATE_DIR, STATE_DIR_ENV, ServeError,
 )
 from humpback.settings import setting
 
 Device = Literal["cpu", "cuda"]
 SwapMethod = Literal["reload", "lora"]
 
-# ServerSpec fields that `serve up` sets per role (from ServeSettings) rather than for both servers.
-PER_ROLE = ("role", "model", "port")
+# ServerSpec fields that `serve up` sets per server (from ServeSettings) rather than for all of them.
+PER_ROLE = ("role", "replica", "model", "port", "advertise_url")
 
 # One setting, taken by `serve up` and by the launcher of each server.
 ADMIN_ALLOW = setting(
@@ -50,11 +50,16 @@ class ServerSpec(BaseModel):
 
     role: str = setting(help="`backward` (writes instructions for segments) or `scorer` (rates pairs); "
                              "also the model name clients request")
+    replica: int = setting(0, "which of the role's servers this one is: 0 is named after the role, N > 0 "
+                              "ROLE-N (its supervisor program, log and registry entry)", ge=0)
     model: str = setting(str(DEFAULT_MODEL_DIR), "model folder, or a hub id whose weights are in the local "
                                                  "cache (nothing is downloaded)")
     host: str = setting(LOOPBACK, "bind address; admin routes stay loopback-only whatever the host "
                                   "(see services.guard)")
     port: int = setting(help="port the server listens on")
+    advertise_url: str | None = setting(None, "base URL the other services reach this server at, recorded in "
+                                              "the registry so that a swap of the role reaches every replica "
+                                              "(compose: http://SERVICE:8000); default: from host and port")
     api_key: str | None = setting(None, "bearer token enforced on the OpenAI /v1 routes", env=API_KEY_ENV)
     device: Device = setting(default_factory=detect_device,
                              help="`cpu` where the CPU build of vLLM is installed, else `cuda`")
@@ -92,7 +97,13 @@ class ServerSpec(BaseModel):
         return args
 
     @property
+    def name(self) -> str:
+        return self.role if self.replica == 0 else f"{self.role}-{self.replica}"
+
+    @property
     def url(self) -> str:
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
         host = LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
 
@@ -107,7 +118,7 @@ class ServeConfig(BaseModel):
     state_dir: Path = setting(SERVE_STATE_DIR, "supervisor config, socket, pid and logs, server specs, and "
                                                "the registry of served versions (registry.json)",
                               env=STATE_DIR_ENV, validate_default=True)
-    servers: list[ServerSpec] = setting(help="the servers, one per role", cli=False)
+    servers: list[ServerSpec] = setting(help="the servers, one or more per role", cli=False)
     admin_allow: list[str] = ADMIN_ALLOW
 
     @field_validator("state_dir")
@@ -120,11 +131,11 @@ class ServeConfig(BaseModel):
     def registry(self) -> Path:
         return self.state_dir / "registry.json"
 
-    def spec_path(self, role: str) -> Path:
-        return self.state_dir / "specs" / f"{role}.json"
+    def spec_path(self, name: str) -> Path:
+        return self.state_dir / "specs" / f"{name}.json"
 
-    def log_path(self, role: str) -> Path:
-        return self.state_dir / "logs" / f"{role}.log"
+    def log_path(self, name: str) -> Path:
+        return self.state_dir / "logs" / f"{name}.log"
 
 
 class ServeSettings(BaseModel):
@@ -136,7 +147,22 @@ class ServeSettings(BaseModel):
                                 validate_default=True)
     backward_port: int = setting(DEFAULT_PORTS["backward"], "port of the backward server")
     scorer_port: int = setting(DEFAULT_PORTS["scorer"], "port of the scorer server")
-    timeout: float = setting(900.0, "seconds to wait until both servers answer /health", gt=0)
+    replicas: dict[str, int] = setting(default_factory=dict, metavar="ROLE=N",
+                                       help="servers of a role (default 1 each; repeatable, e.g. scorer=2). "
+                                            "Replica N listens on the role's port + N x replica_port_step; 0 "
+                                            "starts none of that role")
+    replica_port_step: int = setting(10, "port distance between a role's replicas", ge=1)
+    timeout: float = setting(900.0, "seconds to wait until every server answers /health", gt=0)
+
+    @field_validator("replicas")
+    @classmethod
+    def _known_roles(cls, replicas: dict[str, int]) -> dict[str, int]:
+        for role, n in replicas.items():
+            if role not in ROLES:
+                raise ValueError(f"--replicas {role}={n}: no role {role!r}; roles: {', '.join(ROLES)}")
+            if n < 0:
+                raise ValueError(f"--replicas {role}={n}: a count of servers is 0 or more")
+        return replicas
 
     @field_validator("backward_model", "scorer_model")
     @classmethod
@@ -147,8 +173,11 @@ class ServeSettings(BaseModel):
     def model(self, role: str) -> str:
         return getattr(self, f"{role}_model")
 
-    def port(self, role: str) -> int:
-        return getattr(self, f"{role}_port")
+    def port(self, role: str, replica: int = 0) -> int:
+        return getattr(self, f"{role}_port") + replica * self.replica_port_step
+
+    def count(self, role: str) -> int:
+        return self.replicas.get(role, 1)
 
 
 class SwapSettings(BaseModel):
@@ -171,10 +200,18 @@ def cpu_binds(n_servers: int, n_cpus: int | None = None) -> list[str]:
 
 
 def default_servers(settings: ServeSettings | None = None, **shared: Any) -> list[ServerSpec]:
-    """One server per role, with the role's model and port from `settings` and the ServerSpec values
-    in `shared` (host, api_key, ...) for both; on CPU each gets its own cores."""
+    """The servers of each role (one unless `settings.replicas` says otherwise), with the role's model
+    and port from `settings` and the ServerSpec values in `shared` (host, api_key, ...) for all; on CPU
+    each gets its own cores."""
     settings = settings or ServeSettings()
-    specs = [ServerSpec(role=role, model=settings.model(role), port=settings.port(role), **shared) for role in ROLES]
+    specs = [ServerSpec(role=role, replica=i, model=settings.model(role), port=settings.port(role, i), **shared)
+             for role in ROLES for i in range(settings.count(role))]
+    if not specs:
+        raise ServeError("--replicas leaves no server to start")
+    ports = [s.port for s in specs]
+    if len(set(ports)) < len(ports):
+        raise ServeError(f"the servers' ports collide ({', '.join(f'{s.name}:{s.port}' for s in specs)}): "
+                         "choose role ports or a replica_port_step that keep them apart")
     for spec, bind in zip(specs, cpu_binds(len(specs))):
         if spec.device == "cpu":
             spec.env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)

@@ -17,6 +17,13 @@ swapped into the role's server, and, on CPU servers (`HUMPBACK_REJECT_SEED=1`), 
 `seed`s: vLLM 0.32's CPU engine dies on one when the prompt is prefilled in chunks (a torch CPU
 generator has no offset to rewind), taking every other request with it.
 
+And it holds the version barrier of a role served by several replicas (`services.hotswap.swap_role`).
+It knows its own server (`HUMPBACK_SERVER_NAME`, set by the launcher) and answers an inference request
+with 503 `version_not_served` (retryable: a client with the other replicas as endpoints sends it
+there) when the request names, in `X-Humpback-Version`, a version this server does not serve, or a
+model name another replica of its role answers to but this one does not yet. Every answer it lets
+through carries `X-Humpback-Version`: the version that served it.
+
 It runs inside the vLLM server, so it imports only starlette (vLLM's own), pydantic and humpback's
 light modules (`humpback.contracts`, `services.registry`).
 """
@@ -30,14 +37,17 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV
-from services.registry import Registry
+from humpback.contracts import (
+    ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV, SERVER_NAME_ENV, VERSION_HEADER, VERSION_NOT_SERVED,
+)
+from services.registry import Registry, ServedVersion
 
 PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/tokenize", "/detokenize"})
 # `/v1` is public except the routes that change what the server serves.
 PRIVATE_V1_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 ALIASED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
+VERSION_KEY = VERSION_HEADER.lower().encode()
 
 
 def is_public(path: str) -> bool:
@@ -54,28 +64,39 @@ def _allowed_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return nets
 
 
-class _AliasTable:
-    """The registry's `aliases()` (alias -> served model name), re-read only when the file changes."""
+class _ServedView:
+    """What this server's guard reads from the registry, re-read only when the file changes: its own
+    entry (`name`, from HUMPBACK_SERVER_NAME), the names it maps to its role's weights, and the names
+    another replica of its role answers to but it does not yet (a swap under way)."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, name: str | None) -> None:
         self.path = path
+        self.name = name
         self._stamp: tuple[int, int] | None = None
+        self.own: ServedVersion | None = None
         self.table: dict[str, str] = {}
+        self.pending: frozenset[str] = frozenset()
 
-    def current(self) -> dict[str, str]:
+    def refresh(self) -> _ServedView:
         if self.path is None:
-            return {}
+            return self
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            self.table, self._stamp = {}, None
-            return self.table
+            self.own, self.table, self.pending, self._stamp = None, {}, frozenset(), None
+            return self
         # The registry is replaced by rename: a new inode means a new version, whatever the clock.
         stamp = (st.st_ino, st.st_mtime_ns)
         if stamp != self._stamp:
-            self.table = Registry.load(self.path).aliases()
+            reg = Registry.load(self.path)
+            self.own = reg.servers.get(self.name) if self.name else None
+            # A guard that does not know its server (run outside the launcher) maps every alias.
+            self.table = reg.aliases(self.name if self.own else None)
+            mine = set(self.own.aliases + self.own.adapters) if self.own else set()
+            siblings = reg.of_role(self.own.role).values() if self.own else ()
+            self.pending = frozenset(n for v in siblings for n in v.aliases + v.adapters) - mine
             self._stamp = stamp
-        return self.table
+        return self
 
 
 class AdminGuard:
@@ -83,7 +104,7 @@ class AdminGuard:
         self.app = app
         self.networks = _allowed_networks()
         registry = os.environ.get(REGISTRY_ENV)
-        self.aliases = _AliasTable(Path(registry) if registry else None)
+        self.served = _ServedView(Path(registry) if registry else None, os.environ.get(SERVER_NAME_ENV) or None)
         self.reject_seed = os.environ.get(REJECT_SEED_ENV) == "1"
 
     def client_allowed(self, scope: Scope) -> bool:
@@ -119,8 +140,12 @@ class AdminGuard:
             await self.app(scope, receive, send)
             return
         if scope.get("method") == "POST" and path in ALIASED_PATHS:
-            table = self.aliases.current()
-            if table or self.reject_seed:
+            served = self.served.refresh()
+            wanted = next((v.decode("latin-1") for k, v in scope["headers"] if k == VERSION_KEY), None)
+            if wanted is not None and (served.own is None or wanted != served.own.version):
+                await _not_served(send, served.own, f"the request asks for version {wanted!r}")
+                return
+            if served.table or served.pending or self.reject_seed:
                 body, receive = await _read_body(receive)
                 if body is not None:
                     try:
@@ -131,12 +156,18 @@ class AdminGuard:
                         if self.reject_seed and payload.get("seed") is not None:
                             await _send_json(send, 400, {"error": {"message": "per-request `seed` is refused on this CPU server: vLLM's CPU engine crashes on it; leave `seed` out", "type": "invalid_request_error", "param": "seed", "code": 400}})
                             return
-                        if payload.get("model") in table:
-                            payload["model"] = table[payload["model"]]
+                        model = payload.get("model")
+                        if model in served.table:
+                            payload["model"] = served.table[model]
                             body = json.dumps(payload).encode()
                             headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
                             scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+                        elif isinstance(model, str) and model in served.pending:
+                            await _not_served(send, served.own, f"model {model!r} is not served here yet")
+                            return
                     receive = _replay([{"type": "http.request", "body": body, "more_body": False}], then=receive)
+            if served.own is not None:
+                send = _stamped(send, served.own.version)
         await self.app(scope, receive, send)
 
 
@@ -163,6 +194,32 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
         return await then()
 
     return receive
+
+
+def _stamped(send: Send, version: str) -> Send:
+    """`send` that names, on the response, the version this server served when it took the request."""
+    header = (VERSION_KEY, version.encode("latin-1", "replace"))
+
+    async def stamped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), header]}
+        await send(message)
+
+    return stamped
+
+
+async def _not_served(send: Send, own: ServedVersion | None, why: str) -> None:
+    """503, retryable elsewhere: another replica of the role serves what the request names (a swap is
+    under way), so a client with several endpoints sends it there (client.fanout) and others retry."""
+    serving = f"this server serves version {own.version!r}" if own else "this server is not in the registry"
+    body = json.dumps({"error": {"message": f"{why}; {serving}", "type": "service_unavailable",
+                                 "code": VERSION_NOT_SERVED}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"retry-after", b"1")]
+    if own is not None:
+        headers.append((VERSION_KEY, own.version.encode("latin-1", "replace")))
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _forbid(scope: Scope, send: Send, message: str) -> None:

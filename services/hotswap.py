@@ -7,6 +7,12 @@ Two methods, both validated before the server is touched:
   computed by the old weights), and the engine resumes. Needs `VLLM_SERVER_DEV_MODE=1`.
 - `lora` (GPU): a LoRA adapter is loaded at runtime under a versioned name; the base keeps serving.
 The registry records the served version (shown by `serve status`) and the alias clients may request.
+
+A role served by several replicas is swapped by `swap_role`, one replica at a time (the others keep
+serving), each recorded as it finishes: the guard of a replica refuses requests that name a version or
+alias it does not serve yet, so clients that name the new version are answered by the replicas done so
+far, and when `swap_role` returns every replica serves it (the version barrier). A replica that fails
+the swap puts the ones done back on their previous weights, so the role never stays split.
 """
 
 from __future__ import annotations
@@ -17,24 +23,25 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel
 
-from humpback.contracts import SwapError
+from humpback.contracts import CheckpointError, SwapError
 from services.checkpoint import validate_adapter, validate_checkpoint
 from services.config import SwapMethod
-from services.registry import Registry, default_registry, record_swap
+from services.registry import Registry, ServedVersion, default_registry, record_swap, updating
 
-__all__ = ["SwapResult", "swap_checkpoint", "served_root", "served_version"]
-
+__all__ = ["SwapResult", "role_servers", "served_root", "served_version", "swap_checkpoint", "swap_role"]
 
 
 class SwapResult(BaseModel):
     role: str
-    url: str
+    # The servers swapped (names as in the registry) and their URLs, in swap order.
+    servers: list[str]
+    urls: list[str]
     version: str
     method: SwapMethod
     checkpoint: str
     # The `model` name that requests the new weights: the alias, the adapter name, or the role.
     served_model: str
-    # How long new requests were held back (pause to resume), in seconds.
+    # How long new requests were held back (pause to resume) on the server held longest, in seconds.
     stall_s: float
 
 
@@ -56,9 +63,19 @@ def served_root(http: httpx.Client, role: str) -> Path:
 
 
 def served_version(role: str, registry: Path | None = None) -> str | None:
-    """The version the registry says `role` serves now (None: no swap or start recorded it)."""
-    served = Registry.load(registry or default_registry()).roles.get(role)
-    return served.version if served else None
+    """The version every server of `role` serves now, by the registry (None: no start recorded one, or
+    a swap is under way)."""
+    return Registry.load(registry or default_registry()).role_version(role)
+
+
+def role_servers(role: str, url: str, registry: Path | None = None) -> dict[str, str]:
+    """name -> URL of every server of `role` the registry records (each records itself at start) when
+    the server at `url` is one of them; else that server alone, named after the role (a registry
+    that does not record it is another stack's, no guide to this one)."""
+    url = url.rstrip("/")
+    recorded = {name: v.url for name, v in Registry.load(registry or default_registry()).of_role(role).items()
+                if v.url}
+    return recorded if url in recorded.values() else {role: url}
 
 
 def _reload(http: httpx.Client, weights: Path) -> None:
@@ -79,16 +96,18 @@ def swap_checkpoint(
     registry: Path | None = None,
     method: SwapMethod = "reload",
     timeout: float = 300.0,
+    name: str | None = None,
 ) -> SwapResult:
-    """Swap `checkpoint` into the server at `url` that serves `role`.
+    """Swap `checkpoint` into the server at `url` that serves `role`, recorded in the registry as server
+    `name` (default: the role's name, its first server).
 
     Raises CheckpointError (nothing was touched) when the folder is unfit, SwapError when the server
     failed the swap.
     """
+    name = name or role
     checkpoint = Path(checkpoint).absolute()
     registry = registry or default_registry()
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(base_url=url, headers=headers, timeout=timeout) as http:
+    with httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout) as http:
         reference = served_root(http, role)
         if method == "lora":
             validate_adapter(checkpoint)
@@ -98,7 +117,7 @@ def swap_checkpoint(
             served = name
         else:
             validate_checkpoint(checkpoint, reference)
-            previous = Registry.load(registry).roles.get(role)
+            previous = Registry.load(registry).servers.get(name)
             fallback = Path(previous.checkpoint) if previous and previous.checkpoint else reference
             start = time.monotonic()
             _post(http, "/pause", params={"mode": "keep"})
@@ -119,7 +138,66 @@ def swap_checkpoint(
                     pass  # the server is gone; the supervisor restarts it and the error above says why
             stall = time.monotonic() - start
             served = alias or role
-    record_swap(registry, role, version, str(checkpoint), method, served)
-    return SwapResult(
-        role=role, url=url, version=version, method=method, checkpoint=str(checkpoint), served_model=served, stall_s=stall
-    )
+    record_swap(registry, role, version, str(checkpoint), method, served, name=name)
+    return SwapResult(role=role, servers=[name], urls=[url], version=version, method=method,
+                      checkpoint=str(checkpoint), served_model=served, stall_s=stall)
+
+
+def swap_role(
+    servers: dict[str, str],
+    checkpoint: str | Path,
+    *,
+    role: str,
+    version: str,
+    alias: str | None = None,
+    api_key: str | None = None,
+    registry: Path | None = None,
+    method: SwapMethod = "reload",
+    timeout: float = 300.0,
+) -> SwapResult:
+    """Swap `checkpoint` into every server of `role` (`servers`: name -> URL), one at a time; when it
+    returns, all of them serve `version`. Raises as `swap_checkpoint`; on a SwapError the servers
+    already swapped are put back on what they served before."""
+    if not servers:
+        raise SwapError(f"no server of role {role!r} is recorded in the registry")
+    registry = registry or default_registry()
+    before = Registry.load(registry).servers
+    done: list[SwapResult] = []
+    for name, url in servers.items():
+        try:
+            done.append(swap_checkpoint(url, checkpoint, role=role, version=version, alias=alias, api_key=api_key,
+                                        registry=registry, method=method, timeout=timeout, name=name))
+        except SwapError as exc:
+            failed = [f"{r.servers[0]}: {e}" for r in done if (e := _put_back(r, before, api_key, registry, timeout))]
+            raise SwapError(f"{name} failed the swap ({exc}); the replicas swapped before it were put back"
+                            + (f", except {'; '.join(failed)}" if failed else "")) from exc
+    return SwapResult(role=role, servers=[r.servers[0] for r in done], urls=[r.urls[0] for r in done],
+                      version=version, method=method, checkpoint=str(Path(checkpoint).absolute()),
+                      served_model=done[0].served_model, stall_s=max(r.stall_s for r in done))
+
+
+def _put_back(done: SwapResult, before: dict[str, ServedVersion], api_key: str | None, registry: Path,
+              timeout: float) -> str | None:
+    """Undo one replica's swap (what `swap_role` does when a later replica fails); why it failed, or None."""
+    name, url = done.servers[0], done.urls[0]
+    prev = before.get(name, ServedVersion(role=done.role))
+    try:
+        if done.method == "lora":  # the base kept serving beside the adapter: unload it
+            with httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout) as http:
+                _post(http, "/v1/unload_lora_adapter", json={"lora_name": done.served_model})
+            with updating(registry) as reg:
+                reg.servers[name] = prev
+            return None
+        with httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout) as http:
+            weights = prev.checkpoint or str(served_root(http, done.role))
+        swap_checkpoint(url, weights, role=done.role, version=prev.version, alias=next(iter(prev.aliases), None),
+                        api_key=api_key, registry=registry, timeout=timeout, name=name)
+        with updating(registry) as reg:  # exactly the entry it had: its checkpoint None when it was the base
+            reg.servers[name] = prev
+        return None
+    except (SwapError, CheckpointError, httpx.HTTPError) as exc:
+        return str(exc)
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV, CheckpointError
+from humpback.contracts import ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV, SERVER_NAME_ENV, CheckpointError
 from humpback.settings import add_arguments, from_args, setting
 from services.checkpoint import validate_checkpoint
 from services.config import ADMIN_ALLOW, ServerSpec
-from services.registry import Registry, default_registry, reset_role
+from services.registry import Registry, default_registry, reset_server
 
 # vLLM's `vllm` console script looks up the distribution `vllm`, which the CPU build is not named.
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -74,7 +74,7 @@ def vllm_env(spec: ServerSpec, registry: Path, admin_allow: list[str]) -> dict[s
     env = dict(os.environ)
     env.update(
         VLLM_SERVER_DEV_MODE="1",  # the weight-reload routes; the guard keeps them host-internal
-        **{REGISTRY_ENV: str(registry), ADMIN_ALLOW_ENV: ",".join(admin_allow)},
+        **{REGISTRY_ENV: str(registry), ADMIN_ALLOW_ENV: ",".join(admin_allow), SERVER_NAME_ENV: spec.name},
         PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), env.get("PYTHONPATH")])),
     )
     if spec.api_key:
@@ -92,15 +92,16 @@ def vllm_env(spec: ServerSpec, registry: Path, admin_allow: list[str]) -> dict[s
 
 
 def model_to_serve(spec: ServerSpec, registry: Path) -> str:
-    """The served checkpoint to come back with after a restart, else the spec's base model."""
-    served = Registry.load(registry).roles.get(spec.role)
+    """The served checkpoint to come back with after a restart, else the spec's base model (and the
+    registry records this server, its role and URL, serving it)."""
+    served = Registry.load(registry).servers.get(spec.name)
     if served and served.method == "reload" and served.checkpoint:
         try:
             validate_checkpoint(Path(served.checkpoint), Path(spec.model))
             return served.checkpoint
         except CheckpointError as exc:
             print(f"humpback: cannot restore {served.checkpoint} ({exc}); serving the base model", file=sys.stderr)
-    reset_role(registry, spec.role)
+    reset_server(registry, spec.name, spec.role, spec.url)
     return spec.model
 
 

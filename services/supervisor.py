@@ -19,7 +19,7 @@ import httpx
 
 from humpback.contracts import ServeError
 from services.config import ServeConfig
-from services.registry import reset_role, write_private
+from services.registry import ServedVersion, updating, write_private
 
 SUPERVISORD = Path(sys.executable).with_name("supervisord")
 
@@ -35,14 +35,14 @@ def _conf(cfg: ServeConfig) -> str:
     ]
     allow = "".join(f" --admin-allow {a}" for a in cfg.admin_allow)
     for spec in cfg.servers:
-        launch = f"-m services.launch --spec-file {cfg.spec_path(spec.role)} --registry {cfg.registry}{allow}"
+        launch = f"-m services.launch --spec-file {cfg.spec_path(spec.name)} --registry {cfg.registry}{allow}"
         lines += [
-            f"[program:{spec.role}]",
+            f"[program:{spec.name}]",
             f"command={sys.executable} {launch}",
             "autostart=true", "autorestart=true", "startsecs=10", "startretries=5",
             # vLLM spawns its engine core: stop and kill the whole group, or it outlives the server.
             "stopasgroup=true", "killasgroup=true", "stopsignal=INT", "stopwaitsecs=30",
-            "redirect_stderr=true", f"stdout_logfile={cfg.log_path(spec.role)}",
+            "redirect_stderr=true", f"stdout_logfile={cfg.log_path(spec.name)}",
             "stdout_logfile_maxbytes=50MB", "stdout_logfile_backups=2",
         ]
     return "\n".join(lines) + "\n"
@@ -73,15 +73,15 @@ def health(url: str, timeout: float = 2.0) -> bool:
 
 def wait_healthy(cfg: ServeConfig, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    pending = {s.role: s for s in cfg.servers}
+    pending = {s.name: s for s in cfg.servers}
     proxy = rpc(cfg.state_dir)
     while pending:
-        for role, spec in list(pending.items()):
+        for name, spec in list(pending.items()):
             if health(spec.url):
-                pending.pop(role)
+                pending.pop(name)
                 continue
-            if proxy is not None and proxy.supervisor.getProcessInfo(role)["statename"] == "FATAL":
-                raise ServeError(f"server {role} failed to start; see {cfg.log_path(role)}:\n{_tail(cfg.log_path(role))}")
+            if proxy is not None and proxy.supervisor.getProcessInfo(name)["statename"] == "FATAL":
+                raise ServeError(f"server {name} failed to start; see {cfg.log_path(name)}:\n{_tail(cfg.log_path(name))}")
         if pending and time.monotonic() > deadline:
             raise ServeError(f"servers {sorted(pending)} not healthy after {timeout:.0f}s; logs in {cfg.state_dir / 'logs'}")
         time.sleep(1)
@@ -117,10 +117,12 @@ def write_state(cfg: ServeConfig) -> Path:
     (cfg.state_dir / "logs").mkdir(exist_ok=True)
     write_private(cfg.state_dir / "serve.json", cfg.model_dump_json(indent=2))
     for spec in cfg.servers:
-        write_private(cfg.spec_path(spec.role), spec.model_dump_json(indent=2))
+        write_private(cfg.spec_path(spec.name), spec.model_dump_json(indent=2))
         # A process group recorded by an earlier `up` is long gone; its id may be reused by now.
-        cfg.spec_path(spec.role).with_suffix(".pgid").unlink(missing_ok=True)
-        reset_role(cfg.registry, spec.role)
+        cfg.spec_path(spec.name).with_suffix(".pgid").unlink(missing_ok=True)
+    # Only these servers, on their base weights: a replica an earlier `up` ran is no server of its role now.
+    with updating(cfg.registry) as reg:
+        reg.servers = {s.name: ServedVersion(role=s.role, url=s.url) for s in cfg.servers}
     conf = cfg.state_dir / "supervisord.conf"
     conf.write_text(_conf(cfg))
     return conf

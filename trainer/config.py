@@ -136,11 +136,15 @@ class ServiceSettings(BaseModel):
     api_key: str | None = setting(None, "bearer token required on every request when set (empty: none)",
                                   env=API_KEY_ENV)
     backward_url: str = setting(DEFAULT_URLS["backward"],
-                                "base URL (no /v1) of the backward server a job can deploy to")
-    scorer_url: str = setting(DEFAULT_URLS["scorer"], "base URL (no /v1) of the scorer server a job can deploy to")
+                                "base URL (no /v1) of the backward server a job can deploy to, when the registry "
+                                "records no backward server (each records itself and its URL at start, and a "
+                                "deploy reaches every replica it records)")
+    scorer_url: str = setting(DEFAULT_URLS["scorer"], "base URL (no /v1) of the scorer server a job can deploy to, "
+                                                      "when the registry records none (as --backward-url)")
     server_api_key: str | None = setting(None, "bearer token of the model servers, when they require one",
                                          env=API_KEY_ENV)
-    registry: Path | None = setting(None, "alias registry the servers' middleware reads (default: the serve state's)")
+    registry: Path | None = setting(None, "the servers' registry: which servers serve each role and what they "
+                                          "serve; their middleware reads it (default: the serve state's)")
     backward_model: Path = setting(
         DEFAULT_MODEL_DIR, "the folder the backward role serves; a job whose model is `backward` fine-tunes from it")
     scorer_model: Path = setting(

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from humpback.contracts import CheckpointError, Role, SwapError
-from services.hotswap import SwapResult, served_version, swap_checkpoint
+from services.hotswap import SwapResult, role_servers, served_version, swap_role
 from trainer.config import ServiceSettings
 from trainer.metrics import TrainerMetrics
 from trainer.store import Store
@@ -30,7 +30,7 @@ class Deployer:
         self._lock = threading.Lock()
 
     def serves(self, role: Role, job_id: str) -> bool:
-        """Whether `role`'s server serves job `job_id`'s model now, by the servers' registry."""
+        """Whether every server of `role` serves job `job_id`'s model now, by the servers' registry."""
         return served_version(role, self.settings.registry) == job_id
 
     def deploy(self, job_id: str, role: Role, export_dir: Path, name: str) -> SwapResult:
@@ -48,12 +48,18 @@ class Deployer:
                 return None
             return self._swap(job_id, role, export_dir, name)
 
+    def servers(self, role: Role) -> dict[str, str]:
+        """name -> URL of each server of `role`: the configured one and its recorded replicas."""
+        return role_servers(role, self.settings.role_url(role), self.settings.registry)
+
     def _swap(self, job_id: str, role: Role, export_dir: Path, name: str) -> SwapResult:
-        url = self.settings.role_url(role)
-        self.store.add_event(job_id, f"Deploying {name} to the {role} server at {url}")
+        servers = self.servers(role)
+        where = (f"the {role} server at {next(iter(servers.values()))}" if len(servers) == 1
+                 else f"the {len(servers)} {role} servers at {', '.join(servers.values())}")
+        self.store.add_event(job_id, f"Deploying {name} to {where}")
         try:
-            result = swap_checkpoint(
-                url, export_dir, role=role, version=job_id, alias=name, api_key=self.settings.server_api_key,
+            result = swap_role(
+                servers, export_dir, role=role, version=job_id, alias=name, api_key=self.settings.server_api_key,
                 registry=self.settings.registry, timeout=self.settings.swap_timeout,
             )
         except (CheckpointError, SwapError, httpx.HTTPError, OSError) as exc:

@@ -21,10 +21,13 @@ from humpback.contracts.defaults import (
     REJECT_SEED_ENV,
     ROLES,
     SERVE_STATE_DIR,
+    SERVER_NAME_ENV,
     STATE_DIR_ENV,
     TRAINER_DATA_DIR,
     TRAINER_PORT,
     TRAINER_URL,
+    VERSION_HEADER,
+    VERSION_NOT_SERVED,
     Role,
     local_url,
 )

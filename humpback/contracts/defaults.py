@@ -54,3 +54,10 @@ STATE_DIR_ENV = "HUMPBACK_STATE_DIR"
 REGISTRY_ENV = "HUMPBACK_REGISTRY"
 ADMIN_ALLOW_ENV = "HUMPBACK_ADMIN_ALLOW"
 REJECT_SEED_ENV = "HUMPBACK_REJECT_SEED"
+SERVER_NAME_ENV = "HUMPBACK_SERVER_NAME"  # which server of the registry the guard speaks for
+
+# The version barrier of a role served by several replicas: a request may name the version it must
+# be answered by in this header, and every answer says which version served it (services.guard).
+VERSION_HEADER = "X-Humpback-Version"
+# What a replica answers a request for a version it does not serve (yet): retryable, elsewhere.
+VERSION_NOT_SERVED = "version_not_served"

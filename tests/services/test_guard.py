@@ -104,7 +104,7 @@ def test_aliases_of_every_role_and_not_adapters(tmp_path):
     # An adapter is requested by its own name and leaves the full weights (and their alias) in place.
     record_swap(registry, "backward", "b2", "/ckpt/b2", "lora", "backward-b2")
     assert Registry.load(registry).aliases() == {"ft:scorer:m1": "scorer", "ft:backward:b1": "backward"}
-    assert Registry.load(registry).roles["backward"].adapters == ["backward-b2"]
+    assert Registry.load(registry).servers["backward"].adapters == ["backward-b2"]
     # New full weights served under the role's own name: the old alias goes, and no new one comes.
     record_swap(registry, "scorer", "m0", "/ckpt/m0", "reload", "scorer")
     assert Registry.load(registry).aliases() == {"ft:backward:b1": "backward"}

@@ -115,11 +115,11 @@ def test_restart_restores_the_served_checkpoint(model_dir, tmp_path):
     ckpt = linked_checkpoint(model_dir, tmp_path / "m1")
     record_swap(registry, "scorer", "m1", str(ckpt), "reload", "ft:m1")
     assert model_to_serve(spec, registry) == str(ckpt)
-    assert Registry.load(registry).roles["scorer"].version == "m1"
+    assert Registry.load(registry).servers["scorer"].version == "m1"
     # A checkpoint that no longer validates: back to the base, and the registry says so.
     (ckpt / "model.safetensors").unlink()
     assert model_to_serve(spec, registry) == str(model_dir)
-    assert Registry.load(registry).roles["scorer"].version == "base"
+    assert Registry.load(registry).servers["scorer"].version == "base"
 
 
 def test_reap_previous_kills_the_old_process_group(tmp_path):

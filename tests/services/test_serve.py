@@ -102,12 +102,12 @@ def test_bad_checkpoint_refused_and_server_keeps_serving(servers, model_dir, tmp
         edit_config(folder, architectures=["Qwen2ForCausalLM"], model_type="qwen2")
     else:
         folder = tmp_path / "does-not-exist"
-    version_before = Registry.load(servers.registry).roles["backward"].version
+    version_before = Registry.load(servers.registry).servers["backward"].version
     with pytest.raises(CheckpointError):
         swap_checkpoint(servers.backward_url, folder, role="backward", version="bad", api_key=servers.api_key,
                         registry=servers.registry)
     assert prompt_logprobs(servers, "backward") == pytest.approx(before, abs=1e-4)
-    assert Registry.load(servers.registry).roles["backward"].version == version_before
+    assert Registry.load(servers.registry).servers["backward"].version == version_before
 
 
 # One refused kind per way a folder can break or corrupt a reload (tests/services/test_checkpoint.py

@@ -138,7 +138,7 @@ def test_deploy_is_a_no_op_when_the_role_serves_the_job(app: FastAPI, http: Test
     assert resp.status_code == 200, resp.text
     assert Deployment.model_validate_json(resp.content) == Deployment(
         fine_tuning_job_id=job_id, fine_tuned_model=name, role="backward", swapped=False, stall_s=None)
-    assert Registry.load(registry).roles["backward"] == before
+    assert Registry.load(registry).servers["backward"] == before
     assert not any(m.startswith("Deploying") for m in messages(app, job_id))
 
 
@@ -214,7 +214,7 @@ def test_job_is_hot_swapped_and_requestable(deploy_service: RunningService, trai
     assert swap["stall_s"] > 0  # the server was paused from the reload to the resume
     metrics = httpx.get(f"{deploy_service.url}/metrics", headers=AUTH).text
     assert metric(metrics, 'humpback_trainer_swap_stall_seconds{role="backward"}') == pytest.approx(swap["stall_s"])
-    assert Registry.load(servers.registry).roles["backward"].aliases == [done.fine_tuned_model]
+    assert Registry.load(servers.registry).servers["backward"].aliases == [done.fine_tuned_model]
 
     # On request: nothing to do while the server serves the job; after a restart put the base back
     # (as `serve up` does), the same request swaps the job's model in again.
@@ -228,7 +228,7 @@ def test_job_is_hot_swapped_and_requestable(deploy_service: RunningService, trai
         httpx.post(route, json={"role": "backward"}, headers=AUTH, timeout=600).content)
     assert redeployed.swapped and redeployed.stall_s > 0
     assert redeployed.fine_tuned_model == done.fine_tuned_model
-    assert Registry.load(servers.registry).roles["backward"].version == job.id
+    assert Registry.load(servers.registry).servers["backward"].version == job.id
     assert prompt_logprobs(server, done.fine_tuned_model) == pytest.approx(after, abs=1e-3)
 
 

@@ -1,0 +1,246 @@
+"""Roles served by several replicas: how `serve up` lays them out, the registry that records each one,
+and the version barrier (the guard refuses what a replica does not serve yet, the client goes
+elsewhere, `swap_role` swaps one replica at a time and puts them back when one fails). These run over
+real HTTP against guard-wrapped apps; tests/services/test_replicas_serve.py runs two real scorers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import socket
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from client.fanout import Fanout, FanoutConfig
+from humpback.contracts import REGISTRY_ENV, SERVER_NAME_ENV, VERSION_HEADER, ServeError, SwapError
+from services.config import ServeSettings, default_servers
+from services.guard import AdminGuard
+from services.hotswap import role_servers, swap_role
+from services.registry import Registry, ServedVersion, record_swap, reset_server, updating
+from tests.services.helpers import linked_checkpoint
+from tests.services.test_guard import served
+
+BODY = {"model": "scorer", "messages": [{"role": "user", "content": "hi"}]}
+
+
+# --- layout ---------------------------------------------------------------------------------------
+
+
+def test_replicas_get_their_own_names_ports_and_cores():
+    specs = default_servers(ServeSettings(replicas={"scorer": 2}), device="cpu")
+    assert [(s.name, s.role, s.replica, s.port) for s in specs] == [
+        ("backward", "backward", 0, 8001), ("scorer", "scorer", 0, 8002), ("scorer-1", "scorer", 1, 8012)]
+    binds = [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in specs]
+    assert len(binds) == 3
+
+
+def test_a_role_can_have_no_server_and_ports_must_not_collide():
+    specs = default_servers(ServeSettings(replicas={"backward": 0, "scorer": 2}), device="cpu")
+    assert [s.name for s in specs] == ["scorer", "scorer-1"]
+    with pytest.raises(ServeError, match="no server"):
+        default_servers(ServeSettings(replicas={"backward": 0, "scorer": 0}), device="cpu")
+    with pytest.raises(ServeError, match="collide"):
+        default_servers(ServeSettings(replicas={"backward": 2}, replica_port_step=1), device="cpu")
+    with pytest.raises(ValueError, match="no role 'judge'"):
+        ServeSettings(replicas={"judge": 1})
+
+
+def test_serve_up_flag_takes_role_counts(tmp_path):
+    from services.cli import up_config
+    from tests.services.test_cli import _commands
+
+    args = _commands()["up"].parse_args(["--state-dir", str(tmp_path), "--replicas", "scorer=2",
+                                         "--replicas", "backward=0", "--scorer-port", "9100"])
+    cfg, _ = up_config(args)
+    assert [(s.name, s.port) for s in cfg.servers] == [("scorer", 9100), ("scorer-1", 9110)]
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+
+def _reset(args: tuple[str, str]) -> None:
+    path, name = args
+    reset_server(Path(path), name, "scorer", f"http://{name}")
+
+
+def test_replicas_starting_at_once_all_get_recorded(tmp_path):
+    """Each replica's launcher records itself at start, all at once: none may undo another's entry."""
+    registry = tmp_path / "registry.json"
+    names = [f"scorer-{i}" for i in range(12)]
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        pool.map(_reset, [(str(registry), n) for n in names])
+    assert sorted(Registry.load(registry).servers) == sorted(names)
+
+
+def test_role_version_is_the_one_every_replica_serves(tmp_path):
+    registry = tmp_path / "registry.json"
+    reset_server(registry, "scorer", "scorer", "http://a")
+    reset_server(registry, "scorer-1", "scorer", "http://b")
+    reset_server(registry, "backward", "backward", "http://c")
+    reg = Registry.load(registry)
+    assert reg.role_version("scorer") == "base" and role_servers("scorer", "http://b/", registry) == {
+        "scorer": "http://a", "scorer-1": "http://b"}
+    assert role_servers("scorer", "http://z", registry) == {"scorer": "http://z"}
+    record_swap(registry, "scorer", "m1", "/ckpt/m1", "reload", "ft:m1", name="scorer-1")
+    reg = Registry.load(registry)
+    assert reg.role_version("scorer") is None  # half-way: no version is the role's
+    assert reg.aliases("scorer-1") == {"ft:m1": "scorer"} and reg.aliases("scorer") == {}
+    assert reg.servers["scorer-1"].url == "http://b"  # a swap keeps where the server is
+    record_swap(registry, "scorer", "m1", "/ckpt/m1", "reload", "ft:m1", name="scorer")
+    assert Registry.load(registry).role_version("scorer") == "m1"
+
+
+# --- the guard's barrier, over real HTTP ----------------------------------------------------------
+
+
+async def _answer(request: Request) -> JSONResponse:
+    body = json.loads(await request.body())
+    return JSONResponse({"model": body["model"], "server": request.app.state.name,
+                         "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]})
+
+
+def _replica(monkeypatch, registry: Path, name: str) -> AdminGuard:
+    app = Starlette(routes=[Route("/v1/chat/completions", _answer, methods=["POST"])])
+    app.state.name = name
+    monkeypatch.setenv(REGISTRY_ENV, str(registry))
+    monkeypatch.setenv(SERVER_NAME_ENV, name)
+    return AdminGuard(app)  # reads its name and registry now
+
+
+@pytest.fixture
+def two_replicas(monkeypatch, tmp_path):
+    """Two guard-wrapped scorer replicas on real sockets: `scorer` serves the base, `scorer-1` m1."""
+    registry = tmp_path / "registry.json"
+    with ExitStack() as stack:
+        urls = {}
+        for name in ("scorer", "scorer-1"):
+            port = stack.enter_context(served(_replica(monkeypatch, registry, name), socket.AF_INET, "127.0.0.1"))
+            urls[name] = f"http://127.0.0.1:{port}"
+            reset_server(registry, name, "scorer", urls[name])
+        record_swap(registry, "scorer", "m1", "/ckpt/m1", "reload", "ft:m1", name="scorer-1")
+        yield registry, urls
+
+
+def test_a_replica_refuses_a_version_or_name_it_does_not_serve_yet(two_replicas):
+    _, urls = two_replicas
+    old, new = urls["scorer"], urls["scorer-1"]
+    refused = httpx.post(f"{old}/v1/chat/completions", json=BODY, headers={VERSION_HEADER: "m1"})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "version_not_served"
+    assert refused.headers[VERSION_HEADER] == "base" and "retry-after" in refused.headers
+    # The fine-tuned name another replica answers to: refused here (retryable), not a 404.
+    refused = httpx.post(f"{old}/v1/chat/completions", json={**BODY, "model": "ft:m1"})
+    assert refused.status_code == 503 and "not served here yet" in refused.json()["error"]["message"]
+    ok = httpx.post(f"{new}/v1/chat/completions", json={**BODY, "model": "ft:m1"}, headers={VERSION_HEADER: "m1"})
+    assert ok.status_code == 200 and ok.json()["model"] == "scorer" and ok.headers[VERSION_HEADER] == "m1"
+    # Unversioned requests are answered by either, each saying which version served it.
+    assert httpx.post(f"{old}/v1/chat/completions", json=BODY).headers[VERSION_HEADER] == "base"
+
+
+def test_the_client_sends_what_one_replica_refuses_to_the_other(two_replicas):
+    _, urls = two_replicas
+
+    async def run() -> tuple[list[dict], Fanout]:
+        cfg = FanoutConfig(endpoints=list(urls.values()), concurrency=4, require_version="m1", backoff_base=5.0)
+        async with Fanout(cfg) as f:
+            answers = await asyncio.gather(*(f.post("/v1/chat/completions", BODY) for _ in range(40)))
+        return answers, f
+
+    answers, fanout = asyncio.run(run())
+    assert {a["server"] for a in answers} == {"scorer-1"}
+    # Every refusal went elsewhere at once: a 5 s backoff would have made 40 requests take minutes.
+    assert fanout.version_refusals > 0
+    assert fanout.endpoints[0].completed == 0 and fanout.endpoints[1].completed == 40
+
+
+def test_a_version_no_replica_serves_fails_after_the_retries(two_replicas):
+    _, urls = two_replicas
+
+    async def run() -> None:
+        cfg = FanoutConfig(endpoints=list(urls.values()), concurrency=4, require_version="m9", max_retries=3,
+                           backoff_base=0.01, backoff_max=0.02)
+        async with Fanout(cfg) as f:
+            await f.post("/v1/chat/completions", BODY)
+
+    with pytest.raises(Exception, match="version_not_served"):
+        asyncio.run(run())
+
+
+# --- swap_role ------------------------------------------------------------------------------------
+
+
+class FakeVllm:
+    """The admin routes of a vLLM server that a swap uses, recording the reloads; `fail` makes the
+    reload fail (a server that cannot take the new weights)."""
+
+    def __init__(self, root: Path, fail: bool = False) -> None:
+        self.root, self.fail, self.reloads = root, fail, []
+        self.app = Starlette(routes=[
+            Route("/v1/models", self.models), Route("/pause", self.ok, methods=["POST"]),
+            Route("/resume", self.ok, methods=["POST"]), Route("/collective_rpc", self.rpc, methods=["POST"]),
+            Route("/reset_prefix_cache", self.reset, methods=["POST"])])
+
+    async def models(self, request: Request) -> JSONResponse:
+        return JSONResponse({"data": [{"id": "scorer", "root": str(self.root), "parent": None}]})
+
+    async def ok(self, request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    async def reset(self, request: Request) -> JSONResponse:
+        return JSONResponse({"success": True})
+
+    async def rpc(self, request: Request) -> JSONResponse:
+        weights = (await request.json())["kwargs"]["weights_path"]
+        if self.fail and weights != str(self.root):
+            return JSONResponse({"error": "out of memory"}, status_code=500)
+        self.reloads.append(weights)
+        return JSONResponse({})
+
+
+def test_a_replica_that_fails_the_swap_puts_the_others_back(model_dir, tmp_path):
+    registry = tmp_path / "registry.json"
+    ckpt = linked_checkpoint(model_dir, tmp_path / "m1")
+    fakes = {"scorer": FakeVllm(model_dir), "scorer-1": FakeVllm(model_dir, fail=True)}
+    with ExitStack() as stack:
+        urls = {n: f"http://127.0.0.1:{stack.enter_context(served(f.app, socket.AF_INET, '127.0.0.1'))}"
+                for n, f in fakes.items()}
+        for name, url in urls.items():
+            reset_server(registry, name, "scorer", url)
+        before = Registry.load(registry).servers
+        with pytest.raises(SwapError, match="scorer-1 failed the swap"):
+            swap_role(urls, ckpt, role="scorer", version="m1", alias="ft:m1", registry=registry)
+        # The first replica took m1, then its base again; the registry holds what it held.
+        assert fakes["scorer"].reloads == [str(ckpt.absolute()), str(model_dir)]
+        assert Registry.load(registry).servers == before
+        fakes["scorer-1"].fail = False
+        result = swap_role(urls, ckpt, role="scorer", version="m1", alias="ft:m1", registry=registry)
+    assert result.servers == ["scorer", "scorer-1"] and result.urls == list(urls.values())
+    assert Registry.load(registry).role_version("scorer") == "m1"
+
+
+def test_swap_role_needs_a_server():
+    with pytest.raises(SwapError, match="no server of role"):
+        swap_role({}, "/nowhere", role="scorer", version="m1")
+
+
+def test_trainer_deploys_to_every_recorded_replica_of_its_server(tmp_path):
+    from trainer.config import ServiceSettings
+    from trainer.deploy import Deployer
+
+    registry = tmp_path / "registry.json"
+    with updating(registry) as reg:
+        reg.servers = {"scorer": ServedVersion(role="scorer", url="http://127.0.0.1:8002"),
+                       "scorer-1": ServedVersion(role="scorer", url="http://127.0.0.1:8012")}
+    settings = ServiceSettings(data_dir=tmp_path / "t", registry=registry)
+    assert Deployer(settings, None, None).servers("scorer") == {
+        "scorer": "http://127.0.0.1:8002", "scorer-1": "http://127.0.0.1:8012"}
+    # A registry that records other servers than the configured one is another stack's: not followed.
+    other = ServiceSettings(data_dir=tmp_path / "t", registry=registry, scorer_url="http://127.0.0.1:9002")
+    assert Deployer(other, None, None).servers("scorer") == {"scorer": "http://127.0.0.1:9002"}
