@@ -610,3 +610,24 @@ def test_trainer_dockerfile():
 def test_dockerignore():
     entries = {ln.strip().rstrip("/") for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")}
     assert entries >= {".venv", "models", ".humpback", "runs", ".git"}
+
+
+def test_a_scorer_replica_records_itself_where_the_trainer_and_the_run_find_it(doc, monkeypatch):
+    """`scorer-1` (profile `replicas`) is replica 1 of the scorer on its own GPU; every server advertises
+    the URL it is reached at on the internal network, in the registry the trainer deploys from and the
+    client run reads (read-only) to fan out over the replicas."""
+    from humpback.loop.config import load_config
+
+    replica = doc["services"]["scorer-1"]
+    assert replica.get("profiles") == ["replicas"]
+    launch, spec = launched(replica, monkeypatch)
+    assert (spec.role, spec.replica, spec.name, spec.url) == ("scorer", 1, "scorer-1", "http://scorer-1:8000")
+    assert launch.registry == Path("/state/registry.json") and mounts(replica)["/state"] == ("state", False)
+    gpus = {n: str(gpu_devices(doc["services"][n])[0]["device_ids"][0]) for n in (*GPU_SERVICES, "scorer-1")}
+    assert len(set(gpus.values())) == len(gpus), f"the replica needs a GPU of its own: {gpus}"
+    for name in SERVERS:
+        assert launched(doc["services"][name], monkeypatch)[1].url == f"http://{name}:8000"
+    client = doc["services"]["client"]
+    assert mounts(client)["/state"] == ("state", True)
+    overrides = [c for c in client["command"] if str(c).startswith("services.")]
+    assert load_config(None, overrides=overrides).services.state_dir == Path("/state")

@@ -23,14 +23,13 @@ from humpback.evaluation.scorer import ScorerEvalConfig, run_scorer_eval
 from humpback.loop.config import EvalSection
 
 
-def evaluate_model(url: str, api_key: str | None, model: str, cfg: EvalSection, out: Path,
+def evaluate_model(fan: FanoutConfig, model: str, cfg: EvalSection, out: Path,
                    heldout: Path | None = None) -> dict[str, Any]:
-    """The metrics of `model` served at `url`, its rows and summaries written under `out`.
+    """The metrics of `model` served where `fan` sends requests, its rows and summaries written under `out`.
 
-    The pairwise judge is `cfg.judge_url` (or the same server); NLL is measured on `heldout` when
+    The pairwise judge is `cfg.judge_url` (or the same servers); NLL is measured on `heldout` when
     `cfg.nll` is on and the file exists."""
-    fan = FanoutConfig(endpoints=[url], api_key=api_key)
-    judge = FanoutConfig(endpoints=[cfg.judge_url or url], api_key=api_key)
+    judge = FanoutConfig(endpoints=[cfg.judge_url], api_key=fan.api_key) if cfg.judge_url else fan
     # The paper's best inference-time tag (Table 8): answer in the seed's AI-assistant style.
     gen = GenerationConfig(max_tokens=cfg.max_tokens, system_prompt=SEED_SYSTEM_PROMPT)
 
@@ -71,21 +70,21 @@ def _dumped(metrics: dict[str, Metric]) -> dict[str, dict[str, Any]]:
     return {name: m.model_dump(mode="json") for name, m in metrics.items()}
 
 
-def measure_backward(url: str, api_key: str | None, model: str, pairs: Path, out: Path, generation: AugmentConfig,
+def measure_backward(fan: FanoutConfig, model: str, pairs: Path, out: Path, generation: AugmentConfig,
                      limit: int | None) -> dict[str, Any]:
-    """`eval backward` of the backward model served at `url` on `limit` held-out `pairs`, its instructions
-    sampled as augment samples them (`generation`); written to `out`."""
-    metrics = asyncio.run(run_backward_eval(pairs, out, FanoutConfig(endpoints=[url], api_key=api_key), model,
-                                            generation, limit))
+    """`eval backward` of the backward model served where `fan` sends requests on `limit` held-out
+    `pairs`, its instructions sampled as augment samples them (`generation`); written to `out`."""
+    metrics = asyncio.run(run_backward_eval(pairs, out, fan, model, generation, limit))
     return {"metrics": _dumped(metrics), "out": str(out)}
 
 
-def measure_scorer(url: str, api_key: str | None, model: str, pairs: Path, out: Path, corpus: Path | None,
+def measure_scorer(fan: FanoutConfig, model: str, pairs: Path, out: Path, corpus: Path | None,
                    threshold: float, limit: int | None) -> dict[str, Any]:
-    """`eval scorer` of the scorer served at `url` on `limit` held-out `pairs` and negatives built from
-    them (the `passage` kind from `corpus`), precision counted at `threshold`; written to `out`."""
-    metrics = asyncio.run(run_scorer_eval(pairs, out, FanoutConfig(endpoints=[url], api_key=api_key), model,
-                                          ScorerEvalConfig(threshold=threshold, corpus=corpus), limit))
+    """`eval scorer` of the scorer served where `fan` sends requests on `limit` held-out `pairs` and
+    negatives built from them (the `passage` kind from `corpus`), precision counted at `threshold`;
+    written to `out`."""
+    metrics = asyncio.run(run_scorer_eval(pairs, out, fan, model, ScorerEvalConfig(threshold=threshold, corpus=corpus),
+                                          limit))
     return {"metrics": _dumped(metrics), "threshold": threshold, "out": str(out)}
 
 

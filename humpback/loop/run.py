@@ -51,6 +51,7 @@ from humpback.loop.services import ensure_servers, ensure_trainer
 from humpback.loop.stages import Stages
 from humpback.loop.trainer_client import TrainerClient
 from services.config import ServeConfig
+from services.hotswap import role_servers
 from services.registry import Registry, write_private
 
 log = logging.getLogger(__name__)
@@ -124,16 +125,22 @@ class Loop:
                 "losses": [{"step": d["step"], "loss": d["train_loss"], "tokens_per_second": d.get("tokens_per_second")}
                            for d in sorted(steps, key=lambda d: d["step"])]}
 
-    def deployed(self, model: dict[str, Any]) -> str:
-        """Have the trainer make the role's server serve this model (a restart may have put the base
-        weights back); the server's URL."""
+    def servers(self, role: str) -> list[str]:
+        """The URLs of `role`'s servers: the configured one and the replicas the registry records with it."""
+        url = self.svc.backward_url if role == "backward" else self.svc.scorer_url
+        return list(role_servers(role, url, ServeConfig(state_dir=self.svc.state_dir, servers=[]).registry).values())
+
+    def deployed(self, model: dict[str, Any]) -> FanoutConfig:
+        """Have the trainer make the role's servers serve this model (a restart may have put the base
+        weights back); how to reach them: every replica, each request naming the model's version (the
+        job id), so no answer comes from other weights."""
         assert self.trainer is not None
         role = model["role"]
         deployment = self.trainer.deploy(model["job"], role)
         if deployment.swapped:
             log.info("re-deployed %s to %s (requests stalled %.2f s)", deployment.fine_tuned_model, role,
                      deployment.stall_s)
-        return self.svc.backward_url if role == "backward" else self.svc.scorer_url
+        return FanoutConfig(endpoints=self.servers(role), api_key=self.svc.api_key, require_version=model["job"])
 
     def augment_config(self, data: dict[str, Any]) -> AugmentConfig:
         """The run's augment settings; with `augment.shots` and no `augment.demonstrations`, the
@@ -144,12 +151,12 @@ class Loop:
         return cfg
 
     def augment(self, data: dict[str, Any], backward: dict[str, Any]) -> dict[str, Any]:
-        url = self.deployed(backward)
+        fan = self.deployed(backward)
         out = self.dir / "augment" / "candidates.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         config = self.augment_config(data).model_copy(
             update={"model": "backward", "checkpoint": backward["job"], "limit": self.cfg.data.max_segments})
-        summary = asyncio.run(augment(data["corpus"], out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key), config,
+        summary = asyncio.run(augment(data["corpus"], out, fan, config,
                                       text_field=self.cfg.data.text_field))
         return {"candidates": str(out), "summary": summary.to_dict()}
 
@@ -163,12 +170,12 @@ class Loop:
         return against
 
     def curate(self, t: int, candidates: str, scorer: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        url = self.deployed(scorer)
+        fan = self.deployed(scorer)
         out = self.dir / "curate" / f"A{t}.jsonl"
         scored = self.dir / "curate" / f"scored{t}.jsonl"
         config = self.cfg.curate.model_copy(update={"model": "scorer", "checkpoint": scorer["job"], "scored": scored,
                                                     "decontaminate_against": self.decontamination_sets(data)})
-        summary = asyncio.run(curate(candidates, out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key), config))
+        summary = asyncio.run(curate(candidates, out, fan, config))
         # The curated set's own reader: a corrupt journal line is skipped here as `select` skipped it,
         # and so is a contaminated candidate's score.
         contaminated = side_path(out, "contaminated.jsonl")
@@ -206,10 +213,10 @@ class Loop:
         out = self.dir / "rewrite" / "A1.rewritten.jsonl"
         curated = self.curated_candidates(picked, contaminated, pairs)
         if cfg.url is None:
-            url, config = self.deployed(scorer), cfg.model_copy(update={"model": "scorer", "checkpoint": scorer["job"]})
+            fan, config = self.deployed(scorer), cfg.model_copy(update={"model": "scorer", "checkpoint": scorer["job"]})
         else:
-            url, config = cfg.url, cfg
-        summary = asyncio.run(rewrite(pairs, out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key), config))
+            fan, config = FanoutConfig(endpoints=[cfg.url], api_key=self.svc.api_key), cfg
+        summary = asyncio.run(rewrite(pairs, out, fan, config))
         rewritten = len(read_jsonl(out, RewrittenCandidate))
         return {"candidates": str(pairs), "rewritten_file": str(out), "rewriter": summary.extra.get("model"),
                 "rewriter_checkpoint": summary.extra.get("checkpoint"), "curated": curated, "rewritten": rewritten,
@@ -231,9 +238,8 @@ class Loop:
 
     def evaluate(self, name: str, model: dict[str, Any], data: dict[str, Any]) -> None:
         def run() -> dict[str, Any]:
-            url = self.deployed(model)
             heldout = Path(data["heldout"]) if data.get("heldout") else None
-            metrics = evaluate_model(url, self.svc.api_key, model["role"], self.cfg.eval, self.dir / "eval" / name,
+            metrics = evaluate_model(self.deployed(model), model["role"], self.cfg.eval, self.dir / "eval" / name,
                                      heldout)
             return {"model": model["fine_tuned_model"], **metrics}
 
@@ -255,7 +261,7 @@ class Loop:
         if self.stages.result("train_backward") or "job" in self.stages.state("train_backward"):
             return ("M_yx's training job was started before this stage ran (the run began with an older version "
                     "or with eval.stage_metrics off)")
-        served = Registry.load(ServeConfig(state_dir=self.svc.state_dir, servers=[]).registry).roles.get("backward")
+        served = Registry.load(ServeConfig(state_dir=self.svc.state_dir, servers=[]).registry).servers.get("backward")
         if served is not None and served.version != "base":
             return f"the backward server serves {served.version}, not its base weights"
         return None
@@ -273,7 +279,7 @@ class Loop:
                 log.warning("the base backward model is not measured: %s", reason)
                 return {"model": "base", "skipped": reason}
             return {"model": "base", **measure_backward(
-                self.svc.backward_url, self.svc.api_key, "backward", heldout,
+                FanoutConfig(endpoints=self.servers("backward"), api_key=self.svc.api_key), "backward", heldout,
                 self.dir / "eval" / "stages" / "backward_base.json", self.augment_config(data), self.cfg.eval.stage_pairs)}
 
         self.stages.run("stage_backward_base", run)
@@ -283,7 +289,7 @@ class Loop:
         if heldout is None:
             return
         self.stages.run("stage_backward_myx", lambda: {"model": backward["fine_tuned_model"], **measure_backward(
-            self.deployed(backward), self.svc.api_key, backward["role"], heldout,
+            self.deployed(backward), backward["role"], heldout,
             self.dir / "eval" / "stages" / "backward_myx.json", self.augment_config(data), self.cfg.eval.stage_pairs)})
 
     def measure_scorer(self, name: str, scorer: dict[str, Any], k: float | None, data: dict[str, Any]) -> None:
@@ -296,7 +302,7 @@ class Loop:
         corpus = Path(data["corpus"][0]) if self.cfg.data.text_field == "text" else None
         threshold = k if k is not None else self.cfg.curate.min_score
         self.stages.run(f"stage_scorer_{name}", lambda: {"model": scorer["fine_tuned_model"], **measure_scorer(
-            self.deployed(scorer), self.svc.api_key, scorer["role"], heldout,
+            self.deployed(scorer), scorer["role"], heldout,
             self.dir / "eval" / "stages" / f"scorer_{name}.json", corpus, threshold, self.cfg.eval.stage_pairs)})
 
     def measure_candidates(self, augmented: dict[str, Any], backward: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from client.fanout import FanoutConfig
 from humpback.contracts import CreateJobRequest, Deployment, JobError, JobFailed, ServeError
 from humpback.evaluation.records import IFEvalRow, NllRow, PairwiseRow
 from humpback.loop.config import ServicesConfig
@@ -194,8 +195,8 @@ def test_stage_metrics_are_recorded_as_stages_against_a_fake_server(tmp_path: Pa
         loop.measure_base_backward({"heldout": str(pairs)})  # recorded: never measured again
         assert loop.stages.result("stage_backward_base") == base
         for threshold, kept in ((3.0, 4 + 4 + 4), (3.5, 0)):  # positives, mismatched, first sentences
-            res = measure_scorer(server.url, None, "fake", pairs, tmp_path / f"scorer{threshold}.json", None,
-                                 threshold, 4)
+            res = measure_scorer(FanoutConfig(endpoints=[server.url]), "fake", pairs,
+                                 tmp_path / f"scorer{threshold}.json", None, threshold, 4)
             assert res["threshold"] == threshold and res["metrics"]["precision_at_k"]["n"] == kept
     finally:
         server.stop()
@@ -338,9 +339,9 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
 
     # M_yx serves the backward role, M1 or the control the scorer: every swap went through the registry.
     registry = Registry.load(servers.registry)
-    assert registry.roles["backward"].version == stages["train_backward"]["job"]
-    assert registry.roles["scorer"].version == stages["train_uncurated"]["job"]
-    assert registry.roles["scorer"].aliases == [stages["train_uncurated"]["fine_tuned_model"]]
+    assert registry.servers["backward"].version == stages["train_backward"]["job"]
+    assert registry.servers["scorer"].version == stages["train_uncurated"]["job"]
+    assert registry.servers["scorer"].aliases == [stages["train_uncurated"]["fine_tuned_model"]]
     assert stages["train_backward"]["swap_stall_s"] > 0
 
     candidates = lines(stages["augment"]["candidates"])
@@ -441,7 +442,7 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
         assert f"stage {name}: done earlier, skipped" in log
     assert trainer_jobs(servers) == jobs_before  # the interrupted training stage waited for its job, started none
     assert f"re-deployed {stages['train_backward']['fine_tuned_model']} to backward" in log
-    assert Registry.load(servers.registry).roles["backward"].version == stages["train_backward"]["job"]
+    assert Registry.load(servers.registry).servers["backward"].version == stages["train_backward"]["job"]
     again = Stages(run).all()
     assert again["train_uncurated"]["job"] == stages["train_uncurated"]["job"]
     resumed = [c["custom_id"] for c in lines(journal)]
