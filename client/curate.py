@@ -301,6 +301,14 @@ def scored_records(scored: Path, mode: str | None = None, scorer_model: str | No
                 yield rec
 
 
+def selected_records(scored: Path, k: float, mode: str, scorer_model: str,
+                     exclude: Collection[str] = ()) -> Iterator[ScoredCandidate]:
+    """The curated set A_k as scored records: this mode's and scorer's pairs scored k or more, but those
+    of the candidates in `exclude`. What `select` writes, the dataset export and the loop's rewrite
+    arm read."""
+    return (r for r in scored_records(scored, mode, scorer_model, exclude=exclude) if r.score is not None and r.score >= k)
+
+
 def threshold(scored: Path, cfg: CurateConfig, scorer_model: str, exclude: Collection[str] = ()) -> float:
     """k: cfg.min_score, or the score of the last pair in the top cfg.top_fraction (of the pairs not
     in `exclude`)."""
@@ -325,15 +333,14 @@ def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summar
     corrupt = CorruptLines(scored, errors)
     tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as dst:
-        for rec in scored_records(scored, cfg.mode, scorer_model, corrupt, exclude):
-            bands[band_of(rec.score)] += 1
-            if rec.score is None:
-                continue
+    for rec in scored_records(scored, cfg.mode, scorer_model, corrupt, exclude):
+        bands[band_of(rec.score)] += 1
+        if rec.score is not None:
             bins[min(HIST_BINS - 1, max(0, int((rec.score - 1.0) / 4.0 * HIST_BINS)))] += 1
-            if rec.score >= k:
-                dst.write(tagged_example(rec.instruction, rec.output, AUGMENTED_SYSTEM_PROMPT).model_dump_json() + "\n")
-                kept += 1
+    with open(tmp, "w", encoding="utf-8") as dst:
+        for rec in selected_records(scored, k, cfg.mode, scorer_model, exclude):
+            dst.write(tagged_example(rec.instruction, rec.output, AUGMENTED_SYSTEM_PROMPT).model_dump_json() + "\n")
+            kept += 1
     os.replace(tmp, out)
     total = sum(bands.values())
     summary.extra["bands"] = bands

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from client.curate import contaminated_ids, scored_records
+from client.curate import contaminated_ids, selected_records
 from client.runner import side_path
 from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, HumpbackError, InputError, tagged_example
 from humpback.settings import setting
@@ -64,15 +64,11 @@ def curated_rows(scored: Path, summary: dict[str, Any], contaminated: set[str] |
     if k is None or mode is None or model is None:
         raise InputError("the curate summary names no threshold, mode or scorer (extra.min_score, extra.mode, "
                          "extra.model): pass the summary of the run that wrote the curated set")
-    rows = []
-    for rec in scored_records(scored, mode, model, exclude=contaminated or set()):
-        if rec.score is not None and rec.score >= k:
-            meta = rec.source.metadata
-            rows.append({"messages": [m.model_dump() for m in tagged_example(
-                rec.instruction, rec.output, AUGMENTED_SYSTEM_PROMPT).messages],
-                "score": rec.score, "source": rec.source.path, "license": meta.get("license"),
-                "title": meta.get("title")})
-    return rows
+    return [{"messages": [m.model_dump() for m in tagged_example(rec.instruction, rec.output,
+                                                                AUGMENTED_SYSTEM_PROMPT).messages],
+             "score": rec.score, "source": rec.source.path, "license": rec.source.metadata.get("license"),
+             "title": rec.source.metadata.get("title")}
+            for rec in selected_records(scored, k, mode, model, exclude=contaminated or set())]
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:

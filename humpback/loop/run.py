@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from client.augment import AugmentConfig, augment
-from client.curate import contaminated_ids, curate, scored_records
+from client.curate import contaminated_ids, curate, scored_records, selected_records
 from client.dataset import DatasetFiles, export_dataset
 from client.fanout import FanoutConfig
 from client.rewrite import rewrite
@@ -201,8 +201,7 @@ class Loop:
         # The backward model's name is not in the scored journal: empty, as curate reads a pair without one.
         return write_jsonl(out, (
             Candidate(custom_id=r.candidate_id, instruction=r.instruction, output=r.output, source=r.source, model="")
-            for r in scored_records(Path(picked["scored"]), extra["mode"], extra["model"], exclude=contaminated)
-            if r.score is not None and r.score >= picked["k"]))
+            for r in selected_records(Path(picked["scored"]), picked["k"], extra["mode"], extra["model"], contaminated)))
 
     def rewrite(self, picked: dict[str, Any], scorer: dict[str, Any], contaminated: Collection[str]) -> dict[str, Any]:
         """A_1's responses rewritten by `rewrite.url`, else by `scorer` (M0, which curated A_1) on the
