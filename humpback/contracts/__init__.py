@@ -17,6 +17,7 @@ from humpback.contracts.defaults import (
     DEFAULT_PORTS,
     DEFAULT_URLS,
     LOOPBACK,
+    QUALITY_MODEL_DIR,
     REGISTRY_ENV,
     REJECT_SEED_ENV,
     ROLES,

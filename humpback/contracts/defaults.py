@@ -25,6 +25,8 @@ TRAINER_URL = local_url(TRAINER_PORT)
 
 # The model every role serves and fine-tunes from unless told otherwise (`make setup` prepares it).
 DEFAULT_MODEL_DIR = Path("models/smollm2-135m-instruct")
+# The larger instruct model `make models-quality` prepares: the demo's rewriter, a benchmark row.
+QUALITY_MODEL_DIR = Path("models/qwen2.5-coder-0.5b-instruct")
 SERVE_STATE_DIR = Path(".humpback/serve")
 TRAINER_DATA_DIR = Path(".humpback/trainer")
 

@@ -47,7 +47,7 @@ from humpback.contracts import (
 from humpback.data.build import BuildConfig, build_demo, format_table
 from humpback.loop.config import RunConfig
 from humpback.loop.evaluate import candidate_quality, evaluate_model, measure_backward, measure_scorer
-from humpback.loop.services import ensure_servers, ensure_trainer
+from humpback.loop.services import ensure_servers, ensure_trainer, serving
 from humpback.loop.stages import Stages
 from humpback.loop.trainer_client import TrainerClient
 from services.config import ServeConfig
@@ -55,6 +55,8 @@ from services.hotswap import role_servers
 from services.registry import Registry, write_private
 
 log = logging.getLogger(__name__)
+# The served name of the rewrite arm's own server (`rewrite.model_dir`).
+REWRITER = "rewriter"
 
 
 
@@ -204,18 +206,22 @@ class Loop:
             for r in selected_records(Path(picked["scored"]), picked["k"], extra["mode"], extra["model"], contaminated)))
 
     def rewrite(self, picked: dict[str, Any], scorer: dict[str, Any], contaminated: Collection[str]) -> dict[str, Any]:
-        """A_1's responses rewritten by `rewrite.url`, else by `scorer` (M0, which curated A_1) on the
-        scorer server. A pair whose rewrite fails (cut at max_tokens, empty) is left out of the arm and
-        counted."""
+        """A_1's responses rewritten by `rewrite.url`, else by the model of `rewrite.model_dir` on a server
+        of its own for the stage, else by `scorer` (M0, which curated A_1) on the scorer server. A pair
+        whose rewrite fails (cut at max_tokens, empty) is left out of the arm and counted."""
         cfg = self.cfg.rewrite
         pairs = self.dir / "rewrite" / "A1.candidates.jsonl"
         out = self.dir / "rewrite" / "A1.rewritten.jsonl"
         curated = self.curated_candidates(picked, contaminated, pairs)
-        if cfg.url is None:
-            fan, config = self.deployed(scorer), cfg.model_copy(update={"model": "scorer", "checkpoint": scorer["job"]})
+        if cfg.url is not None:
+            summary = asyncio.run(rewrite(pairs, out, FanoutConfig(endpoints=[cfg.url], api_key=self.svc.api_key), cfg))
+        elif cfg.model_dir is not None:
+            with serving(self.svc, REWRITER, cfg.model_dir, cfg.port) as url:
+                summary = asyncio.run(rewrite(pairs, out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key),
+                                              cfg.model_copy(update={"model": REWRITER})))
         else:
-            fan, config = FanoutConfig(endpoints=[cfg.url], api_key=self.svc.api_key), cfg
-        summary = asyncio.run(rewrite(pairs, out, fan, config))
+            summary = asyncio.run(rewrite(pairs, out, self.deployed(scorer),
+                                          cfg.model_copy(update={"model": "scorer", "checkpoint": scorer["job"]})))
         rewritten = len(read_jsonl(out, RewrittenCandidate))
         return {"candidates": str(pairs), "rewritten_file": str(out), "rewriter": summary.extra.get("model"),
                 "rewriter_checkpoint": summary.extra.get("checkpoint"), "curated": curated, "rewritten": rewritten,

@@ -8,15 +8,17 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 from humpback.contracts import ServeError
 from humpback.loop.config import ServicesConfig
 from humpback.settings import from_args, values_from
-from services.config import PER_ROLE, ServeConfig, ServerSpec, ServeSettings, default_servers
+from services.config import PER_ROLE, ServeConfig, ServerSpec, ServeSettings, cpu_binds, default_servers
 from services.registry import write_private
-from services.supervisor import health, up
+from services.supervisor import down, health, up
 from trainer.config import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,25 @@ def ensure_servers(cfg: ServicesConfig) -> None:
     up(serve, timeout=settings.timeout)
     for spec in servers:
         log.info("%s: %s (log %s)", spec.role, spec.url, serve.log_path(spec.role))
+
+
+@contextmanager
+def serving(cfg: ServicesConfig, role: str, model: Path, port: int) -> Iterator[str]:
+    """A vLLM server of `model` under the served name `role` for the length of the block (the rewrite
+    arm's rewriter), supervised like the others from its own state dir beside theirs; its URL. What
+    an interrupted run left of it is stopped first."""
+    state_dir = cfg.state_dir.with_name(f"{cfg.state_dir.name}-{role}")
+    down(state_dir)
+    spec = ServerSpec(role=role, model=str(model.absolute()), port=port, **_keys(cfg, "api_key"))
+    if spec.device == "cpu":  # the others idle meanwhile: this one takes every core
+        spec.env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binds(1)[0])
+    serve = ServeConfig(state_dir=state_dir, servers=[spec])
+    log.info("starting the %s server (%s) on %s", role, model, spec.url)
+    up(serve, timeout=ServeSettings().timeout)
+    try:
+        yield spec.url
+    finally:
+        down(state_dir)
 
 
 def ensure_trainer(cfg: ServicesConfig, log_dir: Path, timeout: float = 300.0) -> None:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from client.augment import AugmentConfig
 from client.curate import CurateConfig
 from client.rewrite import RewriteConfig
+from humpback.contracts import QUALITY_MODEL_DIR
 from humpback.loop.cli import RunArgs
 from humpback.loop.config import RunConfig, load_config
 from humpback.settings import flags, from_args, parser_flags
@@ -57,17 +58,20 @@ def test_values_the_loop_sets_per_stage_are_refused(override):
 def test_the_rewrite_arm_is_the_clients_rewrite_config_on_by_default():
     cfg = load_config()
     assert isinstance(cfg.rewrite, RewriteConfig)
-    assert cfg.rewrite.enabled and cfg.rewrite.url is None  # the scorer server, while it serves M0
-    assert cfg.rewrite.model_dump(exclude={"enabled", "url"}) == RewriteConfig(max_tokens=384).model_dump()
+    # The demo's rewriter is the larger instruct model, on a server of its own for the stage.
+    assert cfg.rewrite.enabled and cfg.rewrite.url is None and cfg.rewrite.model_dir == QUALITY_MODEL_DIR
+    assert cfg.rewrite.model_dump(exclude={"enabled", "url", "model_dir", "port"}) == \
+        RewriteConfig(max_tokens=768).model_dump()
     quick = load_config(quick=True).rewrite
-    assert quick.enabled and quick.max_tokens < cfg.rewrite.max_tokens  # the loop test runs the arm, briefly
+    # The loop test runs the arm, briefly, with M0 on the scorer server (only `make setup`'s model).
+    assert quick.enabled and quick.model_dir is None and quick.max_tokens < cfg.rewrite.max_tokens
     assert load_config(overrides=["rewrite.enabled=false"]).rewrite.enabled is False
     assert load_config(quick=True, overrides=["rewrite.enabled=false"]).rewrite.enabled is False
     # The rewriter's model is the loop's to name on the scorer server; on another server, the user's.
     with pytest.raises(ValidationError, match="rewrite.model names a model of rewrite.url"):
         load_config(overrides=["rewrite.model=scorer"])
     other = load_config(overrides=["rewrite.url=http://aligned:8000", "rewrite.model=big-chat"]).rewrite
-    assert (other.url, other.model, other.max_tokens) == ("http://aligned:8000", "big-chat", 384)
+    assert (other.url, other.model, other.max_tokens) == ("http://aligned:8000", "big-chat", 768)
     with pytest.raises(ValidationError, match="rewrite.max_tokens"):
         load_config(overrides=["rewrite.max_tokens=0"])
 

@@ -456,3 +456,18 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     assert not set(resumed) & {f["custom_id"] for f in failed}
     assert again["augment"]["summary"]["results"]["already_done"] == len(kept)
     assert "eval_uncurated" in again
+
+
+@pytest.mark.server
+def test_the_rewriter_is_served_for_the_stage_alone(model_dir: Path, tmp_path: Path) -> None:
+    """`rewrite.model_dir`: a server of its own, under the served name `rewriter`, up for the block and
+    gone after it; what an interrupted run left of it is stopped before."""
+    from humpback.loop.services import serving
+    from services.supervisor import health, rpc
+
+    svc = ServicesConfig(state_dir=tmp_path / "serve", api_key="k")
+    with serving(svc, "rewriter", model_dir, 18403) as url:
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k"}, timeout=30).json()
+        assert [m["id"] for m in models["data"]] == ["rewriter"]
+        assert rpc(tmp_path / "serve-rewriter") is not None
+    assert not health(url) and rpc(tmp_path / "serve-rewriter") is None
