@@ -157,12 +157,14 @@ class AdminGuard:
                             await _send_json(send, 400, {"error": {"message": "per-request `seed` is refused on this CPU server: vLLM's CPU engine crashes on it; leave `seed` out", "type": "invalid_request_error", "param": "seed", "code": 400}})
                             return
                         model = payload.get("model")
-                        if model in served.table:
+                        if not isinstance(model, str):
+                            pass  # vLLM answers a model that is no name itself
+                        elif model in served.table:
                             payload["model"] = served.table[model]
                             body = json.dumps(payload).encode()
                             headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
                             scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-                        elif isinstance(model, str) and model in served.pending:
+                        elif model in served.pending:
                             await _not_served(send, served.own, f"model {model!r} is not served here yet")
                             return
                     receive = _replay([{"type": "http.request", "body": body, "more_body": False}], then=receive)

@@ -242,3 +242,14 @@ async def test_websocket_handshakes_to_admin_routes_are_guarded_too(monkeypatch)
     assert proxied["type"] == "websocket.close" and "proxy" in proxied["reason"]
     assert (await _ws_handshake(guard, "/collective_rpc", "127.0.0.1", []))["type"] == "websocket.accept"
     assert (await _ws_handshake(guard, "/v1/realtime", "203.0.113.9", []))["type"] == "websocket.accept"
+
+
+async def test_a_model_that_is_no_name_passes_to_vllm(monkeypatch, tmp_path):
+    """A list or object as `model` is vLLM's to refuse (422), not a crash of the guard's alias lookup."""
+    registry = tmp_path / "registry.json"
+    record_swap(registry, "scorer", "m1", "/ckpt/m1", "reload", "ft:scorer:m1")
+    app = make_app(monkeypatch, registry=registry)
+    async with client(app, "127.0.0.1") as c:
+        for model in (["ft:scorer:m1"], {"a": 1}):
+            resp = await c.post("/v1/chat/completions", json={"model": model, "messages": []})
+            assert resp.status_code == 200 and resp.json()["body"]["model"] == model
