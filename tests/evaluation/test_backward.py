@@ -20,6 +20,7 @@ from humpback.evaluation.records import BackwardRow
 from humpback.settings import flags, parser_flags
 from tests.evaluation.fake_eval_server import logprob, render
 from tests.evaluation.fake_stage_server import StageFake
+from tests.evaluation.pairs import write_pairs
 from tests.subcommand import subcommand
 
 PAIRS = [
@@ -45,9 +46,7 @@ def _copy(prompt: str) -> str:
 
 @pytest.fixture
 def pairs(tmp_path: Path) -> Path:
-    path = tmp_path / "heldout.jsonl"
-    path.write_text("".join(json.dumps({"instruction": x, "response": y}) + "\n" for x, y in PAIRS))
-    return path
+    return write_pairs(tmp_path / "heldout.jsonl", PAIRS)
 
 
 @pytest.fixture

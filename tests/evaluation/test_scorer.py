@@ -20,6 +20,7 @@ from humpback.evaluation.metrics import Metric
 from humpback.evaluation.records import HeldoutPair, ScorerRow
 from humpback.settings import flags, from_args, parser_flags
 from tests.evaluation.fake_stage_server import StageFake
+from tests.evaluation.pairs import write_pairs
 from tests.subcommand import subcommand
 
 PAIRS = [
@@ -46,9 +47,7 @@ def _is_positive(prompt: str) -> bool:
 
 @pytest.fixture
 def pairs(tmp_path: Path) -> Path:
-    path = tmp_path / "heldout.jsonl"
-    path.write_text("".join(json.dumps({"instruction": x, "response": y}) + "\n" for x, y in PAIRS))
-    return path
+    return write_pairs(tmp_path / "heldout.jsonl", PAIRS)
 
 
 @pytest.fixture

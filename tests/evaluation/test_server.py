@@ -17,6 +17,7 @@ from humpback.contracts import API_KEY_ENV
 from humpback.evaluation import ifeval, nll, pairwise
 from humpback.evaluation.common import GenerationConfig, subset
 from humpback.evaluation.records import IFEvalRow, NllRow, PairwiseRow
+from tests.evaluation.pairs import write_pairs
 
 pytestmark = pytest.mark.server
 
@@ -108,11 +109,6 @@ PAIRS = [
 CORPUS = Path(__file__).parents[1] / "client" / "data" / "pip_docs.jsonl"
 
 
-def _pairs_file(path: Path, pairs: list[tuple[str, str]]) -> Path:
-    path.write_text("".join(json.dumps({"instruction": x, "response": y}) + "\n" for x, y in pairs))
-    return path
-
-
 def test_eval_backward_and_scorer_commands_on_the_real_servers(servers: Any, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,8 +116,8 @@ def test_eval_backward_and_scorer_commands_on_the_real_servers(servers: Any, tmp
     NLL of an instruction is: the true instructions are far likelier than their words reversed."""
     from humpback.cli import main
 
-    true = _pairs_file(tmp_path / "true.jsonl", PAIRS)
-    reversed_ = _pairs_file(tmp_path / "reversed.jsonl", [(" ".join(reversed(x.split())), y) for x, y in PAIRS])
+    true = write_pairs(tmp_path / "true.jsonl", PAIRS)
+    reversed_ = write_pairs(tmp_path / "reversed.jsonl", [(" ".join(reversed(x.split())), y) for x, y in PAIRS])
     if servers.api_key:  # keys travel in the environment, never on a command line
         monkeypatch.setenv(API_KEY_ENV, servers.api_key)
     for pairs, out in ((true, "true.json"), (reversed_, "reversed.json")):
