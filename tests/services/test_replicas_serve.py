@@ -87,7 +87,11 @@ def test_swap_under_load_reaches_every_replica_behind_the_barrier(replicas, mode
 
     async def scenario():
         cfg = FanoutConfig(endpoints=urls, api_key=TEST_API_KEY, require_version="m1-rep", concurrency=8)
-        async with httpx.AsyncClient(headers=HEADERS, timeout=300) as client, Fanout(cfg) as fanout:
+        # A fresh connection per request: a kept-alive one that the server closes after its 5 s idle
+        # timeout, just as a request goes out on it, fails with ReadError (humpback's fan-out retries
+        # that; this raw client would count it as a failure of the swap).
+        plain = httpx.AsyncClient(headers=HEADERS, timeout=300, limits=httpx.Limits(max_keepalive_connections=0))
+        async with plain as client, Fanout(cfg) as fanout:
             load = [asyncio.create_task(unversioned(client, i)) for i in range(24)]
             # Asked for the new version before any replica serves it: refused, retried until one does.
             versioned = [asyncio.create_task(fanout.post("/v1/completions", LOGPROBS)) for _ in range(12)]
