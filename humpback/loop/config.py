@@ -21,6 +21,7 @@ from humpback.contracts import (
     API_KEY_ENV, DEFAULT_URLS, QUALITY_MODEL_DIR, SERVE_STATE_DIR, TRAINER_DATA_DIR, TRAINER_URL,
 )
 from humpback.settings import env_values, setting
+from services.config import ServeConfig
 from trainer.config import PresetName
 
 
@@ -54,6 +55,11 @@ class ServicesConfig(_Section):
     start: bool = setting(True, "start the servers and the trainer when they do not answer")
     state_dir: Path = setting(SERVE_STATE_DIR, "state folder of `humpback serve up`")
     trainer_data_dir: Path = setting(TRAINER_DATA_DIR, "data folder of the trainer it starts")
+
+    @property
+    def registry(self) -> Path:
+        """The servers' registry, which `serve up` keeps in `state_dir`."""
+        return ServeConfig(state_dir=self.state_dir, servers=[]).registry
 
 
 class TrainConfig(_Section):

@@ -5,9 +5,10 @@ the corpus -> curate with M0 -> train M1 on seed (S_a) + A_k (S_w) -> curate the
 M1 -> train M2 ... Every model is evaluated; the ablation trains on seed + uncurated candidates of
 A_k's size. Curation first drops the candidates that share a 13-word n-gram with an evaluation prompt
 or a held-out pair (`client.decontaminate`); the control never draws them either. With
-`rewrite.enabled`, the rewrite arm has an aligned model (by default M0, on the scorer server right
-after it curated A_1) rewrite A_1's responses (`client.rewrite`), then trains M1 again on seed + the
-rewritten pairs and evaluates it beside M1. With `eval.stage_metrics`, the stages are measured
+`rewrite.enabled`, the rewrite arm has an aligned model (`rewrite.url`, else `rewrite.model_dir` on a
+server of its own for the stage, else M0 on the scorer server right after it curated A_1) rewrite
+A_1's responses (`client.rewrite`), then trains M1 again on seed + the rewritten pairs and evaluates
+it beside M1. With `eval.stage_metrics`, the stages are measured
 against held-out human pairs too (`stage_*`, the same seeded subset each time): the backward model
 before training and M_yx after it (`eval backward`), each model when it has served as the scorer
 (`eval scorer`), and the candidates (usable rate, diversity). Each stage records its outputs in
@@ -50,7 +51,6 @@ from humpback.loop.evaluate import candidate_quality, evaluate_model, measure_ba
 from humpback.loop.services import ensure_servers, ensure_trainer, serving
 from humpback.loop.stages import Stages
 from humpback.loop.trainer_client import TrainerClient
-from services.config import ServeConfig
 from services.hotswap import role_servers
 from services.registry import Registry, write_private
 
@@ -130,7 +130,7 @@ class Loop:
     def servers(self, role: str) -> list[str]:
         """The URLs of `role`'s servers: the configured one and the replicas the registry records with it."""
         url = self.svc.backward_url if role == "backward" else self.svc.scorer_url
-        return list(role_servers(role, url, ServeConfig(state_dir=self.svc.state_dir, servers=[]).registry).values())
+        return list(role_servers(role, url, self.svc.registry).values())
 
     def deployed(self, model: dict[str, Any]) -> FanoutConfig:
         """Have the trainer make the role's servers serve this model (a restart may have put the base
@@ -266,7 +266,7 @@ class Loop:
         if self.stages.result("train_backward") or "job" in self.stages.state("train_backward"):
             return ("M_yx's training job was started before this stage ran (the run began with an older version "
                     "or with eval.stage_metrics off)")
-        served = Registry.load(ServeConfig(state_dir=self.svc.state_dir, servers=[]).registry).servers.get("backward")
+        served = Registry.load(self.svc.registry).servers.get("backward")
         if served is not None and served.version != "base":
             return f"the backward server serves {served.version}, not its base weights"
         return None

@@ -78,7 +78,7 @@ def ensure_trainer(cfg: ServicesConfig, log_dir: Path, timeout: float = 300.0) -
     settings = from_args(
         ServiceSettings, _keys(cfg, "api_key", "server_api_key"), port=_port(cfg.trainer_url),
         data_dir=cfg.trainer_data_dir.absolute(), backward_url=cfg.backward_url, scorer_url=cfg.scorer_url,
-        registry=ServeConfig(state_dir=cfg.state_dir, servers=[]).registry,
+        registry=cfg.registry,
     )
     log_dir.mkdir(parents=True, exist_ok=True)
     settings_path = log_dir / "trainer.settings.json"
