@@ -44,12 +44,18 @@ def test_augment_batch_round_trip_and_resume(corpus: Path, tmp_path: Path) -> No
     assert len({json.loads(x)["custom_id"] for x in out.read_text().splitlines()}) == 30
 
 
-def test_curate_batch_round_trip(corpus: Path, tmp_path: Path) -> None:
+def _batch_candidates(corpus: Path, tmp_path: Path) -> Path:
+    """The candidates of `corpus`, through augment's batch round trip (what curate and rewrite read)."""
     cands = tmp_path / "cands.jsonl"
     req, res = tmp_path / "a_req.jsonl", tmp_path / "a_res.jsonl"
     export_augment([corpus], req, "backward")
     _run_batch(req, res)
     import_augment(req, res, cands)
+    return cands
+
+
+def test_curate_batch_round_trip(corpus: Path, tmp_path: Path) -> None:
+    cands = _batch_candidates(corpus, tmp_path)
     sreq, sres, out = tmp_path / "s_req.jsonl", tmp_path / "s_res.jsonl", tmp_path / "curated.jsonl"
     cfg = CurateConfig(min_score=3.0)
     assert export_curate(cands, sreq, "scorer", cfg).results["requests"] == 30
@@ -64,11 +70,7 @@ def test_curate_batch_round_trip(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_rewrite_batch_round_trip_gives_the_live_path_s_records(corpus: Path, tmp_path: Path) -> None:
-    cands = tmp_path / "cands.jsonl"
-    req, res = tmp_path / "a_req.jsonl", tmp_path / "a_res.jsonl"
-    export_augment([corpus], req, "backward")
-    _run_batch(req, res)
-    import_augment(req, res, cands)
+    cands = _batch_candidates(corpus, tmp_path)
     rreq, rres, out = tmp_path / "r_req.jsonl", tmp_path / "r_res.jsonl", tmp_path / "rewritten.jsonl"
     assert export_rewrite(cands, rreq, "scorer").results["requests"] == 30
     _run_batch(rreq, rres, fail={0})
