@@ -12,7 +12,9 @@ benched for a growing cool-down. The httpx pool is sized to the windows: no hidd
 
 With `require_version`, every request names the served version it must be answered by; the replicas
 of a role that do not serve it yet (a swap is rolling through them) refuse with 503
-`version_not_served`, and the request goes at once to an endpoint that has not refused it.
+`version_not_served`, and the request goes at once to an endpoint that has not refused it. The
+version stamped on each answer is checked too: an answer stamped with another version, or with none
+(a swap ran while the request did), is not accepted and the request is sent again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from humpback.contracts import API_KEY_ENV, VERSION_HEADER, VERSION_NOT_SERVED, 
 from humpback.settings import setting
 
 log = logging.getLogger(__name__)
+_VERSION_KEY = VERSION_HEADER.lower().encode()
 
 
 class FanoutConfig(BaseModel):
@@ -253,7 +256,13 @@ class Fanout:
             else:
                 status = resp.status
                 text = resp.content.decode("utf-8", "replace") if status != 200 else ""
-                if status == 200:
+                stamp = self._stamp_refused(resp.headers) if status == 200 else None
+                if stamp is not None:
+                    # Answered, but not (wholly) by the required version: a replica swapped under it.
+                    self.version_refusals += 1
+                    refused.add(ep.url)
+                    reason = f"an answer from {ep.url} stamped {stamp}, not version {self.config.require_version!r}"
+                elif status == 200:
                     try:
                         data = json.loads(resp.content)
                         if not isinstance(data, dict):
@@ -284,6 +293,16 @@ class Fanout:
             avoid = ep
             log.debug("attempt %d failed: %s", attempt + 1, reason)
         raise RequestFailed(f"gave up after {attempts} attempts: {reason}", attempts)
+
+    def _stamp_refused(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """With `require_version`, why an answer's stamp (the version that served it, services.guard)
+        is not the one required, or None when it is (or none is required)."""
+        if self.config.require_version is None:
+            return None
+        stamp = next((v.decode("latin-1") for k, v in headers if k.lower() == _VERSION_KEY), None)
+        if stamp == self.config.require_version:
+            return None
+        return "no version" if stamp is None else repr(stamp)
 
     async def _send(self, pool: httpcore.AsyncConnectionPool, url: str, headers: list[tuple[bytes, bytes]],
                     payload: bytes, extensions: dict[str, Any]) -> httpcore.Response:

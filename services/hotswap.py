@@ -12,11 +12,16 @@ A role served by several replicas is swapped by `swap_role`, one replica at a ti
 serving), each recorded as it finishes: the guard of a replica refuses requests that name a version or
 alias it does not serve yet, so clients that name the new version are answered by the replicas done so
 far, and when `swap_role` returns every replica serves it (the version barrier). A replica that fails
-the swap puts the ones done back on their previous weights, so the role never stays split.
+the swap in any way (it refused the connection, timed out, failed the reload or the resume, or the
+folder was refused) puts the ones done back on their previous weights, so the role never stays split;
+where a put-back fails too, the registry records what each replica serves and the error names them.
+A recorded replica that refuses the connection before the swap starts (a server gone, such as a
+replica of a compose profile no longer run) is pruned from the registry with a warning and skipped.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -28,7 +33,12 @@ from services.checkpoint import validate_adapter, validate_checkpoint
 from services.config import SwapMethod
 from services.registry import Registry, ServedVersion, default_registry, record_swap, updating
 
-__all__ = ["SwapResult", "role_servers", "served_root", "served_version", "swap_checkpoint", "swap_role"]
+__all__ = ["SwapResult", "describe_role", "role_servers", "served_root", "served_version", "swap_checkpoint",
+           "swap_role"]
+
+log = logging.getLogger(__name__)
+# What a swap may raise from a replica: the server's answer, the connection, or the folder refused.
+SWAP_FAILURES = (SwapError, CheckpointError, httpx.HTTPError, OSError)
 
 
 class SwapResult(BaseModel):
@@ -78,11 +88,64 @@ def role_servers(role: str, url: str, registry: Path | None = None) -> dict[str,
     return recorded if url in recorded.values() else {role: url}
 
 
+def describe_role(role: str, registry: Path | None = None) -> str:
+    """What the registry says `role`'s servers serve now, in words: the truth after a failed swap."""
+    servers = Registry.load(registry or default_registry()).of_role(role)
+    versions = {v.version for v in servers.values()}
+    if not servers:
+        return f"no {role} server is recorded in the registry"
+    if len(versions) == 1:
+        return f"every {role} server serves version {versions.pop()!r}"
+    return f"the {role} servers serve different versions ({', '.join(f'{n}: {v.version}' for n, v in servers.items())})"
+
+
+def _prune_gone(servers: dict[str, str], role: str, api_key: str | None, registry: Path) -> dict[str, str]:
+    """`servers` less those that refuse the connection, whose registry entries are removed with a
+    warning: a server that is gone (its supervisor restarts a crashed one, and it records itself
+    again when it is back) must not fail every later swap of its role."""
+    alive: dict[str, str] = {}
+    for name, url in servers.items():
+        try:
+            with httpx.Client(base_url=url, headers=_auth(api_key), timeout=10.0) as http:
+                http.get("/health")
+        except httpx.ConnectError as exc:
+            if Registry.load(registry).servers.get(name, ServedVersion(role=role)).url == url:
+                log.warning("%s (%s) refuses the connection (%s): removed from the registry, not swapped",
+                            name, url, exc)
+                with updating(registry) as reg:
+                    reg.servers.pop(name, None)
+            continue
+        except httpx.HTTPError:
+            pass  # it answers, if badly: the swap says what is wrong with it
+        alive[name] = url
+    if not alive:
+        raise SwapError(f"no server of role {role!r} answers: {', '.join(servers.values())} "
+                        f"refuse{'s' if len(servers) == 1 else ''} the connection")
+    return alive
+
+
 def _reload(http: httpx.Client, weights: Path) -> None:
     _post(http, "/collective_rpc", json={"method": "reload_weights", "kwargs": {"weights_path": str(weights)}})
     body = _post(http, "/reset_prefix_cache", params={"reset_running_requests": "true"}).json()
     if not body.get("success", False):
         raise SwapError("the prefix cache could not be reset after the reload")
+
+
+def _resume(http: httpx.Client, cause: BaseException | None) -> None:
+    """Let the paused server take requests again; a SwapError when it does not (it holds every request)."""
+    try:
+        _post(http, "/resume")
+    except (SwapError, httpx.HTTPError) as exc:
+        why = f" after {cause}" if cause else ""
+        raise SwapError(f"{http.base_url} did not resume{why} ({exc}): it holds its requests until it is "
+                        "resumed or restarted") from cause or exc
+
+
+def _touch(registry: Path) -> None:
+    """Rewrite the registry unchanged: a new file tells each guard that the weights its server holds are
+    the recorded ones again (services.guard stops trusting its entry while a reload runs)."""
+    with updating(registry):
+        pass
 
 
 def swap_checkpoint(
@@ -111,10 +174,13 @@ def swap_checkpoint(
         reference = served_root(http, role)
         if method == "lora":
             validate_adapter(checkpoint)
-            name = alias or f"{role}-{version}"
-            _post(http, "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(checkpoint)})
+            served = alias or f"{role}-{version}"
+            # A replica that kept the adapter (its sibling restarted and lost it) takes it again in place.
+            previous = Registry.load(registry).servers.get(name)
+            again = previous is not None and served in previous.adapters
+            _post(http, "/v1/load_lora_adapter",
+                  json={"lora_name": served, "lora_path": str(checkpoint), **({"load_inplace": True} if again else {})})
             stall = 0.0  # the base model never stops serving
-            served = name
         else:
             validate_checkpoint(checkpoint, reference)
             previous = Registry.load(registry).servers.get(name)
@@ -129,13 +195,18 @@ def swap_checkpoint(
                 try:
                     _reload(http, fallback)
                 except (SwapError, httpx.HTTPError) as exc2:
+                    _resume(http, exc)
                     raise SwapError(f"swap failed ({exc}); restoring {fallback} failed too ({exc2})") from exc
+                _resume(http, exc)
+                _touch(registry)  # the guard learns that its server's weights are known again
                 raise SwapError(f"swap failed, {fallback} serves again: {exc}") from exc
-            finally:
-                try:
-                    _post(http, "/resume")
-                except (SwapError, httpx.HTTPError):
-                    pass  # the server is gone; the supervisor restarts it and the error above says why
+            try:
+                _resume(http, None)
+            except SwapError:
+                # The new weights are in, but the server holds every request: not a swap that worked.
+                # Record the truth (its weights are the new ones) so that a put-back reloads them away.
+                record_swap(registry, role, version, str(checkpoint), method, alias or role, name=name)
+                raise
             stall = time.monotonic() - start
             served = alias or role
     record_swap(registry, role, version, str(checkpoint), method, served, name=name)
@@ -156,46 +227,56 @@ def swap_role(
     timeout: float = 300.0,
 ) -> SwapResult:
     """Swap `checkpoint` into every server of `role` (`servers`: name -> URL), one at a time; when it
-    returns, all of them serve `version`. Raises as `swap_checkpoint`; on a SwapError the servers
-    already swapped are put back on what they served before."""
+    returns, all of them serve `version`. Servers that refuse the connection before the swap starts are
+    pruned from the registry and skipped. On any failure (SwapError, CheckpointError, a connection
+    error, a timeout) the servers already swapped are put back on what they served before, and a
+    SwapError says so, or which ones could not be put back (the registry records what they serve)."""
     if not servers:
         raise SwapError(f"no server of role {role!r} is recorded in the registry")
     registry = registry or default_registry()
+    servers = _prune_gone(servers, role, api_key, registry)
     before = Registry.load(registry).servers
     done: list[SwapResult] = []
     for name, url in servers.items():
         try:
             done.append(swap_checkpoint(url, checkpoint, role=role, version=version, alias=alias, api_key=api_key,
                                         registry=registry, method=method, timeout=timeout, name=name))
-        except SwapError as exc:
-            failed = [f"{r.servers[0]}: {e}" for r in done if (e := _put_back(r, before, api_key, registry, timeout))]
-            raise SwapError(f"{name} failed the swap ({exc}); the replicas swapped before it were put back"
-                            + (f", except {'; '.join(failed)}" if failed else "")) from exc
+        except SWAP_FAILURES as exc:
+            if not done and isinstance(exc, CheckpointError):
+                raise  # refused before any server was touched
+            # The failed one too, when its registry entry says it took the new weights (it did not resume).
+            now = Registry.load(registry).servers
+            touched = [(n, u) for n, u in servers.items()
+                       if n in now and now[n].version == version and now[n] != before.get(n)]
+            failed = [f"{n}: {e}" for n, u in touched
+                      if (e := _put_back(n, u, role, method, alias, before, api_key, registry, timeout))]
+            what = (f"the replicas swapped before it were put back, except {'; '.join(failed)}" if failed
+                    else "the replicas it reached were put back" if touched else "no replica was changed")
+            raise SwapError(f"{name} failed the swap ({type(exc).__name__}: {exc}); {what}; "
+                            f"now {describe_role(role, registry)}") from exc
     return SwapResult(role=role, servers=[r.servers[0] for r in done], urls=[r.urls[0] for r in done],
                       version=version, method=method, checkpoint=str(Path(checkpoint).absolute()),
                       served_model=done[0].served_model, stall_s=max(r.stall_s for r in done))
 
 
-def _put_back(done: SwapResult, before: dict[str, ServedVersion], api_key: str | None, registry: Path,
-              timeout: float) -> str | None:
+def _put_back(name: str, url: str, role: str, method: SwapMethod, alias: str | None,
+              before: dict[str, ServedVersion], api_key: str | None, registry: Path, timeout: float) -> str | None:
     """Undo one replica's swap (what `swap_role` does when a later replica fails); why it failed, or None."""
-    name, url = done.servers[0], done.urls[0]
-    prev = before.get(name, ServedVersion(role=done.role))
+    prev = before.get(name, ServedVersion(role=role, url=url))
     try:
-        if done.method == "lora":  # the base kept serving beside the adapter: unload it
+        if method == "lora":  # the base kept serving beside the adapter: unload it
+            adapter = alias or f"{role}-{Registry.load(registry).servers[name].version}"
             with httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout) as http:
-                _post(http, "/v1/unload_lora_adapter", json={"lora_name": done.served_model})
-            with updating(registry) as reg:
-                reg.servers[name] = prev
-            return None
-        with httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout) as http:
-            weights = prev.checkpoint or str(served_root(http, done.role))
-        swap_checkpoint(url, weights, role=done.role, version=prev.version, alias=next(iter(prev.aliases), None),
-                        api_key=api_key, registry=registry, timeout=timeout, name=name)
+                _post(http, "/v1/unload_lora_adapter", json={"lora_name": adapter})
+        else:
+            with httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout) as http:
+                weights = prev.checkpoint or str(served_root(http, role))
+            swap_checkpoint(url, weights, role=role, version=prev.version, alias=next(iter(prev.aliases), None),
+                            api_key=api_key, registry=registry, timeout=timeout, name=name)
         with updating(registry) as reg:  # exactly the entry it had: its checkpoint None when it was the base
             reg.servers[name] = prev
         return None
-    except (SwapError, CheckpointError, httpx.HTTPError) as exc:
+    except SWAP_FAILURES as exc:
         return str(exc)
 
 

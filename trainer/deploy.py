@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from humpback.contracts import CheckpointError, Role, SwapError
-from services.hotswap import SwapResult, role_servers, served_version, swap_role
+from services.hotswap import SwapResult, describe_role, role_servers, served_version, swap_role
 from trainer.config import ServiceSettings
 from trainer.metrics import TrainerMetrics
 from trainer.store import Store
@@ -36,8 +36,9 @@ class Deployer:
     def deploy(self, job_id: str, role: Role, export_dir: Path, name: str) -> SwapResult:
         """Swap `export_dir` into `role`'s server as job `job_id`'s model `name`.
 
-        Raises SwapError when the folder is unfit or the server failed the swap; either way the
-        server keeps its previous weights."""
+        Raises SwapError when the folder is unfit or a server failed the swap; its message ends with
+        what the registry says the role's servers serve now (swap_role puts back the replicas it
+        swapped, and names those it could not)."""
         with self._lock:
             return self._swap(job_id, role, export_dir, name)
 
@@ -66,7 +67,7 @@ class Deployer:
             self.metrics.swaps.labels(role, "failed").inc()
             if isinstance(exc, SwapError):
                 raise
-            raise SwapError(str(exc)) from exc
+            raise SwapError(f"{exc}; now {describe_role(role, self.settings.registry)}") from exc
         self.metrics.swaps.labels(role, "succeeded").inc()
         self.metrics.swap_stall_seconds.labels(role).set(result.stall_s)
         self.store.add_event(

@@ -306,8 +306,7 @@ class Worker:
             except SwapError as exc:
                 self._fail(
                     job.id, "deploy_failed",
-                    f"The model was trained and saved but not deployed to {role}; the server keeps its "
-                    f"previous weights: {exc}",
+                    f"The model was trained and saved but not deployed to {role}: {exc}",
                 )
                 return
         if self.store.transition(

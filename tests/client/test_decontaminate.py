@@ -36,8 +36,17 @@ def _fan(url: str) -> FanoutConfig:
 
 def test_words_are_lower_cased_runs_of_word_characters() -> None:
     assert words("Hello, WORLD!  It's 42\u00a0km -- snake_case.") == ["hello", "world", "it", "s", "42", "km",
-                                                                      "snake_case"]
+                                                                      "snake", "case"]
     assert words("?!") == []
+
+
+def test_words_see_through_how_a_copy_is_written() -> None:
+    """Look-alike letters of another script, full-width forms, accents, zero-width spaces and `__word__`
+    markup read as the plain words; each Chinese or Japanese character is a word (no spaces there)."""
+    assert words("саrbon ｆｉｂｅｒｓ, naïve ΒΟΟΚ __bold__ zero\u200bwidth") == [
+        "carbon", "fibers", "naive", "book", "bold", "zerowidth"]
+    assert words("碳纤维如何用于建筑？カーボン") == ["碳", "纤", "维", "如", "何", "用", "于", "建", "筑",
+                                                "カ", "ー", "ホ", "ン"]
 
 
 def test_ngrams_are_13_word_windows_and_a_short_text_is_one() -> None:
@@ -62,10 +71,42 @@ def test_12_shared_words_are_no_match() -> None:
     assert found.match(PROMPT[:-3]) is not None  # the whole prompt but a word: still many 13-grams
 
 
-def test_a_short_prompt_matches_only_when_repeated_whole() -> None:
-    found = Decontaminator.from_texts({"alpaca_eval": ["What is Atlantis?"]})
+def test_a_short_prompt_matches_whole_or_inside_a_longer_text() -> None:
+    found = Decontaminator.from_texts({"alpaca_eval": ["What is Atlantis?", "How did US states get their names? "
+                                                                            "Answer in two sentences."]})
     assert found.match("what is ATLANTIS") == Match("alpaca_eval", "what is atlantis")
-    assert found.match("What is Atlantis? A legend told by Plato in two of his dialogues.") is None
+    assert found.match("What is Atlantis? A legend told by Plato in two of his dialogues.") == Match(
+        "alpaca_eval", "what is atlantis")
+    assert found.match("Tell me: how did US states get their names? Answer in two sentences, please.") == Match(
+        "alpaca_eval", "how did us states get their names answer in two sentences")
+    # Only the whole short text: part of it is no match.
+    assert found.match("What is the lost city of Atlantis?") is None
+    assert found.match("How did US states get their flags? Answer in two sentences.") is None
+
+
+def test_chinese_text_without_spaces_matches_on_13_characters() -> None:
+    prompt = "请用三句话解释碳纤维在现代建筑中的主要用途和优点"  # 24 characters, no spaces
+    found = Decontaminator.from_texts({"eval": [prompt]})
+    assert found.match(f"你好！{prompt[4:17]}，谢谢。") is not None  # 13 characters copied
+    assert found.match(f"你好！{prompt[4:16]}，谢谢。") is None  # 12: chance, not copying
+
+
+def test_every_shipped_prompt_is_caught_inside_a_candidate_however_written() -> None:
+    """All 1,346 IFEval and AlpacaEval prompts, short ones included, each quoted inside a longer
+    candidate: as written, in Cyrillic and Greek look-alike letters, and with every word in `__markup__`."""
+    found = decontaminate.load()
+    root = eval_framework_dir()
+    prompts = [p for rel, fields in decontaminate.SHIPPED.values() for p in read_texts(root / rel, fields)]
+    assert len(prompts) == 1346
+    look_alike = str.maketrans({"a": "а", "e": "е", "o": "о", "p": "р", "c": "с", "x": "х", "i": "і", "A": "Α",
+                                "O": "Ο"})
+    missed = {}
+    for prompt in prompts:
+        for how, text in (("as written", prompt), ("look-alike letters", prompt.translate(look_alike)),
+                          ("markup", " ".join(f"__{w}__" for w in prompt.split()))):
+            if found.match(f"Here is a task I found online. {text} Please do it well, thank you.") is None:
+                missed.setdefault(how, []).append(prompt[:80])
+    assert not missed, {how: (len(ps), ps[:3]) for how, ps in missed.items()}
 
 
 def test_sets_are_told_apart_and_kept_as_64_bit_hashes() -> None:

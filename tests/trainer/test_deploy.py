@@ -147,8 +147,8 @@ def test_failed_deploy_answers_bad_gateway_and_keeps_the_job(app: FastAPI, http:
     job_id, name = succeeded_job(app, train_file, exported(tmp_path / "final"))
     status, message, param, code = error(http.post(f"/v1/fine_tuning/jobs/{job_id}/deploy", json={"role": "scorer"}))
     assert (status, param, code) == (502, None, "deploy_failed")
-    assert message.startswith(f"The model of job {job_id} was not deployed to scorer; the server keeps its previous "
-                              "weights: ")
+    assert message.startswith(f"The model of job {job_id} was not deployed to scorer: no server of role 'scorer' "
+                              f"answers: {UNUSED_URL} refuses")
     assert app.state.service.get_job(job_id).status == "succeeded"
     assert messages(app, job_id)[0] == f"Deploying {name} to the scorer server at {UNUSED_URL}"
     metrics = app.state.metrics.render().decode()
@@ -259,6 +259,6 @@ def test_broken_checkpoint_leaves_old_weights_serving(tmp_path: Path, train_file
         running.stop()
     assert failed.status == "failed"
     assert failed.error.code == "deploy_failed"
-    assert "keeps its previous weights" in failed.error.message and "truncated" in failed.error.message
+    assert "truncated" in failed.error.message and "; now every scorer server serves" in failed.error.message
     assert failed.fine_tuned_model is None
     assert prompt_logprobs(server, servers.scorer_model) == pytest.approx(before, abs=1e-3)
