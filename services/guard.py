@@ -328,6 +328,8 @@ async def _not_served(send: Send, version: str | None, why: str) -> None:
                                  "code": VERSION_NOT_SERVED}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"retry-after", b"1")]
+    if version is not None:
+        headers.append((VERSION_KEY, version.encode("latin-1", "replace")))
     await send({"type": "http.response.start", "status": 503, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -253,3 +253,100 @@ async def test_a_model_that_is_no_name_passes_to_vllm(monkeypatch, tmp_path):
         for model in (["ft:scorer:m1"], {"a": 1}):
             resp = await c.post("/v1/chat/completions", json={"model": model, "messages": []})
             assert resp.status_code == 200 and resp.json()["body"]["model"] == model
+
+
+# --- the key first, every inference route, bounded bodies, answers that crossed a reload ----------
+
+
+def _scorer(monkeypatch: pytest.MonkeyPatch, registry: Path, routes: list[Route], key: str | None = None,
+            seed: bool = False) -> AdminGuard:
+    """A guard in front of `routes`, speaking for server `scorer` of `registry`, which serves base."""
+    from humpback.contracts import SERVER_NAME_ENV
+    from services.registry import reset_server
+
+    reset_server(registry, "scorer", "scorer", "http://127.0.0.1:1")
+    monkeypatch.setenv(REGISTRY_ENV, str(registry))
+    monkeypatch.setenv(SERVER_NAME_ENV, "scorer")
+    monkeypatch.setenv(REJECT_SEED_ENV, "1" if seed else "0")
+    if key:
+        monkeypatch.setenv("VLLM_API_KEY", key)
+    else:
+        monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    return AdminGuard(Starlette(routes=routes))
+
+
+async def test_a_request_without_the_key_learns_nothing(monkeypatch, tmp_path):
+    """vLLM's key is checked before the barrier: no 503 naming the version, no version header."""
+    from humpback.contracts import VERSION_HEADER
+
+    app = _scorer(monkeypatch, tmp_path / "registry.json", [Route("/v1/chat/completions", echo, methods=["POST"])],
+                  key="sekret")
+    async with client(app, "203.0.113.9") as c:
+        for headers in ({VERSION_HEADER: "ftjob-x"}, {VERSION_HEADER: "base"}, {"Authorization": "Bearer wrong"}):
+            resp = await c.post("/v1/chat/completions", json={"model": "scorer"}, headers=headers)
+            assert resp.status_code == 401 and resp.json() == {"error": "Unauthorized"}
+            assert VERSION_HEADER not in resp.headers and "ftjob" not in resp.text
+        ok = await c.post("/v1/chat/completions", json={"model": "scorer"}, headers={"Authorization": "Bearer sekret"})
+        assert ok.status_code == 200 and ok.headers[VERSION_HEADER] == "base"
+        stale = await c.post("/v1/chat/completions", json={"model": "scorer"},
+                             headers={"Authorization": "Bearer sekret", VERSION_HEADER: "ftjob-x"})
+        assert stale.status_code == 503
+
+
+async def test_a_deeply_nested_or_huge_body_is_refused_not_a_500(monkeypatch, tmp_path):
+    from services.guard import MAX_BODY_BYTES
+
+    app = _scorer(monkeypatch, tmp_path / "registry.json", [Route("/v1/chat/completions", echo, methods=["POST"])],
+                  seed=True)
+    async with client(app, "203.0.113.9") as c:
+        nested = await c.post("/v1/chat/completions", content=b"[" * 100_000 + b"]" * 100_000)
+        assert nested.status_code == 400 and "nests" in nested.json()["error"]["message"]
+        huge = await c.post("/v1/chat/completions", content=b'{"model": "' + b"x" * (MAX_BODY_BYTES + 1) + b'"}')
+        assert huge.status_code == 413
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/chat/completions/batch", "/v1/embeddings"])
+async def test_every_inference_route_is_behind_the_barrier_and_the_seed_refusal(monkeypatch, tmp_path, path):
+    from humpback.contracts import VERSION_HEADER
+
+    app = _scorer(monkeypatch, tmp_path / "registry.json", [Route(path, echo, methods=["POST"])], seed=True)
+    async with client(app, "203.0.113.9") as c:
+        stale = await c.post(path, json={"model": "scorer", "input": "hi"}, headers={VERSION_HEADER: "ftjob-x"})
+        assert stale.status_code == 503 and stale.json()["error"]["code"] == "version_not_served"
+        seeded = await c.post(path, json={"model": "scorer", "input": "hi", "seed": 7})
+        assert seeded.status_code == 400 and seeded.json()["error"]["param"] == "seed"
+        ok = await c.post(path, json={"model": "scorer", "input": "hi"}, headers={VERSION_HEADER: "base"})
+        assert ok.status_code == 200 and ok.headers[VERSION_HEADER] == "base"
+
+
+async def test_an_answer_a_reload_ran_under_is_not_stamped_with_the_old_version(monkeypatch, tmp_path):
+    """A request admitted under `base` whose answer comes after a reload passed through the guard: a
+    request that named `base` is refused (503, retryable), an unversioned one carries no version; until
+    the registry records the swap, the server's version is unknown; then the new one is stamped."""
+    import asyncio
+
+    from humpback.contracts import VERSION_HEADER
+
+    registry = tmp_path / "registry.json"
+    release = asyncio.Event()
+
+    async def slow(request: Request) -> JSONResponse:
+        await release.wait()
+        return JSONResponse({"ok": True})
+
+    app = _scorer(monkeypatch, registry, [Route("/v1/completions", slow, methods=["POST"]),
+                                          Route("/collective_rpc", echo, methods=["POST"])])
+    async with client(app, "127.0.0.1") as c:
+        versioned = asyncio.create_task(c.post("/v1/completions", json={}, headers={VERSION_HEADER: "base"}))
+        plain = asyncio.create_task(c.post("/v1/completions", json={}))
+        await asyncio.sleep(0.2)  # both admitted under base
+        assert (await c.post("/collective_rpc", json={"method": "reload_weights"})).status_code == 200
+        release.set()
+        crossed, unversioned = await versioned, await plain
+        assert crossed.status_code == 503 and "changed while the request" in crossed.json()["error"]["message"]
+        assert unversioned.status_code == 200 and VERSION_HEADER not in unversioned.headers
+        # Reloaded, not recorded yet: nothing is stamped, and no version is served.
+        assert VERSION_HEADER not in (await c.post("/v1/completions", json={})).headers
+        assert (await c.post("/v1/completions", json={}, headers={VERSION_HEADER: "base"})).status_code == 503
+        record_swap(registry, "scorer", "m1", "/ckpt/m1", "reload", "scorer", name="scorer")
+        assert (await c.post("/v1/completions", json={}, headers={VERSION_HEADER: "m1"})).headers[VERSION_HEADER] == "m1"

@@ -23,9 +23,10 @@ from client.fanout import Fanout, FanoutConfig
 from humpback.contracts import REGISTRY_ENV, SERVER_NAME_ENV, VERSION_HEADER, ServeError, SwapError
 from services.config import ServeSettings, default_servers
 from services.guard import AdminGuard
+from services import hotswap
 from services.hotswap import role_servers, swap_role
 from services.registry import Registry, ServedVersion, record_swap, reset_server, updating
-from tests.services.helpers import linked_checkpoint
+from tests.services.helpers import edit_config, linked_checkpoint
 from tests.services.test_guard import served
 
 BODY = {"model": "scorer", "messages": [{"role": "user", "content": "hi"}]}
@@ -182,10 +183,22 @@ class FakeVllm:
 
     def __init__(self, root: Path, fail: bool = False) -> None:
         self.root, self.fail, self.reloads = root, fail, []
+        self.pause_delay = 0.0  # seconds /pause takes (past the swap's timeout: a hung server)
+        self.resume_failures = 0  # how many /resume calls answer 500 before one works
         self.app = Starlette(routes=[
-            Route("/v1/models", self.models), Route("/pause", self.ok, methods=["POST"]),
-            Route("/resume", self.ok, methods=["POST"]), Route("/collective_rpc", self.rpc, methods=["POST"]),
+            Route("/health", self.ok), Route("/v1/models", self.models), Route("/pause", self.pause, methods=["POST"]),
+            Route("/resume", self.resume, methods=["POST"]), Route("/collective_rpc", self.rpc, methods=["POST"]),
             Route("/reset_prefix_cache", self.reset, methods=["POST"])])
+
+    async def pause(self, request: Request) -> JSONResponse:
+        await asyncio.sleep(self.pause_delay)
+        return JSONResponse({})
+
+    async def resume(self, request: Request) -> JSONResponse:
+        if self.resume_failures:
+            self.resume_failures -= 1
+            return JSONResponse({"error": "engine not paused"}, status_code=500)
+        return JSONResponse({})
 
     async def models(self, request: Request) -> JSONResponse:
         return JSONResponse({"data": [{"id": "scorer", "root": str(self.root), "parent": None}]})
@@ -244,3 +257,105 @@ def test_trainer_deploys_to_every_recorded_replica_of_its_server(tmp_path):
     # A registry that records other servers than the configured one is another stack's: not followed.
     other = ServiceSettings(data_dir=tmp_path / "t", registry=registry, scorer_url="http://127.0.0.1:9002")
     assert Deployer(other, None, None).servers("scorer") == {"scorer": "http://127.0.0.1:9002"}
+
+
+def _fakes(stack: ExitStack, registry: Path, fakes: dict[str, FakeVllm]) -> dict[str, str]:
+    urls = {n: f"http://127.0.0.1:{stack.enter_context(served(f.app, socket.AF_INET, '127.0.0.1'))}"
+            for n, f in fakes.items()}
+    for name, url in urls.items():
+        reset_server(registry, name, "scorer", url)
+    return urls
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault", ["refuses the connection", "hangs on /pause", "serves another model"])
+def test_any_failure_on_a_later_replica_puts_the_others_back(model_dir, tmp_path, fault):
+    """Not only a SwapError: a replica gone after the swap began, a timeout, a folder its model refuses."""
+    registry = tmp_path / "registry.json"
+    ckpt = linked_checkpoint(model_dir, tmp_path / "m1")
+    other = tmp_path / "other"
+    linked_checkpoint(model_dir, other)
+    edit_config(other, hidden_size=1024)
+    fakes = {"scorer": FakeVllm(model_dir), "scorer-1": FakeVllm(other if fault == "serves another model" else model_dir)}
+    fakes["scorer-1"].pause_delay = 5.0 if fault == "hangs on /pause" else 0.0
+    with ExitStack() as stack:
+        urls = _fakes(stack, registry, fakes)
+        if fault == "refuses the connection":  # it answered when the swap began, then went away
+            gone = f"http://127.0.0.1:{_free_port()}"
+            real_swap = hotswap.swap_checkpoint
+
+            def first_then_gone(url, *args, **kwargs):
+                return real_swap(gone if kwargs["name"] == "scorer-1" else url, *args, **kwargs)
+
+            stack.enter_context(pytest.MonkeyPatch.context()).setattr(hotswap, "swap_checkpoint", first_then_gone)
+        before = Registry.load(registry).servers
+        with pytest.raises(SwapError) as err:
+            swap_role(urls, ckpt, role="scorer", version="m1", alias="ft:m1", registry=registry, timeout=1.0)
+    assert "scorer-1 failed the swap" in str(err.value)
+    assert str(err.value).endswith("now every scorer server serves version 'base'")
+    assert fakes["scorer"].reloads == [str(ckpt.absolute()), str(model_dir)]
+    assert Registry.load(registry).servers == before
+
+
+def test_a_failed_resume_is_a_failed_swap_and_is_undone(model_dir, tmp_path):
+    registry = tmp_path / "registry.json"
+    ckpt = linked_checkpoint(model_dir, tmp_path / "m1")
+    fakes = {"scorer": FakeVllm(model_dir)}
+    fakes["scorer"].resume_failures = 1
+    with ExitStack() as stack:
+        urls = _fakes(stack, registry, fakes)
+        before = Registry.load(registry).servers
+        with pytest.raises(SwapError, match="did not resume"):
+            swap_role(urls, ckpt, role="scorer", version="m1", registry=registry)
+    # Its new weights were reloaded away again, and the registry says what it serves.
+    assert fakes["scorer"].reloads == [str(ckpt.absolute()), str(model_dir)]
+    assert Registry.load(registry).servers == before
+
+
+def test_a_recorded_replica_that_is_gone_is_pruned_and_the_rest_swapped(model_dir, tmp_path, caplog):
+    """A registry entry outliving its server (compose's state volume after the replicas profile was
+    dropped) must not fail every later swap of its role."""
+    registry = tmp_path / "registry.json"
+    ckpt = linked_checkpoint(model_dir, tmp_path / "m1")
+    with ExitStack() as stack:
+        urls = _fakes(stack, registry, {"scorer": FakeVllm(model_dir)})
+        gone = f"http://127.0.0.1:{_free_port()}"
+        reset_server(registry, "scorer-1", "scorer", gone)
+        servers = role_servers("scorer", urls["scorer"], registry)
+        assert servers == {**urls, "scorer-1": gone}
+        result = swap_role(servers, ckpt, role="scorer", version="m1", registry=registry)
+    assert result.servers == ["scorer"]
+    assert sorted(Registry.load(registry).servers) == ["scorer"]
+    assert Registry.load(registry).role_version("scorer") == "m1"
+    assert "scorer-1" in caplog.text and "removed from the registry" in caplog.text
+    with pytest.raises(SwapError, match="no server of role 'scorer' answers"):
+        swap_role({"scorer": gone}, ckpt, role="scorer", version="m2", registry=registry)
+
+
+def test_the_client_refuses_an_answer_stamped_with_another_version(monkeypatch, tmp_path):
+    """An answer stamped otherwise than the version required (or not at all: a swap ran under the
+    request) is not accepted: the request goes again, to the replica that serves it."""
+    async def stamped(request: Request) -> JSONResponse:
+        version = request.app.state.version
+        return JSONResponse({"server": version}, headers={VERSION_HEADER: version} if version else {})
+
+    apps = []
+    for version in ("m0", None, "m1"):
+        app = Starlette(routes=[Route("/v1/chat/completions", stamped, methods=["POST"])])
+        app.state.version = version
+        apps.append(app)
+    with ExitStack() as stack:
+        urls = [f"http://127.0.0.1:{stack.enter_context(served(a, socket.AF_INET, '127.0.0.1'))}" for a in apps]
+
+        async def run() -> tuple[list[dict], Fanout]:
+            cfg = FanoutConfig(endpoints=urls, concurrency=2, require_version="m1", backoff_base=5.0)
+            async with Fanout(cfg) as f:
+                return await asyncio.gather(*(f.post("/v1/chat/completions", BODY) for _ in range(12))), f
+
+        answers, fanout = asyncio.run(run())
+    assert {a["server"] for a in answers} == {"m1"} and fanout.version_refusals > 0
