@@ -121,3 +121,104 @@ def test_swap_under_load_reaches_every_replica_behind_the_barrier(replicas, mode
     assert all("ft:scorer:m1-rep" in r["aliases"] for r in status.values())
     print(f"replica swap: stall {stall:.2f} s per replica at most, {refusals} refusals, "
           f"{len(load) + len(after) + len(versioned)} requests, 0 failed, {time.monotonic() - t0:.1f} s")
+
+
+# --- the barrier's holes, closed (issue 19), on the same two real replicas ---------------------------
+
+
+def _role_version(state_dir) -> str:
+    from services.registry import Registry
+
+    version = Registry.load(state_dir / "registry.json").role_version("scorer")
+    assert version is not None
+    return version
+
+
+def test_responses_and_a_request_without_the_key_meet_the_barrier(replicas):
+    url = next(iter(rows(replicas).values()))["url"]
+    current = _role_version(replicas)
+    body = {"model": "scorer", "input": "Say hi.", "max_output_tokens": 4, "temperature": 0}
+    stale = httpx.post(f"{url}/v1/responses", json=body, headers={**HEADERS, VERSION_HEADER: "ftjob-stale"},
+                       timeout=120)
+    assert stale.status_code == 503 and stale.json()["error"]["code"] == "version_not_served"
+    fresh = httpx.post(f"{url}/v1/responses", json=body, headers={**HEADERS, VERSION_HEADER: current}, timeout=120)
+    assert fresh.status_code == 200 and fresh.headers[VERSION_HEADER] == current, fresh.text
+    seeded = httpx.post(f"{url}/v1/responses", json={**body, "seed": 3}, headers=HEADERS, timeout=120)
+    assert seeded.status_code == 400 and "seed" in seeded.text
+    # No key: vLLM's 401, before the barrier could name the version.
+    anonymous = httpx.post(f"{url}/v1/chat/completions", json={"model": "scorer", "messages": []},
+                           headers={VERSION_HEADER: "ftjob-stale"}, timeout=120)
+    assert anonymous.status_code == 401 and VERSION_HEADER not in anonymous.headers
+    assert current not in anonymous.text and "ftjob" not in anonymous.text
+
+
+def test_a_request_in_flight_across_a_swap_is_not_stamped_with_the_old_version(replicas, model_dir, tmp_path):
+    from services.hotswap import swap_role
+
+    servers = {name: row["url"] for name, row in rows(replicas).items()}
+    url = servers["scorer"]
+    current = _role_version(replicas)
+    ckpt = perturbed_checkpoint(model_dir, tmp_path / "m2", scale=0.7)
+    long = {"model": "scorer", "messages": [{"role": "user", "content": "Tell a long story."}],
+            "max_tokens": 800, "temperature": 0.7, "ignore_eos": True}
+
+    async def scenario():
+        async with httpx.AsyncClient(headers=HEADERS, timeout=600) as client:
+            versioned = asyncio.create_task(client.post(f"{url}/v1/chat/completions", json=long,
+                                                        headers={VERSION_HEADER: current}))
+            plain = asyncio.create_task(client.post(f"{url}/v1/chat/completions", json=long))
+            await asyncio.sleep(1.5)
+            assert not versioned.done() and not plain.done()
+            result = await asyncio.to_thread(swap_role, servers, ckpt, role="scorer", version="m2", alias="ft:m2",
+                                             api_key=TEST_API_KEY, registry=replicas / "registry.json")
+            return result, await versioned, await plain
+
+    result, versioned, plain = asyncio.run(scenario())
+    assert result.servers == ["scorer", "scorer-1"]
+    # Admitted under the old version, finished on the new weights: refused to the client that named
+    # the old version, and no version stamped on the other.
+    assert versioned.status_code == 503 and versioned.json()["error"]["code"] == "version_not_served"
+    assert plain.status_code == 200 and VERSION_HEADER not in plain.headers
+    answer = httpx.post(f"{url}/v1/completions", json=LOGPROBS, headers={**HEADERS, VERSION_HEADER: "m2"}, timeout=120)
+    assert answer.status_code == 200 and answer.headers[VERSION_HEADER] == "m2"
+
+
+def test_a_replica_gone_halfway_through_swap_role_leaves_the_role_on_one_version(replicas, model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """The second replica is stopped once the first has the new weights: the first is put back, the
+    registry and the error say the role serves its old version, and the first answers as before."""
+    from humpback.contracts import SwapError
+    from services import hotswap
+    from services.registry import Registry
+    from services.supervisor import rpc
+
+    servers = {name: row["url"] for name, row in rows(replicas).items()}
+    registry = replicas / "registry.json"
+    current = _role_version(replicas)
+    before_entries = Registry.load(registry).servers
+    before = logprobs(httpx.post(f"{servers['scorer']}/v1/completions", json=LOGPROBS, headers=HEADERS,
+                                 timeout=120).json())
+    ckpt = perturbed_checkpoint(model_dir, tmp_path / "m3", scale=2.0)
+    real_swap = hotswap.swap_checkpoint
+    reached: list[str] = []
+
+    def then_stop_the_other(url, *args, **kwargs):
+        if kwargs["name"] == "scorer-1" and kwargs["version"] == "m3":
+            # The first replica serves m3 now (the registry says so): the second goes away.
+            assert Registry.load(registry).servers["scorer"].version == "m3"
+            rpc(replicas).supervisor.stopProcess("scorer-1")
+        result = real_swap(url, *args, **kwargs)
+        reached.append(kwargs["name"])
+        return result
+
+    monkeypatch.setattr(hotswap, "swap_checkpoint", then_stop_the_other)
+    with pytest.raises(SwapError) as err:
+        hotswap.swap_role(servers, ckpt, role="scorer", version="m3", alias="ft:m3", api_key=TEST_API_KEY,
+                          registry=registry)
+    assert "scorer-1 failed the swap" in str(err.value)
+    assert str(err.value).endswith(f"now every scorer server serves version {current!r}")
+    assert Registry.load(registry).servers == before_entries and reached == ["scorer", "scorer"]
+    after = httpx.post(f"{servers['scorer']}/v1/completions", json=LOGPROBS,
+                       headers={**HEADERS, VERSION_HEADER: current}, timeout=120)
+    assert after.status_code == 200 and after.headers[VERSION_HEADER] == current
+    assert logprobs(after.json()) == pytest.approx(before, abs=1e-3)
