@@ -88,7 +88,8 @@ class CurateConfig(BaseModel):
                                         "<out>.scored.jsonl")
     histogram: bool = setting(True, "draw the score histogram <out>.scores.png")
     decontaminate: bool = setting(True, "drop, before scoring, every candidate whose instruction or output shares a "
-                                        "13-word n-gram (normalised words), or holds a shorter one whole, with an IFEval or AlpacaEval prompt "
+                                        "13-word n-gram (normalised words), or holds a shorter one whole, with an "
+                                        "IFEval or AlpacaEval prompt "
                                         "or a --decontaminate-against set; they go to <out>.contaminated.jsonl "
                                         "(the shipped prompts need the eval extra: pip install -e '.[eval]')")
     decontaminate_against: list[Path] = setting(default_factory=list, metavar="FILE",
