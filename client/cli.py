@@ -269,16 +269,17 @@ def _import_curate(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    """Print the merge's summary; exit status 3 when the shards miss requests of the unsharded run."""
+    """Print the merge's summary; exit status 3 when it does not prove the merged file is the unsharded
+    run's (a shard or requests missing, failed requests, records that do not belong)."""
     import json
 
-    from client.merge import merge
+    from client.merge import merge, proven
 
     files = from_args(MergeFiles, args, shards=args.shards)
     summary = merge(files.shards, files.out, files.corpus, from_args(AugmentConfig, args), _prepare_config(args),
                     text_field=files.text_field)
     print(json.dumps(summary.to_dict(), indent=2), file=sys.stderr)
-    return 3 if summary.results["missing"] else 0
+    return 0 if proven(summary) else 3
 
 
 def _rewrite(args: argparse.Namespace) -> int:

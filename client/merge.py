@@ -13,6 +13,16 @@ written to one JSONL file in order (shard by shard, line by line), each record o
 - a line that is not a JSON object, or whose `custom_id` is not hex (a torn write of a killed
   shard), is skipped, counted and written to `<out>.errors.jsonl`; a re-run of its shard redoes it.
 
+Every shard proves what it is from its own summary (`<shard>.summary.json`, or the summary of the
+curate run whose `<out>.scored.jsonl` it is), which records its `I/N`, for every task (augment,
+curate, rewrite): the merge checks that the shards are one set, each `I` of one `N` exactly once
+(`missing_shards`, `repeated_shards`), that each summary names its shard (`unproven_shards`), that
+each shard's last run had no failed request (`shards_failed`: see its `<shard>.failed.jsonl`) and
+that they ran the same model and checkpoint (`settings_differ`), and that every record is one its
+shard owns: a record of another shard's (another run, other settings) is not written; it goes to
+`<out>.errors.jsonl` and is counted as `foreign`. `proven(summary)` is whether the merged file is
+the unsharded run's output by all of these; `humpback merge` exits 3 when it is not.
+
 With the corpus (and the run's preparation and generation settings, `--limit` included), `merge`
 also recomputes the `custom_id`s the unsharded `augment` would have asked for, with augment's own
 code (`prepared_segments`, `AugmentTask.request`), and compares: ids no shard holds are listed in
@@ -42,6 +52,7 @@ from client.corpus import Corpus, Lines, check_input, open_corpora
 from client.journal import LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
 from client.runner import RunSummary, side_path
+from client.shard import Shard, in_shard
 from humpback.contracts import Failure, InputError, OutputError, Rejected, SeedPair, Source
 
 PathLike = str | os.PathLike[str]
@@ -141,14 +152,25 @@ class Joined:
     per_shard: dict[str, int] = field(default_factory=dict)
 
 
-def join(shards: Sequence[Path], dst: BinaryIO, errors: LineWriter, summary: RunSummary) -> Joined:
+def join(shards: Sequence[Path], dst: BinaryIO, errors: LineWriter, summary: RunSummary,
+         owners: dict[Path, Shard] | None = None) -> Joined:
     """Write every record of `shards` once to `dst`; raise `InputError` on two
-    different records under one custom_id."""
+    different records under one custom_id. A record whose shard (`owners`: shard output -> its I/N)
+    does not own its custom_id is not written: it goes to `errors` and is counted as `foreign`."""
     joined = Joined()
+    summary.results["foreign"] = 0
     for shard in shards:
         written = 0
+        owner = (owners or {}).get(shard)
         for line in shard_lines(shard, errors, summary.input):
             summary.input["records"] += 1
+            if owner is not None and line.custom_id is not None and not in_shard(line.custom_id, owner):
+                summary.results["foreign"] += 1
+                errors.write(Rejected(source=str(shard), line=line.lineno, reason=(
+                    f"custom_id {line.custom_id} is not in shard {owner}, which this file's summary says it is: a "
+                    "record of another run or other settings; not merged"),
+                    excerpt=line.raw[:80].decode("utf-8", "replace")).model_dump_json())
+                continue
             key = _key(line)
             known = joined.seen.get(key)
             if known is not None:
@@ -169,6 +191,77 @@ def join(shards: Sequence[Path], dst: BinaryIO, errors: LineWriter, summary: Run
         joined.per_shard[str(shard)] = written
         summary.results["written"] += written
     return joined
+
+
+def shard_summary(shard: Path) -> Path:
+    """Where the summary of the run that wrote `shard` is: `<shard>.summary.json`, or, for a curate
+    run's scored journal (`<out>.scored.jsonl`), `<out>.summary.json`."""
+    own = side_path(shard, "summary.json")
+    if not own.is_file() and shard.name.endswith(".scored.jsonl"):
+        return shard.with_name(shard.name[:-len(".scored.jsonl")] + ".summary.json")
+    return own
+
+
+@dataclass
+class ShardSet:
+    """What the shards' own summaries prove about them as a set (`prove_shard_set`)."""
+
+    owners: dict[Path, Shard] = field(default_factory=dict)
+    count: int | None = None
+    missing: list[int] = field(default_factory=list)  # indices of the I/N set no shard is
+    repeated: list[int] = field(default_factory=list)  # indices two shard outputs claim
+    unproven: list[str] = field(default_factory=list)  # shard outputs whose summary names no I/N (or of another N)
+    failed: dict[str, int] = field(default_factory=dict)  # shard -> requests its last run failed
+    settings: dict[str, list[str]] = field(default_factory=dict)  # model/checkpoint -> the values the shards name
+
+    def record(self, summary: RunSummary) -> None:
+        """Count what this set lacks in `summary` (results) and name it (extra["shard_set"])."""
+        summary.results.update(missing_shards=len(self.missing), repeated_shards=len(self.repeated),
+                               unproven_shards=len(self.unproven), shards_failed=len(self.failed),
+                               settings_differ=len(self.settings))
+        summary.extra["shard_set"] = {"count": self.count, "missing": self.missing, "repeated": self.repeated,
+                                      "unproven": self.unproven, "failed": self.failed, "settings": self.settings}
+
+
+def prove_shard_set(shards: Sequence[Path]) -> ShardSet:
+    """Read each shard's summary (`shard_summary`) and check the shards are one complete I/N set of one
+    run's settings, each index once, none with failed requests (see the module docstring)."""
+    found = ShardSet()
+    named: dict[str, set[str]] = {"model": set(), "checkpoint": set()}
+    for shard in shards:
+        try:
+            data = json.loads(shard_summary(shard).read_text(encoding="utf-8"))
+            spec = Shard.parse(data["extra"]["shard"])
+        except (OSError, ValueError, KeyError, TypeError):
+            found.unproven.append(str(shard))
+            continue
+        if found.count is None:
+            found.count = spec.count
+        if spec.count != found.count:
+            found.unproven.append(str(shard))
+            continue
+        if spec in found.owners.values():
+            found.repeated.append(spec.index)
+        found.owners[shard] = spec
+        results, extra = data.get("results") or {}, data.get("extra") or {}
+        if results.get("failed"):
+            found.failed[str(shard)] = int(results["failed"])
+        for key in named:
+            if isinstance(extra.get(key), str):
+                named[key].add(extra[key])
+    held = {s.index for s in found.owners.values()}
+    found.missing = [i for i in range(found.count or 0) if i not in held]
+    found.settings = {k: sorted(v) for k, v in named.items() if len(v) > 1}
+    return found
+
+
+def proven(summary: RunSummary) -> bool:
+    """Whether a merge's `summary` proves its output is the unsharded run's: a complete shard set of
+    one run with no failed request and no foreign record, and, where the corpus was checked, no id
+    missing or unexpected."""
+    r = summary.results
+    return not any(r.get(k) for k in ("missing_shards", "repeated_shards", "unproven_shards", "shards_failed",
+                                      "settings_differ", "foreign", "missing", "unexpected"))
 
 
 class _Discard:
@@ -279,8 +372,11 @@ def merge(shards: Sequence[PathLike], out: PathLike, corpus: Sequence[PathLike] 
     Raises `InputError` (nothing written) for a shard that cannot be read, `out` among the shards, two
     different records under one custom_id, or no model to compute the ids for. The summary
     (`<out>.summary.json`) counts `records` read and `corrupt_lines` skipped, and `written`,
-    `duplicates` and, with `corpus`, `expected`, `missing` (`missing_failed` of them named in a
-    shard's failures file) and `unexpected`; `extra["shards"]` is the records each shard gave.
+    `duplicates`, `foreign` and what the shards' summaries prove (`missing_shards`, `repeated_shards`,
+    `unproven_shards`, `shards_failed`, `settings_differ`, named in `extra["shard_set"]`) and, with
+    `corpus`, `expected`, `missing` (`missing_failed` of them named in a shard's failures file) and
+    `unexpected`; `extra["shards"]` is the records each shard gave. `proven(summary)` says whether
+    all of it proves the merged file is the unsharded run's output.
     """
     paths = [Path(s) for s in shards]
     out = Path(out)
@@ -309,8 +405,10 @@ def _merge(shards: list[Path], out: Path, unsharded: UnshardedRun | None) -> Run
     tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        shard_set = prove_shard_set(shards)
+        shard_set.record(summary)
         with LineWriter(side_path(out, "errors.jsonl")) as errors, open(tmp, "wb") as dst:
-            joined = join(shards, dst, errors, summary)
+            joined = join(shards, dst, errors, summary, shard_set.owners)
         if unsharded is not None:
             model = _model(unsharded.config, joined)
             summary.extra["model"] = model

@@ -166,3 +166,68 @@ async def test_curate_shards_merge_into_the_unsharded_scores(fake: FakeServer, c
                            cfg.model_copy(update={"scored": merged, "top_fraction": 0.25}))
     assert fake.requests["/v1/chat/completions"] == calls and summary.results["skipped_done"] == 30
     assert summary.extra["scored_total"] == 30
+
+
+async def test_without_the_corpus_the_shards_own_summaries_prove_the_set(
+        fake: FakeServer, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No --corpus: a shard missing from the I/N set, a shard given twice, or one whose last run failed
+    requests, is found from the shards' summaries, and the merge exits 3."""
+    shards = await _augment_shards(fake, corpus, tmp_path, 3, AugmentConfig(progress=False))
+    out = tmp_path / "merged.jsonl"
+    argv = ["merge", "--out", str(out)]
+    assert main([*argv, *map(str, shards)]) == 0
+    summary = json.loads(capsys.readouterr().err)
+    assert summary["extra"]["shard_set"]["count"] == 3 and summary["results"]["missing_shards"] == 0
+
+    assert main([*argv, str(shards[0]), str(shards[2])]) == 3
+    summary = json.loads(capsys.readouterr().err)
+    assert summary["results"]["missing_shards"] == 1 and summary["extra"]["shard_set"]["missing"] == [1]
+
+    again = tmp_path / "again" / "cands.jsonl"
+    shutil.copytree(shards[1].parent, again.parent)
+    assert main([*argv, *map(str, shards), str(again)]) == 3
+    assert json.loads(capsys.readouterr().err)["extra"]["shard_set"]["repeated"] == [1]
+
+    fake.script.append("400")
+    failed = await augment([corpus], tmp_path / "failing" / "cands.jsonl", _fan(fake.url),
+                           AugmentConfig(progress=False, resample=0, shard=Shard(2, 3)))
+    assert failed.results["failed"] == 1
+    assert main([*argv, str(shards[0]), str(shards[1]), str(tmp_path / "failing" / "cands.jsonl")]) == 3
+    assert json.loads(capsys.readouterr().err)["results"]["shards_failed"] == 1
+
+
+async def test_curate_shards_are_proven_by_their_summaries_too(fake: FakeServer, corpus: Path, tmp_path: Path) -> None:
+    from client.merge import proven
+
+    cands = tmp_path / "cands.jsonl"
+    await augment([corpus], cands, _fan(fake.url), AugmentConfig(progress=False))
+    cfg = CurateConfig(progress=False, histogram=False)
+    scored = []
+    for i in range(3):
+        await curate(cands, tmp_path / f"s{i}" / "curated.jsonl", _fan(fake.url), cfg.model_copy(update={"shard": Shard(i, 3)}))
+        scored.append(tmp_path / f"s{i}" / "curated.scored.jsonl")
+    assert proven(merge(scored, tmp_path / "merged.scored.jsonl"))
+    short = merge(scored[:2], tmp_path / "merged.scored.jsonl")
+    assert not proven(short) and short.extra["shard_set"]["missing"] == [2]
+
+
+async def test_records_that_do_not_belong_are_not_merged_and_the_merge_fails(
+        fake: FakeServer, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Records of another run (here: shard 1's, appended to shard 0's file) are not shard 0's: they are
+    set aside in the errors file, and the merge exits 3, with or without the corpus."""
+    shards = await _augment_shards(fake, corpus, tmp_path, 2, AugmentConfig(progress=False))
+    stray = shards[1].read_text().splitlines(keepends=True)[:3]
+    with open(shards[0], "a") as f:
+        f.writelines(stray)
+    out = tmp_path / "merged.jsonl"
+    assert main(["merge", "--out", str(out), str(shards[0])]) == 3
+    summary = json.loads(capsys.readouterr().err)
+    assert summary["results"]["foreign"] == 3 and summary["results"]["missing_shards"] == 1
+    assert not set(_ids(out)) & {json.loads(x)["custom_id"] for x in stray}
+    errors = [json.loads(x) for x in (tmp_path / "merged.errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 3 and all("is not in shard 0/2" in e["reason"] for e in errors)
+    # With the corpus, the records of a run with other settings are unexpected: exit 3 as well.
+    other = tmp_path / "other" / "cands.jsonl"
+    await augment([corpus], other, _fan(fake.url), AugmentConfig(progress=False, temperature=0.3))
+    assert main(["merge", "--out", str(out), "--corpus", str(corpus), *map(str, shards[:1]), str(other)]) == 3
+    assert json.loads(capsys.readouterr().err)["results"]["unexpected"] > 0
