@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -44,6 +45,7 @@ from humpback.contracts import (
     FineTuningJob,
     ListPage,
 )
+from humpback.settings import env_values
 from trainer.config import ServiceSettings
 from trainer.deploy import Deployer
 from trainer.metrics import TrainerMetrics
@@ -408,4 +410,6 @@ def settings_or_exit(load: Callable[[], ServiceSettings]) -> ServiceSettings:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m trainer.api SETTINGS.json")
-    serve(settings_or_exit(lambda: ServiceSettings.model_validate_json(Path(sys.argv[1]).read_bytes())))
+    # The file holds no key (humpback.loop.services writes it without): the keys come from the environment.
+    serve(settings_or_exit(lambda: ServiceSettings.model_validate(
+        {**env_values(ServiceSettings), **json.loads(Path(sys.argv[1]).read_bytes())})))

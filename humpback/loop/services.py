@@ -5,6 +5,7 @@ its own, `python -m trainer.api`). Both stay up after the run."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from humpback.contracts import ServeError
+from humpback.contracts import API_KEY_ENV, ServeError
 from humpback.loop.config import ServicesConfig
 from humpback.settings import from_args, values_from
 from services.config import PER_ROLE, ServeConfig, ServerSpec, ServeSettings, cpu_binds, default_servers
@@ -82,12 +83,13 @@ def ensure_trainer(cfg: ServicesConfig, log_dir: Path, timeout: float = 300.0) -
     )
     log_dir.mkdir(parents=True, exist_ok=True)
     settings_path = log_dir / "trainer.settings.json"
-    # The trainer reads its settings, API keys included, from this file (not argv, which `ps` shows):
-    # readable by this user only, also when an earlier run left the file with another mode.
-    write_private(settings_path, settings.model_dump_json(indent=2))
+    # The trainer reads its settings from this file (not argv, which `ps` shows), readable by this user
+    # only; its API key from its environment, never the file: the file is copied with the run folder.
+    write_private(settings_path, settings.model_dump_json(indent=2, exclude={"api_key", "server_api_key"}))
+    env = {**os.environ, **({API_KEY_ENV: cfg.api_key} if cfg.api_key else {})}
     with (log_dir / "trainer.log").open("ab") as logfile:
         # Its own session: the trainer outlives the run, like the servers.
-        proc = subprocess.Popen([sys.executable, "-m", "trainer.api", str(settings_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "trainer.api", str(settings_path)], env=env,
                                 stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
     pid_file = settings.data_dir / "trainer.pid"
     pid_file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,12 @@
-"""How a run starts the trainer: its settings, API keys included, reach it in a private file, never argv."""
+"""How a run starts the trainer: its settings reach it in a private file, its API key in its environment,
+neither in argv, and the key never in the file (which is copied with the run folder)."""
 
 from __future__ import annotations
 
 import stat
 from pathlib import Path
 
+from humpback.contracts import API_KEY_ENV
 from humpback.loop import services
 from humpback.loop.config import ServicesConfig
 from trainer.config import ServiceSettings
@@ -18,11 +20,13 @@ class FakeProcess:
         return None
 
 
-def test_the_trainer_gets_its_keys_from_a_private_file(monkeypatch, tmp_path: Path) -> None:
+def test_the_trainer_gets_its_keys_from_its_environment_not_the_file(monkeypatch, tmp_path: Path) -> None:
     argv: list[list[str]] = []
+    envs: list[dict[str, str]] = []
     answers = iter([False, True])  # down before the start, healthy after it
     monkeypatch.setattr(services, "health", lambda url: next(answers))
-    monkeypatch.setattr(services.subprocess, "Popen", lambda cmd, **kw: argv.append(cmd) or FakeProcess())
+    monkeypatch.setattr(services.subprocess, "Popen",
+                        lambda cmd, **kw: argv.append(cmd) or envs.append(kw["env"]) or FakeProcess())
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     settings_path = log_dir / "trainer.settings.json"
@@ -33,5 +37,7 @@ def test_the_trainer_gets_its_keys_from_a_private_file(monkeypatch, tmp_path: Pa
     assert len(argv) == 1 and not any("s3cret" in a for a in argv[0])
     assert argv[0][-1] == str(settings_path)
     assert stat.S_IMODE(settings_path.stat().st_mode) == 0o600
+    assert "s3cret" not in settings_path.read_text()
     settings = ServiceSettings.model_validate_json(settings_path.read_bytes())
-    assert (settings.api_key, settings.server_api_key) == ("s3cret", "s3cret")
+    assert (settings.api_key, settings.server_api_key) == (None, None)
+    assert envs[0][API_KEY_ENV] == "s3cret"
