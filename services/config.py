@@ -45,6 +45,13 @@ def detect_device() -> Device:
         return "cuda"
 
 
+def _names_api_key(arg: str) -> bool:
+    """Whether vLLM reads `arg` as its `--api-key` option: it maps `_` to `-` in option names, and its
+    parser takes any unambiguous prefix (`--api-k`; `--api` alone is ambiguous there)."""
+    name = arg.split("=", 1)[0].replace("_", "-")
+    return len(name) >= len("--api-k") and "--api-key".startswith(name)
+
+
 class ServerSpec(BaseModel):
     """One vLLM server: a role, the model it serves, and how."""
 
@@ -91,7 +98,7 @@ class ServerSpec(BaseModel):
     @classmethod
     def _no_key_on_the_command_line(cls, args: list[str]) -> list[str]:
         # vLLM's command line is readable by every user of the host (`ps`); the key goes in its environment.
-        if any(a == "--api-key" or a.startswith("--api-key=") for a in args):
+        if any(_names_api_key(a) for a in args):
             raise ValueError(f"the API key goes in ${API_KEY_ENV} (the server's `api_key`), not in a vLLM "
                              "argument: vLLM's command line shows in `ps`")
         return args

@@ -80,12 +80,19 @@ def test_uvicorn_trusts_no_forwarding_peer_whatever_the_spec(monkeypatch, tmp_pa
     assert vllm_env(spec, tmp_path / "registry.json", [])[FORWARDED_ALLOW_IPS_ENV] == ""
 
 
-@pytest.mark.parametrize("extra", [["--api-key", "s3cret"], ["--api-key=s3cret"]])
+@pytest.mark.parametrize("extra", [["--api-key", "s3cret"], ["--api-key=s3cret"], ["--api_key=s3cret"],
+                                   ["--api_key", "s3cret"], ["--api-ke=s3cret"], ["--api-k", "s3cret"]])
 def test_api_key_is_refused_as_a_vllm_argument(extra):
+    """Every spelling vLLM reads as --api-key: `_` for `-`, and an unambiguous prefix."""
     with pytest.raises(ValidationError, match=API_KEY_ENV):
         ServerSpec(role="scorer", port=9, extra_args=["--enforce-eager", *extra])
     with pytest.raises(SystemExit):
         resolve(["--role", "scorer", "--port", "9", *(f"--vllm-arg={a}" for a in extra)])
+
+
+def test_options_that_only_look_like_the_key_pass():
+    spec = ServerSpec(role="scorer", port=9, extra_args=["--api-server-count=2", "--max-num-seqs=8"])
+    assert spec.extra_args == ["--api-server-count=2", "--max-num-seqs=8"]
 
 
 def test_state_files_are_private_and_the_supervisor_config_holds_no_key(tmp_path):
