@@ -272,6 +272,10 @@ class Fanout:
                         reason = f"{exc} from {ep.url}"
                     except ValueError as exc:  # a 200 whose body is not JSON: a broken proxy, retry
                         reason = f"invalid JSON from {ep.url}: {exc}"
+                    except (TypeError, AttributeError, KeyError, IndexError) as exc:
+                        # JSON, but not the shape `check` reads (a list where text belongs): a bad answer,
+                        # retried and, if it stays bad, this request's failure, never the run's.
+                        reason = f"a malformed answer from {ep.url} ({type(exc).__name__}: {exc})"
                     else:
                         ep.failures = 0
                         ep.completed += 1

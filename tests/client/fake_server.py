@@ -2,7 +2,7 @@
 
 `FakeServer().start()` serves on a free 127.0.0.1 port in a background thread. `script` is a queue of
 faults consumed one per chat request ("429", "500", "503", "abort", "length", "drop", "hang",
-"empty", and two unusable instructions: "meta", a generic question, and "copy", the end of the
+"empty", "malformed" (list content and non-object top log-probabilities), and two unusable instructions: "meta", a generic question, and "copy", the end of the
 prompt's text); when it is empty, requests succeed. `delay` slows every request. `python -m
 tests.client.fake_server --port N` runs it in its own process (the overhead benchmark).
 """
@@ -111,6 +111,10 @@ class FakeServer:
                             "headers": [(b"content-length", b"1000"), (b"content-type", b"application/json")]})
                 await send({"type": "http.response.body", "body": b'{"choi', "more_body": True})
                 raise ConnectionResetError("dropped on purpose")
+            if fault == "malformed":  # a 200 of the right shape at the top, wrong inside
+                return await self._send(send, 200, {"choices": [{
+                    "message": {"role": "assistant", "content": [{"type": "text", "text": "hi"}]},
+                    "logprobs": {"content": [{"token": "4", "top_logprobs": ["4", 3]}]}, "finish_reason": "stop"}]})
             if fault == "abort":
                 return await self._send(send, 200, _completion("", "abort"))
             if fault == "length":

@@ -162,3 +162,17 @@ async def test_a_corrupt_scored_line_is_skipped_reported_and_scored_again(fake: 
     journal = [(e["source"], e["line"], e["reason"]) for e in errors if e["source"] == str(scored)]
     assert journal == [(str(scored), 7, "corrupt journal line: not a record"),
                        (str(scored), 10, "corrupt journal line: not a record")]
+
+
+async def test_a_malformed_answer_fails_its_request_not_the_run(fake: FakeServer, candidates: Path,
+                                                                  tmp_path: Path) -> None:
+    """A 200 whose content is a list and whose top log-probabilities are no objects: that candidate goes
+    to the failures file with the reason, the others are scored (no AttributeError through the fan-out)."""
+    cfg = _fan(fake.url).model_copy(update={"max_retries": 0})  # no retry: the bad answer is final
+    for mode in ("logprobs", "free_text"):
+        fake.script.append("malformed")
+        summary = await curate(candidates, tmp_path / mode / "curated.jsonl", cfg,
+                               CurateConfig(mode=mode, progress=False))
+        assert summary.results["failed"] == 1 and summary.results["written"] == 19
+        failed = (tmp_path / mode / "curated.failed.jsonl").read_text()
+        assert "malformed answer" in failed
