@@ -188,7 +188,17 @@ class FakeVllm:
         self.app = Starlette(routes=[
             Route("/health", self.ok), Route("/v1/models", self.models), Route("/pause", self.pause, methods=["POST"]),
             Route("/resume", self.resume, methods=["POST"]), Route("/collective_rpc", self.rpc, methods=["POST"]),
-            Route("/reset_prefix_cache", self.reset, methods=["POST"])])
+            Route("/reset_prefix_cache", self.reset, methods=["POST"]),
+            Route("/v1/load_lora_adapter", self.load_lora, methods=["POST"])])
+        self.adapters: set[str] = set()
+
+    async def load_lora(self, request: Request) -> JSONResponse:
+        body = await request.json()
+        if body["lora_name"] in self.adapters and not body.get("load_inplace"):  # vLLM's own refusal
+            return JSONResponse({"error": f"The lora adapter '{body['lora_name']}' has already been loaded."},
+                                status_code=400)
+        self.adapters.add(body["lora_name"])
+        return JSONResponse({})
 
     async def pause(self, request: Request) -> JSONResponse:
         await asyncio.sleep(self.pause_delay)
@@ -359,3 +369,25 @@ def test_the_client_refuses_an_answer_stamped_with_another_version(monkeypatch, 
 
         answers, fanout = asyncio.run(run())
     assert {a["server"] for a in answers} == {"m1"} and fanout.version_refusals > 0
+
+
+def test_a_lora_reswap_after_a_replica_restart_reloads_in_place_on_the_others(model_dir, tmp_path):
+    """A replica restarted without its adapters, the role swapped again with the same adapter: the
+    replicas that kept it load it in place instead of failing with "already loaded"."""
+    registry = tmp_path / "registry.json"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    fakes = {"scorer": FakeVllm(model_dir), "scorer-1": FakeVllm(model_dir)}
+    with ExitStack() as stack:
+        urls = _fakes(stack, registry, fakes)
+        swap_role(urls, adapter, role="scorer", version="a1", registry=registry, method="lora")
+        fakes["scorer-1"].adapters.clear()  # restarted: adapters live in memory only
+        reset_server(registry, "scorer-1", "scorer", urls["scorer-1"])
+        result = swap_role(urls, adapter, role="scorer", version="a1", registry=registry, method="lora")
+    assert result.servers == ["scorer", "scorer-1"] and result.served_model == "scorer-a1"
+    assert all(f.adapters == {"scorer-a1"} for f in fakes.values())
+    reg = Registry.load(registry)
+    assert sorted(reg.servers) == ["scorer", "scorer-1"]  # recorded under the servers' names
+    assert all(v.adapters == ["scorer-a1"] for v in reg.servers.values())
