@@ -71,6 +71,23 @@ def curated_rows(scored: Path, summary: dict[str, Any], contaminated: set[str] |
             for rec in selected_records(scored, k, mode, model, exclude=contaminated or set())]
 
 
+def shareable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows` as they may be published: each `source` relative to the folder the sources share (the
+    file's name when there is one), never a path of this machine."""
+    paths = {r["source"] for r in rows if isinstance(r.get("source"), str) and os.path.isabs(r["source"])}
+    if not paths:
+        return rows
+    root = os.path.commonpath(sorted(paths))
+    root = os.path.dirname(root) if root in paths else root
+    return [{**r, "source": os.path.relpath(r["source"], root) if r["source"] in paths else r["source"]}
+            for r in rows]
+
+
+def _local_free(value: Any) -> Any:
+    """A model's checkpoint as the card shows it: a local folder by its name, a version as it is."""
+    return Path(value).name if isinstance(value, str) and os.path.isabs(value) else value
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -96,7 +113,8 @@ def dataset_card(name: str, rows: list[dict[str, Any]], curate: dict[str, Any], 
              f"prompt \"{AUGMENTED_SYSTEM_PROMPT}\", the instruction, the text), its `score`, and the `source` file, "
              "`license` and `title` of its text.", "", "## Sources and licenses", ""]
     by_source = Counter((r["source"], r.get("license")) for r in rows)
-    parts.append(_table(("source file", "license", "rows"), [(s, lic, n) for (s, lic), n in by_source.most_common()]))
+    parts.append(_table(("source file", "license", "rows"),
+                        [(s, lic or "not given", n) for (s, lic), n in by_source.most_common()]))
     if manifest.get("sources"):
         parts += ["", "Data build (`manifest.json`):", "",
                   _table(("source", "files", "parsed", "kept", "dropped"),
@@ -115,8 +133,8 @@ def dataset_card(name: str, rows: list[dict[str, Any]], curate: dict[str, Any], 
                  else f"Candidates dropped as contaminated: {curate.get('results', {}).get('contaminated', 0)}.")
     parts += ["", "## Models and selection", "",
               _table(("role", "model", "version"),
-                     [("backward (wrote the instructions)", ax.get("model", "-"), ax.get("checkpoint", "-")),
-                      ("scorer (rated the pairs)", cx.get("model", "-"), cx.get("checkpoint", "-"))]), "",
+                     [(who, x.get("model", "-"), _local_free(x.get("checkpoint", "-")))
+                      for who, x in (("backward (wrote the instructions)", ax), ("scorer (rated the pairs)", cx))]), "",
               f"Scoring mode `{cx.get('mode')}`; threshold k = {_k(cx)}"
               + (f" (the best-scored {cx['top_fraction']:.0%})" if cx.get("top_fraction") else "")
               + f"; kept {cx.get('selected')} of {cx.get('scored_total')} scored pairs.",
@@ -138,7 +156,7 @@ def export_dataset(files: DatasetFiles) -> dict[str, Any]:
     summary = _json(files.summary or side_path(curated, "summary.json"), "curate summary")
     if not scored.is_file():
         raise InputError(f"{scored}: no scored journal (pass --scored)")
-    rows = curated_rows(scored, summary, contaminated_ids(side_path(curated, "contaminated.jsonl")))
+    rows = shareable(curated_rows(scored, summary, contaminated_ids(side_path(curated, "contaminated.jsonl"))))
     manifest = _json(files.data_manifest, "data manifest")
     lic = files.data_manifest.parent / "LICENSES.md" if files.data_manifest else None
     card = dataset_card(curated.stem, rows, summary, _json(files.augment_summary, "augment summary"), manifest,

@@ -260,7 +260,8 @@ class TrainerService:
             result = deployer.ensure(job_id, role, Path(export), job.fine_tuned_model)
         except SwapError as exc:
             raise ApiError(
-                502, f"The model of job {job_id} was not deployed to {role}: {exc}", type="server_error", code="deploy_failed",
+                502, f"The model of job {job_id} was not deployed to {role}: {exc}", type="server_error",
+                code="deploy_failed",
             ) from exc
         return Deployment(
             fine_tuning_job_id=job_id, fine_tuned_model=job.fine_tuned_model, role=role,

@@ -2,7 +2,8 @@
 
 `FakeServer().start()` serves on a free 127.0.0.1 port in a background thread. `script` is a queue of
 faults consumed one per chat request ("429", "500", "503", "abort", "length", "drop", "hang",
-"empty", "malformed" (list content and non-object top log-probabilities), and two unusable instructions: "meta", a generic question, and "copy", the end of the
+"empty", "malformed" (list content and non-object top log-probabilities), and two unusable
+instructions: "meta", a generic question, and "copy", the end of the
 prompt's text); when it is empty, requests succeed. `delay` slows every request. `python -m
 tests.client.fake_server --port N` runs it in its own process (the overhead benchmark).
 """

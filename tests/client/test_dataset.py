@@ -60,3 +60,25 @@ def test_a_push_to_an_unreachable_hub_fails_clearly_and_keeps_the_folder(run: Pa
     with pytest.raises(HumpbackError, match="could not push to the hub repository 'someone/humpback-a1'"):
         export_dataset(files)
     assert (run / "A1.dataset" / "README.md").is_file()
+
+
+def test_the_card_and_rows_carry_no_local_path_and_a_missing_license_says_so(run: Path) -> None:
+    import datasets
+
+    corpus = run / "data" / "corpora"
+    lines = []
+    for i, (name, lic) in enumerate([("perl/faq.jsonl", "GPL-2.0-only"), ("sotu/speeches.jsonl", None)], 1):
+        rec = json.loads(_scored(i, 4.8))
+        rec["source"] = {"path": str(corpus / name), "line": i, "metadata": {"license": lic} if lic else {}}
+        lines.append(json.dumps(rec) + "\n")
+    (run / "A1.scored.jsonl").write_text("".join(lines))
+    summary = json.loads((run / "A1.summary.json").read_text())
+    summary["extra"]["checkpoint"] = str(run / "models" / "smollm2-135m-instruct")
+    (run / "A1.summary.json").write_text(json.dumps(summary))
+    export_dataset(DatasetFiles(curated=run / "A1.jsonl", out=run / "A1.dataset"))
+    card = (run / "A1.dataset" / "README.md").read_text()
+    ds = datasets.load_from_disk(str(run / "A1.dataset"))
+    assert str(run) not in card and not any(str(run) in s for s in ds["source"])
+    assert sorted(ds["source"]) == ["perl/faq.jsonl", "sotu/speeches.jsonl"]
+    assert "| sotu/speeches.jsonl | not given | 1 |" in card and "None" not in card
+    assert "| scorer (rated the pairs) | scorer | smollm2-135m-instruct |" in card

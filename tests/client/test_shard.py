@@ -204,7 +204,8 @@ async def test_curate_shards_are_proven_by_their_summaries_too(fake: FakeServer,
     cfg = CurateConfig(progress=False, histogram=False)
     scored = []
     for i in range(3):
-        await curate(cands, tmp_path / f"s{i}" / "curated.jsonl", _fan(fake.url), cfg.model_copy(update={"shard": Shard(i, 3)}))
+        await curate(cands, tmp_path / f"s{i}" / "curated.jsonl", _fan(fake.url),
+                     cfg.model_copy(update={"shard": Shard(i, 3)}))
         scored.append(tmp_path / f"s{i}" / "curated.scored.jsonl")
     assert proven(merge(scored, tmp_path / "merged.scored.jsonl"))
     short = merge(scored[:2], tmp_path / "merged.scored.jsonl")

@@ -291,7 +291,8 @@ def test_any_failure_on_a_later_replica_puts_the_others_back(model_dir, tmp_path
     other = tmp_path / "other"
     linked_checkpoint(model_dir, other)
     edit_config(other, hidden_size=1024)
-    fakes = {"scorer": FakeVllm(model_dir), "scorer-1": FakeVllm(other if fault == "serves another model" else model_dir)}
+    second_root = other if fault == "serves another model" else model_dir
+    fakes = {"scorer": FakeVllm(model_dir), "scorer-1": FakeVllm(second_root)}
     fakes["scorer-1"].pause_delay = 5.0 if fault == "hangs on /pause" else 0.0
     with ExitStack() as stack:
         urls = _fakes(stack, registry, fakes)
