@@ -4,20 +4,23 @@ each scored by `curate`), the best-scored response is chosen and the worst rejec
 
 The scored journals are streamed and only the best and the worst response of each instruction are
 held, so memory grows with the number of instructions, not of responses. Responses are grouped by
-the exact instruction text; a pair needs two different responses, and its score margin must reach
-`min_margin` (a scorer's small differences are noise: 0.5 is half a rubric point).
+the exact instruction text and by who scored them (scorer model and mode: two scorers' scores do
+not compare); a pair needs two different responses, and its score margin must reach `min_margin`
+(a scorer's small differences are noise: 0.5 is half a rubric point). A response that the curate run
+of its journal dropped as contaminated (its `<out>.contaminated.jsonl`) is left out, whatever score
+an earlier run gave it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from client.curate import scored_records
+from client.curate import contaminated_ids, scored_records
 from client.journal import LineWriter, output_lock
 from client.runner import CorruptLines, RunSummary, side_path
 from humpback.contracts import ChatMessage, PreferencePair, ScoredCandidate
@@ -44,14 +47,15 @@ class _Extremes:
 def preference_pairs(records: Iterable[ScoredCandidate], cfg: PreferenceConfig,
                      summary: RunSummary) -> list[PreferencePair]:
     """The pairs of `records` (see the module doc), in the order their instructions first appear."""
-    groups: dict[str, _Extremes] = {}
+    groups: dict[tuple[str, str, str], _Extremes] = {}
     for rec in records:
         if rec.score is None:
             summary.results["unscored"] += 1
             continue
-        g = groups.get(rec.instruction)
+        key = (rec.instruction, rec.scorer_model, rec.mode)
+        g = groups.get(key)
         if g is None:
-            groups[rec.instruction] = _Extremes(rec, rec)
+            groups[key] = _Extremes(rec, rec)
             continue
         g.responses += 1
         if rec.score > g.best.score:  # type: ignore[operator]
@@ -60,7 +64,7 @@ def preference_pairs(records: Iterable[ScoredCandidate], cfg: PreferenceConfig,
             g.worst = rec
     pairs = []
     prompt_head = [] if cfg.system is None else [ChatMessage(role="system", content=cfg.system)]
-    for instruction, g in groups.items():
+    for (instruction, _, _), g in groups.items():
         if g.responses < 2:
             summary.results["one_response"] += 1
             continue
@@ -82,6 +86,20 @@ def preference_pairs(records: Iterable[ScoredCandidate], cfg: PreferenceConfig,
     return pairs
 
 
+def _records(scored: Iterable[Path], errors: LineWriter, summary: RunSummary) -> Iterator[ScoredCandidate]:
+    """The records of the `scored` journals, less those the curate run of each dropped as contaminated
+    (`<out>.contaminated.jsonl` beside its `<out>.scored.jsonl`), counted as `contaminated`."""
+    summary.results["contaminated"] = 0
+    for path in scored:
+        stem = path.name.removesuffix(".scored.jsonl")
+        dropped = contaminated_ids(path.with_name(stem + ".contaminated.jsonl")) if stem != path.name else set()
+        for rec in scored_records(path, corrupt=CorruptLines(path, errors)):
+            if rec.candidate_id in dropped:
+                summary.results["contaminated"] += 1
+                continue
+            yield rec
+
+
 def export_dpo(scored: Iterable[str | os.PathLike[str]], out: str | os.PathLike[str],
                config: PreferenceConfig | None = None) -> RunSummary:
     """Write the preference pairs of the `scored` journals to `out` (JSONL, TRL's conversational
@@ -90,8 +108,7 @@ def export_dpo(scored: Iterable[str | os.PathLike[str]], out: str | os.PathLike[
     out = Path(out)
     summary = RunSummary()
     with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
-        records = (rec for path in map(Path, scored)
-                   for rec in scored_records(path, corrupt=CorruptLines(path, errors)))
+        records = _records(map(Path, scored), errors, summary)
         pairs = preference_pairs(records, cfg, summary)
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text("".join(p.model_dump_json() + "\n" for p in pairs), encoding="utf-8")

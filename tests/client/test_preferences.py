@@ -10,10 +10,11 @@ from client.preferences import PreferenceConfig, export_dpo
 from humpback.contracts import PreferencePair, ScoredCandidate, Source
 
 
-def _scored(instruction: str, output: str, score: float | None, cid: str) -> str:
+def _scored(instruction: str, output: str, score: float | None, cid: str, scorer: str = "scorer",
+            mode: str = "logprobs") -> str:
     return ScoredCandidate(custom_id="s" + cid, candidate_id=cid, instruction=instruction, output=output,
-                           source=Source(path="c.jsonl", line=1), mode="logprobs", score=score,
-                           scorer_model="scorer").model_dump_json() + "\n"
+                           source=Source(path="c.jsonl", line=1), mode=mode, score=score,  # type: ignore[arg-type]
+                           scorer_model=scorer).model_dump_json() + "\n"
 
 
 def test_pairs_take_the_best_and_worst_response_of_each_instruction(tmp_path: Path) -> None:
@@ -44,3 +45,27 @@ def test_a_system_prompt_goes_first_and_margin_zero_keeps_any_difference(tmp_pat
     export_dpo([scored], tmp_path / "dpo.jsonl", PreferenceConfig(min_margin=0, system="Be brief."))
     (row,) = [PreferencePair.model_validate_json(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
     assert [m.role for m in row.prompt] == ["system", "user"] and row.chosen[0].content == "b"
+
+
+def test_other_scorers_or_modes_never_meet_and_contaminated_responses_are_left_out(tmp_path: Path) -> None:
+    """A pair compares the scores of one scorer in one mode; a response the curate run dropped as
+    contaminated (after an earlier run had scored it) is no side of a pair."""
+    from client.curate import ContaminatedCandidate
+
+    scored = tmp_path / "run.scored.jsonl"
+    scored.write_text(_scored("Q1?", "low by the base scorer", 2.0, "a1")
+                      + _scored("Q1?", "high by a fine-tune", 4.9, "b1", scorer="ft:scorer")
+                      + _scored("Q2?", "logprob score", 2.0, "a2")
+                      + _scored("Q2?", "free-text score", 5.0, "b2", mode="free_text")
+                      + _scored("Q3?", "fine answer", 3.0, "a3") + _scored("Q3?", "copied from AlpacaEval", 5.0, "c3")
+                      + _scored("Q3?", "poor answer", 1.0, "d3"))
+    contaminated = ContaminatedCandidate(custom_id="c3", model="backward", instruction="Q3?",
+                                         output="copied from AlpacaEval", source=Source(path="c.jsonl", line=1),
+                                         contaminated_set="alpaca_eval", contaminated_field="output",
+                                         ngram="copied from alpacaeval")
+    (tmp_path / "run.contaminated.jsonl").write_text(contaminated.model_dump_json() + "\n")
+    out = tmp_path / "dpo.jsonl"
+    summary = export_dpo([scored], out, PreferenceConfig(min_margin=0.5))
+    pairs = [PreferencePair.model_validate_json(line) for line in out.read_text().splitlines()]
+    assert [(p.chosen_id, p.rejected_id) for p in pairs] == [("a3", "d3")]
+    assert summary.results["contaminated"] == 1 and summary.results["one_response"] == 4
