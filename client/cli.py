@@ -202,10 +202,15 @@ def _refusing(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 
 
 def _report(summary: Any) -> int:
-    """Print the run's summary; exit status 3 when any request failed (a re-run retries them)."""
+    """Print the run's summary; exit status 3 when any request failed (a re-run retries them), 2 when
+    every input record was refused (the wrong file: nothing was done)."""
     import json
 
     print(json.dumps(summary.to_dict(), indent=2), file=sys.stderr)
+    if summary.input["records"] and summary.input["rejected"] >= summary.input["records"]:
+        print(f"humpback: error: every one of the {summary.input['records']} input records was refused "
+              "(see the errors file); is it the file this command reads?", file=sys.stderr)
+        return 2
     return 3 if summary.results["failed"] else 0
 
 

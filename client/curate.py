@@ -106,13 +106,19 @@ class CurateConfig(BaseModel):
     progress: bool = setting(True, "show a progress bar on stderr")
 
 
+def _chat_pair(messages: list[Any]) -> dict[str, Any]:
+    """The instruction (last user turn) and output (last assistant turn) of a chat example's messages."""
+    last = {m.get("role"): m.get("content") for m in messages if isinstance(m, dict)}
+    return {"instruction": last.get("user"), "output": last.get("assistant")}
+
+
 def read_candidates(path: Path, errors: LineWriter, summary: RunSummary,
                     max_field_chars: int) -> Iterator[tuple[Candidate, int]]:
     """The candidates of a JSONL file (gzip'd where it ends in .gz), each with the bytes of the file
     read so far (for progress).
 
     A line `augment` wrote is read whole; any other JSON object with `instruction` and `output`
-    strings is a candidate too, its `custom_id` and `source` derived from the line where it has none
+    strings is a candidate too (a curated set's chat line gives its last user and assistant turns), its `custom_id` and `source` derived from the line where it has none
     (or an invalid one) and its `model` empty where it names none. Other lines, and candidates with a
     field over `max_field_chars` characters, go to `errors`; so does the line where a gzip stream
     breaks off, which ends the file.
@@ -131,6 +137,8 @@ def read_candidates(path: Path, errors: LineWriter, summary: RunSummary,
                 reason = f"invalid JSON: {exc}"
         if reason is None and not isinstance(obj, dict):
             reason = "expected a JSON object"
+        if reason is None and "instruction" not in obj and isinstance(obj.get("messages"), list):
+            obj = {**obj, **_chat_pair(obj["messages"])}  # a curated set's line (ChatExample)
         if reason is None:
             for field in ("instruction", "output"):
                 v = obj.get(field)

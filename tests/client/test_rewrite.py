@@ -3,6 +3,7 @@ built from the shared prompt, a truncated rewrite failed and retried on resume, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -59,3 +60,25 @@ async def test_a_truncated_rewrite_fails_and_a_rerun_asks_only_for_it(fake: Fake
     assert second.results["written"] == 2 and second.results["skipped_done"] == 10
     assert fake.requests["/v1/chat/completions"] == asked + 2
     assert len({r.candidate_id for r in _records(out)}) == 12 == len(_records(out))
+
+
+async def test_a_curated_chat_set_is_rewritten_pair_by_pair(fake: FakeServer, tmp_path: Path,
+                                                            capsys) -> None:
+    """What `curate` writes (chat lines, a system prompt first) is a set of pairs rewrite takes; a file
+    of which no line is a pair ends with exit status 2, not as if all went well."""
+    from humpback.cli import main
+    from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, tagged_example
+
+    curated = tmp_path / "curated.jsonl"
+    curated.write_text("".join(tagged_example(f"What is topic {i}?", make_text(i, 700), AUGMENTED_SYSTEM_PROMPT)
+                               .model_dump_json() + "\n" for i in range(5)))
+    summary = await rewrite(curated, tmp_path / "rewritten.jsonl", _fan(fake.url), QUIET)
+    recs = _records(tmp_path / "rewritten.jsonl")
+    assert summary.results["written"] == 5 and summary.input["rejected"] == 0
+    assert sorted(r.instruction for r in recs) == [f"What is topic {i}?" for i in range(5)]
+    assert all(r.original_output == make_text(int(r.instruction.split()[3][:-1]), 700) for r in recs)
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text('{"text": "a corpus line, not a pair"}\n' * 3)
+    code = await asyncio.to_thread(main, ["rewrite", "--candidates", str(junk), "--out",
+                                          str(tmp_path / "junk.out.jsonl"), "--endpoint", fake.url, "--no-progress"])
+    assert code == 2 and "every one of the 3 input records was refused" in capsys.readouterr().err
