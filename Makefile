@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL := models/smollm2-135m-instruct
 QUALITY_MODEL := models/qwen2.5-coder-0.5b-instruct
 
-.PHONY: setup demo demo-ablations test test-fast bench bench-quality models-quality down clean
+.PHONY: setup demo demo-ablations report-png test test-fast bench bench-quality models-quality down clean
 
 # Debian packages: docker-compose validates compose.yaml offline (no daemon needed); the
 # documentation packages hold the demo's real human Q/A (seed) and prose (corpus); chromium renders
@@ -63,6 +63,13 @@ demo: setup
 # The ablation arms of the demo's run (the loop's defaults): it resumes runs/demo, or runs it whole.
 demo-ablations: models-quality
 	$(DEMO_RUN)
+
+# The README's picture of the report (docs/report.png): the top of RUN's report.html as Chromium shows it.
+RUN ?= runs/demo
+report-png:
+	$(BIN)/humpback report $(RUN)
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir=$(abspath .humpback/chromium) \
+	  --window-size=1100,1400 --screenshot=$(abspath docs/report.png) file://$(abspath $(RUN))/report.html
 
 # Stop what `make demo` left running: the trainer service and the model servers.
 down:
