@@ -220,7 +220,7 @@ def _shown(default: Any) -> Any:
 
 def settings_table(models: Iterable[type[BaseModel]]) -> str:
     """A Markdown table of every setting of `models`: where it is declared, its flag, environment
-    variable, default and description (what `humpback settings --markdown` prints for the docs)."""
+    variable, default and description (what `humpback settings` prints, and `--write FILE.md` puts in the docs)."""
     rows = ["| setting | flag | environment | default | description |", "|---|---|---|---|---|"]
     for model in models:
         for name, field in model.model_fields.items():
