@@ -14,8 +14,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from humpback.cli import SETTINGS, TABLE_END, TABLE_START, build_parser, settings_models
-from humpback.settings import settings_table
+from humpback.cli import (
+    SETTINGS, TABLE_END, TABLE_START, build_parser, run_defaults, settings_markdown, settings_models,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +45,18 @@ def test_every_settings_model_is_listed() -> None:
 def test_the_settings_table_in_the_docs_is_current() -> None:
     text = (REPO / "docs" / "contracts.md").read_text(encoding="utf-8")
     block = text[text.index("\n", text.index(TABLE_START)) + 1:text.index(TABLE_END)]
-    assert block == settings_table(settings_models()), "run `humpback settings --write docs/contracts.md`"
+    assert block == settings_markdown(), "run `humpback settings --write docs/contracts.md`"
+
+
+def test_the_settings_table_shows_the_defaults_a_run_uses() -> None:
+    """A class default that `humpback run` replaces (the demo's) is shown with the value a run gets."""
+    defaults = run_defaults()
+    assert defaults["client.augment.AugmentConfig.max_tokens"] == 96
+    assert defaults["humpback.loop.config.CurateSection.top_fraction"] == 0.25
+    assert "humpback.loop.config.CurateSection.min_score" not in defaults  # the same in both
+    row = next(line for line in settings_markdown().splitlines()
+               if line.startswith("| `humpback.loop.config.CurateSection.top_fraction`"))
+    assert "None (`humpback run`: `0.25`)" in row
 
 
 # --- what README.md and docs/*.md tell a reader to type, and the files they name ----------------------

@@ -81,7 +81,8 @@ def _uninformative(pairwise: dict[str, Any] | None) -> bool:
     return bool(pairwise) and pairwise.get("informative") is False
 
 
-EVAL_PANELS = (("pairwise", "win_rate", "win rate vs baseline"), ("ifeval", "prompt_loose", "IFEval prompt-level loose"),
+EVAL_PANELS = (("pairwise", "win_rate", "win rate vs baseline"),
+               ("ifeval", "prompt_loose", "IFEval prompt-level loose"),
                ("nll", "mean", "held-out NLL per token (lower is better)"))
 
 
@@ -168,7 +169,8 @@ def band_examples(curates: dict[str, dict[str, Any]], per_band: int = 2) -> str:
         return "<p>No curation yet.</p>"
     name, res = list(curates.items())[-1]
     rows = _scores(Path(res["scored"]))
-    out = [f"<p>From {html.escape(name)} (scorer {html.escape(res['scorer'])}).</p><div class='wide'><table><tr><th>band</th><th>score</th><th>instruction</th><th>output (start)</th></tr>"]
+    out = [f"<p>From {html.escape(name)} (scorer {html.escape(res['scorer'])}).</p><div class='wide'><table>"
+           "<tr><th>band</th><th>score</th><th>instruction</th><th>output (start)</th></tr>"]
     for label in BAND_LABELS:
         for r in [r for r in rows if band_of(r.score) == label][:per_band]:
             out.append(f"<tr><td>{label}</td><td>{r.score:.2f}</td><td>{html.escape(r.instruction[:300])}</td>"
@@ -221,7 +223,8 @@ def produced_summary(stages: dict[str, dict[str, Any]]) -> str:
     for name, res in _curates(stages).items():
         extra = (res.get("summary") or {}).get("extra") or {}
         k = res.get("k")
-        parts.append(f"{html.escape(name.replace('curate_', 'Iteration '))}: scorer {html.escape(str(res.get('scorer')))} "
+        parts.append(f"{html.escape(name.replace('curate_', 'Iteration '))}: "
+                     f"scorer {html.escape(str(res.get('scorer')))} "
                      f"scored {_count(extra.get('scored_total'))} of them ({_count(res.get('contaminated'))} dropped "
                      f"before as contaminated) and kept <b>{_count(res.get('selected'))} pairs</b> "
                      f"(score >= {'?' if k is None else f'{k:.3g}'}) as A_{name.removeprefix('curate_')}.")
@@ -244,7 +247,8 @@ def kept_examples(curates: dict[str, dict[str, Any]], count: int = 3) -> str:
     rows = list(best.values())
     if not rows:
         return f"<p>{html.escape(name)} kept no pair.</p>"
-    return (f"<p>The best-scored pairs of A_{html.escape(name.removeprefix('curate_'))} (expected rubric score, 1-5):</p>"
+    return (f"<p>The best-scored pairs of A_{html.escape(name.removeprefix('curate_'))} "
+            "(expected rubric score, 1-5):</p>"
             + _table(("score", "instruction (written by the backward model)", "response (the corpus passage, start)"),
                      [(f"{r.score:.2f}", r.instruction[:300], r.output[:400]) for r in rows[:count]]))
 
@@ -283,7 +287,8 @@ def rewrite_examples(path: Path, count: int = 3) -> str:
             rows = [RewrittenCandidate.model_validate_json(line) for line, _ in zip(f, range(count))]
     if not rows:
         return "<p>No pair was rewritten: M1-rewritten learnt from the seed alone.</p>"
-    out = ["<div class='wide'><table><tr><th>instruction</th><th>original response (start)</th><th>rewritten response (start)</th></tr>"]
+    out = ["<div class='wide'><table><tr><th>instruction</th><th>original response (start)</th>"
+           "<th>rewritten response (start)</th></tr>"]
     out += [f"<tr><td>{html.escape(r.instruction[:300])}</td><td>{html.escape(r.original_output[:400])}</td>"
             f"<td>{html.escape(r.output[:400])}</td></tr>" for r in rows]
     return "\n".join(out) + "</table></div>"

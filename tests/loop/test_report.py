@@ -176,8 +176,8 @@ def test_no_empty_chart(tmp_path):
     whole figure where no metric has a value, the loss plot where no job logged a loss."""
     from humpback.loop.report import eval_plot, loss_plot
 
-    informative = {"pairwise": {"n": 8, "win_rate": 0.4, "ci": [0.2, 0.6]}, "nll": {"n": 5, "mean": 2.5, "ci": [2.2, 2.8]},
-                   "ifeval": {"n": 10, "prompt_loose": 0.2}}
+    informative = {"pairwise": {"n": 8, "win_rate": 0.4, "ci": [0.2, 0.6]},
+                   "nll": {"n": 5, "mean": 2.5, "ci": [2.2, 2.8]}, "ifeval": {"n": 10, "prompt_loose": 0.2}}
     biased = {**informative, "pairwise": {"n": 8, "win_rate": 0.5, "ci": [0.5, 0.5], "position_flip_rate": 1.0,
                                           "informative": False}}
     three, two = eval_plot({"m0": informative, "m1": informative}), eval_plot({"m0": biased, "m1": biased})
