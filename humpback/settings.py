@@ -220,6 +220,8 @@ def _shown(default: Any) -> Any:
 
 def _default_cell(default: Any) -> str:
     default = _shown(default)
+    if isinstance(default, BaseModel):  # a section: its own rows give each default, with the run's where it differs
+        return f"`{type(default).__name__}`"
     return "" if default is PydanticUndefined else f"`{default!s}`" if default not in ("", None) else str(default)
 
 
