@@ -64,8 +64,8 @@ def test_the_settings_table_shows_the_defaults_a_run_uses() -> None:
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
-# A command line: `humpback ...`, `.venv/bin/humpback ...`, `$(BIN)/humpback ...`, up to a shell comment.
-COMMAND = re.compile(r"^(?:\$ )?(?:\.venv/bin/|\$\(BIN\)/|\S*/)?humpback ([^#]*)")
+# A command line: `humpback ...`, `.venv/bin/humpback ...`, `python -m humpback ...`, up to a shell comment.
+COMMAND = re.compile(r"^(?:\$ )?(?:\S*python3? -m |\S*/)?humpback ([^#]*)")
 # A path of the repository as the docs write it (top-level folders and files; globs allowed).
 REPO_PATH = re.compile(r"^(?:(?:services|client|trainer|humpback|tests|bench|docs|examples|\.ci)/[\w.*/-]*"
                        r"|compose\.yaml|compose\.env\.example|Makefile|pyproject\.toml|LICENSE|README\.md)$")
@@ -155,3 +155,11 @@ def test_every_make_target_the_docs_name_exists() -> None:
     named = {(doc.relative_to(REPO), target) for doc in DOCS for line in _code(doc.read_text(encoding="utf-8"))
              for target in re.findall(r"(?:^|[;&(]\s*)make ([\w-]+)", line)}
     assert named and not [f"{doc}: make {t}" for doc, t in sorted(named) if t not in targets]
+
+
+def test_every_test_the_docs_cite_exists() -> None:
+    """The docs cite tests as evidence (docs/reliability.md's table): each is a test function or file."""
+    sources = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "tests").rglob("*.py"))
+    files = {p.stem for p in (REPO / "tests").rglob("test_*.py")}
+    cited = {name for doc in DOCS for name in re.findall(r"\btest_\w+", doc.read_text(encoding="utf-8"))}
+    assert cited and not sorted(n for n in cited if n not in files and f"def {n}(" not in sources)
