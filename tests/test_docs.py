@@ -163,3 +163,32 @@ def test_every_test_the_docs_cite_exists() -> None:
     files = {p.stem for p in (REPO / "tests").rglob("test_*.py")}
     cited = {name for doc in DOCS for name in re.findall(r"\btest_\w+", doc.read_text(encoding="utf-8"))}
     assert cited and not sorted(n for n in cited if n not in files and f"def {n}(" not in sources)
+
+
+def _make_recipe(target: str) -> str:
+    """The first line of a Makefile target's recipe, its $(VARIABLES) expanded from the Makefile's `:=` lines."""
+    text = (REPO / "Makefile").read_text(encoding="utf-8")
+    variables = dict(re.findall(r"^(\w+) :?= (.*)$", text, re.M))
+    line = re.search(rf"^{re.escape(target)}:.*\n\t(.*)$", text, re.M).group(1)
+    while (ref := re.search(r"\$\((\w+)\)", line)) and ref.group(1) in variables:
+        line = line.replace(ref.group(0), variables[ref.group(1)])
+    return line
+
+
+def test_make_demo_leaves_the_ablation_arms_to_make_demo_ablations() -> None:
+    """`make demo` runs the loop with both ablation arms off, through the loop's own settings;
+    `make demo-ablations` runs the same run folder with the defaults, which add them."""
+    from humpback.loop.cli import RunArgs
+    from humpback.loop.config import load_config
+    from humpback.settings import from_args
+
+    parser = build_parser()
+    runs = {}
+    for target in ("demo", "demo-ablations"):
+        words = shlex.split(_make_recipe(target))
+        opts = from_args(RunArgs, parser.parse_args(words[words.index("run"):]))
+        runs[target] = (opts.out, load_config(opts.config, quick=opts.quick, overrides=opts.overrides))
+    (demo_out, demo), (ablations_out, ablations) = runs["demo"], runs["demo-ablations"]
+    assert demo_out == ablations_out
+    assert (demo.rewrite.enabled, demo.eval.ablation) == (False, False)
+    assert (ablations.rewrite.enabled, ablations.eval.ablation) == (True, True)
