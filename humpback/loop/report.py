@@ -36,9 +36,13 @@ def _scores(path: Path) -> list[ScoredCandidate]:
 
 
 def score_plot(curates: dict[str, dict[str, Any]]) -> str:
+    """The score histogram of every iteration; no figure where no journal holds a score."""
+    scored = {name: [r.score for r in _scores(Path(res["scored"]))] for name, res in curates.items()}
+    if not any(scored.values()):
+        return ""
     fig, ax = _figure()
     for name, res in curates.items():
-        scores = [r.score for r in _scores(Path(res["scored"]))]
+        scores = scored[name]
         bars = ax.hist(scores, bins=20, range=(1, 5), alpha=0.55,
                        label=f"{name} (scorer {res['scorer']}, n={len(scores)})")
         if res.get("k") is not None:  # the k this iteration selected with (min_score or top_fraction)

@@ -174,7 +174,7 @@ def _png_width(img: str) -> int:
 def test_no_empty_chart(tmp_path):
     """A panel with nothing to draw is left out: the win rate where every judge was uninformative, the
     whole figure where no metric has a value, the loss plot where no job logged a loss."""
-    from humpback.loop.report import eval_plot, loss_plot
+    from humpback.loop.report import eval_plot, loss_plot, score_plot
 
     informative = {"pairwise": {"n": 8, "win_rate": 0.4, "ci": [0.2, 0.6]},
                    "nll": {"n": 5, "mean": 2.5, "ci": [2.2, 2.8]}, "ifeval": {"n": 10, "prompt_loose": 0.2}}
@@ -184,6 +184,7 @@ def test_no_empty_chart(tmp_path):
     assert _png_width(two) < 0.8 * _png_width(three)
     assert eval_plot({"m0": {"pairwise": biased["pairwise"]}}) == ""
     assert loss_plot({"m0": {"losses": []}}) == ""
+    assert score_plot({"curate_1": {"scored": str(tmp_path / "gone.jsonl"), "scorer": "m0"}}) == ""
 
 
 def add_stage_metrics(run, plot):
