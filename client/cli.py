@@ -35,7 +35,7 @@ class _Files(BaseModel):
 
 
 class CorpusFiles(_Files):
-    corpus: list[Path] = setting(help="JSONL, text or Parquet files (.gz allowed)", many="+")
+    corpus: list[Path] = setting(help="JSONL, text (either may be .gz) or Parquet files", many="+")
     text_field: str = setting("text", "JSONL/Parquet field holding the text")
 
 

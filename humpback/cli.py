@@ -47,10 +47,34 @@ def settings_models() -> list[type]:
     return models
 
 
-def _settings(args: argparse.Namespace) -> int:
+def run_defaults() -> dict[str, object]:
+    """Where `humpback run` uses other defaults than the classes of its sections declare (the CPU demo's
+    values, `humpback.loop.config.DEMO`): "module.Class.field" -> the value a run gets."""
+    from pydantic import BaseModel
+
+    from humpback.loop.config import RunConfig
+
+    run = RunConfig()
+    found: dict[str, object] = {}
+    for section in RunConfig.model_fields:
+        value = getattr(run, section)
+        if isinstance(value, BaseModel):
+            cls = type(value)
+            found.update({f"{cls.__module__}.{cls.__name__}.{name}": getattr(value, name)
+                          for name, field in cls.model_fields.items()
+                          if getattr(value, name) != field.get_default(call_default_factory=True)})
+    return found
+
+
+def settings_markdown() -> str:
+    """The settings table of the docs: every setting, with `humpback run`'s own defaults beside the classes'."""
     from humpback.settings import settings_table
 
-    table = settings_table(settings_models())
+    return settings_table(settings_models(), run_defaults())
+
+
+def _settings(args: argparse.Namespace) -> int:
+    table = settings_markdown()
     if args.write is None:
         print(table, end="")
         return 0

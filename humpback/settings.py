@@ -218,17 +218,27 @@ def _shown(default: Any) -> Any:
     return default
 
 
-def settings_table(models: Iterable[type[BaseModel]]) -> str:
+def _default_cell(default: Any) -> str:
+    default = _shown(default)
+    if isinstance(default, BaseModel):  # a section: its own rows give each default, with the run's where it differs
+        return f"`{type(default).__name__}`"
+    return "" if default is PydanticUndefined else f"`{default!s}`" if default not in ("", None) else str(default)
+
+
+def settings_table(models: Iterable[type[BaseModel]], run_defaults: Mapping[str, Any] | None = None) -> str:
     """A Markdown table of every setting of `models`: where it is declared, its flag, environment
-    variable, default and description (what `humpback settings --markdown` prints for the docs)."""
+    variable, default and description (what `humpback settings` prints, and `--write FILE.md` puts in the docs).
+    `run_defaults` ("module.Class.field" -> value): where `humpback run` uses another default than the
+    class's, shown beside it."""
     rows = ["| setting | flag | environment | default | description |", "|---|---|---|---|---|"]
     for model in models:
         for name, field in model.model_fields.items():
-            default = _shown(field.get_default(call_default_factory=True))
+            ref = f"{model.__module__}.{model.__name__}.{name}"
+            default = _default_cell(field.get_default(call_default_factory=True))
+            if run_defaults and ref in run_defaults:
+                default = f"{default} (`humpback run`: {_default_cell(run_defaults[ref])})"
             flag = flag_of(name, field) if _extra(field).get("cli", True) else ""
-            cells = (f"`{model.__module__}.{model.__name__}.{name}`", f"`{flag}`" if flag else "",
-                     f"`{env_of(field)}`" if env_of(field) else "",
-                     "" if default is PydanticUndefined else f"`{default!s}`" if default not in ("", None) else str(default),
-                     (field.description or "").replace("|", "\\|").replace("\n", " "))
+            cells = (f"`{ref}`", f"`{flag}`" if flag else "", f"`{env_of(field)}`" if env_of(field) else "",
+                     default, (field.description or "").replace("|", "\\|").replace("\n", " "))
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"

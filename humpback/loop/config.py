@@ -36,7 +36,8 @@ class DataConfig(_Section):
                                      "installed Debian docs) into RUN_DIR/data when no paths are given")
     seed: Path | None = setting(None, "SeedPair JSONL (`humpback data demo` or `humpback data oasst1` output)")
     heldout: Path | None = setting(None, "held-out SeedPair JSONL")
-    corpus: list[Path] = setting(default_factory=list, help="unlabelled corpora (JSONL/text/Parquet, gzip'd or not)")
+    corpus: list[Path] = setting(default_factory=list,
+                                 help="unlabelled corpora: JSONL or text (either may be .gz) or Parquet")
     text_field: str = setting("text", "JSONL/Parquet field holding the text")
     # A CPU job sees 6 x 8 = 48 examples: 60 seed pairs leave room for A_k in M1's, as in the paper
     # where curated data outnumbers the seed.
@@ -79,7 +80,7 @@ class TrainConfig(_Section):
         "pair of the seed side of the split, data.max_seed's cap aside (seed.jsonl and seed_rest.jsonl), whose "
         "response has at most 700 characters and whose instruction is one line (contracts.short_pairs): on the "
         "demo, more pairs in shorter examples took M_yx's usable rate from 0.56 to 0.84 and its ROUGE-L from 0.136 "
-        "to 0.189 at the same cost (README, Quality)")
+        "to 0.189 at the same cost (docs/results.md, Quality)")
 
 
 class CurateSection(CurateConfig):
@@ -102,7 +103,8 @@ class RewriteSection(RewriteConfig):
                                            "started before the stage and stopped after it). null: the run's scorer "
                                            "server while it serves M0, right after curate_1 (no other server or "
                                            "swap), which on the CPU default loops until the token cap on every "
-                                           "pair: a 135M model cannot rewrite a passage (README, Quality)")
+                                           "pair: a 135M model cannot rewrite a passage (docs/architecture.md, "
+                                           "Past the paper)")
     port: int = setting(8003, "port of the server that serves model_dir")
 
     @model_validator(mode="after")

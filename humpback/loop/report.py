@@ -36,9 +36,13 @@ def _scores(path: Path) -> list[ScoredCandidate]:
 
 
 def score_plot(curates: dict[str, dict[str, Any]]) -> str:
+    """The score histogram of every iteration; no figure where no journal holds a score."""
+    scored = {name: [r.score for r in _scores(Path(res["scored"]))] for name, res in curates.items()}
+    if not any(scored.values()):
+        return ""
     fig, ax = _figure()
     for name, res in curates.items():
-        scores = [r.score for r in _scores(Path(res["scored"]))]
+        scores = scored[name]
         bars = ax.hist(scores, bins=20, range=(1, 5), alpha=0.55,
                        label=f"{name} (scorer {res['scorer']}, n={len(scores)})")
         if res.get("k") is not None:  # the k this iteration selected with (min_score or top_fraction)
@@ -81,28 +85,42 @@ def _uninformative(pairwise: dict[str, Any] | None) -> bool:
     return bool(pairwise) and pairwise.get("informative") is False
 
 
-def eval_plot(evals: dict[str, dict[str, Any]]) -> str:
-    fig, axes = _figure(12, 3.6, columns=3)
-    names = list(evals)
-    metrics = (("pairwise", "win_rate", "win rate vs baseline"), ("ifeval", "prompt_loose", "IFEval prompt-level loose"),
+EVAL_PANELS = (("pairwise", "win_rate", "win rate vs baseline"),
+               ("ifeval", "prompt_loose", "IFEval prompt-level loose"),
                ("nll", "mean", "held-out NLL per token (lower is better)"))
-    for ax, (section, key, title) in zip(axes, metrics):
-        vals, errs, notes = [], [[], []], []
+
+
+def _panel_value(evals: dict[str, Any], section: str, key: str) -> dict[str, Any]:
+    """A model's result for a panel; empty where there is none, or where it is a win rate from a judge
+    marked uninformative (no result: the table says why)."""
+    m = evals.get(section) or {}
+    return {} if _uninformative(m) or m.get(key) is None else m
+
+
+def eval_plot(evals: dict[str, dict[str, Any]]) -> str:
+    """One panel per metric that some model has a value of (no empty chart: a panel whose every value
+    is missing or uninformative is left out, and so is the figure when none is left)."""
+    names = list(evals)
+    panels = [p for p in EVAL_PANELS if any(_panel_value(evals[n], p[0], p[1]) for n in names)]
+    if not panels:
+        return ""
+    fig, axes = _figure(4 * len(panels), 3.6, columns=len(panels))
+    for ax, (section, key, title) in zip(axes if len(panels) > 1 else [axes], panels):
+        vals, errs, missing = [], [[], []], []
         for name in names:
-            m = evals[name].get(section) or {}
-            if _uninformative(m):  # its win rate is no result: no bar, a note in its place
-                notes.append(len(vals))
-                m = {}
-            v = m.get(key)
-            vals.append(v if v is not None else 0.0)
-            lo, hi = (m.get("ci") or [v, v]) if v is not None else (0.0, 0.0)
-            errs[0].append(max(0.0, (v or 0) - (lo if lo is not None else v or 0)))
-            errs[1].append(max(0.0, (hi if hi is not None else v or 0) - (v or 0)))
+            m = _panel_value(evals[name], section, key)
+            if not m:
+                missing.append(len(vals))
+            v = m.get(key, 0.0)
+            lo, hi = m.get("ci") or [v, v]
+            vals.append(v)
+            errs[0].append(max(0.0, v - (v if lo is None else lo)))
+            errs[1].append(max(0.0, (v if hi is None else hi) - v))
         ax.bar(names, vals, yerr=errs, capsize=4, color="#4c78a8")
-        for i in notes:
-            ax.text(i, 0.02, "judge uninformative", ha="center", va="bottom", rotation=90, fontsize=7)
+        for i in missing:  # a model without a value here (the table says why): no bar, a note in its place
+            ax.text(i, 0, "no result", ha="center", va="bottom", rotation=90, fontsize=7)
         ax.set_title(title, fontsize=9)
-        if section == "pairwise":  # a rate: the full scale, also when no bar is drawn
+        if section == "pairwise":  # a rate: the full scale
             ax.set_ylim(0, 1)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle("Evaluation per model (error bars: 95% intervals)")
@@ -120,11 +138,15 @@ def time_plot(stages: dict[str, dict[str, Any]]) -> str:
 
 
 def loss_plot(trains: dict[str, dict[str, Any]]) -> str:
+    """The training loss of every job that logged one; no figure when none did."""
+    curves = {name: [(d["step"], d["loss"]) for d in res.get("losses", []) if "loss" in d and "step" in d]
+              for name, res in trains.items()}
+    curves = {name: points for name, points in curves.items() if points}
+    if not curves:
+        return ""
     fig, ax = _figure()
-    for name, res in trains.items():
-        points = [(d["step"], d["loss"]) for d in res.get("losses", []) if "loss" in d and "step" in d]
-        if points:
-            ax.plot(*zip(*points), marker=".", label=name)
+    for name, points in curves.items():
+        ax.plot(*zip(*points), marker=".", label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss per job")
@@ -151,18 +173,19 @@ def band_examples(curates: dict[str, dict[str, Any]], per_band: int = 2) -> str:
         return "<p>No curation yet.</p>"
     name, res = list(curates.items())[-1]
     rows = _scores(Path(res["scored"]))
-    out = [f"<p>From {html.escape(name)} (scorer {html.escape(res['scorer'])}).</p><table><tr><th>band</th><th>score</th><th>instruction</th><th>output (start)</th></tr>"]
+    out = [f"<p>From {html.escape(name)} (scorer {html.escape(res['scorer'])}).</p><div class='wide'><table>"
+           "<tr><th>band</th><th>score</th><th>instruction</th><th>output (start)</th></tr>"]
     for label in BAND_LABELS:
         for r in [r for r in rows if band_of(r.score) == label][:per_band]:
             out.append(f"<tr><td>{label}</td><td>{r.score:.2f}</td><td>{html.escape(r.instruction[:300])}</td>"
                        f"<td>{html.escape(r.output[:400])}</td></tr>")
-    return "\n".join(out) + "</table>"
+    return "\n".join(out) + "</table></div>"
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
 
 
 EVAL_HEADER = ("model", "win rate [95% CI]", "IFEval prompt strict", "IFEval prompt loose", "IFEval instruction loose",
@@ -184,9 +207,67 @@ def eval_rows(evals: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
             for name, e in evals.items()]
 
 
+# --- what the run produced (`augment`, `curate_*`: see humpback.loop.run) --------------------------------
+
+NOT_PRODUCED = "No data produced yet: the run has not reached augment."
+
+
+def _count(n: Any) -> str:
+    return "?" if n is None else f"{n:,}"
+
+
+def produced_summary(stages: dict[str, dict[str, Any]]) -> str:
+    """One paragraph: the corpus read, the segments sent, the usable candidates, each iteration's kept pairs."""
+    summary = (stages.get("augment") or {}).get("summary") or {}
+    prep, quality = summary.get("prepare") or {}, summary.get("quality") or {}
+    parts = [f"The backward model read {_count(prep.get('documents'))} corpus documents ({_count(prep.get('kept'))} "
+             f"of their {_count(prep.get('segments'))} segments kept by the paper's preparation), wrote an "
+             f"instruction for {_count(quality.get('sent'))} segments and {_count(quality.get('usable'))} of them "
+             f"were usable: the candidate pairs."]
+    for name, res in _curates(stages).items():
+        extra = (res.get("summary") or {}).get("extra") or {}
+        k = res.get("k")
+        parts.append(f"{html.escape(name.replace('curate_', 'Iteration '))}: "
+                     f"scorer {html.escape(str(res.get('scorer')))} "
+                     f"scored {_count(extra.get('scored_total'))} of them ({_count(res.get('contaminated'))} dropped "
+                     f"before as contaminated) and kept <b>{_count(res.get('selected'))} pairs</b> "
+                     f"(score >= {'?' if k is None else f'{k:.3g}'}) as A_{name.removeprefix('curate_')}.")
+    return "<p>" + " ".join(parts) + "</p>"
+
+
+def _curates(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {n: r for n, r in stages.items() if n.startswith("curate_")}
+
+
+def kept_examples(curates: dict[str, dict[str, Any]], count: int = 3) -> str:
+    """The best-scored pairs the last iteration kept, one per instruction (a generic one, such as "What
+    does this mean?", may head several passages), cut for display."""
+    name, res = list(curates.items())[-1]
+    k = res.get("k")
+    best: dict[str, ScoredCandidate] = {}
+    for r in sorted(_scores(Path(res["scored"])), key=lambda r: -r.score):
+        if k is None or r.score >= k:
+            best.setdefault(r.instruction, r)
+    rows = list(best.values())
+    if not rows:
+        return f"<p>{html.escape(name)} kept no pair.</p>"
+    return (f"<p>The best-scored pairs of A_{html.escape(name.removeprefix('curate_'))} "
+            "(expected rubric score, 1-5):</p>"
+            + _table(("score", "instruction (written by the backward model)", "response (the corpus passage, start)"),
+                     [(f"{r.score:.2f}", r.instruction[:300], r.output[:400]) for r in rows[:count]]))
+
+
+def produced_section(stages: dict[str, dict[str, Any]]) -> str:
+    if "augment" not in stages:
+        return f"<p>{NOT_PRODUCED}</p>"
+    curates = _curates(stages)
+    return produced_summary(stages) + (kept_examples(curates) if curates else "")
+
+
 # --- the rewrite ablation (`rewrite_1`, `train_m1_rewritten`, `eval_m1_rewritten`: see humpback.loop.run) -----
 
-NO_REWRITE = "No rewrite ablation in this run: rewrite.enabled was off, or the run has not reached it."
+NO_REWRITE = ("No rewrite ablation in this run: rewrite.enabled was off (make demo leaves the ablation arms to "
+              "make demo-ablations), or the run has not reached it.")
 
 
 def rewrite_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -210,10 +291,11 @@ def rewrite_examples(path: Path, count: int = 3) -> str:
             rows = [RewrittenCandidate.model_validate_json(line) for line, _ in zip(f, range(count))]
     if not rows:
         return "<p>No pair was rewritten: M1-rewritten learnt from the seed alone.</p>"
-    out = ["<table><tr><th>instruction</th><th>original response (start)</th><th>rewritten response (start)</th></tr>"]
+    out = ["<div class='wide'><table><tr><th>instruction</th><th>original response (start)</th>"
+           "<th>rewritten response (start)</th></tr>"]
     out += [f"<tr><td>{html.escape(r.instruction[:300])}</td><td>{html.escape(r.original_output[:400])}</td>"
             f"<td>{html.escape(r.output[:400])}</td></tr>" for r in rows]
-    return "\n".join(out) + "</table>"
+    return "\n".join(out) + "</table></div>"
 
 
 def rewrite_section(stages: dict[str, dict[str, Any]]) -> str:
@@ -332,18 +414,25 @@ def stage_markdown(run_dir: Path, stages: dict[str, dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
-h2{margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:15px;margin-top:1.4em}img{max-width:100%}"""
+# A table wider than the page (the stage metrics have a column per metric) scrolls inside its box
+# (`.wide`); the page itself never runs off its right edge.
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+.wide{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:1em 0;font-size:13px}
+td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}td{overflow-wrap:break-word;max-width:40em}
+h2{margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:15px;margin-top:1.4em}img{max-width:100%;height:auto}"""
 
 
 def render(run_dir: Path) -> Path:
     stages = Stages(run_dir).all()
-    curates = {n: r for n, r in stages.items() if n.startswith("curate_")}
+    curates = _curates(stages)
     evals = {n.removeprefix("eval_"): r for n, r in stages.items() if n.startswith("eval_")}
     trains = {n.removeprefix("train_"): r for n, r in stages.items() if n.startswith("train_")}
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>humpback run {html.escape(run_dir.name)}</title>"
-             f"<style>{CSS}</style></head><body><h1>humpback run: {html.escape(str(run_dir))}</h1>"]
+    # The run folder's name, not its path: the page is read on other machines too.
+    name = html.escape(run_dir.name)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'>"
+             f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>humpback run {name}</title>"
+             f"<style>{CSS}</style></head><body><h1>humpback run {name}</h1>"]
+    parts.append("<h2>What the run produced</h2>" + produced_section(stages))
     parts.append("<h2>Evaluation per model</h2>")
     if evals:
         parts.append(_table(EVAL_HEADER, eval_rows(evals)))

@@ -15,20 +15,47 @@ from humpback.loop.report import render
 from humpback.loop.stages import Stages
 
 
-def make_run(tmp_path):
-    """A run folder as the loop leaves it: stage records and a scored journal per iteration."""
-    run = tmp_path / "run"
+# Pairs as the demo's backward model writes them for its corpus (Debian documentation prose): the
+# fixture's report is the README's picture of one (docs/report.png).
+PAIRS = (
+    ("How can I delete a git remote?", "To remove a remote, run git remote remove <name>. All remote-tracking "
+     "branches and configuration settings for the remote are removed."),
+    ("What is the default mode of vi?", "vi starts in command mode: keys move the cursor and edit text. Press i to "
+     "insert text before the cursor and Esc to return to command mode."),
+    ("How do I make a Perl script read a file line by line?", "Open the file with open(my $fh, '<', $path) and read "
+     "it in a while (my $line = <$fh>) loop; chomp removes the trailing newline."),
+    ("What does the G_KEEPERR flag do?", "G_KEEPERR tells call_sv not to clear ERRSV: errors raised inside the "
+     "callback are appended to $@ instead of replacing it."),
+    ("How can I see which Debian package owns a file?", "dpkg -S /path/to/file searches the installed packages' file "
+     "lists; apt-file search finds packages that are not installed."),
+    ("Why does Django need a SECRET_KEY?", "Django signs cookies, password reset tokens and messages with SECRET_KEY: "
+     "anyone who knows it can forge them, so keep it out of version control."),
+    ("How do I write a list comprehension in Python?", "A list comprehension builds a list from an iterable: "
+     "[x * x for x in range(10) if x % 2] squares the odd numbers below ten. Use <b>x</b> for emphasis in HTML."),
+    ("What is a Debian security update?", "Security updates fix vulnerabilities in the packages of a stable release; "
+     "they are published on security.debian.org and installed with apt upgrade."),
+)
+
+
+def make_run(tmp_path, name="run"):
+    """A run folder as the loop leaves it: augment's record, stage records and a scored journal per iteration."""
+    run = tmp_path / name
     stages = Stages(run)
     rng = random.Random(0)
+    stages.run("augment", lambda: {"candidates": str(run / "augment" / "candidates.jsonl"), "summary": {
+        "prepare": {"documents": 31, "segments": 412, "kept": 190, "dropped_too_short": 222},
+        "results": {"written": 120, "failed": 8},
+        "quality": {"sent": 128, "usable": 120, "usable_rate": 0.9375}}})
     for t in (1, 2):
         scored = run / "curate" / f"scored{t}.jsonl"
         write_jsonl(scored, (ScoredCandidate(
-            custom_id=f"score-{i}", candidate_id=f"cand-{i}", instruction=f"Question {i}?",
-            output=f"Answer {i} <b>x</b>", source=Source(path="corpus.jsonl", line=i + 1), mode="logprobs",
+            custom_id=f"score-{i}", candidate_id=f"cand-{i}", instruction=PAIRS[i % len(PAIRS)][0],
+            output=PAIRS[i % len(PAIRS)][1], source=Source(path="corpus.jsonl", line=i + 1), mode="logprobs",
             score=round(rng.uniform(1, 5), 2), scorer_model="scorer") for i in range(60)))
-        stages.run(f"curate_{t}", lambda: {"scored": str(scored), "scorer": f"m{t - 1}",
+        stages.run(f"curate_{t}", lambda: {"scored": str(scored), "scorer": f"ft:scorer:m{t - 1}", "k": 3.5,
+                                           "selected": 23 + t, "contaminated": 2,
                                            "kept_per_threshold": {"3.0": 30, "4.5": 8 * t},
-                                           "summary": {"results": {"scored": 60}}})
+                                           "summary": {"results": {"scored": 60}, "extra": {"scored_total": 60}}})
     for name in ("m0", "m1", "m2"):
         stages.run(f"train_{name}", lambda: {"fine_tuned_model": f"ft:{name}", "examples": 40, "trained_tokens": 9000,
                                              "losses": [{"step": s, "loss": 2.0 - 0.1 * s} for s in range(1, 6)]})
@@ -49,35 +76,79 @@ def test_report_has_every_section(tmp_path):
     assert "0.400 [0.200, 0.600]" in html
 
 
-def test_report_renders_in_chromium(tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars")
+
+
+def chromium(tmp_path, *args: str) -> str:
+    """Run headless Chromium (skip where `make setup` did not install it); its stdout."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
         pytest.skip("chromium is not installed (make setup installs it)")
-    report = render(make_run(tmp_path))
+    return subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+                          capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def test_report_renders_in_chromium_within_the_page_width(tmp_path):
+    """As a user opens it: every image decodes, and no table or figure runs off the page's right edge,
+    the widest part (stage metrics, the rewrite ablation) included, in a window narrower than the page."""
+    from humpback.evaluation.diversity import plot_verb_objects
+
+    run = make_run(tmp_path)
+    add_stage_metrics(run, plot_verb_objects(Counter({("write", "poem"): 3}), tmp_path / "verbs.png"))
+    add_rewrite_arm(run)
+    report = render(run)
     # The page's images are decoded by the browser: a broken image would have naturalWidth 0.
     probe = tmp_path / "probe.html"
-    probe.write_text(report.read_text().replace(
-        "</body>", "<script>document.title = [...document.images].map(i => i.naturalWidth).join(',');</script></body>"))
-    dom = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout
-    title = dom.split("<title>")[1].split("</title>")[0]
-    widths = [int(w) for w in title.split(",")]
-    assert len(widths) == 5 and all(w > 200 for w in widths), widths
+    probe.write_text(report.read_text().replace("</body>", (
+        "<script>document.title = [...document.images].map(i => i.naturalWidth).join(',') + '|' + "
+        "document.documentElement.scrollWidth + ',' + window.innerWidth;</script></body>")))
+    dom = chromium(tmp_path, "--window-size=1000,800", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri())
+    images, page = dom.split("<title>")[1].split("</title>")[0].split("|")
+    widths = [int(w) for w in images.split(",")]
+    assert len(widths) == 6 and all(w > 200 for w in widths), widths
+    scroll_width, window_width = map(int, page.split(","))
+    assert window_width == 1000 and scroll_width <= window_width, (scroll_width, window_width)
     shot = tmp_path / "shot.png"
-    subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri()],
-        capture_output=True, timeout=120, check=True,
-    )
+    chromium(tmp_path, "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri())
     from PIL import Image
 
     colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # plots, not a blank page
+
+
+def test_the_report_leads_with_what_the_run_produced(tmp_path):
+    """Before any evaluation: the corpus read, the candidates, each iteration's kept pairs, and the best
+    kept pairs with their scores; the title names the run, never the machine's path to it."""
+    page = render(make_run(tmp_path)).read_text()
+    assert page.index("<h2>What the run produced</h2>") < page.index("<h2>Evaluation per model</h2>")
+    section = page.split("<h2>What the run produced</h2>")[1].split("<h2>")[0]
+    assert "read 31 corpus documents (190 of their 412 segments kept" in section
+    assert "instruction for 128 segments and 120 of them were usable" in section
+    assert "Iteration 1: scorer ft:scorer:m0 scored 60 of them (2 dropped before as contaminated) and kept " \
+           "<b>24 pairs</b> (score >= 3.5) as A_1." in section
+    assert "kept <b>25 pairs</b> (score >= 3.5) as A_2." in section
+    rows = cells(section)
+    assert rows[0] == ["score", "instruction (written by the backward model)", "response (the corpus passage, start)"]
+    scores = [float(r[0]) for r in rows[1:]]
+    # The last iteration's best, all kept, one per instruction (the fixture repeats its instructions).
+    journal = [ScoredCandidate.model_validate_json(line)
+               for line in (tmp_path / "run" / "curate" / "scored2.jsonl").read_text().splitlines()]
+    best: dict[str, float] = {}
+    for r in sorted(journal, key=lambda r: -r.score):
+        best.setdefault(r.instruction, r.score)
+    assert scores == list(best.values())[:3] and min(scores) >= 3.5
+    assert len({r[1] for r in rows[1:]}) == 3
+    assert "<title>humpback run run</title>" in page and "<h1>humpback run run</h1>" in page
+    assert str(tmp_path) not in page
+
+
+def test_a_run_before_augment_says_it_produced_nothing_yet(tmp_path):
+    run = tmp_path / "run"
+    Stages(run).run("data", lambda: {"seed": "seed.jsonl"})
+    page = render(run).read_text()
+    assert "No data produced yet: the run has not reached augment." in page
+    assert "base64" not in page.split("<h2>Time and throughput per stage</h2>")[0]  # no empty chart
 
 
 def test_an_uninformative_judge_is_reported_as_such(tmp_path):
@@ -89,6 +160,31 @@ def test_an_uninformative_judge_is_reported_as_such(tmp_path):
     assert "judge uninformative (position bias 100%)" in html
     assert "0.500 [0.500, 0.500]" not in html
     assert "0.400 [0.200, 0.600]" in html  # the informative ones are still shown
+
+
+def _png_width(img: str) -> int:
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(img.split("base64,")[1].split('"')[0]))).width
+
+
+def test_no_empty_chart(tmp_path):
+    """A panel with nothing to draw is left out: the win rate where every judge was uninformative, the
+    whole figure where no metric has a value, the loss plot where no job logged a loss."""
+    from humpback.loop.report import eval_plot, loss_plot, score_plot
+
+    informative = {"pairwise": {"n": 8, "win_rate": 0.4, "ci": [0.2, 0.6]},
+                   "nll": {"n": 5, "mean": 2.5, "ci": [2.2, 2.8]}, "ifeval": {"n": 10, "prompt_loose": 0.2}}
+    biased = {**informative, "pairwise": {"n": 8, "win_rate": 0.5, "ci": [0.5, 0.5], "position_flip_rate": 1.0,
+                                          "informative": False}}
+    three, two = eval_plot({"m0": informative, "m1": informative}), eval_plot({"m0": biased, "m1": biased})
+    assert _png_width(two) < 0.8 * _png_width(three)
+    assert eval_plot({"m0": {"pairwise": biased["pairwise"]}}) == ""
+    assert loss_plot({"m0": {"losses": []}}) == ""
+    assert score_plot({"curate_1": {"scored": str(tmp_path / "gone.jsonl"), "scorer": "m0"}}) == ""
 
 
 def add_stage_metrics(run, plot):
