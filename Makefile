@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,trainer,eval,dev]'
+	$(BIN)/pip install -q -e '.[cpu,trainer,eval,dev,ray]'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 

@@ -1,0 +1,291 @@
+"""Shards on Ray (`--ray`, client/cluster.py): every shard of a run as a task of a real Ray cluster on
+this machine (a head and two worker nodes, `ray.cluster_utils.Cluster`, loopback only), merged into
+the run's output with merge's proof. Against the real CPU vLLM servers: augment and curate over a few
+hundred segments give the plain run's ids; a worker node killed mid-run loses and duplicates nothing;
+a driver killed mid-run resumes when run again. The cluster is stopped at the end of every test."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.shard import Shard, in_shard
+from humpback.cli import main
+from tests.client.conftest import make_text
+from tests.client.fake_server import FakeServer
+from tests.conftest import REPO, TEST_API_KEY, ServeInfo, humpback
+
+SEGMENTS = 240  # "a few hundred": enough for every shard to run a while, small for 2 CPU cores
+SHARD_JOURNAL = re.compile(r"^\d+-of-\d+\.jsonl$")
+
+
+def _ray_env(tmp: Path) -> dict[str, str]:
+    """Ray's files in the test's folder, no usage report, no dashboard."""
+    return {"RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+            "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    # Short: Ray's Unix sockets live below it, and a socket path has at most 107 characters.
+    tmp = Path(tempfile.mkdtemp(prefix="hbray", dir="/tmp"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(ray_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[object, list[object]]]:
+    """A Ray cluster of a head and two worker nodes, one CPU each, on 127.0.0.1; shut down whatever happens."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed: make setup")
+    from ray.cluster_utils import Cluster
+
+    for key, value in _ray_env(ray_tmp).items():
+        monkeypatch.setenv(key, value)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                      "node_ip_address": "127.0.0.1"})
+    try:
+        workers = [c.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+        c.wait_for_nodes()
+        yield c, workers
+    finally:
+        c.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _ids(path: Path) -> list[str]:
+    return [json.loads(line)["custom_id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _failed_ids(out: Path) -> set[str]:
+    failed = out.with_name(out.name.removesuffix(".jsonl") + ".failed.jsonl")
+    return set(_ids(failed)) if failed.exists() else set()
+
+
+def _shard_ids(out: Path) -> set[str]:
+    """The written and failed ids of every shard of a Ray run of `out`."""
+    folder = out.with_name(out.name.removesuffix(".jsonl") + ".shards")
+    ids: set[str] = set()
+    for journal in folder.iterdir():
+        if SHARD_JOURNAL.match(journal.name):
+            ids |= set(_ids(journal)) | _failed_ids(journal)
+    return ids
+
+
+def _written_so_far(out: Path) -> int:
+    folder = out.with_name(out.name.removesuffix(".jsonl") + ".shards")
+    if not folder.is_dir():
+        return 0
+    return sum(p.read_bytes().count(b"\n") for p in folder.iterdir() if SHARD_JOURNAL.match(p.name))
+
+
+def _summary(out: Path) -> dict:
+    return json.loads(out.with_name(out.name.removesuffix(".jsonl") + ".summary.json").read_text())
+
+
+# --- without a model: settings, errors, and a local cluster against the fake server ---------------------
+
+
+def test_ray_and_shard_settings_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": make_text(0)}) + "\n")
+    argv = ["augment", "--corpus", str(corpus), "--out", str(tmp_path / "o.jsonl"), "--no-progress"]
+    assert main([*argv, "--ray", "local", "--shard", "0/2"]) == 2
+    assert "give --shards N, not --shard I/N" in capsys.readouterr().err
+    assert main([*argv, "--shards", "2"]) == 2
+    assert "give --ray ADDRESS too" in capsys.readouterr().err
+
+
+def test_a_missing_ray_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ModuleNotFoundError
+    cands = tmp_path / "cands.jsonl"
+    cands.write_text(json.dumps({"instruction": "Why?", "output": make_text(0)}) + "\n")
+    out = tmp_path / "curated.jsonl"
+    assert main(["curate", "--candidates", str(cands), "--out", str(out), "--ray", "auto", "--no-decontaminate"]) == 2
+    err = capsys.readouterr().err
+    assert "humpback: error: --ray needs Ray, the ray extra: pip install 'humpback[ray]'" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_an_unreachable_cluster_is_exit_status_5(tmp_path: Path, ray_tmp: Path) -> None:
+    pytest.importorskip("ray", reason="the ray extra is not installed: make setup")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": make_text(0)}) + "\n")
+    r = humpback("augment", "--corpus", str(corpus), "--out", str(tmp_path / "o.jsonl"), "--no-progress",
+                 "--ray", "127.0.0.1:1", check=False, timeout=120, env=_ray_env(ray_tmp))
+    assert r.returncode == 5, r.stderr[-2000:]
+    assert "cannot reach the Ray cluster" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_local_cluster_runs_the_shards_and_merges_them(tmp_path: Path, ray_tmp: Path) -> None:
+    """`--ray local` (a cluster of this machine's cores) against the fake server: the merged output is the
+    plain run's, each shard did its own requests, and a re-run resumes every shard (nothing asked again)."""
+    pytest.importorskip("ray", reason="the ray extra is not installed: make setup")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": make_text(i)}) + "\n" for i in range(40)))
+    fake = FakeServer().start()
+    try:
+        common = ["--corpus", str(corpus), "--endpoint", fake.url, "--no-progress"]
+        humpback("augment", *common, "--out", str(tmp_path / "plain.jsonl"))
+        asked = fake.requests["/v1/chat/completions"]
+        out = tmp_path / "ray" / "cands.jsonl"
+        r = humpback("augment", *common, "--out", str(out), "--ray", "local", "--shards", "3", check=False,
+                     timeout=300, env=_ray_env(ray_tmp))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert fake.requests["/v1/chat/completions"] - asked == 40  # each request asked by one shard only
+        assert sorted(out.read_text().splitlines()) == sorted((tmp_path / "plain.jsonl").read_text().splitlines())
+        summary = _summary(out)
+        assert summary["results"]["written"] == 40 and "other_shard" not in summary["results"]
+        assert summary["input"]["records"] == 40  # the input once, though every shard read it
+        assert summary["extra"]["merge"]["expected"] == 40 and summary["extra"]["merge"]["missing"] == 0
+        assert summary["extra"]["ray"]["shards"] == 3 and sum(summary["extra"]["ray"]["written"]) == 40
+        for i, journal in enumerate(sorted(out.parent.glob("cands.shards/*-of-3.jsonl"))):
+            assert all(in_shard(cid, Shard(i, 3)) for cid in _ids(journal))
+        again = humpback("augment", *common, "--out", str(out), "--ray", "local", "--shards", "3", check=False,
+                         timeout=300, env=_ray_env(ray_tmp))
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert fake.requests["/v1/chat/completions"] - asked == 40
+        assert _summary(out)["results"]["skipped_done"] == 40 and len(_ids(out)) == 40
+    finally:
+        fake.stop()
+
+
+# --- a real cluster (head + two worker nodes) against the real CPU vLLM servers ------------------------
+
+
+def _augment_argv(servers: ServeInfo, corpus: Path, out: Path) -> list[str]:
+    # Greedy decoding: a request's answer, and so whether it is usable, does not depend on the run.
+    return ["augment", "--corpus", str(corpus), "--out", str(out), "--endpoint", servers.backward_url,
+            "--model", servers.backward_model, "--temperature", "0", "--max-tokens", "24", "--no-progress"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "humpback", *args]
+
+
+def _env(ray_tmp: Path) -> dict[str, str]:
+    return {**os.environ, **_ray_env(ray_tmp), "HUMPBACK_API_KEY": TEST_API_KEY}
+
+
+@pytest.fixture(scope="module")
+def segments(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    corpus = tmp_path_factory.mktemp("ray_corpus") / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": make_text(i, 650)}) + "\n" for i in range(SEGMENTS)))
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def plain(servers: ServeInfo, segments: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same augment run without Ray: what every Ray run must match."""
+    out = tmp_path_factory.mktemp("ray_plain") / "cands.jsonl"
+    r = humpback(*_augment_argv(servers, segments, out), check=False, env={"HUMPBACK_API_KEY": TEST_API_KEY})
+    assert r.returncode in (0, 3), r.stderr[-3000:]
+    return out
+
+
+def _run_until_written(argv: list[str], out: Path, env: dict[str, str], at_least: int) -> subprocess.Popen:
+    """The CLI started, returned once its shards hold `at_least` records (mid-run)."""
+    proc = subprocess.Popen(_cli(*argv), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 240
+    while _written_so_far(out) < at_least:
+        assert proc.poll() is None, f"the run ended before {at_least} records: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no progress in 240 s"
+        time.sleep(0.1)
+    return proc
+
+
+def _check_merged(out: Path, plain: Path) -> dict:
+    """`out` holds each record once, and with the failed ones the same ids as the plain run."""
+    ids = _ids(out)
+    assert len(ids) == len(set(ids))  # 0 duplicated
+    assert set(ids) | _shard_ids(out) == set(_ids(plain)) | _failed_ids(plain)  # 0 lost
+    summary = _summary(out)
+    merge = summary["extra"]["merge"]
+    assert merge["missing"] == merge["missing_failed"] and merge["unexpected"] == 0 and merge["duplicates"] == 0
+    assert merge["expected"] == len(set(_ids(plain)) | _failed_ids(plain)) == SEGMENTS
+    return summary
+
+
+@pytest.mark.server
+def test_augment_and_curate_on_a_cluster_give_the_plain_runs_ids(servers: ServeInfo, cluster, segments: Path,
+                                                                 plain: Path, tmp_path: Path,
+                                                                 ray_tmp: Path) -> None:
+    c, _ = cluster
+    out = tmp_path / "cands.jsonl"
+    r = subprocess.run(_cli(*_augment_argv(servers, segments, out), "--ray", c.address, "--shards", "4"), cwd=REPO,
+                       env=_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, 3), r.stderr[-3000:]
+    summary = _check_merged(out, plain)
+    assert set(_ids(out)) == set(_ids(plain))  # greedy: the same requests succeeded
+    assert summary["results"]["written"] == len(_ids(out)) and summary["extra"]["ray"]["shards"] == 4
+
+    # curate the Ray run's candidates on the cluster and here: the same scores, the same curated set.
+    curate = ["curate", "--candidates", str(out), "--endpoint", servers.scorer_url, "--model", servers.scorer_model,
+              "--no-decontaminate", "--min-score", "3", "--no-histogram", "--no-progress"]
+    here = subprocess.run(_cli(*curate, "--out", str(tmp_path / "plain_A.jsonl")), cwd=REPO, env=_env(ray_tmp),
+                          capture_output=True, text=True, timeout=300)
+    assert here.returncode == 0, here.stderr[-3000:]
+    on_ray = subprocess.run(_cli(*curate, "--out", str(tmp_path / "A.jsonl"), "--ray", c.address), cwd=REPO,
+                            env=_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
+    scored, plain_scored = tmp_path / "A.scored.jsonl", tmp_path / "plain_A.scored.jsonl"
+    assert sorted(_ids(scored)) == sorted(_ids(plain_scored)) and len(set(_ids(scored))) == len(_ids(out))
+    summary = _summary(tmp_path / "A.jsonl")
+    assert summary["extra"]["ray"]["shards"] == 3  # the cluster's CPUs
+    assert summary["results"]["written"] == len(_ids(out)) and summary["extra"]["scored_total"] == len(_ids(out))
+    plain_selected = _summary(tmp_path / "plain_A.jsonl")["extra"]["selected"]
+    assert abs(summary["extra"]["selected"] - plain_selected) <= 2  # float noise of batched scoring at the threshold
+
+
+@pytest.mark.server
+def test_a_worker_node_killed_mid_run_loses_and_duplicates_nothing(servers: ServeInfo, cluster, segments: Path,
+                                                                  plain: Path, tmp_path: Path,
+                                                                  ray_tmp: Path) -> None:
+    c, workers = cluster
+    out = tmp_path / "cands.jsonl"
+    proc = _run_until_written([*_augment_argv(servers, segments, out), "--ray", c.address, "--shards", "3"], out,
+                              _env(ray_tmp), at_least=SEGMENTS // 8)
+    try:
+        c.remove_node(workers[0])  # its shard dies with it and is run again on another node
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode in (0, 3), err[-3000:]
+    summary = _check_merged(out, plain)
+    # The lost shard resumed from the journal it had written before the kill.
+    assert summary["results"]["already_done"] > 0
+
+
+@pytest.mark.server
+def test_a_killed_driver_resumes_every_shard_when_run_again(servers: ServeInfo, cluster, segments: Path,
+                                                            plain: Path, tmp_path: Path, ray_tmp: Path) -> None:
+    c, _ = cluster
+    out = tmp_path / "cands.jsonl"
+    argv = [*_augment_argv(servers, segments, out), "--ray", c.address, "--shards", "3"]
+    proc = _run_until_written(argv, out, _env(ray_tmp), at_least=SEGMENTS // 8)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = _written_so_far(out)
+    # Ray ends a dead driver's tasks; each shard's lock goes with its worker.
+    deadline = time.monotonic() + 60
+    while list(out.parent.glob("cands.shards/*.lock")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    again = subprocess.run(_cli(*argv), cwd=REPO, env=_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    assert again.returncode in (0, 3), again.stderr[-3000:]
+    summary = _check_merged(out, plain)
+    assert summary["results"]["already_done"] >= before > 0  # nothing done before the kill was asked again
