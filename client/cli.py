@@ -280,8 +280,9 @@ def _merge(args: argparse.Namespace) -> int:
     from client.merge import merge
 
     files = from_args(MergeFiles, args, shards=args.shards)
-    summary = merge(files.shards, files.out, files.corpus, from_args(AugmentConfig, args), _prepare_config(args),
-                    text_field=files.text_field)
+    # Only the augment settings merge has flags for: `args.shards` is the shard outputs, not AugmentConfig.shards.
+    unsharded = from_args(AugmentConfig, args, exclude=_except(AugmentConfig, MERGE_AUGMENT))
+    summary = merge(files.shards, files.out, files.corpus, unsharded, _prepare_config(args), text_field=files.text_field)
     print(json.dumps(summary.to_dict(), indent=2), file=sys.stderr)
     return 3 if summary.results["missing"] else 0
 
