@@ -82,6 +82,14 @@ def bench_offline(texts: list[str], model_dir: str, max_tokens: int, tmp: Path) 
             "tok_rate": r["tokens"] / r["elapsed"]}
 
 
+def _fanout(url: str) -> Any:
+    """The client's settings for `url`, with the servers' key where they have one (HUMPBACK_API_KEY)."""
+    from client.fanout import FanoutConfig
+    from humpback.contracts import API_KEY_ENV
+
+    return FanoutConfig(endpoints=[url], api_key=os.environ.get(API_KEY_ENV))
+
+
 def _no_preparation() -> Any:
     """Every text as it is: the throughput runs measure requests, not preparation."""
     from client.prepare import PrepareConfig
@@ -92,11 +100,10 @@ def _no_preparation() -> Any:
 
 async def bench_client(texts: list[str], url: str, model: str, max_tokens: int, tmp: Path, run: str) -> dict[str, Any]:
     from client.augment import AugmentConfig, augment
-    from client.fanout import FanoutConfig
 
     corpus = write_corpus(texts, tmp / f"{run}.jsonl")
     t0 = time.perf_counter()
-    s = await augment([corpus], tmp / f"{run}.out.jsonl", FanoutConfig(endpoints=[url]),
+    s = await augment([corpus], tmp / f"{run}.out.jsonl", _fanout(url),
                       AugmentConfig(model=model, max_tokens=max_tokens, progress=False), _no_preparation())
     elapsed = time.perf_counter() - t0
     n = s.results["written"] + s.results["failed"]
@@ -138,12 +145,11 @@ def bench_ray(texts: list[str], url: str, model: str, max_tokens: int, tmp: Path
     one shard per core, merged with merge's proof; the wall time includes all of it."""
     from client import cluster
     from client.augment import AugmentConfig
-    from client.fanout import FanoutConfig
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     corpus = write_corpus(texts, tmp / "ray.jsonl")
     t0 = time.perf_counter()
-    s = cluster.augment([corpus], tmp / "ray.out.jsonl", FanoutConfig(endpoints=[url]),
+    s = cluster.augment([corpus], tmp / "ray.out.jsonl", _fanout(url),
                         AugmentConfig(model=model, max_tokens=max_tokens, progress=False, ray="local"),
                         _no_preparation())
     elapsed = time.perf_counter() - t0
@@ -237,12 +243,11 @@ def bench_prepare(n: int) -> dict[str, Any]:
 
 async def bench_curate(cands: Path, url: str, model: str, mode: str, n: int, tmp: Path) -> dict[str, Any]:
     from client.curate import CurateConfig, curate
-    from client.fanout import FanoutConfig
 
     few = tmp / f"cands_{mode}.jsonl"
     few.write_text("".join(cands.read_text().splitlines(keepends=True)[:n]))
     t0 = time.perf_counter()
-    s = await curate(few, tmp / f"curated_{mode}.jsonl", FanoutConfig(endpoints=[url]),
+    s = await curate(few, tmp / f"curated_{mode}.jsonl", _fanout(url),
                      CurateConfig(model=model, mode=mode, progress=False, histogram=False))  # type: ignore[arg-type]
     elapsed = time.perf_counter() - t0
     return {"n": s.extra["scored_total"], "elapsed": elapsed, "rate": s.extra["scored_total"] / elapsed,
