@@ -147,6 +147,7 @@ def bench_ray(texts: list[str], url: str, model: str, max_tokens: int, tmp: Path
     from client.augment import AugmentConfig
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (see tests/client/test_cluster.py)
     corpus = write_corpus(texts, tmp / "ray.jsonl")
     t0 = time.perf_counter()
     s = cluster.augment([corpus], tmp / "ray.out.jsonl", _fanout(url),

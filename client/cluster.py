@@ -88,8 +88,8 @@ def connected(address: str) -> Iterator[Any]:
     if address not in ("local", "auto"):
         _reachable(address)
     try:
-        if address == "local":
-            ray.init(include_dashboard=False, logging_level="WARNING")
+        if address == "local":  # nothing outside this machine joins it: loopback only
+            ray.init(include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1")
         else:
             ray.init(address=address, logging_level="WARNING")
     except (ConnectionError, ValueError, RuntimeError) as exc:

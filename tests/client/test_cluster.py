@@ -31,9 +31,10 @@ SHARD_JOURNAL = re.compile(r"^\d+-of-\d+\.jsonl$")
 
 
 def _ray_env(tmp: Path) -> dict[str, str]:
-    """Ray's files in the test's folder, no usage report, no dashboard."""
+    """Ray's files in the test's folder, no usage report, and loopback only: Ray otherwise replaces
+    127.0.0.1 by the machine's address, for nodes on other machines (its single-machine mode keeps it)."""
     return {"RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
-            "PYTHONPATH": str(REPO)}
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture
