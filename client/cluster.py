@@ -88,13 +88,13 @@ def connected(address: str) -> Iterator[Any]:
     if address not in ("local", "auto"):
         _reachable(address)
     try:
-        if address == "local":  # nothing outside this machine joins it: loopback only
-            ray.init(include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1")
+        if address == "local":  # a new cluster, never one already running here; loopback only: nothing joins it
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1")
         else:
             ray.init(address=address, logging_level="WARNING")
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise ClusterError(f"--ray {address}: cannot reach the Ray cluster ({exc}); start it (docs/ray.md) or give "
-                           "its address") from None
+    except Exception as exc:  # Ray raises bare Exceptions too (a local node that does not start in 30 s)
+        raise ClusterError(f"--ray {address}: cannot reach or start the Ray cluster ({exc}); start it (docs/ray.md) "
+                           "or give its address") from None
     try:
         yield ray
     finally:
@@ -143,6 +143,14 @@ def _show(bar: tqdm, reports: dict[int, tuple[int, int, dict[str, int]]], count:
     bar.refresh()
 
 
+def _reports(ray: Any, tally: Any) -> dict[int, tuple[int, int, dict[str, int]]]:
+    """What the shards' bars reported; nothing when the tally cannot answer (the bar is no reason to stop)."""
+    try:
+        return ray.get(tally.snapshot.remote(), timeout=10)
+    except ray.exceptions.RayError:
+        return {}
+
+
 def _outcome(ray: Any, ref: Any, shard: Shard) -> RunSummary:
     """The summary of a finished shard task; a humpback error it raised is raised as itself (the
     command's own message and exit status), any other failure as `ClusterError`."""
@@ -183,7 +191,7 @@ def run_shards(settings: ClusterSettings, out: Path, desc: str, command: Callabl
                 done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
                 for ref in done:
                     summaries[refs[ref].index] = _outcome(ray, ref, refs[ref])
-                _show(bar, ray.get(tally.snapshot.remote()), count, len(summaries))
+                _show(bar, _reports(ray, tally), count, len(summaries))
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)

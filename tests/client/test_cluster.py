@@ -47,10 +47,9 @@ def ray_tmp() -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture
-def cluster(ray_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[object, list[object]]]:
-    """A Ray cluster of a head and two worker nodes, one CPU each, on 127.0.0.1; shut down whatever happens."""
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed: make setup")
+def _cluster(ray_tmp: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> Iterator[tuple[object, list[object]]]:
+    """A Ray cluster of a head and `workers` worker nodes, one CPU each, on 127.0.0.1; shut down whatever happens."""
+    pytest.importorskip("ray", reason="the ray extra is not installed: make setup")
     from ray.cluster_utils import Cluster
 
     for key, value in _ray_env(ray_tmp).items():
@@ -58,13 +57,23 @@ def cluster(ray_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ob
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                       "node_ip_address": "127.0.0.1"})
     try:
-        workers = [c.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+        nodes = [c.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(workers)]
         c.wait_for_nodes()
-        yield c, workers
+        yield c, nodes
     finally:
         c.shutdown()
-        if ray.is_initialized():
-            ray.shutdown()
+
+
+@pytest.fixture
+def cluster(ray_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[object, list[object]]]:
+    """A head and two worker nodes."""
+    yield from _cluster(ray_tmp, monkeypatch, 2)
+
+
+@pytest.fixture
+def head(ray_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[object, list[object]]]:
+    """A cluster of one node."""
+    yield from _cluster(ray_tmp, monkeypatch, 0)
 
 
 def _ids(path: Path) -> list[str]:
@@ -134,10 +143,10 @@ def test_an_unreachable_cluster_is_exit_status_5(tmp_path: Path, ray_tmp: Path) 
     assert "cannot reach the Ray cluster" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_a_local_cluster_runs_the_shards_and_merges_them(tmp_path: Path, ray_tmp: Path) -> None:
-    """`--ray local` (a cluster of this machine's cores) against the fake server: the merged output is the
-    plain run's, each shard did its own requests, and a re-run resumes every shard (nothing asked again)."""
-    pytest.importorskip("ray", reason="the ray extra is not installed: make setup")
+def test_a_local_cluster_runs_the_shards_and_merges_them(tmp_path: Path, ray_tmp: Path, head) -> None:
+    """`--ray local` (a cluster of this machine's cores, started for the run) against the fake server: the
+    merged output is the plain run's, each shard did its own requests; on a running cluster, a re-run
+    resumes every shard (nothing asked again), and rewrite runs there too."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": make_text(i)}) + "\n" for i in range(40)))
     fake = FakeServer().start()
@@ -158,11 +167,18 @@ def test_a_local_cluster_runs_the_shards_and_merges_them(tmp_path: Path, ray_tmp
         assert summary["extra"]["ray"]["shards"] == 3 and sum(summary["extra"]["ray"]["written"]) == 40
         for i, journal in enumerate(sorted(out.parent.glob("cands.shards/*-of-3.jsonl"))):
             assert all(in_shard(cid, Shard(i, 3)) for cid in _ids(journal))
-        again = humpback("augment", *common, "--out", str(out), "--ray", "local", "--shards", "3", check=False,
+        again = humpback("augment", *common, "--out", str(out), "--ray", head[0].address, "--shards", "3", check=False,
                          timeout=300, env=_ray_env(ray_tmp))
         assert again.returncode == 0, again.stderr[-3000:]
         assert fake.requests["/v1/chat/completions"] - asked == 40
         assert _summary(out)["results"]["skipped_done"] == 40 and len(_ids(out)) == 40
+        # rewrite the candidates on the cluster: one rewrite per pair, merged once.
+        rewritten = tmp_path / "ray" / "rewritten.jsonl"
+        r = humpback("rewrite", "--candidates", str(out), "--out", str(rewritten), "--endpoint", fake.url,
+                     "--no-progress", "--ray", head[0].address, check=False, timeout=300, env=_ray_env(ray_tmp))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert {json.loads(x)["candidate_id"] for x in rewritten.read_text().splitlines()} == set(_ids(out))
+        assert _summary(rewritten)["extra"]["merge"]["written"] == 40
     finally:
         fake.stop()
 
