@@ -127,8 +127,9 @@ def shard_outputs(out: Path, count: int) -> list[Path]:
     return [folder / f"{i}-of-{count}.jsonl" for i in range(count)]
 
 
-def shard_config(config: Config, shard: Shard, **update: Any) -> Config:
-    """`config` for one shard run on a worker: shard `shard`, no cluster, no bar of its own."""
+def shard_config(config: Config, shard: Shard | None, **update: Any) -> Config:
+    """`config` for one shard run on a worker (`shard`), or for the driver's own step after the merge
+    (None): no cluster, no bar of its own."""
     return config.model_copy(update={"ray": None, "shards": None, "shard": shard, "progress": False, **update})
 
 

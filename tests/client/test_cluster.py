@@ -151,13 +151,14 @@ def test_a_local_cluster_runs_the_shards_and_merges_them(tmp_path: Path, ray_tmp
     corpus.write_text("".join(json.dumps({"text": make_text(i)}) + "\n" for i in range(40)))
     fake = FakeServer().start()
     try:
-        common = ["--corpus", str(corpus), "--endpoint", fake.url, "--no-progress"]
-        humpback("augment", *common, "--out", str(tmp_path / "plain.jsonl"))
+        common = ["--corpus", str(corpus), "--endpoint", fake.url]
+        humpback("augment", *common, "--out", str(tmp_path / "plain.jsonl"), "--no-progress")
         asked = fake.requests["/v1/chat/completions"]
         out = tmp_path / "ray" / "cands.jsonl"
         r = humpback("augment", *common, "--out", str(out), "--ray", "local", "--shards", "3", check=False,
                      timeout=300, env=_ray_env(ray_tmp))
         assert r.returncode == 0, r.stderr[-3000:]
+        assert "augment on ray (3 shards)" in r.stderr and "shards_done=3/3" in r.stderr  # one bar over all
         assert fake.requests["/v1/chat/completions"] - asked == 40  # each request asked by one shard only
         assert sorted(out.read_text().splitlines()) == sorted((tmp_path / "plain.jsonl").read_text().splitlines())
         summary = _summary(out)
