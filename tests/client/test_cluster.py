@@ -95,13 +95,9 @@ def _shard_ids(out: Path) -> set[str]:
     return ids
 
 
-def _answered_so_far(out: Path) -> int:
-    """Requests the shards of a Ray run of `out` have answered: records and failures."""
-    folder = out.with_name(out.name.removesuffix(".jsonl") + ".shards")
-    if not folder.is_dir():
-        return 0
-    return sum(p.read_bytes().count(b"\n") for p in folder.iterdir()
-               if SHARD_JOURNAL.match(p.name) or p.name.endswith((".failed.jsonl", ".scored.jsonl")))
+def _scored_so_far(out: Path) -> list[int]:
+    """The scores each shard of a Ray curate run of `out` has written so far."""
+    return [p.read_bytes().count(b"\n") for p in out.parent.glob(out.stem + ".shards/*-of-*.scored.jsonl")]
 
 
 def _summary(out: Path) -> dict:
@@ -241,14 +237,16 @@ def _scored(curated: Path) -> Path:
     return curated.with_name(curated.name.removesuffix(".jsonl") + ".scored.jsonl")
 
 
-def _run_until_answered(argv: list[str], out: Path, env: dict[str, str], at_least: int) -> subprocess.Popen:
-    """The CLI started, returned once its shards have answered `at_least` requests (mid-run)."""
+def _run_until_scored(argv: list[str], out: Path, env: dict[str, str], shards: int,
+                      at_least: int) -> subprocess.Popen:
+    """The curate CLI started, returned once each of its `shards` shards has written `at_least` scores
+    (mid-run: every shard has a journal to resume from)."""
     log = out.with_name("driver.log")
     with open(log, "w") as stderr:
         proc = subprocess.Popen(_cli(*argv), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 240
-    while _answered_so_far(out) < at_least:
-        assert proc.poll() is None, f"the run ended before {at_least} answers: {log.read_text()[-3000:]}"
+    while len(done := _scored_so_far(out)) < shards or min(done) < at_least:
+        assert proc.poll() is None, f"the run ended before {at_least} scores per shard: {log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no progress in 240 s"
         time.sleep(0.05)
     return proc
@@ -305,8 +303,8 @@ def test_a_worker_node_killed_mid_run_loses_and_duplicates_nothing(servers: Serv
                                                                   ray_tmp: Path) -> None:
     c, workers = cluster
     out = tmp_path / "A.jsonl"
-    proc = _run_until_answered([*_curate_argv(servers, pairs, out), "--ray", c.address, "--shards", "3"], out,
-                               _env(ray_tmp), at_least=12)
+    proc = _run_until_scored([*_curate_argv(servers, pairs, out), "--ray", c.address, "--shards", "3"], out,
+                             _env(ray_tmp), shards=3, at_least=4)
     try:
         c.remove_node(workers[0])  # its shard dies with it and runs again on another node
         proc.wait(timeout=300)
@@ -326,7 +324,7 @@ def test_a_killed_driver_resumes_every_shard_when_run_again(servers: ServeInfo, 
     c, _ = cluster
     out = tmp_path / "A.jsonl"
     argv = [*_curate_argv(servers, pairs, out), "--ray", c.address, "--shards", "3"]
-    proc = _run_until_answered(argv, out, _env(ray_tmp), at_least=12)
+    proc = _run_until_scored(argv, out, _env(ray_tmp), shards=3, at_least=4)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     # Ray ends a dead driver's tasks; each shard's lock goes with its worker.
