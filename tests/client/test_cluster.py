@@ -6,6 +6,7 @@ a driver killed mid-run resumes when run again. The cluster is stopped at the en
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -98,6 +99,17 @@ def _shard_ids(out: Path) -> set[str]:
 def _scored_so_far(out: Path) -> list[int]:
     """The scores each shard of a Ray curate run of `out` has written so far."""
     return [p.read_bytes().count(b"\n") for p in out.parent.glob(out.stem + ".shards/*-of-*.scored.jsonl")]
+
+
+def _held(lock: Path) -> bool:
+    """Whether a live process holds the output lock `lock` (a killed one leaves the file, not the lock)."""
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
 
 
 def _summary(out: Path) -> dict:
@@ -329,7 +341,7 @@ def test_a_killed_driver_resumes_every_shard_when_run_again(servers: ServeInfo, 
     proc.wait(timeout=30)
     # Ray ends a dead driver's tasks; each shard's lock goes with its worker.
     deadline = time.monotonic() + 60
-    while list(out.parent.glob("A.shards/*.lock")) and time.monotonic() < deadline:
+    while any(map(_held, out.parent.glob("A.shards/*.lock"))) and time.monotonic() < deadline:
         time.sleep(0.2)
     before = sum(p.read_bytes().count(b"\n") for p in out.parent.glob("A.shards/*-of-3.scored.jsonl"))
     again = subprocess.run(_cli(*argv), cwd=REPO, env=_env(ray_tmp), capture_output=True, text=True, timeout=300)
