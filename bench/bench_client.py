@@ -7,7 +7,9 @@
 2. the same vs the usual `openai.AsyncOpenAI` + semaphore script at concurrency 8 and 64;
 3. client overhead against an instant fake server: requests/s on one core (and a bare
    `httpx.AsyncClient` loop beside it), peak RSS over a long stream;
-4. curation pairs/s, log-probability mode vs free-text mode, with the free-text parse rate.
+4. curation pairs/s, log-probability mode vs free-text mode, with the free-text parse rate;
+5. augment with `--ray local` (every shard a Ray task on this machine's cores) vs the plain client on
+   the same segments: wall time, Ray's start and the merge included (`--only ray`; the ray extra).
 
 Every throughput run gets texts tagged with its own run id, so no run reuses another's prefix cache.
 """
@@ -80,17 +82,29 @@ def bench_offline(texts: list[str], model_dir: str, max_tokens: int, tmp: Path) 
             "tok_rate": r["tokens"] / r["elapsed"]}
 
 
-async def bench_client(texts: list[str], url: str, model: str, max_tokens: int, tmp: Path, run: str) -> dict[str, Any]:
-    from client.augment import AugmentConfig, augment
+def _fanout(url: str) -> Any:
+    """The client's settings for `url`, with the servers' key where they have one (HUMPBACK_API_KEY)."""
     from client.fanout import FanoutConfig
+    from humpback.contracts import API_KEY_ENV
+
+    return FanoutConfig(endpoints=[url], api_key=os.environ.get(API_KEY_ENV))
+
+
+def _no_preparation() -> Any:
+    """Every text as it is: the throughput runs measure requests, not preparation."""
     from client.prepare import PrepareConfig
 
-    corpus = write_corpus(texts, tmp / f"{run}.jsonl")
-    none = PrepareConfig(segment=False, min_chars=1, max_chars=10**9, boilerplate=False, repetition=False,
+    return PrepareConfig(segment=False, min_chars=1, max_chars=10**9, boilerplate=False, repetition=False,
                          dedup_exact=False, dedup_near=False)
+
+
+async def bench_client(texts: list[str], url: str, model: str, max_tokens: int, tmp: Path, run: str) -> dict[str, Any]:
+    from client.augment import AugmentConfig, augment
+
+    corpus = write_corpus(texts, tmp / f"{run}.jsonl")
     t0 = time.perf_counter()
-    s = await augment([corpus], tmp / f"{run}.out.jsonl", FanoutConfig(endpoints=[url]),
-                      AugmentConfig(model=model, max_tokens=max_tokens, progress=False), none)
+    s = await augment([corpus], tmp / f"{run}.out.jsonl", _fanout(url),
+                      AugmentConfig(model=model, max_tokens=max_tokens, progress=False), _no_preparation())
     elapsed = time.perf_counter() - t0
     n = s.results["written"] + s.results["failed"]
     return {"n": n, "elapsed": elapsed, "rate": n / elapsed, "written": s.results["written"],
@@ -124,6 +138,25 @@ async def bench_openai(texts: list[str], url: str, model: str, max_tokens: int, 
     await client.close()
     return {"n": len(outs), "elapsed": elapsed, "rate": len(outs) / elapsed, "tokens": tokens,
             "tok_rate": tokens / elapsed}
+
+
+def bench_ray(texts: list[str], url: str, model: str, max_tokens: int, tmp: Path) -> dict[str, Any]:
+    """`bench_client`'s run with `--ray local`: a Ray cluster of this machine's cores started for the run,
+    one shard per core, merged with merge's proof; the wall time includes all of it."""
+    from client import cluster
+    from client.augment import AugmentConfig
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (see tests/client/test_cluster.py)
+    corpus = write_corpus(texts, tmp / "ray.jsonl")
+    t0 = time.perf_counter()
+    s = cluster.augment([corpus], tmp / "ray.out.jsonl", _fanout(url),
+                        AugmentConfig(model=model, max_tokens=max_tokens, progress=False, ray="local"),
+                        _no_preparation())
+    elapsed = time.perf_counter() - t0
+    n = s.results["written"] + s.results["failed"]
+    return {"n": n, "elapsed": elapsed, "rate": n / elapsed, "written": s.results["written"],
+            "shards": s.extra["ray"]["shards"], "missing": s.extra["merge"]["missing"]}
 
 
 # --- 3. overhead ------------------------------------------------------------------------------------
@@ -211,12 +244,11 @@ def bench_prepare(n: int) -> dict[str, Any]:
 
 async def bench_curate(cands: Path, url: str, model: str, mode: str, n: int, tmp: Path) -> dict[str, Any]:
     from client.curate import CurateConfig, curate
-    from client.fanout import FanoutConfig
 
     few = tmp / f"cands_{mode}.jsonl"
     few.write_text("".join(cands.read_text().splitlines(keepends=True)[:n]))
     t0 = time.perf_counter()
-    s = await curate(few, tmp / f"curated_{mode}.jsonl", FanoutConfig(endpoints=[url]),
+    s = await curate(few, tmp / f"curated_{mode}.jsonl", _fanout(url),
                      CurateConfig(model=model, mode=mode, progress=False, histogram=False))  # type: ignore[arg-type]
     elapsed = time.perf_counter() - t0
     return {"n": s.extra["scored_total"], "elapsed": elapsed, "rate": s.extra["scored_total"] / elapsed,
@@ -247,7 +279,8 @@ def served_root(url: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="augment,overhead,curate", help="comma list of: augment, overhead, curate")
+    ap.add_argument("--only", default="augment,overhead,curate",
+                    help="comma list of: augment, overhead, curate, ray (the ray extra)")
     ap.add_argument("--segments", type=int, default=200, help="real segments per throughput run")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--overhead-n", type=int, default=1_000_000, help="segments streamed through the fake server")
@@ -262,7 +295,7 @@ def main() -> None:
     raw: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        if "augment" in only or "curate" in only:
+        if only & {"augment", "curate", "ray"}:
             texts = real_segments(a.segments)
         if "augment" in only:
             wait_healthy(a.backward)
@@ -314,6 +347,19 @@ def main() -> None:
             rows += [
                 ("curate: log-probability mode pairs/s", f"{lp['rate']:.2f}", f"logprobs/free_text = {lp['rate'] / ft['rate']:.1f}"),
                 ("curate: free-text mode pairs/s", f"{ft['rate']:.2f}", f"parse rate {ft['parse_rate']:.0%}"),
+            ]
+        if "ray" in only:
+            wait_healthy(a.backward)  # the plain client, then the same segments (tagged anew) on Ray, back to back
+            raw["ray_plain"] = p = asyncio.run(bench_client(tagged(texts, "rayplain"), a.backward, "backward",
+                                                            a.max_tokens, tmp, "rayplain"))
+            print("ray_plain", p, flush=True)
+            wait_healthy(a.backward)
+            raw["ray"] = r = bench_ray(tagged(texts, "ray"), a.backward, "backward", a.max_tokens, tmp)
+            print("ray", r, flush=True)
+            rows += [
+                (f"ray: augment, plain client: wall s ({p['n']} segments)", f"{p['elapsed']:.1f}", ""),
+                (f"ray: augment `--ray local`, {r['shards']} shards, Ray's start and the merge included: wall s",
+                 f"{r['elapsed']:.1f}", f"ray/plain = {r['elapsed'] / p['elapsed']:.2f} (target <= 1.15)"),
             ]
     print("\n| measurement | value | ratio / target |\n|---|---|---|")
     for name, value, ratio in rows:

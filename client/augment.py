@@ -23,8 +23,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from client.completions import chat_choice
 from client.corpus import Corpus, open_corpora
 from client.fanout import Fanout, FanoutConfig
@@ -33,7 +31,7 @@ from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
 from client.runner import Answer, CorruptLines, RunSummary, online, run, served_model, side_path
-from client.shard import ShardSpec, shard_jobs
+from client.shard import ClusterSettings, ShardSpec, shard_jobs
 from client.tasks import Job, Parsed
 from humpback.contracts import (
     AUGMENT_TEMPERATURE,
@@ -57,10 +55,8 @@ from humpback.settings import setting
 log = logging.getLogger(__name__)
 
 
-class AugmentConfig(BaseModel):
+class AugmentConfig(ClusterSettings):
     """Generation settings of a self-augmentation run."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = setting(None, "served model name; unset takes the first model the endpoint lists")
     checkpoint: str | None = setting(None, "version label recorded with each candidate; unset records the served "

@@ -5,7 +5,8 @@ Every flag is generated (`humpback.settings`) from a field of `FanoutConfig`, `A
 (and `client.dataset.DatasetFiles`), which document them; the handlers
 import the rest of the client only when run. Input that cannot be used (a file that cannot be read,
 an output another run holds) ends a command with its message and exit status 2, before anything is sent;
-an output that cannot be written (a full disk) stops it with exit status 4, its journal whole.
+an output that cannot be written (a full disk) stops it with exit status 4, its journal whole; a Ray
+cluster that cannot run the shards of a `--ray` run (`client.cluster`) with exit status 5.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from client.fanout import FanoutConfig
 from client.preferences import PreferenceConfig
 from client.prepare import PrepareConfig
 from client.rewrite import RewriteConfig
-from humpback.contracts import DEFAULT_URLS, InputError, OutputError
+from humpback.contracts import DEFAULT_URLS, ClusterError, InputError, OutputError
 from humpback.settings import add_arguments, from_args, setting
 
 
@@ -179,8 +180,9 @@ def _run(coro: Any) -> Any:
 
 
 def _refusing(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """`handler`, with input it cannot use reported as one message on stderr and exit status 2, and an
-    output it cannot write (a full disk) with exit status 4."""
+    """`handler`, with input it cannot use reported as one message on stderr and exit status 2, an
+    output it cannot write (a full disk) with exit status 4, and a Ray cluster that cannot run the
+    shards with exit status 5."""
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
@@ -193,6 +195,9 @@ def _refusing(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
         except OutputError as exc:
             print(f"humpback: error: {exc}", file=sys.stderr)
             return 4
+        except ClusterError as exc:  # --ray: the cluster is unreachable, or a shard failed on it for good
+            print(f"humpback: error: {exc}", file=sys.stderr)
+            return 5
         except ValidationError as exc:  # a flag's value the config refuses (say, --shard 4/4)
             for err in exc.errors():
                 print(f"humpback: error: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
@@ -215,19 +220,19 @@ def _report(summary: Any) -> int:
 
 
 def _augment(args: argparse.Namespace) -> int:
-    from client.augment import augment
+    from client import augment, cluster
 
-    files = from_args(AugmentFiles, args)
-    return _report(_run(augment(files.corpus, files.out, _fanout_config(args, "backward"),
-                                from_args(AugmentConfig, args), _prepare_config(args), text_field=files.text_field)))
+    files, cfg = from_args(AugmentFiles, args), from_args(AugmentConfig, args)
+    call = (files.corpus, files.out, _fanout_config(args, "backward"), cfg, _prepare_config(args), files.text_field)
+    return _report(cluster.augment(*call) if cfg.ray else _run(augment.augment(*call)))
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from client.curate import curate
+    from client import cluster, curate
 
-    files = from_args(CurateFiles, args)
-    return _report(_run(curate(files.candidates, files.out, _fanout_config(args, "scorer"),
-                               from_args(CurateConfig, args))))
+    files, cfg = from_args(CurateFiles, args), from_args(CurateConfig, args)
+    call = (files.candidates, files.out, _fanout_config(args, "scorer"), cfg)
+    return _report(cluster.curate(*call) if cfg.ray else _run(curate.curate(*call)))
 
 
 def _export_augment(args: argparse.Namespace) -> int:
@@ -281,18 +286,19 @@ def _merge(args: argparse.Namespace) -> int:
     from client.merge import merge, proven
 
     files = from_args(MergeFiles, args, shards=args.shards)
-    summary = merge(files.shards, files.out, files.corpus, from_args(AugmentConfig, args), _prepare_config(args),
-                    text_field=files.text_field)
+    # Only the augment settings merge has flags for: `args.shards` is the shard outputs, not AugmentConfig.shards.
+    unsharded = from_args(AugmentConfig, args, exclude=_except(AugmentConfig, MERGE_AUGMENT))
+    summary = merge(files.shards, files.out, files.corpus, unsharded, _prepare_config(args), text_field=files.text_field)
     print(json.dumps(summary.to_dict(), indent=2), file=sys.stderr)
     return 0 if proven(summary) else 3
 
 
 def _rewrite(args: argparse.Namespace) -> int:
-    from client.rewrite import rewrite
+    from client import cluster, rewrite
 
-    files = from_args(RewriteFiles, args)
-    return _report(_run(rewrite(files.candidates, files.out, _fanout_config(args, "scorer"),
-                                from_args(RewriteConfig, args))))
+    files, cfg = from_args(RewriteFiles, args), from_args(RewriteConfig, args)
+    call = (files.candidates, files.out, _fanout_config(args, "scorer"), cfg)
+    return _report(cluster.rewrite(*call) if cfg.ray else _run(rewrite.rewrite(*call)))
 
 
 def _export_dpo(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from client import decontaminate
 from client.completions import chat_choice, choice_mass
@@ -34,7 +34,7 @@ from client.fanout import Fanout, FanoutConfig
 from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
 from client.progress import Progress
 from client.runner import CorruptLines, RunSummary, online, run, served_model, side_path
-from client.shard import ShardSpec, shard_jobs
+from client.shard import ClusterSettings, ShardSpec, shard_jobs
 from client.tasks import Job
 from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
@@ -61,10 +61,8 @@ log = logging.getLogger(__name__)
 HIST_BINS = 40
 
 
-class CurateConfig(BaseModel):
+class CurateConfig(ClusterSettings):
     """Scoring and selection settings of a self-curation run."""
-
-    model_config = ConfigDict(extra="forbid")
 
     mode: ScoreMode = setting("logprobs", "logprobs: expected score from the digit probabilities; free_text: the "
                                           "paper's format, a brief reasoning ending in 'Score: N'")

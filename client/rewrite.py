@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from client.completions import chat_choice
 from client.corpus import check_input
 from client.curate import read_candidates
@@ -26,16 +24,14 @@ from client.fanout import Fanout, FanoutConfig
 from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
 from client.progress import Progress
 from client.runner import CorruptLines, RunSummary, online, run, served_model, side_path
-from client.shard import ShardSpec, shard_jobs
+from client.shard import ClusterSettings, ShardSpec, shard_jobs
 from client.tasks import Job
 from humpback.contracts import BatchRequest, Candidate, RequestFailed, RewrittenCandidate, content_id, rewrite_messages
 from humpback.settings import setting
 
 
-class RewriteConfig(BaseModel):
+class RewriteConfig(ClusterSettings):
     """Generation settings of a rewriting run."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = setting(None, "served rewriter name; unset takes the first model the endpoint lists")
     checkpoint: str | None = setting(None, "version label recorded with each rewrite; unset records the served "

@@ -12,7 +12,8 @@ unsharded run; only the requests are divided. `client.merge` joins the shards' o
 that together they are the unsharded run's.
 
 Each command that shards (augment, curate, rewrite) declares a `shard: ShardSpec | None` setting and
-wraps its jobs in `shard_jobs`.
+wraps its jobs in `shard_jobs`; its config derives from `ClusterSettings`, whose `--ray` runs every
+shard of the run on a Ray cluster (`client.cluster`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, WithJsonSchema, model_validator
 
 from client.tasks import Job
 from humpback.contracts import InputError
+from humpback.settings import setting
 
 Item = TypeVar("Item")
 
@@ -101,3 +103,30 @@ def shard_jobs(jobs: Iterable[Job[Item]], shard: Shard | None, counts: Counter[s
             yield job
         else:
             counts["other_shard"] += 1
+
+
+class ClusterSettings(BaseModel):
+    """Where the shards of a run are placed: `ray` runs all of them as tasks of a Ray cluster
+    (`client.cluster`), each with its own journal under `<out>.shards/`. The base of the configs of
+    the commands that shard (augment, curate, rewrite), so that `--ray` and `--shards` are declared once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ray: str | None = setting(None, "run the shards on a Ray cluster: its address (host:6379, ray://host:10001), "
+                                    "`auto` (the cluster this machine belongs to, or RAY_ADDRESS) or `local` (a "
+                                    "cluster of this machine's cores, started for the run); each shard writes its "
+                                    "journal to <out>.shards/, which every node must see (a shared volume), then "
+                                    "they are merged into --out (needs the ray extra: docs/ray.md)",
+                              metavar="ADDRESS")
+    shards: int | None = setting(None, "with --ray: the shards (Ray tasks) the requests are split into, by content "
+                                       "id; unset: the cluster's CPUs. Keep it for the life of a run: a re-run "
+                                       "resumes each shard from its journal", ge=1)
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> ClusterSettings:
+        if self.ray is not None and getattr(self, "shard", None) is not None:
+            raise ValueError("--ray runs every shard of the run: give --shards N, not --shard I/N")
+        if self.shards is not None and self.ray is None:
+            raise ValueError("--shards N places the shards on a Ray cluster: give --ray ADDRESS too (or --shard I/N "
+                             "to run one shard here)")
+        return self

@@ -20,7 +20,7 @@ _PARTS = (
 SETTINGS = (
     "services.config:ServeConfig", "services.config:ServeSettings", "services.config:ServerSpec",
     "services.config:SwapSettings", "services.launch:LaunchSettings",
-    "client.fanout:FanoutConfig", "client.prepare:PrepareConfig", "client.augment:AugmentConfig",
+    "client.fanout:FanoutConfig", "client.prepare:PrepareConfig", "client.shard:ClusterSettings", "client.augment:AugmentConfig",
     "client.curate:CurateConfig", "client.cli:CorpusFiles", "client.cli:AugmentFiles", "client.cli:CurateFiles",
     "client.cli:ExportAugmentFiles", "client.cli:ExportCurateFiles", "client.cli:ImportFiles",
     "client.cli:MergeFiles", "client.rewrite:RewriteConfig", "client.cli:RewriteFiles", "client.cli:ExportRewriteFiles",

@@ -35,6 +35,7 @@ from humpback.contracts.defaults import (
 from humpback.contracts.errors import (
     ApiError,
     CheckpointError,
+    ClusterError,
     CorpusError,
     HumpbackError,
     InputError,

@@ -81,6 +81,12 @@ class ServeError(HumpbackError, RuntimeError):
     """The model servers could not be started, found or stopped."""
 
 
+class ClusterError(HumpbackError, RuntimeError):
+    """A run on a Ray cluster (`--ray`) that could not go on: the cluster cannot be reached, or a shard
+    failed on it for good (its retries used up). Every finished answer is in its shard's journal: a
+    re-run resumes each shard."""
+
+
 class SwapError(HumpbackError, RuntimeError):
     """The server refused or failed the swap. Where the server survived, it serves the old weights."""
 

@@ -54,6 +54,9 @@ class ServicesConfig(_Section):
     trainer_url: str = setting(TRAINER_URL, "base URL of the trainer")
     api_key: str | None = setting(None, "bearer token of the servers and the trainer", env=API_KEY_ENV)
     start: bool = setting(True, "start the servers and the trainer when they do not answer")
+    ray: str | None = setting(None, "run the augment, curate and rewrite stages on this Ray cluster (an address, "
+                                    "auto or local: `humpback augment --ray`, docs/ray.md), each stage split into "
+                                    "shards by content id; a stage's own `ray` (augment.ray, ...) beats it")
     state_dir: Path = setting(SERVE_STATE_DIR, "state folder of `humpback serve up`")
     trainer_data_dir: Path = setting(TRAINER_DATA_DIR, "data folder of the trainer it starts")
 

@@ -21,16 +21,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
+from client import cluster
 from client.augment import AugmentConfig, augment
 from client.curate import contaminated_ids, curate, scored_records, selected_records
 from client.dataset import DatasetFiles, export_dataset
 from client.fanout import FanoutConfig
 from client.rewrite import rewrite
-from client.runner import side_path
+from client.runner import RunSummary, side_path
 from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
     Candidate,
@@ -144,6 +145,16 @@ class Loop:
                      deployment.stall_s)
         return FanoutConfig(endpoints=self.servers(role), api_key=self.svc.api_key, require_version=model["job"])
 
+    def client(self, local: Callable[..., Awaitable[RunSummary]], on_ray: Callable[..., RunSummary],
+               *call: Any) -> RunSummary:
+        """A stage's client command, `call` its arguments (the config fourth): run here, or with `on_ray`
+        on the Ray cluster the stage's config names (`augment.ray`, ...), else `services.ray`."""
+        config = call[3]
+        address = config.ray or self.svc.ray
+        if address is None:
+            return asyncio.run(local(*call))
+        return on_ray(*call[:3], config.model_copy(update={"ray": address}), *call[4:])
+
     def augment_config(self, data: dict[str, Any]) -> AugmentConfig:
         """The run's augment settings; with `augment.shots` and no `augment.demonstrations`, the
         demonstrations come from the run's seed (never its held-out pairs, which measure the model)."""
@@ -158,8 +169,8 @@ class Loop:
         out.parent.mkdir(parents=True, exist_ok=True)
         config = self.augment_config(data).model_copy(
             update={"model": "backward", "checkpoint": backward["job"], "limit": self.cfg.data.max_segments})
-        summary = asyncio.run(augment(data["corpus"], out, fan, config,
-                                      text_field=self.cfg.data.text_field))
+        summary = self.client(augment, cluster.augment, data["corpus"], out, fan, config, None,
+                              self.cfg.data.text_field)
         return {"candidates": str(out), "summary": summary.to_dict()}
 
     def decontamination_sets(self, data: dict[str, Any]) -> list[Path]:
@@ -177,7 +188,7 @@ class Loop:
         scored = self.dir / "curate" / f"scored{t}.jsonl"
         config = self.cfg.curate.model_copy(update={"model": "scorer", "checkpoint": scorer["job"], "scored": scored,
                                                     "decontaminate_against": self.decontamination_sets(data)})
-        summary = asyncio.run(curate(candidates, out, fan, config))
+        summary = self.client(curate, cluster.curate, candidates, out, fan, config)
         # The curated set's own reader: a corrupt journal line is skipped here as `select` skipped it,
         # and so is a contaminated candidate's score.
         contaminated = side_path(out, "contaminated.jsonl")
@@ -214,14 +225,16 @@ class Loop:
         out = self.dir / "rewrite" / "A1.rewritten.jsonl"
         curated = self.curated_candidates(picked, contaminated, pairs)
         if cfg.url is not None:
-            summary = asyncio.run(rewrite(pairs, out, FanoutConfig(endpoints=[cfg.url], api_key=self.svc.api_key), cfg))
+            summary = self.client(rewrite, cluster.rewrite, pairs, out,
+                                  FanoutConfig(endpoints=[cfg.url], api_key=self.svc.api_key), cfg)
         elif cfg.model_dir is not None:
             with serving(self.svc, REWRITER, cfg.model_dir, cfg.port) as url:
-                summary = asyncio.run(rewrite(pairs, out, FanoutConfig(endpoints=[url], api_key=self.svc.api_key),
-                                              cfg.model_copy(update={"model": REWRITER})))
+                summary = self.client(rewrite, cluster.rewrite, pairs, out,
+                                      FanoutConfig(endpoints=[url], api_key=self.svc.api_key),
+                                      cfg.model_copy(update={"model": REWRITER}))
         else:
-            summary = asyncio.run(rewrite(pairs, out, self.deployed(scorer),
-                                          cfg.model_copy(update={"model": "scorer", "checkpoint": scorer["job"]})))
+            summary = self.client(rewrite, cluster.rewrite, pairs, out, self.deployed(scorer),
+                                  cfg.model_copy(update={"model": "scorer", "checkpoint": scorer["job"]}))
         rewritten = len(read_jsonl(out, RewrittenCandidate))
         return {"candidates": str(pairs), "rewritten_file": str(out), "rewriter": summary.extra.get("model"),
                 "rewriter_checkpoint": summary.extra.get("checkpoint"), "curated": curated, "rewritten": rewritten,

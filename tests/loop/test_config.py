@@ -181,3 +181,30 @@ def test_the_saved_config_holds_no_key_and_a_rerun_takes_it_from_the_environment
     assert record.model_dump(exclude={"services": {"api_key"}}) == cfg.model_dump(exclude={"services": {"api_key"}})
     # Given back as the config of a re-run, the file leaves the key to the environment.
     assert load_config(saved).services.api_key == "s3cret"
+
+
+def test_the_client_stages_run_on_the_ray_cluster_the_config_names(tmp_path: Path) -> None:
+    """`services.ray` places augment, curate and rewrite on a cluster; a stage's own `ray` beats it; neither
+    runs the stage here. (The Ray path itself is tested on a real cluster: tests/client/test_cluster.py.)"""
+    from client.fanout import FanoutConfig
+    from client.runner import RunSummary
+    from humpback.loop.run import Loop
+
+    placed: list[tuple] = []
+
+    def on_ray(*call):
+        placed.append(call)
+        return RunSummary()
+
+    async def here(*call):
+        placed.append(("here", *call))
+        return RunSummary()
+
+    call = (["corpus.jsonl"], tmp_path / "out.jsonl", FanoutConfig(endpoints=["http://127.0.0.1:1"]))
+    Loop(load_config(overrides=["services.ray=auto"]), tmp_path).client(here, on_ray, *call, AugmentConfig(), None)
+    Loop(load_config(overrides=["services.ray=auto"]), tmp_path).client(here, on_ray, *call,
+                                                                        CurateConfig(ray="head:6379"))
+    Loop(load_config(), tmp_path).client(here, on_ray, *call, RewriteConfig())
+    assert [c[3].ray for c in placed[:2]] == ["auto", "head:6379"] and placed[0][4] is None
+    assert placed[2][0] == "here" and placed[2][4].ray is None
+    assert load_config(overrides=["augment.ray=local", "augment.shards=2"]).augment.shards == 2
