@@ -73,6 +73,8 @@ from humpback.contracts.fine_tuning import (
     JobEvent,
     JobStatus,
     ListPage,
+    ModelCard,
+    ModelList,
     Method,
     RequestedHyperparameters,
     RequestedMethod,
