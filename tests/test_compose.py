@@ -599,7 +599,9 @@ def test_trainer_dockerfile():
     body = "\n".join(lines)
     from_line = next(ln for ln in lines if ln.upper().startswith("FROM "))
     assert re.search(r"vllm/vllm-openai|pytorch/pytorch|nvcr\.io/nvidia/pytorch", from_line), from_line
-    assert re.search(r"pip install [^\n]*['\"]?\.\[trainer\]", body), "pip install '.[trainer]'"
+    extras = re.search(r"pip install [^\n]*['\"]?\.\[([a-z,-]+)\]", body)
+    # The trainer's extra for the service, the evaluation's for compose's client (`humpback run`).
+    assert extras and {"trainer", "eval"} <= set(extras.group(1).split(",")), "pip install '.[trainer,eval]'"
     entry = next(ln for ln in lines if ln.upper().startswith("ENTRYPOINT"))
     assert yaml.safe_load(entry.split(None, 1)[1]) == [
         "humpback", "trainer", "serve", "--host", "0.0.0.0", "--port", "8100",
