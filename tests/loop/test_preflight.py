@@ -56,6 +56,11 @@ def test_own_data_passes_with_its_bad_line_as_a_warning_and_a_plan(own_data, tmp
     assert "held-out 1 pairs" in plan["data"] and "seed 6 pairs" in plan["data"]
     assert plan["stages"].startswith("17: data -> ") and "min" in plan["estimate"]
     assert all("started by the run" in plan[n] for n in ("backward", "scorer", "trainer"))
+    assert "resumes" not in plan
+    (tmp_path / "run" / "stages").mkdir(parents=True)
+    (tmp_path / "run" / "stages" / "data.json").write_text("{}")
+    again = dict(preflight(load_config(quick=True, overrides=isolated(**own_data)), tmp_path / "run").plan)
+    assert again["resumes"].endswith("1 of 17 stages done earlier are skipped")
 
 
 def test_every_problem_is_one_line_with_its_fix_and_nothing_starts(own_data, tmp_path: Path, capsys) -> None:
