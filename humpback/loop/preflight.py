@@ -100,12 +100,14 @@ def same_model(served: str, configured: str) -> bool:
     return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
-def served_roots(url: str, api_key: str | None) -> dict[str, str]:
-    """id -> root of the base models (no adapter) that `url`'s `GET /v1/models` lists."""
+def served_roots(url: str, api_key: str | None, adapters: bool = False) -> dict[str, str]:
+    """id -> root of the models that `url`'s `GET /v1/models` lists: the base models, and with `adapters`
+    the LoRA adapters on them too."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
     resp.raise_for_status()
-    return {m.id: m.root or "" for m in ModelList.model_validate_json(resp.content).data if m.parent is None}
+    return {m.id: m.root or "" for m in ModelList.model_validate_json(resp.content).data
+            if adapters or m.parent is None}
 
 
 def base_model_problems(cfg: RunConfig, warnings: list[str]) -> list[str]:
@@ -244,7 +246,7 @@ class Preflight:
     def endpoint(self, setting: str, url: str, model: str | None) -> str:
         """An OpenAI-compatible server of the user's (the rewriter, the judge): it must list `model`."""
         try:
-            roots = served_roots(url, self.cfg.services.api_key)
+            roots = served_roots(url, self.cfg.services.api_key, adapters=True)
         except (httpx.HTTPError, ValueError) as exc:
             self.check.problems.append(f"{setting} {url} does not answer GET /v1/models ({type(exc).__name__}): "
                                        "start that server, correct the URL, or remove it from the config")

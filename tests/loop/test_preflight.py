@@ -150,3 +150,16 @@ def test_the_trainer_lists_the_base_models_it_fine_tunes(tmp_path: Path) -> None
         models = client.get("/v1/models").json()
     assert {m["id"]: m["root"] for m in models["data"]} == {"backward": str(tmp_path / "a"),
                                                              "scorer": str(tmp_path / "b")}
+
+
+def test_the_rewriter_and_the_judge_must_answer_with_their_model(serving_other_model: str, own_data,
+                                                                 tmp_path: Path) -> None:
+    url, dead = serving_other_model, f"http://127.0.0.1:{free_port()}"
+    overrides = [*isolated(**own_data), f"rewrite.url={url}", "rewrite.model=big-chat", f"eval.judge_url={dead}",
+                 "eval.judge_model=judge"]
+    problems = preflight(load_config(quick=True, overrides=overrides), tmp_path / "run").problems
+    assert f"rewrite.url {url} serves ['backward', 'scorer'], not 'big-chat': correct the model name" in problems
+    assert [p for p in problems if p.startswith(f"eval.judge_url {dead} does not answer GET /v1/models")]
+    fine = [*overrides[:-3], "rewrite.model=scorer", "eval.judge_url=null"]
+    assert not [p for p in preflight(load_config(quick=True, overrides=fine), tmp_path / "run").problems
+                if p.startswith(("rewrite", "eval"))]
