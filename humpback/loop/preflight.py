@@ -305,7 +305,7 @@ class Preflight:
                 c.warnings.append(f"memory: ~{need / GB:.0f} GiB needed, {available / GB:.0f} GiB available now: "
                                   "other processes hold the rest (`make down` stops humpback's)")
         steps = [(name, preset, n or PRESETS[preset].max_steps, PRESETS[preset]) for name, preset, n in jobs]
-        c.plan.append(("training", "; ".join(f"{name} {preset} {n or 'paper schedule'} steps"
+        c.plan.append(("training", "; ".join(f"{name} {preset} {f'{n} steps' if n else 'steps of Table 18'}"
                                              for name, preset, n, _ in steps)))
         stages = self.stages()
         c.plan.append(("stages", f"{len(stages)}: " + " -> ".join(stages)))
