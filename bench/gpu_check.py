@@ -63,15 +63,17 @@ def job(spec_path: Path) -> int:
 
     import torch
 
-    from trainer.train import TrainSpec, run
+    from trainer.train import TrainSpec, event_stream, run
 
     spec = TrainSpec.model_validate_json(spec_path.read_text())
+    events = event_stream()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    run(spec, sys.stdout)
+    run(spec, events)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps({"type": "peak_memory", "bytes": peak}), flush=True)
+    events.write(json.dumps({"type": "peak_memory", "bytes": peak}) + "\n")
+    events.flush()
     return 0
 
 
