@@ -599,7 +599,9 @@ def test_trainer_dockerfile():
     body = "\n".join(lines)
     from_line = next(ln for ln in lines if ln.upper().startswith("FROM "))
     assert re.search(r"vllm/vllm-openai|pytorch/pytorch|nvcr\.io/nvidia/pytorch", from_line), from_line
-    assert re.search(r"pip install [^\n]*['\"]?\.\[trainer\]", body), "pip install '.[trainer]'"
+    extras = re.search(r"pip install [^\n]*['\"]?\.\[([a-z,-]+)\]", body)
+    # The trainer's extra for the service, the evaluation's for compose's client (`humpback run`).
+    assert extras and {"trainer", "eval"} <= set(extras.group(1).split(",")), "pip install '.[trainer,eval]'"
     entry = next(ln for ln in lines if ln.upper().startswith("ENTRYPOINT"))
     assert yaml.safe_load(entry.split(None, 1)[1]) == [
         "humpback", "trainer", "serve", "--host", "0.0.0.0", "--port", "8100",
@@ -631,3 +633,37 @@ def test_a_scorer_replica_records_itself_where_the_trainer_and_the_run_find_it(d
     assert mounts(client)["/state"] == ("state", True)
     overrides = [c for c in client["command"] if str(c).startswith("services.")]
     assert load_config(None, overrides=overrides).services.state_dir == Path("/state")
+
+
+def test_the_base_model_is_one_setting_the_servers_the_trainer_and_the_run_share(raw, doc, monkeypatch):
+    """HUMPBACK_BASE_MODEL alone names the model: each server serves it, the trainer fine-tunes from it for
+    both roles, and the client's run checks against it (services.base_model)."""
+    from humpback.loop.cli import RunArgs, register as register_run
+    from humpback.loop.config import load_config
+    from trainer.cli import register as register_trainer
+
+    assert "HUMPBACK_BASE_MODEL" in variables(raw)
+    assert not {"HUMPBACK_BACKWARD_MODEL", "HUMPBACK_SCORER_MODEL"} & set(variables(raw))
+    models = {launched(doc["services"][name], monkeypatch)[1].model for name in (*SERVERS, "scorer-1")}
+    trainer = vars(parsed(register_trainer, [*entrypoint_args(DOCKERFILE)[1:],
+                                             *(str(c) for c in doc["services"]["trainer"]["command"])]))
+    models |= {str(trainer["backward_model"]), str(trainer["scorer_model"])}
+    client = doc["services"]["client"]
+    run = from_args(RunArgs, parsed(register_run, [str(c) for c in client["entrypoint"][1:] + client["command"]]))
+    models.add(load_config(None, overrides=run.overrides).services.base_model)
+    assert len(models) == 1, models
+
+
+def test_the_client_runs_the_gpu_example_on_the_data_folder(doc):
+    from humpback.loop.cli import RunArgs, register
+    from humpback.loop.config import load_config
+
+    client = doc["services"]["client"]
+    run = from_args(RunArgs, parsed(register, [str(c) for c in client["entrypoint"][1:] + client["command"]]))
+    config_dir = next(v.split(":")[0] for v in client["volumes"] if str(v).split(":")[1] == "/config")
+    data_dir = next(v.split(":")[0] for v in client["volumes"] if str(v).split(":")[1] == "/data")
+    assert (ROOT / config_dir / run.config.name) == ROOT / "examples" / "gpu.yaml"
+    assert mounts(client)["/data"][1], "the run reads the data, never writes it"
+    data = load_config(ROOT / "examples" / "gpu.yaml", overrides=run.overrides).data
+    assert {p.parent for p in [data.seed, data.heldout, *data.corpus]} == {Path("/data")}
+    assert data_dir in ("./data/mine", "data/mine")

@@ -44,6 +44,8 @@ from humpback.contracts import (
     FileObject,
     FineTuningJob,
     ListPage,
+    ModelCard,
+    ModelList,
 )
 from humpback.settings import env_values
 from trainer.config import ServiceSettings
@@ -226,6 +228,14 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
     "type": "object", "required": ["file", "purpose"],
     "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["fine-tune"]}},
 }}}}}
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(request: Request) -> ModelList:
+    """The base models a job may name, with the folder each fine-tunes from (`root`): what a run checks
+    against the model its servers serve."""
+    models = _service(request).settings.base_models()
+    return ModelList(data=[ModelCard(id=name, root=str(path)) for name, path in models.items()])
 
 
 @router.post("/files", response_model=FileObject, openapi_extra=_UPLOAD_BODY)

@@ -224,13 +224,19 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m trainer.train SPEC.json", file=sys.stderr)
         return 2
     spec = TrainSpec.model_validate_json(Path(argv[0]).read_text())
-    # Under `accelerate launch` every rank runs this; only rank 0 reports, the others stay silent.
+    run(spec, event_stream())
+    return 0
+
+
+def event_stream() -> IO[str]:
+    """The events' stream: what was stdout, which is pointed at stderr from here on so that library prints
+    cannot corrupt it. Under `accelerate launch` every rank runs this; only rank 0 reports, the others
+    stay silent."""
     main_process = os.environ.get("RANK", "0") == "0"
     events = os.fdopen(os.dup(1), "w", buffering=1) if main_process else open(os.devnull, "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    run(spec, events)
-    return 0
+    return events
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ from humpback.contracts.fine_tuning import (
     JobEvent,
     JobStatus,
     ListPage,
+    ModelCard,
+    ModelList,
     Method,
     RequestedHyperparameters,
     RequestedMethod,

@@ -204,6 +204,22 @@ class ListPage(BaseModel, Generic[T]):
     last_id: str | None = None
 
 
+class ModelCard(BaseModel):
+    """One model of `GET /v1/models`, in the shape vLLM answers it: `root` is the folder (or hub id) the
+    model was loaded from, which the run compares with its `services.base_model`."""
+
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = ORGANIZATION
+    root: str | None = None
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

@@ -24,7 +24,7 @@ from humpback.data.debian_faq import debian_faq_pairs
 from humpback.data.pod import perlfaq_pairs
 from humpback.data.prose import documents
 from humpback.contracts import CorpusDoc, ParseFailure, SeedPair, normalize, text_id, write_jsonl
-from humpback.data.records import split_bucket
+from humpback.data.records import cap_seed, split_bucket
 from humpback.data.rst import parse_rst
 from humpback.data.text import qa_pairs
 from humpback.settings import setting
@@ -158,16 +158,12 @@ def split_pairs(pairs: list[SeedPair], cfg: BuildConfig, counts: dict[str, Sourc
     """(seed, held-out, rest), each in input order. The held-out side is chosen first, by a hash of each
     id, so it never depends on `max_seed`; `max_seed` then keeps the seed pairs of smallest id hash, and
     the others are the rest (never held-out pairs: a model may still learn from them)."""
-    seed, heldout, rest = [], [], []
+    seed, heldout = [], []
     for p in pairs:
         (heldout if split_bucket(p.id) < cfg.heldout_fraction else seed).append(p)
-    if cfg.max_seed is not None and len(seed) > cfg.max_seed:
-        chosen = {p.id for p in heapq.nsmallest(cfg.max_seed, seed, key=lambda p: split_bucket(p.id, "subsample"))}
-        for p in seed:
-            if p.id not in chosen:
-                counts[p.source].dropped["over_max_seed"] += 1
-        rest = [p for p in seed if p.id not in chosen]
-        seed = [p for p in seed if p.id in chosen]
+    seed, rest = cap_seed(seed, cfg.max_seed)
+    for p in rest:
+        counts[p.source].dropped["over_max_seed"] += 1
     for side, held in ((seed, False), (heldout, True)):
         for p in side:
             c = counts[p.source]

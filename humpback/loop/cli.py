@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -17,9 +18,14 @@ class RunArgs(BaseModel):
 
     config: Path | None = setting(None, "YAML or JSON config (defaults: the CPU demo)")
     quick: bool = setting(False, "tiny sizes: minutes on a CPU (what the tests run)")
-    out: Path = setting(Path("runs/demo"), "run folder (re-run to resume)")
+    out: Path | None = setting(None, "run folder (re-run to resume); default: runs/demo, or runs/NAME for "
+                                     "--config NAME.yaml")
     overrides: list[str] = setting(default_factory=list, help="override a value of the config, repeatable",
                                    flag="set", metavar="SECTION.FIELD=VALUE")
+    check: bool = setting(False, "check the config, its files, the extras, models, servers, ports, disk and memory, "
+                                 "print the plan and exit (2 with every problem listed) without starting anything; "
+                                 "a run makes this check first and does not start on a problem")
+    debug: bool = setting(False, "show the traceback of a config that cannot be loaded")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,14 +40,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from humpback.loop.config import load_config
+    from humpback.loop.preflight import config_problem, preflight
     from humpback.loop.report import render
     from humpback.loop.run import Loop
 
     opts = from_args(RunArgs, args)
-    cfg = load_config(opts.config, quick=opts.quick, overrides=opts.overrides)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    Loop(cfg, opts.out).run()
-    print(f"report: {render(opts.out.absolute())}")
+    try:
+        cfg = load_config(opts.config, quick=opts.quick, overrides=opts.overrides)
+    except Exception as exc:  # a user's config: a missing file, bad YAML or JSON, a value refused
+        if opts.debug:
+            raise
+        for line in config_problem(exc, opts.config):
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    out = opts.out or Path("runs") / (opts.config.stem if opts.config else "demo")
+    check = preflight(cfg, out)
+    if opts.check or check.problems:
+        print(check.render())
+    if check.problems:
+        if not opts.check:
+            print("the run did not start: mend the problems above (`humpback run --check` lists them again)")
+        return 2
+    if opts.check:
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    Loop(cfg, out).run()
+    print(f"report: {render(out.absolute())}")
     return 0
 
 

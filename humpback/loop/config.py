@@ -18,7 +18,7 @@ from client.augment import AugmentConfig
 from client.curate import CurateConfig
 from client.rewrite import RewriteConfig
 from humpback.contracts import (
-    API_KEY_ENV, DEFAULT_URLS, QUALITY_MODEL_DIR, SERVE_STATE_DIR, TRAINER_DATA_DIR, TRAINER_URL,
+    API_KEY_ENV, DEFAULT_MODEL_DIR, DEFAULT_URLS, QUALITY_MODEL_DIR, SERVE_STATE_DIR, TRAINER_DATA_DIR, TRAINER_URL,
 )
 from humpback.settings import env_values, setting
 from services.config import ServeConfig
@@ -34,10 +34,11 @@ class DataConfig(_Section):
 
     build_demo: bool = setting(True, "build the seed, held-out and corpus with `humpback data demo` (from the "
                                      "installed Debian docs) into RUN_DIR/data when no paths are given")
-    seed: Path | None = setting(None, "SeedPair JSONL (`humpback data demo` or `humpback data oasst1` output)")
-    heldout: Path | None = setting(None, "held-out SeedPair JSONL")
-    corpus: list[Path] = setting(default_factory=list,
-                                 help="unlabelled corpora: JSONL or text (either may be .gz) or Parquet")
+    seed: Path | None = setting(None, "seed pairs, JSONL: {instruction, response}, Alpaca's {instruction, input, "
+                                      "output} or OpenAI chat {messages} lines (docs/data.md), or `humpback data "
+                                      "oasst1|demo` output; a bad line goes to RUN_DIR/data/errors.jsonl")
+    heldout: Path | None = setting(None, "held-out pairs, in the formats of data.seed")
+    corpus: list[Path] = setting(default_factory=list, help="unlabelled corpora: JSONL or text (either may be .gz) or Parquet")
     text_field: str = setting("text", "JSONL/Parquet field holding the text")
     # A CPU job sees 6 x 8 = 48 examples: 60 seed pairs leave room for A_k in M1's, as in the paper
     # where curated data outnumbers the seed.
@@ -45,10 +46,26 @@ class DataConfig(_Section):
     max_corpus_docs: int = setting(300, "documents of the corpus")
     max_segments: int = setting(128, "segments sent to the backward model (the augment stage's limit)")
 
+    def problem(self) -> str | None:
+        """What keeps the data stage from starting, with the fix (None when nothing does)."""
+        if self.seed is None and self.corpus:
+            return "data.corpus is given without data.seed: give both (docs/data.md), or neither for the demo's data"
+        if self.seed is not None and not self.corpus:
+            return "data.seed is given without data.corpus: give both (docs/data.md), or neither for the demo's data"
+        if self.heldout is not None and self.seed is None:
+            return "data.heldout is given without data.seed and data.corpus: give all three (docs/data.md)"
+        if self.seed is None and not self.build_demo:
+            return "no data: give data.seed and data.corpus (docs/data.md), or set data.build_demo"
+        return None
+
 
 class ServicesConfig(_Section):
     """The model servers and the trainer; started by the run when they do not answer."""
 
+    base_model: str = setting(str(DEFAULT_MODEL_DIR), "the model every role starts from: the folder the servers the "
+                                                     "run starts serve and the trainer it starts fine-tunes, and what "
+                                                     "running servers and trainer must serve (their /v1/models), "
+                                                     "else the run is refused")
     backward_url: str = setting(DEFAULT_URLS["backward"], "base URL of the backward model's server")
     scorer_url: str = setting(DEFAULT_URLS["scorer"], "base URL of the scorer's (forward model's) server")
     trainer_url: str = setting(TRAINER_URL, "base URL of the trainer")

@@ -36,6 +36,7 @@ from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
     Candidate,
     ChatExample,
+    InputError,
     CreateJobRequest,
     RewrittenCandidate,
     SeedPair,
@@ -47,6 +48,7 @@ from humpback.contracts import (
     write_jsonl,
 )
 from humpback.data.build import BuildConfig, build_demo, format_table
+from humpback.data.pairs import import_pairs
 from humpback.loop.config import RunConfig
 from humpback.loop.evaluate import candidate_quality, evaluate_model, measure_backward, measure_scorer
 from humpback.loop.services import ensure_servers, ensure_trainer, serving
@@ -82,11 +84,13 @@ class Loop:
 
     def build_data(self) -> dict[str, Any]:
         d = self.cfg.data
-        if d.seed is not None and d.corpus:
-            return {"seed": str(d.seed), "heldout": str(d.heldout) if d.heldout else None,
-                    "corpus": [str(c) for c in d.corpus]}
-        if not d.build_demo:
-            raise ValueError("data: give data.seed and data.corpus, or set data.build_demo")
+        problem = d.problem()
+        if problem is not None:
+            raise InputError(problem)
+        if d.seed is not None:
+            pairs = import_pairs(d.seed, d.heldout, self.dir / "data", d.max_seed)
+            log.info("data: %s", ", ".join(f"{n} {k}" for k, n in pairs["pairs"].items()))
+            return {**pairs, "corpus": [str(c) for c in d.corpus]}
         result = build_demo(BuildConfig(out=self.dir / "data", max_seed=d.max_seed, max_corpus_docs=d.max_corpus_docs))
         log.info("data built in %s:\n%s", result.out, format_table(result))
         return {"seed": str(result.out / "seed.jsonl"), "heldout": str(result.out / "heldout.jsonl"),

@@ -44,7 +44,8 @@ def ensure_servers(cfg: ServicesConfig) -> None:
         raise ServeError(f"model servers at {cfg.backward_url} / {cfg.scorer_url} do not answer "
                          "(services.start is off)")
     log.info("starting the model servers; the first start compiles for a few minutes")
-    settings = ServeSettings(backward_port=_port(cfg.backward_url), scorer_port=_port(cfg.scorer_url))
+    settings = ServeSettings(backward_port=_port(cfg.backward_url), scorer_port=_port(cfg.scorer_url),
+                             backward_model=cfg.base_model, scorer_model=cfg.base_model)
     servers = default_servers(settings, **values_from(ServerSpec, _keys(cfg, "api_key"), exclude=PER_ROLE))
     serve = ServeConfig(state_dir=cfg.state_dir, servers=servers)
     up(serve, timeout=settings.timeout)
@@ -79,7 +80,8 @@ def ensure_trainer(cfg: ServicesConfig, log_dir: Path, timeout: float = 300.0) -
     settings = from_args(
         ServiceSettings, _keys(cfg, "api_key", "server_api_key"), port=_port(cfg.trainer_url),
         data_dir=cfg.trainer_data_dir.absolute(), backward_url=cfg.backward_url, scorer_url=cfg.scorer_url,
-        registry=cfg.registry,
+        registry=cfg.registry, backward_model=Path(cfg.base_model).absolute(),
+        scorer_model=Path(cfg.base_model).absolute(),
     )
     log_dir.mkdir(parents=True, exist_ok=True)
     settings_path = log_dir / "trainer.settings.json"
