@@ -38,7 +38,8 @@ class DataConfig(_Section):
                                       "output} or OpenAI chat {messages} lines (docs/data.md), or `humpback data "
                                       "oasst1|demo` output; a bad line goes to RUN_DIR/data/errors.jsonl")
     heldout: Path | None = setting(None, "held-out pairs, in the formats of data.seed")
-    corpus: list[Path] = setting(default_factory=list, help="unlabelled corpora: JSONL or text (either may be .gz) or Parquet")
+    corpus: list[Path] = setting(default_factory=list,
+                                 help="unlabelled corpora: JSONL or text (either may be .gz) or Parquet")
     text_field: str = setting("text", "JSONL/Parquet field holding the text")
     # A CPU job sees 6 x 8 = 48 examples: 60 seed pairs leave room for A_k in M1's, as in the paper
     # where curated data outnumbers the seed.
