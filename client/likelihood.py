@@ -122,14 +122,14 @@ class Term(BaseModel):
 
 
 class TermLogprob(BaseModel):
-    """A line of the terms' journal: log p(target | prompt) summed over the target's `tokens`."""
+    """A line of the terms' journal: log p(target | prompt) summed over the target's `tokens` (the id
+    names the model and its weights)."""
 
     model_config = ConfigDict(extra="forbid")
 
     custom_id: str
     logprob: float
     tokens: int
-    model: str
 
 
 def forward_terms(cand: Candidate) -> tuple[Term, Term]:
@@ -164,7 +164,7 @@ class TermTask:
 
     def record(self, custom_id: str, term: Term, parsed: list[Any]) -> TermLogprob:
         nll = response_nll(parsed, term.ids, term.start)
-        return TermLogprob(custom_id=custom_id, logprob=-math.fsum(nll), tokens=len(nll), model=self.model)
+        return TermLogprob(custom_id=custom_id, logprob=-math.fsum(nll), tokens=len(nll))
 
 
 # --- signals --------------------------------------------------------------------------------------
@@ -180,10 +180,23 @@ def pmi_signals(prefix: str, cond: TermLogprob, uncond: TermLogprob) -> dict[str
 
 @dataclass(frozen=True)
 class Model:
-    """A served model the terms of one direction are asked of."""
+    """A served model the terms of one direction are asked of (`fan` None: answered from a batch)."""
 
-    fan: Fanout
+    fan: Fanout | None
     task: TermTask
+
+
+class ScorerSpec(BaseModel):
+    """What a batch export records beside its requests (`<requests>.likelihood.json`), so the import
+    scores the pairs from the terms as the export asked them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scorer: str
+    model: str
+    checkpoint: str | None
+    backward_model: str | None = None
+    backward_checkpoint: str | None = None
 
 
 class LikelihoodScorer:
@@ -206,6 +219,19 @@ class LikelihoodScorer:
         self.forward = forward if scorer != "reverse_pmi" else None
         self.backward = backward if scorer != "pmi" else None
         self.combine = combine
+
+    def spec(self) -> ScorerSpec:
+        back = self.backward.task if self.backward is not None else None
+        return ScorerSpec(scorer=self.scorer, model=self.model, checkpoint=self.checkpoint,
+                          backward_model=back.model if back else None, backward_checkpoint=back.checkpoint if back else None)
+
+    @classmethod
+    def from_spec(cls, spec: ScorerSpec, combine: Callable[[dict[str, float]], float] | None) -> LikelihoodScorer:
+        """The scorer a batch export used, its terms answered from the batch."""
+        back = None if spec.backward_model is None else Model(None, TermTask(spec.backward_model,
+                                                                              spec.backward_checkpoint))
+        return cls(spec.scorer, spec.model, spec.checkpoint, Model(None, TermTask(spec.model, spec.checkpoint)), back,
+                   combine)
 
     def directions(self, cand: Candidate) -> list[tuple[Model, str, tuple[Term, Term]]]:
         out = []
@@ -260,6 +286,7 @@ def read_terms(path: Path) -> dict[str, TermLogprob]:
 async def tokenized(model: Model, term: Term) -> Term | str:
     """`term` with its rendering, or why it cannot be scored (too long, a template that hides the
     response)."""
+    assert model.fan is not None, "terms are tokenized by their model's server"
     try:
         ids, start, max_len = await render(model.fan, model.task.model, term.prompt, term.target)
     except ValueError as exc:
@@ -292,27 +319,39 @@ async def _score_chunk(scorer: LikelihoodScorer, chunk: list[tuple[Candidate, in
                        progress: Progress) -> None:
     todo = [(c, pos) for c, pos in chunk if scorer.score_id(c) not in scored.done]
     summary.results["skipped_done"] += len(chunk) - len(todo)
-    wanted: dict[str, tuple[Model, Term]] = {}
-    for cand, _ in todo:
-        for m, t in scorer.jobs(cand):
-            cid = m.task.custom_id(t)
-            if cid not in done:
-                wanted.setdefault(cid, (m, t))
-    rendered = await asyncio.gather(*(tokenized(m, t) for m, t in wanted.values()))
-    unusable: dict[str, str] = {}
+    jobs, unusable = await term_jobs(scorer, (c for c, _ in todo), set(done))
     by_model: dict[int, tuple[Model, list[Job[Term]]]] = {}
-    for (cid, (m, _)), term in zip(wanted.items(), rendered):
-        if isinstance(term, str):
-            unusable[cid] = term
-            continue
-        by_model.setdefault(id(m), (m, []))[1].append(Job(m.task.request(term), term, None))
+    for m, job in jobs:
+        by_model.setdefault(id(m), (m, []))[1].append(job)
     term_summary = RunSummary()
     quiet = Progress(0, "terms", enabled=False)
-    for m, jobs in by_model.values():
-        await run(m.task, jobs, remembering(online(m.fan), done), journal, failed, term_summary, quiet,
+    for m, model_jobs in by_model.values():
+        assert m.fan is not None
+        await run(m.task, model_jobs, remembering(online(m.fan), done), journal, failed, term_summary, quiet,
                   m.fan.max_inflight)
     summary.extra["terms_asked"] = summary.extra.get("terms_asked", 0) + term_summary.results["written"]
     append_scores(scorer, todo, scored, done, unusable, failed, summary, progress)
+
+
+async def term_jobs(scorer: LikelihoodScorer, cands: Iterable[Candidate], skip: set[str]
+                    ) -> tuple[list[tuple[Model, Job[Term]]], dict[str, str]]:
+    """(the job of every term of `cands` whose id is not in `skip`, once each, with the model that
+    answers it; why each term that cannot be asked cannot). The ids of both go into `skip`."""
+    wanted: dict[str, tuple[Model, Term]] = {}
+    for cand in cands:
+        for m, t in scorer.jobs(cand):
+            cid = m.task.custom_id(t)
+            if cid not in skip:
+                wanted.setdefault(cid, (m, t))
+    skip.update(wanted)
+    rendered = await asyncio.gather(*(tokenized(m, t) for m, t in wanted.values()))
+    jobs, unusable = [], {}
+    for (cid, (m, _)), term in zip(wanted.items(), rendered):
+        if isinstance(term, str):
+            unusable[cid] = term
+        else:
+            jobs.append((m, Job(m.task.request(term), term, None)))
+    return jobs, unusable
 
 
 def remembering(answer: Answer, done: dict[str, TermLogprob]) -> Answer:
@@ -326,7 +365,7 @@ def remembering(answer: Answer, done: dict[str, TermLogprob]) -> Answer:
     return remember
 
 
-def append_scores(scorer: LikelihoodScorer, todo: list[tuple[Candidate, int]], scored: Journal,
+def append_scores(scorer: LikelihoodScorer, todo: Iterable[tuple[Candidate, int]], scored: Journal,
                    done: dict[str, TermLogprob], unusable: dict[str, str], failed: LineWriter, summary: RunSummary,
                    progress: Progress) -> None:
     """Append the record of each candidate of `todo` whose terms are all in `done` to `scored`; a
