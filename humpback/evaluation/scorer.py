@@ -20,7 +20,7 @@ Each pair is scored as `curate` scores it, with the same `--scorer` (and `--mode
   characters alone, so no scorer is credited for what length already tells;
 - `signal_auc_<signal>` (likelihood scorers): the AUC of each signal the scorer computed;
 - `precision_at_k`: share of positives among the pairs scored >= `--threshold` (curate's
-  `--min-score` for the rubric, `--min-prob` for combined), the paper's Table 7 measure; here a fifth
+  `--min-score` for the rubric, `--min-prob` for combined, 0.5 without one), the paper's Table 7 measure; here a fifth
   of the pairs or fewer are positives, so a scorer that keeps everything scores about 0.2;
   `recall_at_k`: share of positives kept; `precision_at_r`: share of positives among as many
   best-scored pairs as there are positives (scale-free: every scorer has one);
@@ -228,7 +228,7 @@ def default_threshold(score: CurateConfig) -> float | None:
     if score.scorer == "rubric":
         return score.min_score
     if score.scorer == "combined":
-        return score.min_prob
+        return score.min_prob if score.min_prob is not None else 0.5
     return None
 
 

@@ -13,12 +13,13 @@ import pytest
 from client.curate import CurateConfig, ScoreTask
 from client.fanout import FanoutConfig
 from humpback.cli import main
-from humpback.contracts import DEFAULT_URLS, Candidate, Source
+from humpback.contracts import DEFAULT_URLS, Candidate, InputError, Source
 from humpback.evaluation import scorer
 from humpback.evaluation.cli import SCORER_DEFAULTS, Server, StageRun
 from humpback.evaluation.metrics import Metric
 from humpback.evaluation.records import HeldoutPair, ScorerRow
 from humpback.settings import flags, from_args, parser_flags
+from tests.evaluation.fake_eval_server import EvalFake
 from tests.evaluation.fake_stage_server import StageFake
 from tests.evaluation.pairs import write_pairs
 from tests.subcommand import subcommand
@@ -204,3 +205,40 @@ def test_the_command_says_when_passages_are_missing(pairs: Path, first: StageFak
     assert json.loads(out.read_text())["auc"] == {"value": 1.0, "ci95": [1.0, 1.0], "n": 24}
     printed = capsys.readouterr().out
     assert "mean_score_mismatched" in printed and "pass --corpus" in printed
+
+
+@pytest.fixture
+def eval_fake() -> Iterator[EvalFake]:
+    s = EvalFake().start()
+    yield s
+    s.stop()
+
+
+async def test_a_likelihood_scorer_is_measured_with_its_signals_and_resumed(pairs: Path, eval_fake: EvalFake,
+                                                                            tmp_path: Path) -> None:
+    # The fake's log-probabilities ignore the context: every PMI is 0, so no signal tells anything.
+    score = CurateConfig(scorer="reverse_pmi", backward_endpoint=eval_fake.url)
+    m = await scorer.run_scorer_eval(pairs, tmp_path / "s.json", _fan(eval_fake), score=score)
+    assert m["auc"].value == 0.5 and m["signal_auc_reverse_pmi"].value == 0.5
+    assert "precision_at_k" not in m and m["precision_at_r"].n == len(PAIRS)  # no threshold on a model's scale
+    rows = _rows(tmp_path / "s.rows.jsonl")
+    assert all(r.signals is not None and r.score == r.signals["reverse_pmi"] for r in rows)
+    asked = eval_fake.requests["/v1/completions"]
+    await scorer.run_scorer_eval(pairs, tmp_path / "s.json", _fan(eval_fake), score=score)
+    assert eval_fake.requests["/v1/completions"] == asked
+
+
+async def test_calibrate_fits_a_combiner_that_eval_scorer_refuses_to_measure_on_its_own_pairs(
+        pairs: Path, eval_fake: EvalFake, tmp_path: Path) -> None:
+    from humpback.evaluation.calibrate import run_calibration
+
+    combiner = await run_calibration(pairs, tmp_path / "combiner.json", _fan(eval_fake), eval_fake.url)
+    assert (combiner.pairs, combiner.data) == (len(PAIRS), str(pairs))
+    assert combiner.negatives == {"mismatched": 5, "first_sentence": 4, "generic": 5, "boilerplate": 5}
+    score = CurateConfig(scorer="combined", backward_endpoint=eval_fake.url, calibration=tmp_path / "combiner.json")
+    with pytest.raises(InputError, match="fitted on 5 of the pairs"):
+        await scorer.run_scorer_eval(pairs, tmp_path / "s.json", _fan(eval_fake), score=score)
+    other = write_pairs(tmp_path / "other.jsonl", [(x + " Please.", y + " Done.") for x, y in PAIRS])
+    m = await scorer.run_scorer_eval(other, tmp_path / "s.json", _fan(eval_fake), score=score)
+    assert all(0.0 <= r.score <= 1.0 for r in _rows(tmp_path / "s.rows.jsonl"))
+    assert "precision_at_k" in m  # kept at P >= 0.5 when no --min-prob is given
