@@ -60,3 +60,16 @@ def test_a_push_to_an_unreachable_hub_fails_clearly_and_keeps_the_folder(run: Pa
     with pytest.raises(HumpbackError, match="could not push to the hub repository 'someone/humpback-a1'"):
         export_dataset(files)
     assert (run / "A1.dataset" / "README.md").is_file()
+
+
+def test_the_card_names_a_likelihood_scorer_and_its_combiner() -> None:
+    from client.dataset import dataset_card
+
+    curate = {"extra": {"mode": "combined", "min_score": 0.5, "selected": 3, "scored_total": 9, "bands": None,
+                        "combiner": {"path": "A1.combiner.json", "data": "calibration.jsonl", "pairs": 24,
+                                     "negatives": {"mismatched": 24, "generic": 24}}}}
+    card = dataset_card("A1", [], curate, {}, {}, None)
+    assert "by P(good pair) from both likelihood signals" in card
+    assert ("The combiner's weights: `A1.combiner.json`, fitted on 24 held-out pairs of `calibration.jsonl` and "
+            "negatives built from them (mismatched 24, generic 24).") in card
+    assert "A likelihood score has no rubric bands." in card
