@@ -10,9 +10,9 @@ from client.preferences import PreferenceConfig, export_dpo
 from humpback.contracts import PreferencePair, ScoredCandidate, Source
 
 
-def _scored(instruction: str, output: str, score: float | None, cid: str) -> str:
+def _scored(instruction: str, output: str, score: float | None, cid: str, mode: str = "logprobs") -> str:
     return ScoredCandidate(custom_id="s" + cid, candidate_id=cid, instruction=instruction, output=output,
-                           source=Source(path="c.jsonl", line=1), mode="logprobs", score=score,
+                           source=Source(path="c.jsonl", line=1), mode=mode, score=score,  # type: ignore[arg-type]
                            scorer_model="scorer").model_dump_json() + "\n"
 
 
@@ -44,3 +44,15 @@ def test_a_system_prompt_goes_first_and_margin_zero_keeps_any_difference(tmp_pat
     export_dpo([scored], tmp_path / "dpo.jsonl", PreferenceConfig(min_margin=0, system="Be brief."))
     (row,) = [PreferencePair.model_validate_json(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
     assert [m.role for m in row.prompt] == ["system", "user"] and row.chosen[0].content == "b"
+
+
+def test_only_one_scorer_s_scores_rank(tmp_path: Path) -> None:
+    # A PMI of 40 nats is no better than a rubric 4.5: the two scales never meet in one pair.
+    scored = tmp_path / "mixed.scored.jsonl"
+    scored.write_text(_scored("Q?", "a", 4.5, "a") + _scored("Q?", "b", 40.0, "b", "pmi")
+                      + _scored("Q?", "c", 2.0, "c") + _scored("Q?", "d", -5.0, "d", "pmi"))
+    first = export_dpo([scored], tmp_path / "first.jsonl")
+    assert first.results["other_scorer"] == 2 and first.extra["scorer"] == "logprobs"
+    pmi = export_dpo([scored], tmp_path / "pmi.jsonl", PreferenceConfig(scorer="pmi"))
+    pair = PreferencePair.model_validate_json((tmp_path / "pmi.jsonl").read_text())
+    assert (pair.chosen_id, pair.rejected_id, pair.margin) == ("b", "d", 45.0) and pmi.results["other_scorer"] == 2
