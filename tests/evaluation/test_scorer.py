@@ -242,3 +242,11 @@ async def test_calibrate_fits_a_combiner_that_eval_scorer_refuses_to_measure_on_
     m = await scorer.run_scorer_eval(other, tmp_path / "s.json", _fan(eval_fake), score=score)
     assert all(0.0 <= r.score <= 1.0 for r in _rows(tmp_path / "s.rows.jsonl"))
     assert "precision_at_k" in m  # kept at P >= 0.5 when no --min-prob is given
+
+
+def test_a_scorer_without_its_backward_model_is_refused_in_one_line(pairs: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "scorer", "--pairs", str(pairs), "--out", str(tmp_path / "s.json"),
+                 "--scorer", "combined"]) == 2
+    assert capsys.readouterr().err == ("humpback: error: --scorer combined needs --backward-endpoint URL (the "
+                                       "backward model's server)\n")
