@@ -217,9 +217,8 @@ async def test_on_the_real_model_another_pair_s_instruction_lowers_the_pmi(serve
     pmi = {(r.instruction, r.output): r.score for r in scored_records(tmp_path / "out.scored.jsonl", "pmi")}
     for (x, y), (other, _) in zip(PAIRS, _mismatched(PAIRS)):
         assert pmi[(x, y)] > pmi[(other, y)], (x, y, pmi[(x, y)], pmi[(other, y)])
-    # The top half is the true pairs.
-    kept = [json.loads(line)["messages"][1]["content"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert sorted(kept) == sorted(x for x, _ in PAIRS)
+    # Across responses the summed PMI also grows with the response: the top half need not be the true pairs.
+    assert summary.extra["selected"] == len(PAIRS)
 
 
 @pytest.mark.server
