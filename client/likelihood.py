@@ -325,10 +325,10 @@ async def _score_chunk(scorer: LikelihoodScorer, chunk: list[tuple[Candidate, in
         by_model.setdefault(id(m), (m, []))[1].append(job)
     term_summary = RunSummary()
     quiet = Progress(0, "terms", enabled=False)
-    for m, model_jobs in by_model.values():
-        assert m.fan is not None
-        await run(m.task, model_jobs, remembering(online(m.fan), done), journal, failed, term_summary, quiet,
-                  m.fan.max_inflight)
+    # The two directions' servers work at once (combined asks both).
+    await asyncio.gather(*(run(m.task, model_jobs, remembering(online(m.fan), done), journal, failed, term_summary,
+                               quiet, m.fan.max_inflight)
+                           for m, model_jobs in by_model.values() if m.fan is not None))
     summary.extra["terms_asked"] = summary.extra.get("terms_asked", 0) + term_summary.results["written"]
     append_scores(scorer, todo, scored, done, unusable, failed, summary, progress)
 
