@@ -250,7 +250,9 @@ def main() -> int:
     finally:
         humpback("serve", "down", "--state-dir", str(state))
     report = (f"# Quality benchmark ({args.pairs} held-out pairs, {(time.monotonic() - started) / 60:.1f} min)\n\n"
-              + table(rows, "backward", BACKWARD_COLUMNS) + "\n" + table(rows, "scorer", SCORER_COLUMNS))
+              + "\n".join(table(rows, stage, columns) for stage, columns in (("backward", BACKWARD_COLUMNS),
+                                                                               ("scorer", SCORER_COLUMNS))
+                          if any(r.stage == stage for r in rows)))
     print(report)
     (out / "bench_quality.md").write_text(report, encoding="utf-8")
     (out / "bench_quality.json").write_text(json.dumps(
