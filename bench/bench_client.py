@@ -7,7 +7,10 @@
 2. the same vs the usual `openai.AsyncOpenAI` + semaphore script at concurrency 8 and 64;
 3. client overhead against an instant fake server: requests/s on one core (and a bare
    `httpx.AsyncClient` loop beside it), peak RSS over a long stream;
-4. curation pairs/s, log-probability mode vs free-text mode, with the free-text parse rate;
+4. curation pairs/s of every scorer, side by side: the rubric in log-probability mode and in free-text
+   mode (with its parse rate), and the likelihood scorers pmi, reverse_pmi (the backward server
+   serves the reverse terms) and combined (both; its combiner fitted on the candidates' first half,
+   a stand-in: the throughput does not depend on the weights), each as a ratio to the logprobs rubric.
 5. augment with `--ray local` (every shard a Ray task on this machine's cores) vs the plain client on
    the same segments: wall time, Ray's start and the merge included (`--only ray`; the ray extra).
 
@@ -242,17 +245,34 @@ def bench_prepare(n: int) -> dict[str, Any]:
 
 # --- 4. curation ------------------------------------------------------------------------------------
 
-async def bench_curate(cands: Path, url: str, model: str, mode: str, n: int, tmp: Path) -> dict[str, Any]:
+async def bench_curate(cands: Path, url: str, model: str, scorer: str, n: int, tmp: Path,
+                       backward: str | None = None, calibration: Path | None = None) -> dict[str, Any]:
+    """Curate the first `n` candidates with `scorer` ("logprobs" and "free_text": the rubric's modes)."""
     from client.curate import CurateConfig, curate
 
-    few = tmp / f"cands_{mode}.jsonl"
+    few = tmp / f"cands_{scorer}.jsonl"
     few.write_text("".join(cands.read_text().splitlines(keepends=True)[:n]))
+    rubric = scorer in ("logprobs", "free_text")
+    cfg = CurateConfig(model=model, scorer="rubric" if rubric else scorer, mode=scorer if rubric else "logprobs",
+                       backward_endpoint=backward, calibration=calibration, top_fraction=None if rubric else 0.25,
+                       progress=False, histogram=False, decontaminate=False)  # type: ignore[arg-type]
     t0 = time.perf_counter()
-    s = await curate(few, tmp / f"curated_{mode}.jsonl", _fanout(url),
-                     CurateConfig(model=model, mode=mode, progress=False, histogram=False))  # type: ignore[arg-type]
+    s = await curate(few, tmp / f"curated_{scorer}.jsonl", _fanout(url), cfg)
     elapsed = time.perf_counter() - t0
     return {"n": s.extra["scored_total"], "elapsed": elapsed, "rate": s.extra["scored_total"] / elapsed,
-            "parse_rate": s.extra.get("parse_rate")}
+            "parse_rate": s.extra.get("parse_rate"), "failed": s.results.get("failed", 0)}
+
+
+def stand_in_combiner(path: Path) -> Path:
+    """A combiner with fixed weights (the summed forward PMI and 5 x log length, the issue's best row):
+    what `combined` costs does not depend on its weights."""
+    sys.path.insert(0, str(ROOT))
+    from client.calibration import FEATURES, Combiner
+
+    Combiner(features=list(FEATURES), mean=[0.0] * len(FEATURES), scale=[1.0] * len(FEATURES),
+             coef=[1.0, 0.0, 0.0, 0.0, 5.0], intercept=0.0, data="bench stand-in", pairs=0, negatives={},
+             pair_ids=[], scorer_model="scorer", backward_endpoint="").write(path)
+    return path
 
 
 def wait_healthy(url: str, timeout: float = 600) -> None:
@@ -284,7 +304,7 @@ def main() -> None:
     ap.add_argument("--segments", type=int, default=200, help="real segments per throughput run")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--overhead-n", type=int, default=1_000_000, help="segments streamed through the fake server")
-    ap.add_argument("--curate-n", type=int, default=64, help="pairs per curation mode")
+    ap.add_argument("--curate-n", type=int, default=64, help="pairs per curation scorer")
     ap.add_argument("--backward", default="http://127.0.0.1:8001")
     ap.add_argument("--scorer", default="http://127.0.0.1:8002")
     ap.add_argument("--model-dir", default=None, help="offline model (default: what the backward server serves)")
@@ -341,13 +361,20 @@ def main() -> None:
             else:
                 cands = tmp / "client.out.jsonl"
             wait_healthy(a.scorer)
-            raw["logprobs"] = lp = asyncio.run(bench_curate(cands, a.scorer, "scorer", "logprobs", a.curate_n, tmp))
-            print("logprobs", lp, flush=True)
-            raw["free_text"] = ft = asyncio.run(bench_curate(cands, a.scorer, "scorer", "free_text", a.curate_n, tmp))
-            rows += [
-                ("curate: log-probability mode pairs/s", f"{lp['rate']:.2f}", f"logprobs/free_text = {lp['rate'] / ft['rate']:.1f}"),
-                ("curate: free-text mode pairs/s", f"{ft['rate']:.2f}", f"parse rate {ft['parse_rate']:.0%}"),
-            ]
+            combiner = stand_in_combiner(tmp / "combiner.json")
+            for scorer in ("logprobs", "free_text", "pmi", "reverse_pmi", "combined"):
+                wait_healthy(a.scorer)
+                raw[scorer] = asyncio.run(bench_curate(cands, a.scorer, "scorer", scorer, a.curate_n, tmp, a.backward,
+                                                       combiner))
+                print(scorer, raw[scorer], flush=True)
+            lp = raw["logprobs"]
+            for scorer, name in (("logprobs", "rubric, log-probability mode"), ("free_text", "rubric, free-text mode"),
+                                 ("pmi", "pmi (forward)"), ("reverse_pmi", "reverse_pmi (backward model)"),
+                                 ("combined", "combined (both)")):
+                r = raw[scorer]
+                note = f"parse rate {r['parse_rate']:.0%}" if r["parse_rate"] is not None else f"failed {r['failed']}"
+                rows.append((f"curate: {name} pairs/s", f"{r['rate']:.2f}",
+                             f"{scorer}/logprobs = {r['rate'] / lp['rate']:.2f}; {note}"))
         if "ray" in only:
             wait_healthy(a.backward)  # the plain client, then the same segments (tagged anew) on Ray, back to back
             raw["ray_plain"] = p = asyncio.run(bench_client(tagged(texts, "rayplain"), a.backward, "backward",

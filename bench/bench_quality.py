@@ -15,8 +15,15 @@ model servers (ports 18201/18202, state under OUT/serve, so a running demo is no
   (`train.backward_examples: short`: every seed-side pair whose response has at most 700 characters,
   the `cpu-demo-short` preset, 256 tokens, 12 steps), with both prompts; and
   Qwen2.5-Coder-0.5B-Instruct with both prompts, when `make models-quality` prepared it;
-- scorer configurations with `eval scorer` (auc, precision_at_k at the paper's 4.5, the mean score of
-  positives and of each negative kind): SmolLM2 untrained, M0 trained as the demo trains it, Qwen 0.5B.
+- scorer configurations with `eval scorer`: SmolLM2 untrained, M0 trained as the demo trains it, Qwen
+  0.5B, each with every scorer (`--scorer`): the rubric (log-probability mode), pmi, reverse_pmi (the
+  backward server's model) and combined (its combiner fitted with `eval calibrate` on the first
+  `--pairs` pairs of the seed's rest, `seed_rest.jsonl`: held out of every forward model's training and
+  of the evaluated pairs). Columns: auc overall and per negative kind, length_auc (the response's
+  length alone), precision_at_r (the share of positives among as many best-scored pairs as there are
+  positives: the loop's selection when it keeps as many pairs as are good), precision_at_k (at the
+  rubric's 4.5, at P >= 0.5 for combined) and pairs/s (every pair scored over the row's wall time, from
+  empty journals: a rerun that reuses them reports no rate).
 
 Every configuration sees the same seeded subset of held-out pairs and the same negatives; each row has
 its wall minutes (training separate). `instruction_nll` compares models of one tokenizer only (Qwen's
@@ -36,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -65,8 +73,9 @@ QWEN = REPO / QUALITY_MODEL_DIR
 PORTS = {"backward": 18201, "scorer": 18202}
 SHOTS = 3
 BACKWARD_COLUMNS = ("instruction_nll", "rouge_l", "usable_rate", "distinct_2")
-SCORER_COLUMNS = ("auc", "precision_at_k", "mean_score_positive", "mean_score_mismatched",
-                  "mean_score_first_sentence", "mean_score_passage")
+SCORER_COLUMNS = ("auc", "auc_mismatched", "auc_first_sentence", "auc_passage", "auc_generic", "auc_boilerplate",
+                  "length_auc", "precision_at_r", "precision_at_k", "pairs_per_s")
+SCORERS = ("rubric", "pmi", "reverse_pmi", "combined")
 
 
 @dataclass
@@ -127,12 +136,32 @@ def measure_backward(name: str, pairs: Path, seed: Path, out: Path, limit: int, 
     return Row("backward", name, metrics, (time.monotonic() - start) / 60, note)
 
 
-def measure_scorer(name: str, pairs: Path, corpus: Path, out: Path, limit: int, note: str = "") -> Row:
-    start = time.monotonic()
-    metrics = asyncio.run(run_scorer_eval(pairs, out / "eval" / f"scorer_{name}.json",
-                                          FanoutConfig(endpoints=[url("scorer")]), "scorer",
-                                          ScorerEvalConfig(corpus=corpus), limit))
-    return Row("scorer", name, metrics, (time.monotonic() - start) / 60, note)
+def measure_scorer(name: str, pairs: Path, corpus: Path, out: Path, limit: int, note: str = "",
+                   calibration_pairs: Path | None = None) -> list[Row]:
+    """One row per scorer of the model the scorer server serves (the backward server's for the
+    reverse signal); combined's combiner is fitted on `calibration_pairs` first."""
+    from client.curate import CurateConfig
+    from humpback.evaluation.calibrate import run_calibration
+
+    fan = FanoutConfig(endpoints=[url("scorer")])
+    rows = []
+    for scorer in SCORERS:
+        if scorer == "combined" and calibration_pairs is None:
+            continue
+        tag = f"{name}_{scorer}".replace(" ", "_")
+        calibration = None
+        if scorer == "combined":
+            calibration = out / "eval" / f"combiner_{tag}.json"
+            asyncio.run(run_calibration(calibration_pairs, calibration, fan, url("backward"), "scorer",  # type: ignore[arg-type]
+                                        ScorerEvalConfig(corpus=corpus), limit))
+        score = CurateConfig(scorer=scorer, backward_endpoint=url("backward"), calibration=calibration)
+        start = time.monotonic()
+        metrics = asyncio.run(run_scorer_eval(pairs, out / "eval" / f"scorer_{tag}.json", fan, "scorer",
+                                              ScorerEvalConfig(corpus=corpus), limit, score=score))
+        seconds = time.monotonic() - start
+        metrics["pairs_per_s"] = Metric(value=metrics["auc"].n / seconds, ci95=None, n=metrics["auc"].n)
+        rows.append(Row("scorer", f"{name}, {scorer}", metrics, seconds / 60, note))
+    return rows
 
 
 def cell(m: Metric | None) -> str:
@@ -158,6 +187,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-quality")
     ap.add_argument("--no-train", action="store_true", help="skip M_yx and M0 (each ~4 min of training)")
     ap.add_argument("--no-qwen", action="store_true", help="skip Qwen2.5-Coder-0.5B-Instruct even if prepared")
+    ap.add_argument("--only", choices=("backward", "scorer"), default=None, help="measure one stage's rows only")
     args = ap.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -170,20 +200,29 @@ def main() -> int:
     pairs, seed, corpus = data / "heldout.jsonl", data / "seed.jsonl", data / "corpus.jsonl"
     seed_pairs = read_jsonl(seed, SeedPair)
     rows: list[Row] = []
+
+    def backward(*a: Any, **k: Any) -> list[Row]:
+        return [measure_backward(*a, **k)] if args.only in (None, "backward") else []
+
+    def scorer_rows(*a: Any, **k: Any) -> list[Row]:
+        return measure_scorer(*a, **k) if args.only in (None, "scorer") else []
+
     started = time.monotonic()
     try:
         serve_up(state, SMOLLM, SMOLLM)
-        rows.append(measure_backward("smollm2-135m base, zero-shot (paper prompt)", pairs, seed, out, args.pairs, 0))
-        rows.append(measure_backward(f"smollm2-135m base, {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS))
-        rows.append(measure_scorer("smollm2-135m base", pairs, corpus, out, args.pairs))
+        rows += backward("smollm2-135m base, zero-shot (paper prompt)", pairs, seed, out, args.pairs, 0)
+        rows += backward(f"smollm2-135m base, {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS)
+        calibration = out / "data" / "calibration.jsonl"
+        write_jsonl(calibration, read_jsonl(data / "seed_rest.jsonl", SeedPair)[:args.pairs])
+        rows += scorer_rows("smollm2-135m base", pairs, corpus, out, args.pairs, calibration_pairs=calibration)
         if not args.no_train:
             # The paper's examples: the demo's 60 seed pairs reversed, as the forward models see them.
             paper, long_steps = TrainConfig.model_fields["forward_preset"].default, TrainConfig.model_fields["max_steps"].default
             myx, minutes = train("myx", seed_backward_examples(seed_pairs), out, paper, long_steps)
             swap(state, "backward", myx, "myx")
             note = f"{len(seed_pairs)} seed pairs, {PRESETS[paper].max_length} tokens, {long_steps} steps; trained {minutes:.1f} min"
-            rows.append(measure_backward("M_yx (paper examples), zero-shot", pairs, seed, out, args.pairs, 0, note))
-            rows.append(measure_backward(f"M_yx (paper examples), {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS))
+            rows += backward("M_yx (paper examples), zero-shot", pairs, seed, out, args.pairs, 0, note)
+            rows += backward(f"M_yx (paper examples), {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS)
             # More of the seed in shorter examples: the demo's M_yx now (train.backward_examples "short").
             short_preset = TrainConfig.model_fields["backward_preset"].default
             short_steps = TrainConfig.model_fields["backward_max_steps"].default
@@ -192,24 +231,28 @@ def main() -> int:
             swap(state, "backward", myx_short, "myx-short")
             note = (f"{len(short)} short seed pairs, {PRESETS[short_preset].max_length} tokens, {short_steps} steps; "
                     f"trained {minutes:.1f} min")
-            rows.append(measure_backward("M_yx (short examples), zero-shot", pairs, seed, out, args.pairs, 0, note))
-            rows.append(measure_backward(f"M_yx (short examples), {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS))
+            rows += backward("M_yx (short examples), zero-shot", pairs, seed, out, args.pairs, 0, note)
+            rows += backward(f"M_yx (short examples), {SHOTS}-shot", pairs, seed, out, args.pairs, SHOTS)
             m0, minutes = train("m0", seed_forward_examples(seed_pairs), out, paper, long_steps)
             swap(state, "scorer", m0, "m0")
-            rows.append(measure_scorer("M0 (demo training)", pairs, corpus, out, args.pairs,
-                                       f"{len(seed_pairs)} seed pairs, {long_steps} steps; trained {minutes:.1f} min"))
+            rows += scorer_rows("M0 (demo training)", pairs, corpus, out, args.pairs,
+                                   f"{len(seed_pairs)} seed pairs, {long_steps} steps; trained {minutes:.1f} min",
+                                   calibration)
         if not args.no_qwen and (QWEN / "humpback-manifest.json").is_file():
             serve_up(state, QWEN, QWEN)
-            rows.append(measure_backward("qwen2.5-coder-0.5b base, zero-shot", pairs, seed, out, args.pairs, 0))
-            rows.append(measure_backward(f"qwen2.5-coder-0.5b base, {SHOTS}-shot", pairs, seed, out, args.pairs,
-                                         SHOTS))
-            rows.append(measure_scorer("qwen2.5-coder-0.5b base", pairs, corpus, out, args.pairs))
+            rows += backward("qwen2.5-coder-0.5b base, zero-shot", pairs, seed, out, args.pairs, 0)
+            rows += backward(f"qwen2.5-coder-0.5b base, {SHOTS}-shot", pairs, seed, out, args.pairs,
+                                         SHOTS)
+            rows += scorer_rows("qwen2.5-coder-0.5b base", pairs, corpus, out, args.pairs,
+                                   calibration_pairs=calibration)
         elif not args.no_qwen:
             print(f"{QWEN} is not prepared (make models-quality): Qwen configurations skipped", file=sys.stderr)
     finally:
         humpback("serve", "down", "--state-dir", str(state))
     report = (f"# Quality benchmark ({args.pairs} held-out pairs, {(time.monotonic() - started) / 60:.1f} min)\n\n"
-              + table(rows, "backward", BACKWARD_COLUMNS) + "\n" + table(rows, "scorer", SCORER_COLUMNS))
+              + "\n".join(table(rows, stage, columns) for stage, columns in (("backward", BACKWARD_COLUMNS),
+                                                                               ("scorer", SCORER_COLUMNS))
+                          if any(r.stage == stage for r in rows)))
     print(report)
     (out / "bench_quality.md").write_text(report, encoding="utf-8")
     (out / "bench_quality.json").write_text(json.dumps(

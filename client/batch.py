@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Iterable, Iterator
-from itertools import zip_longest
+from contextlib import nullcontext
+from itertools import islice, zip_longest
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,15 +28,20 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from client.augment import AugmentConfig, AugmentTask, load_demonstrations, prepared_segments
 from client.corpus import Lines, check_input, open_corpora
-from client.curate import Contamination, CurateConfig, ScoreTask, decontaminator, read_candidates, select
+from client.calibration import Combiner
+from client.curate import (Contamination, CurateConfig, ScoreTask, backward_fanout, check_scorer, decontaminator,
+                           likelihood_scorer, read_candidates, record_combiner, select)
+from client.fanout import Fanout, FanoutConfig
+from client.likelihood import (CHUNK, LikelihoodScorer, ScorerSpec, Term, TermTask, append_scores, read_terms,
+                               term_jobs, terms_path)
 from client.journal import Journal, LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
 from client.progress import Progress
 from client.rewrite import RewriteConfig, RewriteTask
-from client.runner import CorruptLines, RunSummary, run, side_path
+from client.runner import CorruptLines, RunSummary, run, served_model, side_path
 from client.tasks import Item, Job, Parsed, Task
 from humpback.contracts import (BatchRequest, BatchResult, Candidate, InputError, Rejected, RequestFailed,
-                                RetryableError, Segment)
+                                RetryableError, Segment, Source)
 
 PathLike = str | os.PathLike[str]
 Line = TypeVar("Line", bound=BaseModel)
@@ -53,6 +59,10 @@ class SegmentMeta(BaseModel):
     def item(self) -> Segment:
         return self.segment
 
+    @property
+    def source(self) -> Source:
+        return self.segment.source
+
 
 class CandidateMeta(BaseModel):
     """A line of a curate or rewrite export's meta file: the candidate request `custom_id` scores or
@@ -67,9 +77,44 @@ class CandidateMeta(BaseModel):
     def item(self) -> Candidate:
         return self.candidate
 
+    @property
+    def source(self) -> Source:
+        return self.candidate.source
+
+
+class TermMeta(BaseModel):
+    """A line of a likelihood scorer's export meta file: the term (tokenized) request `custom_id`
+    asks the log-probability of (`client.likelihood`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str
+    term: Term
+
+    @property
+    def item(self) -> Term:
+        return self.term
+
+    @property
+    def source(self) -> None:
+        return None
+
+
+Meta = type[SegmentMeta] | type[CandidateMeta] | type[TermMeta]
+
 
 def _meta_path(requests: Path) -> Path:
     return side_path(requests, "meta.jsonl")
+
+
+def _spec_path(requests: Path) -> Path:
+    """Where a likelihood scorer's export records the scorer (`ScorerSpec`)."""
+    return side_path(requests, "likelihood.json")
+
+
+def _candidates_path(requests: Path) -> Path:
+    """Where a likelihood scorer's export keeps the candidates its terms score."""
+    return side_path(requests, "candidates.jsonl")
 
 
 def _export(task: Task[Item, Any], items: Iterable[Item], out: Path, meta: Callable[[str, Item], BaseModel],
@@ -106,22 +151,62 @@ def export_augment(corpus: Iterable[PathLike], out: PathLike, model: str, config
     return summary
 
 
-def export_curate(candidates: PathLike, out: PathLike, model: str, config: CurateConfig | None = None) -> RunSummary:
+def export_curate(candidates: PathLike, out: PathLike, model: str, config: CurateConfig | None = None,
+                  fanout: FanoutConfig | None = None) -> RunSummary:
     """Batch scoring requests for every candidate of a candidates file (one per distinct `custom_id`),
     but the contaminated ones (`config.decontaminate`), which go to `<out>.contaminated.jsonl` as
-    `curate` sets them aside: they are never asked, so an import never selects them."""
+    `curate` sets them aside: they are never asked, so an import never selects them.
+
+    A likelihood scorer (`config.scorer` pmi, reverse_pmi, combined) exports one completion request
+    per distinct term, its tokens rendered by the servers' chat templates (`fanout` reaches the
+    scorer, `config.backward_endpoint` the backward model; each request names the model that answers
+    it), and beside the requests the scorer (`<out>.likelihood.json`) and the candidates
+    (`<out>.candidates.jsonl`) the import scores from the terms' answers."""
     cfg = config or CurateConfig()
     candidates, out = Path(candidates), Path(out)
     summary = RunSummary()
     check_input(candidates)
+    check_scorer(cfg)
+    if cfg.scorer != "rubric" and fanout is None:
+        raise InputError(f"--scorer {cfg.scorer}: the term requests are tokenized by the servers' chat templates; "
+                         "pass the scorer's --endpoint URL")
     found = decontaminator(cfg)
     with (output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors,
           LineWriter(side_path(out, "contaminated.jsonl")) as contaminated):
         clean = Contamination(found, contaminated, summary).clean
         cands = (cand for cand, _ in clean(read_candidates(candidates, errors, summary, cfg.max_field_chars)))
-        _export(ScoreTask(model, None, cfg), cands, out,
-                lambda cid, cand: CandidateMeta(custom_id=cid, candidate=cand), summary)
+        if cfg.scorer == "rubric":
+            _export(ScoreTask(model, None, cfg), cands, out,
+                    lambda cid, cand: CandidateMeta(custom_id=cid, candidate=cand), summary)
+        else:
+            assert fanout is not None
+            asyncio.run(_export_terms(cands, out, cfg.model_copy(update={"model": cfg.model or model}), fanout,
+                                      summary))
     return summary
+
+
+async def _export_terms(cands: Iterable[Candidate], out: Path, cfg: CurateConfig, fanout: FanoutConfig,
+                        summary: RunSummary) -> None:
+    """Write the request of every distinct term of `cands` (tokenized by its model's server), its meta
+    line, the scorer and the candidates."""
+    back_cfg = backward_fanout(fanout, cfg)
+    async with Fanout(fanout) as fan, Fanout(back_cfg) if back_cfg is not None else nullcontext(None) as back:
+        model, root = await served_model(fan, cfg.model)
+        scorer = await likelihood_scorer(cfg, fan, model, root, back)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _spec_path(out).write_text(scorer.spec().model_dump_json() + "\n", encoding="utf-8")
+        seen: set[str] = set()
+        it = iter(cands)
+        with (open(out, "w", encoding="utf-8") as req, open(_meta_path(out), "w", encoding="utf-8") as side,
+              open(_candidates_path(out), "w", encoding="utf-8") as kept):
+            while chunk := list(islice(it, CHUNK)):
+                kept.writelines(c.model_dump_json() + "\n" for c in chunk)
+                jobs, unusable = await term_jobs(scorer, chunk, seen)
+                for _, job in jobs:
+                    req.write(job.request.model_dump_json() + "\n")
+                    side.write(TermMeta(custom_id=job.request.custom_id, term=job.item).model_dump_json() + "\n")
+                summary.results["requests"] += len(jobs)
+                summary.results["unusable_terms"] += len(unusable)
 
 
 def export_rewrite(candidates: PathLike, out: PathLike, model: str, config: RewriteConfig | None = None) -> RunSummary:
@@ -163,14 +248,14 @@ def _exported(requests: Path) -> tuple[set[str], str]:
     return ids, model
 
 
-def _jobs(requests: Path, meta: type[SegmentMeta] | type[CandidateMeta]) -> Iterator[Job[Any]]:
+def _jobs(requests: Path, meta: Meta) -> Iterator[Job[Any]]:
     """Each exported request with the item of its meta line."""
     meta_path = _meta_path(requests)
     for n, (request, row) in enumerate(zip_longest(_lines(requests, BatchRequest), _lines(meta_path, meta)), 1):
         if request is None or row is None or request.custom_id != row.custom_id:
             raise InputError(f"{meta_path}:{n}: does not match line {n} of {requests}; "
                              "export the requests again with `humpback batch export`")
-        yield Job(request, row.item, row.item.source)
+        yield Job(request, row.item, row.source)
 
 
 def _invalid(exc: ValidationError) -> tuple[str | None, str]:
@@ -243,7 +328,7 @@ def _check_import(requests: Path, results: Path) -> None:
         check_input(path)
 
 
-def _import(task: Task[Any, Any], requests: Path, meta: type[SegmentMeta] | type[CandidateMeta], exported: set[str],
+def _import(task: Task[Any, Any], requests: Path, meta: Meta, exported: set[str],
             results: Path, journal_path: Path, out: Path, summary: RunSummary, errors: LineWriter,
             corrupt: CorruptLines | None) -> None:
     """Append the task's record of each exported request's answer to the journal (skipping ids
@@ -262,7 +347,7 @@ def _import(task: Task[Any, Any], requests: Path, meta: type[SegmentMeta] | type
         summary.extra["corrupt_journal_lines"] = corrupt.count
 
 
-def _import_journal(task: Callable[[str], Task[Any, Any]], meta: type[SegmentMeta] | type[CandidateMeta],
+def _import_journal(task: Callable[[str], Task[Any, Any]], meta: Meta,
                     requests: PathLike, results: PathLike, out: PathLike) -> RunSummary:
     """Append the records of the batch's answers to the `out` journal (skipping ids already there);
     `task(model)` is the task of the model the requests name."""
@@ -289,12 +374,44 @@ def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: 
     model = cfg.model or first_model
     scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
     summary = RunSummary()
+    if _spec_path(requests).exists():
+        return _import_terms(requests, results, out, scored_path, exported, cfg, summary)
     with output_lock(out, scored_path), LineWriter(side_path(out, "errors.jsonl")) as errors:
         _import(ScoreTask(model, cfg.checkpoint, cfg), requests, CandidateMeta, exported, results, scored_path,
                 out, summary, errors, None)  # select() reports the scored journal's lines that are no record
         if model:
             select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
                    errors)
+    return summary
+
+
+def _import_terms(requests: Path, results: Path, out: Path, scored_path: Path, exported: set[str],
+                  cfg: CurateConfig, summary: RunSummary) -> RunSummary:
+    """A likelihood scorer's import: the terms' answers to the terms' journal (their failures to
+    `<terms>.failed.jsonl`), then each exported candidate whose terms are all in to the scored journal
+    (the others to `<out>.failed.jsonl`), then the selection, as the export's scorer."""
+    for path in (_spec_path(requests), _candidates_path(requests)):
+        check_input(path)
+    spec = ScorerSpec.model_validate_json(_spec_path(requests).read_bytes())
+    cfg = cfg.model_copy(update={"scorer": spec.scorer})
+    if spec.scorer == "combined" and cfg.calibration is None:
+        raise InputError("the export's scorer is combined: pass its --calibration FILE")
+    combine = Combiner.load(cfg.calibration) if cfg.calibration is not None else None
+    scorer = LikelihoodScorer.from_spec(spec, combine)
+    terms = terms_path(scored_path)
+    term_summary = RunSummary()
+    with output_lock(out, scored_path, terms), LineWriter(side_path(out, "errors.jsonl")) as errors:
+        _import(TermTask(spec.model, spec.checkpoint), requests, TermMeta, exported, results, terms, terms,
+                term_summary, errors, CorruptLines(terms, errors))
+        summary.extra["terms"] = dict(term_summary.results)
+        progress = Progress(0, "import", enabled=False)
+        with Journal(scored_path) as scored, LineWriter(side_path(out, "failed.jsonl")) as failed:
+            cands = ((c, 0) for c in _lines(_candidates_path(requests), Candidate))
+            append_scores(scorer, cands, scored, read_terms(terms), {}, failed, summary, progress)
+        summary.results["failed"] = sum(summary.failures.values())
+        record_combiner(cfg, out, summary)
+        select(scored_path, out, cfg, spec.model, summary, side_path(out, "scores.png") if cfg.histogram else None,
+               errors)
     return summary
 
 

@@ -116,12 +116,13 @@ class MergeFiles(_Files):
 # export, the answers are read and the set selected at import. The other fields of the config have
 # no effect there, so no flag.
 EXPORT_AUGMENT = ("model", "max_tokens", "temperature", "top_p", "seed", "shots", "demonstrations")
-EXPORT_CURATE = ("model", "mode", "max_tokens", "temperature", "max_field_chars", "decontaminate",
-                 "decontaminate_against")
+EXPORT_CURATE = ("model", "scorer", "mode", "backward_endpoint", "calibration", "max_tokens", "temperature",
+                 "max_field_chars", "decontaminate", "decontaminate_against")
 EXPORT_REWRITE = ("model", "max_tokens", "temperature", "top_p", "max_field_chars")
 IMPORT_AUGMENT = ("checkpoint",)
 IMPORT_REWRITE = ("checkpoint",)
-IMPORT_CURATE = ("mode", "min_score", "top_fraction", "model", "checkpoint", "scored", "histogram")
+IMPORT_CURATE = ("mode", "min_score", "top_fraction", "min_prob", "calibration", "model", "checkpoint", "scored",
+                 "histogram")
 # What makes an augment request's custom_id, and which segments a run takes: `merge --corpus` needs them.
 MERGE_AUGMENT = ("model", "max_tokens", "temperature", "top_p", "seed", "shots", "demonstrations", "limit")
 
@@ -247,7 +248,8 @@ def _export_curate(args: argparse.Namespace) -> int:
     from client import batch
 
     files, cfg = from_args(ExportCurateFiles, args), from_args(CurateConfig, args)
-    return _report(batch.export_curate(files.candidates, files.out, cfg.model, cfg))
+    fanout = _fanout_config(args, "scorer") if cfg.scorer != "rubric" else None
+    return _report(batch.export_curate(files.candidates, files.out, cfg.model, cfg, fanout))
 
 
 def _export_rewrite(args: argparse.Namespace) -> int:
@@ -363,9 +365,12 @@ def register(sub: Any) -> None:
     add_arguments(e, AugmentConfig, exclude=_except(AugmentConfig, EXPORT_AUGMENT), required=["model"])
     _prepare_args(e)
     e.set_defaults(func=_refusing(_export_augment))
-    e = kinds.add_parser("curate", help="one scoring request per candidate")
+    e = kinds.add_parser("curate", help="one scoring request per candidate (the rubric), or one log-probability "
+                                        "request per distinct term (a likelihood scorer: the servers' /tokenize "
+                                        "renders them)")
     _files_args(e, ExportCurateFiles)
     _curate_args(e, exclude=_except(CurateConfig, EXPORT_CURATE), required=["model"])
+    _fanout_args(e, "scorer")
     e.set_defaults(func=_refusing(_export_curate))
     e = kinds.add_parser("rewrite", help="one rewriting request per pair")
     _files_args(e, ExportRewriteFiles)

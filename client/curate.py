@@ -1,6 +1,8 @@
-"""Self-curation: score candidates with the scorer on the paper's 5-point rubric, select A_k.
+"""Self-curation: score candidates, select A_k.
 
-Two scoring modes share the rubric prefix (so vLLM's prefix cache serves it once per server):
+`--scorer rubric` (default) asks the scorer the paper's 5-point rubric; `pmi`, `reverse_pmi` and
+`combined` score by likelihoods instead (`client.likelihood`: one prefill per term, no decoding).
+The rubric's two scoring modes share the rubric prefix (so vLLM's prefix cache serves it once per server):
 - "logprobs" (default): the answer is constrained to one digit "1".."5" and the top log-probabilities
   give a distribution over the digits and an expected score, so "score >= 4.5" is well defined;
 - "free_text": the paper's prompt, a brief reasoning ending in "Score: N", parsed; the parse rate is
@@ -19,6 +21,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +35,11 @@ from client.corpus import Lines, check_input
 from client.decontaminate import Decontaminator
 from client.fanout import Fanout, FanoutConfig
 from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
+from client.calibration import Combiner
+from client.likelihood import LikelihoodScorer, Model, TermTask, score_online, terms_path
 from client.progress import Progress
 from client.runner import CorruptLines, RunSummary, online, run, served_model, side_path
-from client.shard import ClusterSettings, ShardSpec, shard_jobs
+from client.shard import ClusterSettings, ShardSpec, in_shard, shard_jobs
 from client.tasks import Job
 from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
@@ -43,6 +48,7 @@ from humpback.contracts import (
     UNPARSED,
     BatchRequest,
     Candidate,
+    InputError,
     Rejected,
     RequestFailed,
     ScoredCandidate,
@@ -60,17 +66,32 @@ log = logging.getLogger(__name__)
 
 HIST_BINS = 40
 
+Scorer = Literal["rubric", "pmi", "reverse_pmi", "combined"]
+
 
 class CurateConfig(ClusterSettings):
     """Scoring and selection settings of a self-curation run."""
 
-    mode: ScoreMode = setting("logprobs", "logprobs: expected score from the digit probabilities; free_text: the "
-                                          "paper's format, a brief reasoning ending in 'Score: N'")
+    scorer: Scorer = setting("rubric", "rubric: the paper's 5-point rubric asked of the scorer (--mode); pmi: "
+                                       "log p(y|x) - log p(y) under the scorer; reverse_pmi: log p(x|y) - log p(x) "
+                                       "under the backward model (--backward-endpoint); combined: P(good pair) "
+                                       "from both and the response's length (client.likelihood)")
+    mode: ScoreMode = setting("logprobs", "rubric: logprobs: expected score from the digit probabilities; "
+                                          "free_text: the paper's format, a brief reasoning ending in 'Score: N'")
+    backward_endpoint: str | None = setting(None, "the backward model's server, for --scorer reverse_pmi and combined",
+                                            metavar="URL")
     min_score: float = setting(4.5, "select pairs with score >= k (the paper's A_5 is 'score >= 4.5')")
     top_fraction: float | None = setting(None, "instead, select the best-scored fraction of pairs: k becomes the "
                                                "score of the last pair of that fraction (ties kept) and is "
                                                "reported; for scorers whose scale is off, such as a small model "
                                                "after a few CPU steps", gt=0, le=1)
+    min_prob: float | None = setting(None, "with --scorer combined: select pairs with P(good pair) >= this (a "
+                                           "threshold that means the same for every model size); overrides "
+                                           "--min-score and --top-fraction", ge=0, le=1)
+    calibration: Path | None = setting(None, "with --scorer combined: the fitted combiner, a JSON file "
+                                             "`humpback eval calibrate` wrote (weights, features, the pairs "
+                                             "it was fitted on); copied beside the scores as <out>.combiner.json",
+                                       metavar="FILE")
     model: str | None = setting(None, "served scorer name; unset takes the first model the endpoint lists (batch "
                                       "import: the model the requests name)")
     checkpoint: str | None = setting(None, "version label recorded with each score; unset records the served "
@@ -108,6 +129,11 @@ def _chat_pair(messages: list[Any]) -> dict[str, Any]:
     """The instruction (last user turn) and output (last assistant turn) of a chat example's messages."""
     last = {m.get("role"): m.get("content") for m in messages if isinstance(m, dict)}
     return {"instruction": last.get("user"), "output": last.get("assistant")}
+
+
+def scored_mode(cfg: CurateConfig) -> str:
+    """The `mode` the scores of `cfg` are recorded under: the rubric's mode, or the likelihood scorer."""
+    return cfg.mode if cfg.scorer == "rubric" else cfg.scorer
 
 
 def read_candidates(path: Path, errors: LineWriter, summary: RunSummary,
@@ -317,11 +343,15 @@ def selected_records(scored: Path, k: float, mode: str, scorer_model: str,
 
 
 def threshold(scored: Path, cfg: CurateConfig, scorer_model: str, exclude: Collection[str] = ()) -> float:
-    """k: cfg.min_score, or the score of the last pair in the top cfg.top_fraction (of the pairs not
-    in `exclude`)."""
+    """k: cfg.min_prob (combined), cfg.min_score, or the score of the last pair in the top
+    cfg.top_fraction (of the pairs not in `exclude`)."""
+    if cfg.min_prob is not None:
+        if cfg.scorer != "combined":
+            raise InputError(f"--min-prob selects by P(good pair): it needs --scorer combined, not {cfg.scorer}")
+        return cfg.min_prob
     if cfg.top_fraction is None:
         return cfg.min_score
-    ranked = sorted((r.score for r in scored_records(scored, cfg.mode, scorer_model, exclude=exclude)
+    ranked = sorted((r.score for r in scored_records(scored, scored_mode(cfg), scorer_model, exclude=exclude)
                      if r.score is not None), reverse=True)
     if not ranked:
         return cfg.min_score
@@ -331,39 +361,51 @@ def threshold(scored: Path, cfg: CurateConfig, scorer_model: str, exclude: Colle
 def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summary: RunSummary,
            histogram: Path | None, errors: LineWriter, exclude: Collection[str] = ()) -> None:
     """Rewrite the curated chat-format set from the scored journal, but the candidates in `exclude`;
-    count bands; draw the histogram. Journal lines that are no record are skipped, counted and written
-    to `errors`."""
+    count bands (rubric scores); draw the histogram. Journal lines that are no record are skipped,
+    counted and written to `errors`."""
+    mode = scored_mode(cfg)
     k = threshold(scored, cfg, scorer_model, exclude)
+    lo, hi = 1.0, 5.0
+    if cfg.scorer != "rubric":  # a likelihood's scale is the data's
+        values = [r.score for r in scored_records(scored, mode, scorer_model, exclude=exclude) if r.score is not None]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
     bins = [0] * HIST_BINS
     bands = dict.fromkeys([*BAND_LABELS, UNPARSED], 0)
     kept = 0
     corrupt = CorruptLines(scored, errors)
     tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for rec in scored_records(scored, cfg.mode, scorer_model, corrupt, exclude):
+    chars = {"all": 0, "kept": 0}
+    for rec in scored_records(scored, mode, scorer_model, corrupt, exclude):
+        chars["all"] += len(rec.output)
         bands[band_of(rec.score)] += 1
         if rec.score is not None:
-            bins[min(HIST_BINS - 1, max(0, int((rec.score - 1.0) / 4.0 * HIST_BINS)))] += 1
+            bins[min(HIST_BINS - 1, max(0, int((rec.score - lo) / (hi - lo) * HIST_BINS)))] += 1
     with open(tmp, "w", encoding="utf-8") as dst:
-        for rec in selected_records(scored, k, cfg.mode, scorer_model, exclude):
+        for rec in selected_records(scored, k, mode, scorer_model, exclude):
             dst.write(tagged_example(rec.instruction, rec.output, AUGMENTED_SYSTEM_PROMPT).model_dump_json() + "\n")
             kept += 1
+            chars["kept"] += len(rec.output)
     os.replace(tmp, out)
     total = sum(bands.values())
-    summary.extra["bands"] = bands
+    summary.extra["bands"] = bands if cfg.scorer == "rubric" else None
     summary.extra["selected"] = kept
     summary.extra["min_score"] = k
     summary.extra["top_fraction"] = cfg.top_fraction
     summary.extra["scored_total"] = total
     summary.extra["corrupt_journal_lines"] = corrupt.count
-    if cfg.mode == "free_text":
+    # Summed likelihoods favour long responses: how the kept pairs' lengths compare with all of them.
+    summary.extra["mean_chars"] = {"kept": round(chars["kept"] / kept, 1) if kept else None,
+                                   "all": round(chars["all"] / total, 1) if total else None}
+    if mode == "free_text":
         summary.extra["parse_rate"] = round((total - bands[UNPARSED]) / total, 4) if total else None
     if histogram is not None and total:
         from client.plot import score_histogram
 
         rule = f"top {cfg.top_fraction:.0%}: " if cfg.top_fraction is not None else ""
-        score_histogram(bins, 1.0, 5.0, k, histogram,
-                        f"{scorer_model} ({cfg.mode}): {rule}{kept} of {total} pairs >= {k:.3g}")
+        score_histogram(bins, lo, hi, k, histogram,
+                        f"{scorer_model} ({mode}): {rule}{kept} of {total} pairs >= {k:.3g}")
 
 
 async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str], fanout: FanoutConfig,
@@ -381,6 +423,7 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
     out = Path(out)
     candidates = Path(candidates)
     check_input(candidates)
+    check_scorer(cfg)
     found = decontaminator(cfg)
     scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
     with output_lock(out, scored_path):
@@ -397,20 +440,24 @@ async def _curate(candidates: Path, out: Path, scored_path: Path, fanout: Fanout
     journal = Journal(scored_path, fsync=cfg.fsync).open()  # select() reports the lines that are no record
     summary.results["already_done"] = len(journal.done)
     summary.extra["repaired_bytes"] = journal.repaired_bytes
-    progress = Progress(candidates.stat().st_size, f"curate[{cfg.mode}]", cfg.progress)
+    progress = Progress(candidates.stat().st_size, f"curate[{scored_mode(cfg)}]", cfg.progress)
     model = cfg.model or ""
     with LineWriter(side_path(out, "errors.jsonl")) as errors:
         try:
             async with Fanout(fanout) as fan:
                 model, root = await served_model(fan, cfg.model)
-                task = ScoreTask(model, cfg.checkpoint or root, cfg)
-                summary.extra.update(model=model, checkpoint=task.checkpoint, mode=cfg.mode)
+                summary.extra.update(model=model, checkpoint=cfg.checkpoint or root, mode=scored_mode(cfg))
                 cands = dropped.clean(read_candidates(candidates, errors, summary, cfg.max_field_chars))
-                jobs = (Job(task.request(cand), cand, cand.source, pos) for cand, pos in cands)
                 if cfg.shard is not None:
                     summary.extra["shard"] = str(cfg.shard)
-                await run(task, shard_jobs(jobs, cfg.shard, summary.results), online(fan), journal, failed, summary,
-                          progress, fan.max_inflight)
+                if cfg.scorer == "rubric":
+                    task = ScoreTask(model, cfg.checkpoint or root, cfg)
+                    jobs = (Job(task.request(cand), cand, cand.source, pos) for cand, pos in cands)
+                    await run(task, shard_jobs(jobs, cfg.shard, summary.results), online(fan), journal, failed,
+                              summary, progress, fan.max_inflight)
+                else:
+                    await _score_likelihood(cands, fan, model, cfg.checkpoint or root, cfg, journal, scored_path,
+                                            failed, summary, progress, fanout)
                 summary.extra["retries"] = fan.retries
         finally:
             progress.close()
@@ -419,8 +466,95 @@ async def _curate(candidates: Path, out: Path, scored_path: Path, fanout: Fanout
             contaminated.close()
             summary.results["failed"] = sum(summary.failures.values())
         if model:
+            record_combiner(cfg, out, summary)
             select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
                    errors, dropped.ids)
     summary.elapsed_s = time.monotonic() - start
     summary.write(side_path(out, "summary.json"))
     return summary
+
+
+def record_combiner(cfg: CurateConfig, out: Path, summary: RunSummary) -> None:
+    """Copy the combined scorer's fitted combiner beside the scores (`<out>.combiner.json`) and name it,
+    and the pairs it was fitted on, in the summary (the dataset card reads them)."""
+    if cfg.scorer != "combined" or cfg.calibration is None:
+        return
+    combiner = Combiner.load(cfg.calibration)
+    path = side_path(out, "combiner.json")
+    combiner.write(path)
+    summary.extra["combiner"] = {"path": str(path), "data": combiner.data, "pairs": combiner.pairs,
+                                 "negatives": combiner.negatives}
+
+
+def check_scorer(cfg: CurateConfig) -> None:
+    """`InputError` for a scorer that lacks what it needs, before anything is sent."""
+    if cfg.scorer in ("reverse_pmi", "combined") and cfg.backward_endpoint is None:
+        raise InputError(f"--scorer {cfg.scorer} needs --backward-endpoint URL (the backward model's server)")
+    if cfg.scorer == "combined":
+        if cfg.calibration is None:
+            raise InputError("--scorer combined needs --calibration FILE (fit one with `humpback eval calibrate`)")
+        Combiner.load(cfg.calibration)
+    if cfg.min_prob is not None and cfg.scorer != "combined":
+        raise InputError(f"--min-prob selects by P(good pair): it needs --scorer combined, not {cfg.scorer}")
+
+
+def backward_fanout(fanout: FanoutConfig, cfg: CurateConfig) -> FanoutConfig | None:
+    """The fan-out to the backward model: `fanout`'s settings, `cfg.backward_endpoint`'s server."""
+    if cfg.backward_endpoint is None:
+        return None
+    return fanout.model_copy(update={"endpoints": [cfg.backward_endpoint], "require_version": None})
+
+
+async def likelihood_scorer(cfg: CurateConfig, fan: Fanout, model: str, checkpoint: str | None,
+                            backward: Fanout | None) -> LikelihoodScorer:
+    """The likelihood scorer `cfg` asks for: forward terms asked of `fan` (serving `model` from
+    `checkpoint`), reverse ones of `backward` (its first listed model)."""
+    back = None
+    if backward is not None:
+        name, root = await served_model(backward, None)
+        back = Model(backward, TermTask(name, root))
+    combine = Combiner.load(cfg.calibration) if cfg.scorer == "combined" and cfg.calibration is not None else None
+    return LikelihoodScorer(cfg.scorer, model, checkpoint, Model(fan, TermTask(model, checkpoint)), back, combine)
+
+
+async def _score_likelihood(cands: Iterable[tuple[Candidate, int]], fan: Fanout, model: str, checkpoint: str | None,
+                            cfg: CurateConfig, journal: Journal, scored_path: Path, failed: LineWriter,
+                            summary: RunSummary, progress: Progress, fanout: FanoutConfig) -> LikelihoodScorer:
+    back_cfg = backward_fanout(fanout, cfg)
+    async with Fanout(back_cfg) if back_cfg is not None else nullcontext(None) as back:
+        scorer = await likelihood_scorer(cfg, fan, model, checkpoint, back)
+        await score_online(scorer, _sharded(cands, scorer, cfg, summary), journal, terms_path(scored_path), failed,
+                           summary, progress)
+    return scorer
+
+
+async def likelihood_records(cands: list[Candidate], fan: Fanout, model: str, checkpoint: str | None,
+                             cfg: CurateConfig, fanout: FanoutConfig, scored_path: Path) -> list[ScoredCandidate]:
+    """The likelihood scores of `cands`, in order, journaled in `scored_path` (its terms beside it),
+    so an interrupted evaluation resumes; `RequestFailed` when some pair could not be scored (the
+    others are kept, the failures in `<scored_path>.failed.jsonl`)."""
+    summary = RunSummary()
+    failed = LineWriter(side_path(scored_path, "failed.jsonl"))
+    journal = Journal(scored_path).open()
+    try:
+        scorer = await _score_likelihood(((c, 0) for c in cands), fan, model, checkpoint, cfg, journal, scored_path,
+                                         failed, summary, Progress(0, scored_path.name, enabled=False), fanout)
+    finally:
+        journal.close()
+        failed.close()
+    if summary.failures:
+        raise RequestFailed(f"{sum(summary.failures.values())} of {len(cands)} pairs could not be scored "
+                            f"({', '.join(summary.failures)}; all in {failed.path}); a re-run asks only for the "
+                            "missing ones", 1)
+    by_id = {r.custom_id: r for r in scored_records(scored_path, cfg.scorer, model)}
+    return [by_id[scorer.score_id(c)] for c in cands]
+
+
+def _sharded(cands: Iterable[tuple[Candidate, int]], scorer: LikelihoodScorer, cfg: CurateConfig,
+             summary: RunSummary) -> Iterator[tuple[Candidate, int]]:
+    """The candidates of `cfg.shard`, by the id of their scored record (as `shard_jobs` does by request id)."""
+    for cand, pos in cands:
+        if in_shard(scorer.score_id(cand), cfg.shard):
+            yield cand, pos
+        else:
+            summary.results["other_shard"] += 1

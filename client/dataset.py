@@ -99,6 +99,28 @@ def _k(curate_extra: dict[str, Any]) -> str:
     return "-" if k is None else f"{k:.3g}"
 
 
+SCORINGS = {"logprobs": "on the paper's 5-point rubric", "free_text": "on the paper's 5-point rubric",
+            "pmi": "by how much the instruction raises the response's likelihood, log p(y|x) - log p(y)",
+            "reverse_pmi": "by how much the response raises the instruction's likelihood under the backward model, "
+                           "log p(x|y) - log p(x)",
+            "combined": "by P(good pair) from both likelihood signals and the response's length, a calibrated "
+                        "logistic regression"}
+
+
+def _scoring(curate_extra: dict[str, Any]) -> str:
+    return SCORINGS.get(str(curate_extra.get("mode")), "on the paper's 5-point rubric")
+
+
+def _combiner(curate_extra: dict[str, Any]) -> list[str]:
+    """The card's lines on the combined scorer's combiner: where its weights are, what it was fitted on."""
+    c = curate_extra.get("combiner")
+    if not c:
+        return []
+    negatives = ", ".join(f"{k} {v}" for k, v in c.get("negatives", {}).items())
+    return ["", f"The combiner's weights: `{c['path']}`, fitted on {c['pairs']} held-out pairs of `{c['data']}` and "
+                f"negatives built from them ({negatives})."]
+
+
 def dataset_card(name: str, rows: list[dict[str, Any]], curate: dict[str, Any], augment: dict[str, Any],
                  manifest: dict[str, Any], licenses: str | None) -> str:
     """The card's Markdown (with the hub's YAML header), from the records named in the module doc."""
@@ -108,7 +130,7 @@ def dataset_card(name: str, rows: list[dict[str, Any]], curate: dict[str, Any], 
              "tags:", "- instruction-backtranslation", "- humpback", "---", "", f"# {name}", "",
              f"{len(rows)} instruction-response pairs made by instruction backtranslation (Li et al., 2023, "
              "\"Self-Alignment with Instruction Backtranslation\") with humpback: a backward model wrote the "
-             "instruction each unlabelled text answers, a scorer rated every pair on the paper's 5-point rubric, "
+             f"instruction each unlabelled text answers, a scorer rated every pair ({_scoring(cx)}), "
              f"and the pairs scored at least k = {_k(cx)} were kept. Each row holds `messages` (system "
              f"prompt \"{AUGMENTED_SYSTEM_PROMPT}\", the instruction, the text), its `score`, and the `source` file, "
              "`license` and `title` of its text.", "", "## Sources and licenses", ""]
@@ -138,8 +160,10 @@ def dataset_card(name: str, rows: list[dict[str, Any]], curate: dict[str, Any], 
               f"Scoring mode `{cx.get('mode')}`; threshold k = {_k(cx)}"
               + (f" (the best-scored {cx['top_fraction']:.0%})" if cx.get("top_fraction") else "")
               + f"; kept {cx.get('selected')} of {cx.get('scored_total')} scored pairs.",
+              *_combiner(cx),
               "", "## Score distribution", "",
-              _table(("score band", "pairs"), list((cx.get("bands") or {}).items()))]
+              _table(("score band", "pairs"), list((cx.get("bands") or {}).items())) if cx.get("bands")
+              else "A likelihood score has no rubric bands."]
     if licenses_used:
         parts += ["", "Licenses of the kept rows: " + ", ".join(licenses_used) + "."]
     return "\n".join(parts) + "\n"

@@ -5,10 +5,11 @@ each scored by `curate`), the best-scored response is chosen and the worst rejec
 The scored journals are streamed and only the best and the worst response of each instruction are
 held, so memory grows with the number of instructions, not of responses. Responses are grouped by
 the exact instruction text and by who scored them (scorer model and mode: two scorers' scores do
-not compare); a pair needs two different responses, and its score margin must reach `min_margin`
-(a scorer's small differences are noise: 0.5 is half a rubric point). A response that the curate run
-of its journal dropped as contaminated (its `<out>.contaminated.jsonl`) is left out, whatever score
-an earlier run gave it.
+not compare; only one scorer's scores rank, `scorer` or that of the first record, and the others
+are counted as `other_scorer`); a pair needs two different responses, and its score margin must
+reach `min_margin` (a scorer's small differences are noise: 0.5 is half a rubric point). A response
+that the curate run of its journal dropped as contaminated (its `<out>.contaminated.jsonl`) is left
+out, whatever score an earlier run gave it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class PreferenceConfig(BaseModel):
     min_margin: float = setting(0.5, "keep a pair only when the chosen response outscores the rejected one by at "
                                      "least this much (rubric points)", ge=0)
     system: str | None = setting(None, "system prompt put before the instruction in each pair's prompt")
+    scorer: str | None = setting(None, "rank by this scorer's scores only (a scored record's mode: logprobs, "
+                                       "free_text, pmi, reverse_pmi or combined); unset: the first record's (the "
+                                       "margin is in that scorer's unit: rubric points, nats, probability)")
 
 
 @dataclass
@@ -48,7 +52,12 @@ def preference_pairs(records: Iterable[ScoredCandidate], cfg: PreferenceConfig,
                      summary: RunSummary) -> list[PreferencePair]:
     """The pairs of `records` (see the module doc), in the order their instructions first appear."""
     groups: dict[tuple[str, str, str], _Extremes] = {}
+    scorer = cfg.scorer
     for rec in records:
+        scorer = scorer or rec.mode
+        if rec.mode != scorer:
+            summary.results["other_scorer"] += 1
+            continue
         if rec.score is None:
             summary.results["unscored"] += 1
             continue
@@ -82,6 +91,7 @@ def preference_pairs(records: Iterable[ScoredCandidate], cfg: PreferenceConfig,
             score_chosen=g.best.score, score_rejected=g.worst.score, margin=margin,  # type: ignore[arg-type]
             chosen_id=g.best.candidate_id, rejected_id=g.worst.candidate_id))
     summary.results["instructions"] = len(groups)
+    summary.extra["scorer"] = scorer
     summary.results["pairs"] = len(pairs)
     return pairs
 

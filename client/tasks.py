@@ -4,7 +4,8 @@ files alike (as curator's request processors share one request and response type
 A task builds the request of an item (its `custom_id` and chat-completions body, as a batch request
 line), parses the answer's body, and makes the journal record from the item and the parsed answer.
 `client.runner.run` drives any task over live requests or a batch's results; `augment.AugmentTask`
-(segment -> `Candidate`) and `curate.ScoreTask` (candidate -> `ScoredCandidate`) are the two today.
+(segment -> `Candidate`), `curate.ScoreTask` (candidate -> `ScoredCandidate`) and
+`likelihood.TermTask` (tokenized prompt and target -> its log-probability) are three of them.
 """
 
 from __future__ import annotations

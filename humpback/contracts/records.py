@@ -148,7 +148,9 @@ class ScoredCandidate(_Record):
     """A candidate with the scorer's verdict: a line of the scored journal.
 
     `score` is the expected score over the digits in log-probability mode, the parsed rating in
-    free-text mode, and None when the free-text answer stated no score.
+    free-text mode, and None when the free-text answer stated no score; for a likelihood scorer
+    (`mode` pmi, reverse_pmi or combined: `client.likelihood`) it is the scorer's signal, or P(good
+    pair) for combined, and `signals` holds every signal computed for the pair.
     """
 
     custom_id: str
@@ -156,9 +158,10 @@ class ScoredCandidate(_Record):
     instruction: str
     output: str
     source: Source
-    mode: Literal["logprobs", "free_text"]
+    mode: Literal["logprobs", "free_text", "pmi", "reverse_pmi", "combined"]
     score: float | None
     distribution: dict[str, float] | None = None
+    signals: dict[str, float] | None = None
     raw: str | None = None
     scorer_model: str
     scorer_checkpoint: str | None = None

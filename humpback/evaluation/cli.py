@@ -1,7 +1,8 @@
-"""`humpback eval ifeval|pairwise|nll|backward|scorer`: thin wrappers over `humpback.evaluation`.
+"""`humpback eval ifeval|pairwise|nll|backward|scorer|calibrate`: thin wrappers over `humpback.evaluation`.
 
 Flags are generated from the settings models below and from `GenerationConfig`, `PairwiseConfig`,
-`AugmentConfig` (how `backward` samples) and `ScorerEvalConfig`, which document them; `ifeval`, `nll`
+`AugmentConfig` (how `backward` samples), `ScorerEvalConfig` and `CurateConfig` (how `scorer` scores),
+which document them; `ifeval`, `nll`
 and `backward` (ROUGE) are imported only when their command runs.
 """
 
@@ -15,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from client.augment import AugmentConfig
+from client.cli import _refusing
+from client.curate import CurateConfig
 from client.fanout import FanoutConfig
 from humpback.contracts import API_KEY_ENV, AUGMENTED_SYSTEM_PROMPT, DEFAULT_URLS, SEED_SYSTEM_PROMPT
 from humpback.evaluation.common import GenerationConfig
@@ -108,6 +111,10 @@ NLL_UNUSED = ("seed",)
 BACKWARD_SAMPLING = ("max_tokens", "temperature", "top_p", "shots", "demonstrations")
 AUGMENT_UNUSED = tuple(f for f in AugmentConfig.model_fields if f not in BACKWARD_SAMPLING)
 SCORER_DEFAULTS = {"endpoint": DEFAULT_URLS["scorer"]}
+# `eval scorer` scores as `curate` does: these of curate's settings choose how.
+SCORING = ("scorer", "mode", "backward_endpoint", "calibration", "min_prob")
+CURATE_UNUSED = tuple(f for f in CurateConfig.model_fields if f not in SCORING)
+CALIBRATE_UNUSED = tuple(f for f in CurateConfig.model_fields if f != "backward_endpoint")
 
 
 def _generation(args: argparse.Namespace) -> GenerationConfig:
@@ -162,11 +169,25 @@ def _backward(args: argparse.Namespace) -> int:
 def _scorer(args: argparse.Namespace) -> int:
     server, run = from_args(Server, args, defaults=SCORER_DEFAULTS), from_args(StageRun, args)
     cfg = from_args(ScorerEvalConfig, args)
+    score = from_args(CurateConfig, args, exclude=CURATE_UNUSED)
     result = asyncio.run(run_scorer_eval(run.pairs, run.out, server.fanout(server.endpoint), server.model, cfg,
-                                         run.limit, run.seed))
+                                         run.limit, run.seed, score))
     print(format_metrics("scorer", result))
     if cfg.corpus is None:
         print("no 'passage' negatives: pass --corpus to build them")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from humpback.evaluation.calibrate import run_calibration
+
+    server, run = from_args(Server, args, defaults=SCORER_DEFAULTS), from_args(StageRun, args)
+    backward = from_args(CurateConfig, args, exclude=CALIBRATE_UNUSED).backward_endpoint or DEFAULT_URLS["backward"]
+    combiner = asyncio.run(run_calibration(run.pairs, run.out, server.fanout(server.endpoint), backward, server.model,
+                                           from_args(ScorerEvalConfig, args, exclude=("threshold",)), run.limit,
+                                           run.seed))
+    print(f"combiner fitted on {combiner.pairs} pairs and {sum(combiner.negatives.values())} negatives "
+          f"({combiner.negatives}): {run.out}")
     return 0
 
 
@@ -217,4 +238,13 @@ def register(sub: Any) -> None:
     add_arguments(c.add_argument_group("model under test"), Server, defaults=SCORER_DEFAULTS)
     add_arguments(c, StageRun, required=("pairs", "out"))
     add_arguments(c.add_argument_group("negatives and threshold"), ScorerEvalConfig)
-    c.set_defaults(func=_scorer)
+    add_arguments(c.add_argument_group("scoring (curate's)"), CurateConfig, exclude=CURATE_UNUSED)
+    c.set_defaults(func=_refusing(_scorer))  # a scorer without what it needs: one line, exit 2
+
+    k = esub.add_parser("calibrate", help="fit the combined scorer's combiner on held-out pairs and negatives built "
+                                          "from them (a JSON file for curate --calibration)")
+    add_arguments(k.add_argument_group("scorer (forward model)"), Server, defaults=SCORER_DEFAULTS)
+    add_arguments(k, StageRun, required=("pairs", "out"))
+    add_arguments(k.add_argument_group("negatives"), ScorerEvalConfig, exclude=("threshold",))
+    add_arguments(k.add_argument_group("backward model"), CurateConfig, exclude=CALIBRATE_UNUSED)
+    k.set_defaults(func=_refusing(_calibrate))

@@ -20,14 +20,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from client.runner import served_model
 from client.fanout import Fanout, FanoutConfig
-from humpback.contracts import COMPLETIONS_PATH, ChatExample, RequestFailed, RetryableError, SeedPair, write_jsonl
+from client.likelihood import logprob_body, prompt_logprobs, render, response_nll
+from client.runner import served_model
+from humpback.contracts import COMPLETIONS_PATH, ChatExample, SeedPair, write_jsonl
 from humpback.evaluation.common import table, write_summary
 from humpback.evaluation.records import NllPair, NllRow, NllSummary
-
-TOKENIZE_PATH = "/tokenize"
-
 
 def read_seed(path: Path) -> Iterator[NllPair]:
     """Seed pairs from JSONL: humpback's seed records (`humpback data demo|oasst1`), AlpacaEval-style
@@ -61,34 +59,6 @@ def _messages(pair: NllPair) -> list[dict[str, str]]:
     return msgs + [{"role": "user", "content": pair.instruction}]
 
 
-def _tokens(data: dict[str, Any]) -> tuple[list[int], int | None]:
-    try:
-        return [int(t) for t in data["tokens"]], data.get("max_model_len")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RetryableError(f"malformed /tokenize answer ({exc!r})") from None
-
-
-def response_nll(prompt_logprobs: list[Any], ids: list[int], start: int) -> list[float]:
-    """-logprob of `ids[start:]` from vLLM's `prompt_logprobs` (one `{token_id: {"logprob": x}}` per id)."""
-    if len(prompt_logprobs) != len(ids):
-        raise RequestFailed(f"prompt_logprobs has {len(prompt_logprobs)} entries for {len(ids)} tokens", 1)
-    nll = []
-    for pos in range(start, len(ids)):
-        entry = prompt_logprobs[pos] or {}
-        info = entry.get(str(ids[pos]))
-        if info is None:
-            raise RequestFailed(f"prompt_logprobs[{pos}] lacks token {ids[pos]}", 1)
-        nll.append(-float(info["logprob"] if isinstance(info, dict) else info))
-    return nll
-
-
-def _prompt_logprobs(data: dict[str, Any]) -> list[Any]:
-    try:
-        return list(data["choices"][0]["prompt_logprobs"])
-    except (KeyError, IndexError, TypeError) as exc:
-        raise RetryableError(f"no prompt_logprobs in the completion ({exc!r})") from None
-
-
 async def pair_nll(fan: Fanout, model: str, index: int, pair: NllPair) -> NllRow:
     return await conversation_nll(fan, model, index, _messages(pair), pair.output, pair.instruction)
 
@@ -97,20 +67,15 @@ async def conversation_nll(fan: Fanout, model: str, index: int, prompt: list[dic
                            label: str) -> NllRow:
     """NLL of `output` as the assistant's answer to the chat `prompt` (any earlier turns); `label` is
     the row's `instruction`."""
-    (prompt_ids, max_len), (ids, _) = await asyncio.gather(
-        fan.post(TOKENIZE_PATH, {"model": model, "messages": prompt, "add_generation_prompt": True}, _tokens),
-        fan.post(TOKENIZE_PATH, {"model": model, "add_generation_prompt": False,
-                                 "messages": [*prompt, {"role": "assistant", "content": output}]}, _tokens))
-    if ids[:len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
-        raise ValueError(f"seed pair {index}: the chat template does not render the conversation as the prompt "
-                         "followed by the response, so the response tokens cannot be told apart")
-    row = NllRow(index=index, instruction=label, prompt_tokens=len(prompt_ids),
-                 response_tokens=len(ids) - len(prompt_ids))
+    try:
+        ids, start, max_len = await render(fan, model, prompt, output)
+    except ValueError as exc:
+        raise ValueError(f"seed pair {index}: {exc}") from None
+    row = NllRow(index=index, instruction=label, prompt_tokens=start, response_tokens=len(ids) - start)
     if max_len is not None and len(ids) >= max_len:  # the completion's one extra token must fit too
         row.skipped = f"{len(ids)} tokens do not fit max_model_len {max_len}"
         return row
-    body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
-    nll = response_nll(await fan.post(COMPLETIONS_PATH, body, _prompt_logprobs), ids, len(prompt_ids))
+    nll = response_nll(await fan.post(COMPLETIONS_PATH, logprob_body(model, ids), prompt_logprobs), ids, start)
     row.nll_sum = math.fsum(nll)
     row.nll_mean = row.nll_sum / len(nll)
     return row

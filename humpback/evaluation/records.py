@@ -200,11 +200,13 @@ class BackwardRow(_Record):
 
 class ScorerRow(_Record):
     """One pair the scorer rated (`eval scorer`): a held-out pair (`kind` "positive") or a negative
-    built from the pair on `line` of the pairs file ("mismatched", "first_sentence", "passage"),
-    with its expected score."""
+    built from the pair on `line` of the pairs file ("mismatched", "first_sentence", "passage",
+    "generic", "boilerplate"), with its score (the rubric's expected score, or a likelihood scorer's)
+    and, for a likelihood scorer, every signal computed."""
 
     line: int
     kind: str
     instruction: str
     output: str
     score: float
+    signals: dict[str, float] | None = None

@@ -7,15 +7,25 @@ Positives are the held-out human pairs (x, y). Negatives are built from them, de
 - `first_sentence`: x with y cut to its first sentence (left out where y is one sentence);
 - `passage`: x with a passage of `--corpus` in place of y, prepared as `augment` prepares segments
   (JSONL with "text", or plain-text paragraphs; a seeded sample). Without `--corpus` this kind is
-  left out, and the command says so.
-Each pair is scored as `curate` scores it (`ScoreTask`, the rubric's expected score over the digits).
+  left out, and the command says so;
+- `generic`: a generic or meta instruction ("How can I help you?") with y: what a weak backward
+  model writes;
+- `boilerplate`: x with web boilerplate (navigation, cookie notice, license, table of contents) as
+  the response: what a crawled corpus holds.
+Each pair is scored as `curate` scores it, with the same `--scorer` (and `--mode`, or
+`--backward-endpoint` and `--calibration`).
 
 - `auc`: ROC AUC of the score, positives against all negatives (ties count half); `auc_<kind>`
-  against one kind;
+  against one kind; `length_auc` and `length_auc_<kind>`: the same for the response's length in
+  characters alone, so no scorer is credited for what length already tells;
+- `signal_auc_<signal>` (likelihood scorers): the AUC of each signal the scorer computed;
 - `precision_at_k`: share of positives among the pairs scored >= `--threshold` (curate's
-  `--min-score`, 4.5 by default), the paper's Table 7 measure; here a quarter of the pairs or fewer
-  are positives, so a scorer that keeps everything scores about 0.25-0.33; `recall_at_k`: share of
-  positives kept;
+  `--min-score` for the rubric, `--min-prob` for combined, 0.5 without one), the paper's Table 7 measure; here a fifth
+  of the pairs or fewer are positives, so a scorer that keeps everything scores about 0.2;
+  `recall_at_k`: share of positives kept; `precision_at_r`: share of positives among as many
+  best-scored pairs as there are positives (scale-free: every scorer has one);
+- `kept_length` and `all_length`: mean response characters of the pairs kept at the threshold (at
+  `precision_at_r`'s cut where there is none) and of all pairs (summed likelihoods favour length);
 - `mean_score_<kind>` for the positives and each negative kind.
 
 Scores are journaled beside `--out` (`<out>.scores.journal.jsonl`); the rows go to `<out>.rows.jsonl`.
@@ -35,10 +45,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from client.corpus import Corpus
-from client.curate import CurateConfig, ScoreTask
+from client.curate import CurateConfig, ScoreTask, check_scorer, likelihood_records
 from client.fanout import Fanout, FanoutConfig
 from client.prepare import Preparer
-from client.runner import served_model
+from client.runner import served_model, side_path
 from humpback.contracts import (
     BatchRequest,
     Candidate,
@@ -56,7 +66,37 @@ from humpback.settings import setting
 
 log = logging.getLogger(__name__)
 
-NEGATIVE_KINDS = ("mismatched", "first_sentence", "passage")
+NEGATIVE_KINDS = ("mismatched", "first_sentence", "passage", "generic", "boilerplate")
+
+# What a backward model writes when it cannot tell what a passage answers (measured: SmolLM2-135M's
+# meta-answers), and requests that fit any response.
+GENERIC_INSTRUCTIONS = (
+    "How can I help you?",
+    "Write a response.",
+    "Tell me more.",
+    "Can you explain this?",
+    "What is the answer?",
+    "Please provide a detailed response to the instruction.",
+    "Write the text.",
+    "What do you think?",
+)
+# Text a crawl keeps beside the content: navigation, cookie notices, licenses, tables of contents.
+BOILERPLATE = (
+    "Home | About Us | Products | Services | Blog | Contact | Login | Register | Privacy Policy | Terms of Use | "
+    "Sitemap",
+    "This website uses cookies to ensure you get the best experience on our website. By continuing to browse the "
+    "site you are agreeing to our use of cookies. Learn more. Accept all cookies. Manage preferences.",
+    "Permission is hereby granted, free of charge, to any person obtaining a copy of this software and associated "
+    "documentation files, to deal in the Software without restriction, subject to the following conditions: The "
+    "above copyright notice and this permission notice shall be included in all copies or substantial portions of "
+    "the Software.",
+    "Table of Contents\n1. Introduction\n2. Getting Started\n2.1 Installation\n2.2 Configuration\n3. Usage\n"
+    "4. Advanced Topics\n5. Troubleshooting\n6. Index",
+    "Copyright (c) 2024 All rights reserved. No part of this publication may be reproduced, distributed, or "
+    "transmitted in any form or by any means without the prior written permission of the publisher.",
+    "Previous page | Next page | Back to top | Print this page | Share on Facebook | Share on Twitter | Email a "
+    "friend | Subscribe to our newsletter",
+)
 
 
 class ScorerEvalConfig(BaseModel):
@@ -64,8 +104,9 @@ class ScorerEvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    threshold: float = setting(CurateConfig.model_fields["min_score"].default,
-                               "precision_at_k and recall_at_k keep the pairs scored >= this (curate's --min-score)")
+    threshold: float | None = setting(None, "precision_at_k and recall_at_k keep the pairs scored >= this; unset: "
+                                            "curate's --min-score for the rubric, --min-prob for combined, none for "
+                                            "pmi and reverse_pmi (their scale is the model's)")
     corpus: Path | None = setting(None, "corpus whose passages replace responses (JSONL with 'text', or plain-text "
                                         "paragraphs; prepared as augment prepares segments); without it, no "
                                         "'passage' negatives")
@@ -113,6 +154,11 @@ def negatives(pairs: list[HeldoutPair], seed: int, passages: list[str] | None) -
     out += [("first_sentence", p, p.instruction, cut) for p in pairs if (cut := first_sentence(p.response))]
     if passages:
         out += [("passage", p, p.instruction, passages[i % len(passages)]) for i, p in enumerate(pairs)]
+    rng = random.Random(f"{seed}:generic")
+    out += [("generic", p, x, p.response) for p in pairs
+            if (x := rng.choice(GENERIC_INSTRUCTIONS)) != p.instruction]
+    rng = random.Random(f"{seed}:boilerplate")
+    out += [("boilerplate", p, p.instruction, rng.choice(BOILERPLATE)) for p in pairs]
     return out
 
 
@@ -135,29 +181,63 @@ class EvalScoreTask:
         return self.score.record(custom_id, cand, parsed)
 
 
-def scorer_metrics(rows: list[ScorerRow], threshold: float, seed: int = 0) -> dict[str, Metric]:
-    by_kind: dict[str, list[float]] = {}
-    for r in rows:
-        by_kind.setdefault(r.kind, []).append(r.score)
-    positives = by_kind.get("positive", [])
-    kinds = [k for k in NEGATIVE_KINDS if k in by_kind]
-    metrics = {
-        "auc": auc_metric(positives, [r.score for r in rows if r.kind != "positive"], seed),
-        "precision_at_k": mean_metric([r.kind == "positive" for r in rows if r.score >= threshold], seed),
-        "recall_at_k": mean_metric([s >= threshold for s in positives], seed),
-    }
-    metrics.update({f"mean_score_{k}": mean_metric(by_kind[k], seed) for k in ("positive", *kinds)})
-    metrics.update({f"auc_{k}": auc_metric(positives, by_kind[k], seed) for k in kinds})
+# The signals whose AUC `eval scorer` reports (higher = a better pair); IFD ranks as the per-token PMI.
+SIGNALS = ("pmi", "pmi_per_token", "reverse_pmi", "reverse_pmi_per_token")
+
+
+def _auc_by_kind(name: str, value: dict[str, list[float]], seed: int) -> dict[str, Metric]:
+    """`name` (the AUC of `value`'s positives against all negatives) and `name_<kind>` for each kind."""
+    positives = value.get("positive", [])
+    kinds = [k for k in NEGATIVE_KINDS if k in value]
+    metrics = {name: auc_metric(positives, [v for k in kinds for v in value[k]], seed)}
+    metrics.update({f"{name}_{k}": auc_metric(positives, value[k], seed) for k in kinds})
     return metrics
 
 
-async def run_scorer_eval(pairs_path: Path, out: Path, fanout: FanoutConfig, model: str | None = None,
-                          config: ScorerEvalConfig | None = None, limit: int | None = None,
-                          seed: int = 0) -> dict[str, Metric]:
-    """The scorer metrics of the served `model` on the held-out pairs of `pairs_path` (a `limit` subset
-    drawn with `seed`) and the negatives built from them with `seed`, written to `out` (JSON) with the
-    rows beside it."""
-    cfg = config or ScorerEvalConfig()
+def scorer_metrics(rows: list[ScorerRow], threshold: float | None, seed: int = 0) -> dict[str, Metric]:
+    by_kind: dict[str, list[float]] = {}
+    length: dict[str, list[float]] = {}
+    for r in rows:
+        by_kind.setdefault(r.kind, []).append(r.score)
+        length.setdefault(r.kind, []).append(float(len(r.output)))
+    positives = by_kind.get("positive", [])
+    kinds = [k for k in NEGATIVE_KINDS if k in by_kind]
+    ranked = sorted(rows, key=lambda r: r.score, reverse=True)
+    top = ranked[:len(positives)]
+    kept = [r for r in rows if r.score >= threshold] if threshold is not None else top
+    metrics = _auc_by_kind("auc", by_kind, seed)
+    metrics["precision_at_r"] = mean_metric([r.kind == "positive" for r in top], seed)
+    if threshold is not None:
+        metrics["precision_at_k"] = mean_metric([r.kind == "positive" for r in kept], seed)
+        metrics["recall_at_k"] = mean_metric([s >= threshold for s in positives], seed)
+    metrics["kept_length"] = mean_metric([float(len(r.output)) for r in kept], seed)
+    metrics["all_length"] = mean_metric([float(len(r.output)) for r in rows], seed)
+    metrics.update(_auc_by_kind("length_auc", length, seed))
+    for signal in SIGNALS:
+        if all(r.signals is not None and signal in r.signals for r in rows):
+            value: dict[str, list[float]] = {}
+            for r in rows:
+                value.setdefault(r.kind, []).append(r.signals[signal])  # type: ignore[index]  # checked above
+            metrics[f"signal_auc_{signal}"] = _auc_by_kind("auc", value, seed)["auc"]
+    metrics.update({f"mean_score_{k}": mean_metric(by_kind[k], seed) for k in ("positive", *kinds)})
+    return metrics
+
+
+def default_threshold(score: CurateConfig) -> float | None:
+    """The threshold `eval scorer` keeps pairs at when none is given: curate's own for its scorer."""
+    if score.scorer == "rubric":
+        return score.min_score
+    if score.scorer == "combined":
+        return score.min_prob if score.min_prob is not None else 0.5
+    return None
+
+
+async def score_pairs(pairs_path: Path, out: Path, fanout: FanoutConfig, model: str | None, cfg: ScorerEvalConfig,
+                      limit: int | None, seed: int, score: CurateConfig
+                      ) -> tuple[list[tuple[str, HeldoutPair, str, str]], list[ScoredCandidate], CurateConfig]:
+    """(every pair built: the held-out positives of `pairs_path`, a `limit` subset drawn with `seed`,
+    and the negatives built from them with `seed`; its score, in order; the scoring settings with the
+    served model's name), each scored by the served `model` as `score` says and journaled beside `out`."""
     pairs = read_pairs(pairs_path)
     pairs = [pairs[i] for i in subset(len(pairs), limit, seed)]
     if cfg.corpus is None:
@@ -170,11 +250,51 @@ async def run_scorer_eval(pairs_path: Path, out: Path, fanout: FanoutConfig, mod
                   for kind, p, instruction, output in built]
     async with Fanout(fanout) as fan:
         name, root = await served_model(fan, model)
-        task = EvalScoreTask(ScoreTask(name, root, CurateConfig(model=name)))
-        scored = await run_journaled(task, candidates, fan, beside(out, "scores"), ScoredCandidate)
-    rows = [ScorerRow(line=p.line, kind=kind, instruction=instruction, output=output, score=s.score)
+        curate_cfg = score.model_copy(update={"model": name})
+        if curate_cfg.scorer == "rubric":
+            task = EvalScoreTask(ScoreTask(name, root, curate_cfg))
+            scored = await run_journaled(task, candidates, fan, beside(out, "scores"), ScoredCandidate)
+        else:
+            scored = await likelihood_records(candidates, fan, name, root, curate_cfg, fanout,
+                                              side_path(beside(out, "scores"), "journal.jsonl"))
+    return built, scored, curate_cfg
+
+
+def pair_ids(pairs: list[HeldoutPair]) -> list[str]:
+    """The content ids of held-out pairs: what a combiner records of the pairs it was fitted on."""
+    return [content_id("pair", p.instruction, p.response) for p in pairs]
+
+
+def check_calibration(score: CurateConfig, pairs_path: Path) -> None:
+    """`InputError` when the combined scorer's combiner was fitted on a pair of `pairs_path`: it is
+    never measured on the pairs it learnt from."""
+    if score.scorer != "combined" or score.calibration is None:
+        return
+    from client.calibration import Combiner
+
+    seen = set(Combiner.load(score.calibration).pair_ids) & set(pair_ids(read_pairs(pairs_path)))
+    if seen:
+        raise InputError(f"{score.calibration} was fitted on {len(seen)} of the pairs of {pairs_path}: measure it "
+                         "on pairs held out of its calibration")
+
+
+async def run_scorer_eval(pairs_path: Path, out: Path, fanout: FanoutConfig, model: str | None = None,
+                          config: ScorerEvalConfig | None = None, limit: int | None = None,
+                          seed: int = 0, score: CurateConfig | None = None) -> dict[str, Metric]:
+    """The scorer metrics of the served `model` (scoring as `score` says: curate's scorer, mode,
+    backward endpoint and calibration) on the held-out pairs of `pairs_path` (a `limit` subset drawn
+    with `seed`) and the negatives built from them with `seed`, written to `out` (JSON) with the rows
+    beside it."""
+    cfg = config or ScorerEvalConfig()
+    score = score or CurateConfig()
+    check_scorer(score)
+    check_calibration(score, pairs_path)
+    built, scored, curate_cfg = await score_pairs(pairs_path, out, fanout, model, cfg, limit, seed, score)
+    rows = [ScorerRow(line=p.line, kind=kind, instruction=instruction, output=output, score=s.score,
+                      signals=s.signals)
             for (kind, p, instruction, output), s in zip(built, scored)]
     write_jsonl(beside(out, "rows.jsonl"), rows)
-    metrics = scorer_metrics(rows, cfg.threshold, seed)
+    threshold = cfg.threshold if cfg.threshold is not None else default_threshold(curate_cfg)
+    metrics = scorer_metrics(rows, threshold, seed)
     write_metrics(out, metrics)
     return metrics

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from client.augment import AugmentConfig
+from client.curate import CurateConfig
 from client.fanout import FanoutConfig
 from client.instructions import ISSUE_KINDS
 from humpback.contracts import SEED_SYSTEM_PROMPT, Candidate, read_jsonl
@@ -79,12 +80,14 @@ def measure_backward(fan: FanoutConfig, model: str, pairs: Path, out: Path, gene
 
 
 def measure_scorer(fan: FanoutConfig, model: str, pairs: Path, out: Path, corpus: Path | None,
-                   threshold: float, limit: int | None) -> dict[str, Any]:
-    """`eval scorer` of the scorer served where `fan` sends requests on `limit` held-out `pairs` and
-    negatives built from them (the `passage` kind from `corpus`), precision counted at `threshold`;
-    written to `out`."""
+                   threshold: float, limit: int | None, score: CurateConfig | None = None) -> dict[str, Any]:
+    """`eval scorer` of the scorer served where `fan` sends requests, scoring as `score` says (the
+    run's curate settings: its scorer, and the backward model's server for the reverse signal), on
+    `limit` held-out `pairs` and negatives built from them (the `passage` kind from `corpus`),
+    precision counted at `threshold`; written to `out`. A likelihood scorer's metrics hold each
+    signal's AUC (`signal_auc_*`), which the report shows per iteration."""
     metrics = asyncio.run(run_scorer_eval(pairs, out, fan, model, ScorerEvalConfig(threshold=threshold, corpus=corpus),
-                                          limit))
+                                          limit, score=score))
     return {"metrics": _dumped(metrics), "threshold": threshold, "out": str(out)}
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from client import cluster
 from client.augment import AugmentConfig, augment
-from client.curate import contaminated_ids, curate, scored_records, selected_records
+from client.curate import contaminated_ids, curate, scored_mode, scored_records, selected_records
 from client.dataset import DatasetFiles, export_dataset
 from client.fanout import FanoutConfig
 from client.rewrite import rewrite
@@ -186,18 +186,27 @@ class Loop:
             against.append(Path(data["heldout"]))
         return against
 
+    def reverse_signal(self) -> dict[str, Any]:
+        """The backward model serves the reverse likelihood signal (`curate.scorer` reverse_pmi or
+        combined) of every iteration, unless `curate.backward_endpoint` names another server."""
+        cfg = self.cfg.curate
+        if cfg.scorer in ("reverse_pmi", "combined") and cfg.backward_endpoint is None:
+            return {"backward_endpoint": self.servers("backward")[0]}
+        return {}
+
     def curate(self, t: int, candidates: str, scorer: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         fan = self.deployed(scorer)
         out = self.dir / "curate" / f"A{t}.jsonl"
         scored = self.dir / "curate" / f"scored{t}.jsonl"
         config = self.cfg.curate.model_copy(update={"model": "scorer", "checkpoint": scorer["job"], "scored": scored,
-                                                    "decontaminate_against": self.decontamination_sets(data)})
+                                                    "decontaminate_against": self.decontamination_sets(data),
+                                                    **self.reverse_signal()})
         summary = self.client(curate, cluster.curate, candidates, out, fan, config)
         # The curated set's own reader: a corrupt journal line is skipped here as `select` skipped it,
         # and so is a contaminated candidate's score.
         contaminated = side_path(out, "contaminated.jsonl")
         dropped = contaminated_ids(contaminated)
-        scores = [r.score for r in scored_records(scored, config.mode, "scorer", exclude=dropped)]
+        scores = [r.score for r in scored_records(scored, scored_mode(config), "scorer", exclude=dropped)]
         kept = {str(k): sum(1 for s in scores if s is not None and s >= k) for k in self.cfg.curate.thresholds}
         manifest = Path(data["seed"]).parent / "manifest.json"
         dataset = export_dataset(DatasetFiles(
@@ -323,9 +332,11 @@ class Loop:
         # `eval scorer` reads the corpus's "text" field: another field would yield no passage.
         corpus = Path(data["corpus"][0]) if self.cfg.data.text_field == "text" else None
         threshold = k if k is not None else self.cfg.curate.min_score
+        score = self.cfg.curate.model_copy(update=self.reverse_signal())
         self.stages.run(f"stage_scorer_{name}", lambda: {"model": scorer["fine_tuned_model"], **measure_scorer(
             self.deployed(scorer), scorer["role"], heldout,
-            self.dir / "eval" / "stages" / f"scorer_{name}.json", corpus, threshold, self.cfg.eval.stage_pairs)})
+            self.dir / "eval" / "stages" / f"scorer_{name}.json", corpus, threshold, self.cfg.eval.stage_pairs,
+            score)})
 
     def measure_candidates(self, augmented: dict[str, Any], backward: dict[str, Any]) -> None:
         if not self.cfg.eval.stage_metrics:

@@ -52,7 +52,8 @@ COMMANDS = {
     ("curate",): _flags(cli.CurateFiles) | _flags(CurateConfig) | _flags(FanoutConfig),
     ("batch", "export", "augment"): (_flags(cli.ExportAugmentFiles) | _flags(AugmentConfig, cli.EXPORT_AUGMENT)
                                      | _flags(PrepareConfig)),
-    ("batch", "export", "curate"): _flags(cli.ExportCurateFiles) | _flags(CurateConfig, cli.EXPORT_CURATE),
+    ("batch", "export", "curate"): (_flags(cli.ExportCurateFiles) | _flags(CurateConfig, cli.EXPORT_CURATE)
+                                    | _flags(FanoutConfig)),  # a likelihood scorer's servers tokenize its terms
     ("batch", "import", "augment"): _flags(cli.ImportFiles) | _flags(AugmentConfig, cli.IMPORT_AUGMENT),
     ("batch", "import", "curate"): _flags(cli.ImportFiles) | _flags(CurateConfig, cli.IMPORT_CURATE),
     ("rewrite",): _flags(cli.RewriteFiles) | _flags(RewriteConfig) | _flags(FanoutConfig),

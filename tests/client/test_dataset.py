@@ -82,3 +82,16 @@ def test_the_card_and_rows_carry_no_local_path_and_a_missing_license_says_so(run
     assert sorted(ds["source"]) == ["perl/faq.jsonl", "sotu/speeches.jsonl"]
     assert "| sotu/speeches.jsonl | not given | 1 |" in card and "None" not in card
     assert "| scorer (rated the pairs) | scorer | smollm2-135m-instruct |" in card
+
+
+def test_the_card_names_a_likelihood_scorer_and_its_combiner() -> None:
+    from client.dataset import dataset_card
+
+    curate = {"extra": {"mode": "combined", "min_score": 0.5, "selected": 3, "scored_total": 9, "bands": None,
+                        "combiner": {"path": "A1.combiner.json", "data": "calibration.jsonl", "pairs": 24,
+                                     "negatives": {"mismatched": 24, "generic": 24}}}}
+    card = dataset_card("A1", [], curate, {}, {}, None)
+    assert "by P(good pair) from both likelihood signals" in card
+    assert ("The combiner's weights: `A1.combiner.json`, fitted on 24 held-out pairs of `calibration.jsonl` and "
+            "negatives built from them (mismatched 24, generic 24).") in card
+    assert "A likelihood score has no rubric bands." in card

@@ -68,4 +68,17 @@ def test_other_scorers_or_modes_never_meet_and_contaminated_responses_are_left_o
     summary = export_dpo([scored], out, PreferenceConfig(min_margin=0.5))
     pairs = [PreferencePair.model_validate_json(line) for line in out.read_text().splitlines()]
     assert [(p.chosen_id, p.rejected_id) for p in pairs] == [("a3", "d3")]
-    assert summary.results["contaminated"] == 1 and summary.results["one_response"] == 4
+    assert summary.results["contaminated"] == 1 and summary.results["one_response"] == 3
+    assert summary.results["other_scorer"] == 1  # the free-text score ranks with no logprobs score
+
+
+def test_only_one_scorer_s_scores_rank(tmp_path: Path) -> None:
+    # A PMI of 40 nats is no better than a rubric 4.5: the two scales never meet in one pair.
+    scored = tmp_path / "mixed.scored.jsonl"
+    scored.write_text(_scored("Q?", "a", 4.5, "a") + _scored("Q?", "b", 40.0, "b", mode="pmi")
+                      + _scored("Q?", "c", 2.0, "c") + _scored("Q?", "d", -5.0, "d", mode="pmi"))
+    first = export_dpo([scored], tmp_path / "first.jsonl")
+    assert first.results["other_scorer"] == 2 and first.extra["scorer"] == "logprobs"
+    pmi = export_dpo([scored], tmp_path / "pmi.jsonl", PreferenceConfig(scorer="pmi"))
+    pair = PreferencePair.model_validate_json((tmp_path / "pmi.jsonl").read_text())
+    assert (pair.chosen_id, pair.rejected_id, pair.margin) == ("b", "d", 45.0) and pmi.results["other_scorer"] == 2

@@ -13,12 +13,13 @@ import pytest
 from client.curate import CurateConfig, ScoreTask
 from client.fanout import FanoutConfig
 from humpback.cli import main
-from humpback.contracts import DEFAULT_URLS, Candidate, Source
+from humpback.contracts import DEFAULT_URLS, Candidate, InputError, Source
 from humpback.evaluation import scorer
 from humpback.evaluation.cli import SCORER_DEFAULTS, Server, StageRun
 from humpback.evaluation.metrics import Metric
 from humpback.evaluation.records import HeldoutPair, ScorerRow
 from humpback.settings import flags, from_args, parser_flags
+from tests.evaluation.fake_eval_server import EvalFake
 from tests.evaluation.fake_stage_server import StageFake
 from tests.evaluation.pairs import write_pairs
 from tests.subcommand import subcommand
@@ -97,18 +98,23 @@ async def test_a_scorer_that_ranks_positives_first_has_auc_1(pairs: Path, corpus
     m = await scorer.run_scorer_eval(pairs, tmp_path / "s.json", _fan(first), config=scorer.ScorerEvalConfig(
         corpus=corpus))
     n = len(PAIRS)
-    assert m["auc"] == Metric(value=1.0, ci95=(1.0, 1.0), n=n + (n - 1) + n + n)
-    assert {k: _value(v) for k, v in m.items() if k != "auc"} == {
-        "precision_at_k": 1.0, "recall_at_k": 1.0, "mean_score_positive": 5.0, "mean_score_mismatched": 1.0,
-        "mean_score_first_sentence": 1.0, "mean_score_passage": 1.0, "auc_mismatched": 1.0,
-        "auc_first_sentence": 1.0, "auc_passage": 1.0}
+    # positives, then mismatched, first_sentence (one response is one sentence), passage, generic, boilerplate
+    assert m["auc"] == Metric(value=1.0, ci95=(1.0, 1.0), n=n + n + (n - 1) + n + n + n)
+    assert {k: _value(v) for k, v in m.items() if k.startswith(("auc_", "mean_score_", "precision", "recall"))} == {
+        "precision_at_k": 1.0, "recall_at_k": 1.0, "precision_at_r": 1.0, "mean_score_positive": 5.0,
+        **{f"mean_score_{k}": 1.0 for k in scorer.NEGATIVE_KINDS}, **{f"auc_{k}": 1.0 for k in scorer.NEGATIVE_KINDS}}
     assert (m["precision_at_k"].n, m["mean_score_first_sentence"].n, m["mean_score_passage"].n) == (n, n - 1, n)
+    # The length alone, beside it: boilerplate responses are longer than some human ones, cut ones shorter.
+    assert m["length_auc_first_sentence"].value == 1.0
+    assert {k for k in m if k.startswith("length_auc")} == {"length_auc", *(f"length_auc_{k}" for k in
+                                                                          scorer.NEGATIVE_KINDS)}
+    assert m["kept_length"].value == sum(len(y) for _, y in PAIRS) / n
 
 
 async def test_a_scorer_that_ranks_positives_last_has_auc_0(pairs: Path, last: StageFake, tmp_path: Path) -> None:
     m = await scorer.run_scorer_eval(pairs, tmp_path / "s.json", _fan(last))
     assert (m["auc"].value, m["precision_at_k"].value, m["recall_at_k"].value) == (0.0, 0.0, 0.0)
-    assert m["precision_at_k"].n == len(PAIRS) + len(PAIRS) - 1  # every negative kept, no positive
+    assert m["precision_at_k"].n == 4 * len(PAIRS) - 1  # every negative kept, no positive
 
 
 async def test_a_constant_scorer_has_auc_one_half_and_keeps_nothing(pairs: Path, constant: StageFake,
@@ -121,7 +127,7 @@ async def test_a_constant_scorer_has_auc_one_half_and_keeps_nothing(pairs: Path,
     assert not any("passage" in k for k in m)
     low = await scorer.run_scorer_eval(pairs, tmp_path / "low.json", _fan(constant),
                                        config=scorer.ScorerEvalConfig(threshold=3.0))
-    assert (low["precision_at_k"].value, low["recall_at_k"].value) == (pytest.approx(5 / 14), 1.0)
+    assert (low["precision_at_k"].value, low["recall_at_k"].value) == (pytest.approx(5 / 24), 1.0)
 
 
 async def test_negatives_are_seeded_and_resumed(pairs: Path, corpus: Path, constant: StageFake,
@@ -167,12 +173,25 @@ def test_scores_are_keyed_by_the_served_weights() -> None:
 
 def test_a_mismatch_needs_two_pairs() -> None:
     one = [HeldoutPair(line=1, instruction="Q?", response="A. B.")]
-    assert [kind for kind, *_ in scorer.negatives(one, 0, None)] == ["first_sentence"]
+    assert [kind for kind, *_ in scorer.negatives(one, 0, None)] == ["first_sentence", "generic", "boilerplate"]
+
+
+def test_generic_and_boilerplate_negatives_keep_one_side_of_the_pair() -> None:
+    pairs = [HeldoutPair(line=i + 1, instruction=x, response=y) for i, (x, y) in enumerate(PAIRS)]
+    built = scorer.negatives(pairs, 0, None)
+    generic = [(p, x, y) for kind, p, x, y in built if kind == "generic"]
+    boiler = [(p, x, y) for kind, p, x, y in built if kind == "boilerplate"]
+    assert [y for p, _, y in generic] == [p.response for p in pairs]
+    assert all(x in scorer.GENERIC_INSTRUCTIONS for _, x, _ in generic)
+    assert [x for p, x, _ in boiler] == [p.instruction for p in pairs]
+    assert all(y in scorer.BOILERPLATE for _, _, y in boiler)
+    assert built == scorer.negatives(pairs, 0, None)  # seeded
 
 
 def test_every_field_has_a_flag_and_the_endpoint_is_the_scorer(monkeypatch: pytest.MonkeyPatch) -> None:
     parser = subcommand("eval", "scorer")
-    assert parser_flags(parser) == set(flags(Server)) | set(flags(StageRun)) | set(flags(scorer.ScorerEvalConfig))
+    assert parser_flags(parser) == (set(flags(Server)) | set(flags(StageRun)) | set(flags(scorer.ScorerEvalConfig))
+                                    | {"--scorer", "--mode", "--backward-endpoint", "--calibration", "--min-prob"})
     monkeypatch.delenv("HUMPBACK_EVAL_URL", raising=False)
     args = parser.parse_args(["--pairs", "p", "--out", "o", "--threshold", "4"])
     assert from_args(scorer.ScorerEvalConfig, args).threshold == 4.0
@@ -183,6 +202,51 @@ def test_the_command_says_when_passages_are_missing(pairs: Path, first: StageFak
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "scorer.json"
     assert main(["eval", "scorer", "--endpoint", first.url, "--pairs", str(pairs), "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["auc"] == {"value": 1.0, "ci95": [1.0, 1.0], "n": 14}
+    assert json.loads(out.read_text())["auc"] == {"value": 1.0, "ci95": [1.0, 1.0], "n": 24}
     printed = capsys.readouterr().out
     assert "mean_score_mismatched" in printed and "pass --corpus" in printed
+
+
+@pytest.fixture
+def eval_fake() -> Iterator[EvalFake]:
+    s = EvalFake().start()
+    yield s
+    s.stop()
+
+
+async def test_a_likelihood_scorer_is_measured_with_its_signals_and_resumed(pairs: Path, eval_fake: EvalFake,
+                                                                            tmp_path: Path) -> None:
+    # The fake's log-probabilities ignore the context: every PMI is 0, so no signal tells anything.
+    score = CurateConfig(scorer="reverse_pmi", backward_endpoint=eval_fake.url)
+    m = await scorer.run_scorer_eval(pairs, tmp_path / "s.json", _fan(eval_fake), score=score)
+    assert m["auc"].value == 0.5 and m["signal_auc_reverse_pmi"].value == 0.5
+    assert "precision_at_k" not in m and m["precision_at_r"].n == len(PAIRS)  # no threshold on a model's scale
+    rows = _rows(tmp_path / "s.rows.jsonl")
+    assert all(r.signals is not None and r.score == r.signals["reverse_pmi"] for r in rows)
+    asked = eval_fake.requests["/v1/completions"]
+    await scorer.run_scorer_eval(pairs, tmp_path / "s.json", _fan(eval_fake), score=score)
+    assert eval_fake.requests["/v1/completions"] == asked
+
+
+async def test_calibrate_fits_a_combiner_that_eval_scorer_refuses_to_measure_on_its_own_pairs(
+        pairs: Path, eval_fake: EvalFake, tmp_path: Path) -> None:
+    from humpback.evaluation.calibrate import run_calibration
+
+    combiner = await run_calibration(pairs, tmp_path / "combiner.json", _fan(eval_fake), eval_fake.url)
+    assert (combiner.pairs, combiner.data) == (len(PAIRS), str(pairs))
+    assert combiner.negatives == {"mismatched": 5, "first_sentence": 4, "generic": 5, "boilerplate": 5}
+    score = CurateConfig(scorer="combined", backward_endpoint=eval_fake.url, calibration=tmp_path / "combiner.json")
+    with pytest.raises(InputError, match="fitted on 5 of the pairs"):
+        await scorer.run_scorer_eval(pairs, tmp_path / "s.json", _fan(eval_fake), score=score)
+    other = write_pairs(tmp_path / "other.jsonl", [(x + " Please.", y + " Done.") for x, y in PAIRS])
+    m = await scorer.run_scorer_eval(other, tmp_path / "s.json", _fan(eval_fake), score=score)
+    assert all(0.0 <= r.score <= 1.0 for r in _rows(tmp_path / "s.rows.jsonl"))
+    assert "precision_at_k" in m  # kept at P >= 0.5 when no --min-prob is given
+
+
+def test_a_scorer_without_its_backward_model_is_refused_in_one_line(pairs: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "scorer", "--pairs", str(pairs), "--out", str(tmp_path / "s.json"),
+                 "--scorer", "combined"]) == 2
+    assert capsys.readouterr().err == ("humpback: error: --scorer combined needs --backward-endpoint URL (the "
+                                       "backward model's server)\n")

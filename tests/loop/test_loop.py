@@ -194,7 +194,8 @@ def test_stage_metrics_are_recorded_as_stages_against_a_fake_server(tmp_path: Pa
         loop.stages.save_state("train_backward", {"job": "ftjob-1"})
         loop.measure_base_backward({"heldout": str(pairs)})  # recorded: never measured again
         assert loop.stages.result("stage_backward_base") == base
-        for threshold, kept in ((3.0, 4 + 4 + 4), (3.5, 0)):  # positives, mismatched, first sentences
+        # positives, mismatched, first sentences, generic instructions, boilerplate responses
+        for threshold, kept in ((3.0, 4 + 4 + 4 + 4 + 4), (3.5, 0)):
             res = measure_scorer(FanoutConfig(endpoints=[server.url]), "fake", pairs,
                                  tmp_path / f"scorer{threshold}.json", None, threshold, 4)
             assert res["threshold"] == threshold and res["metrics"]["precision_at_k"]["n"] == kept
