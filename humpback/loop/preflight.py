@@ -327,7 +327,8 @@ class Preflight:
                "augment", *(["stage_candidates"] if cfg.eval.stage_metrics else []),
                *(["stage_backward_myx"] if metrics else [])]
         for t in range(1, cfg.iterations + 1):
-            out += [f"curate_{t}", *([f"stage_scorer_m{t - 1}"] if metrics else []),
+            out += [*([f"calibrate_{t}"] if cfg.curate.calibrates() else []), f"curate_{t}",
+                    *([f"stage_scorer_m{t - 1}"] if metrics else []),
                     *(["rewrite_1"] if t == 1 and cfg.rewrite.enabled else []), f"train_m{t}", f"eval_m{t}"]
         out += ["train_m1_rewritten", "eval_m1_rewritten"] * cfg.rewrite.enabled
         out += ["train_uncurated", "eval_uncurated"] * cfg.eval.ablation

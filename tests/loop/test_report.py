@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -66,6 +67,20 @@ def make_run(tmp_path, name="run"):
     return run
 
 
+def test_the_report_names_the_combined_scorer_and_its_p_good_threshold(tmp_path):
+    """An iteration curated by `combined` (the loop's default): its scoring and k (a P(good pair)) named, its
+    scores shown as probabilities, and no rubric bands for it."""
+    run = make_run(tmp_path)
+    stage = run / "stages" / "curate_2.json"
+    record = json.loads(stage.read_text())
+    stage.write_text(json.dumps({**record, "scoring": "combined", "k": 0.62}))
+    page = render(run).read_text()
+    assert "Iteration 2: scorer ft:scorer:m1 (combined) scored 60 of them" in page
+    assert "kept <b>25 pairs</b> (score >= 0.62) as A_2." in page
+    assert "The best-scored pairs of A_2 (P(good pair)):" in page
+    assert "The bands are the rubric's; curate_2 scored with combined." in page
+
+
 def test_report_has_every_section(tmp_path):
     html = render(make_run(tmp_path)).read_text()
     for heading in ("Evaluation per model", "Rewrite ablation", "Self-curation", "Examples per score band", "Training",
@@ -125,7 +140,7 @@ def test_the_report_leads_with_what_the_run_produced(tmp_path):
     section = page.split("<h2>What the run produced</h2>")[1].split("<h2>")[0]
     assert "read 31 corpus documents (190 of their 412 segments kept" in section
     assert "instruction for 128 segments and 120 of them were usable" in section
-    assert "Iteration 1: scorer ft:scorer:m0 scored 60 of them (2 dropped before as contaminated) and kept " \
+    assert "Iteration 1: scorer ft:scorer:m0 (rubric) scored 60 of them (2 dropped before as contaminated) and kept " \
            "<b>24 pairs</b> (score >= 3.5) as A_1." in section
     assert "kept <b>25 pairs</b> (score >= 3.5) as A_2." in section
     rows = cells(section)
