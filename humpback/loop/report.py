@@ -389,7 +389,7 @@ def stage_tables(stages: dict[str, dict[str, Any]]) -> list[tuple[str, tuple[str
     for title, prefix in STAGE_TABLES:
         records = {n: r for n, r in stages.items() if n.startswith(prefix)}
         if records:
-            header, rows = stage_rows(records, extra=("threshold",) if prefix == "stage_scorer_" else ())
+            header, rows = stage_rows(records, extra=("scoring", "threshold") if prefix == "stage_scorer_" else ())
             tables.append((title, header, rows))
     cand = stages.get("stage_candidates")
     if cand:

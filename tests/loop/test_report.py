@@ -244,19 +244,20 @@ def test_the_stage_metrics_table_shows_each_model_with_intervals(tmp_path):
     assert rows[1] == ["backward, base weights", "base", "3.100 [2.900, 3.300] (n=32)", "0.120 [0.080, 0.160] (n=32)",
                        "0.250 [0.125, 0.406] (n=32)", "0.310 [0.220, 0.400] (n=32)"]
     assert rows[2][:3] == ["M_yx", "ft:backward:myx", "2.400 [2.200, 2.600] (n=32)"]
-    assert rows[3] == ["stage", "model", "threshold", "auc", "precision_at_k", "mean_score_positive"]
-    # One row per scorer, in iteration order; an unmeasured value is "-" with its n; a skipped stage says why.
-    assert rows[4] == ["scorer M0", "ft:scorer:m0", "1.8", "0.710 [0.610, 0.810] (n=120)", "- (n=0)",
+    assert rows[3] == ["stage", "model", "scoring", "threshold", "auc", "precision_at_k", "mean_score_positive"]
+    # One row per scorer, in iteration order; an unmeasured value is "-" with its n; a skipped stage says why;
+    # a record of an older version names no scoring.
+    assert rows[4] == ["scorer M0", "ft:scorer:m0", "-", "1.8", "0.710 [0.610, 0.810] (n=120)", "- (n=0)",
                        "1.900 [1.800, 2.000] (n=32)"]
-    assert rows[5][:4] == ["scorer M1", "ft:scorer:m1", "1.8", "0.640 [0.540, 0.740] (n=120)"]
-    assert rows[6] == ["scorer M2", "not measured: the server was down", "-", "-", "-", "-"]
+    assert rows[5][:5] == ["scorer M1", "ft:scorer:m1", "-", "1.8", "0.640 [0.540, 0.740] (n=120)"]
+    assert rows[6] == ["scorer M2", "not measured: the server was down", "-", "-", "-", "-", "-"]
     assert rows[7:9] == [["stage", "model", "usable_rate", "unique_root_verbs"],
                          ["candidates of augment", "ft:backward:myx", "0.375 [0.300, 0.450] (n=128)", "9 (n=40)"]]
     assert dict(rows[10:]) == {"sent": "128", "usable": "48", "truncated": "70", "empty": "0", "copy": "4", "meta": "6"}
     assert section.count('src="data:image/png;base64,') == 1  # the verbs and objects figure
     # The same tables in Markdown, for the README and the benchmark.
     markdown = (run / "stage_metrics.md").read_text()
-    assert "| scorer M0 | ft:scorer:m0 | 1.8 | 0.710 [0.610, 0.810] (n=120) | - (n=0) |" in markdown
+    assert "| scorer M0 | ft:scorer:m0 | - | 1.8 | 0.710 [0.610, 0.810] (n=120) | - (n=0) |" in markdown
     assert "| candidates of augment | ft:backward:myx | 0.375 [0.300, 0.450] (n=128) | 9 (n=40) |" in markdown
 
 
