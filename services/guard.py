@@ -51,7 +51,10 @@ PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/tokenize
 PRIVATE_V1_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 # Inference routes outside `/v1` (admin-only here, as every non-public route): vLLM 0.32 answers
 # generation and pooling requests on these too, so the barrier and the seed refusal cover them.
-ROOT_INFERENCE_PATHS = frozenset({"/invocations", "/pooling", "/classify", "/score", "/rerank"})
+# `/tokenize` too: a checkpoint brings its own tokenizer and chat template, and the likelihood scorers and
+# `eval nll` render their prompts there through a client that requires every answer's version stamp.
+ROOT_INFERENCE_PATHS = frozenset({"/invocations", "/pooling", "/classify", "/score", "/rerank", "/tokenize",
+                                  "/detokenize"})
 # The admin route that replaces the weights (`reload_weights`): while one runs the guard no longer
 # trusts its registry entry, and a request it spans crossed a swap.
 RELOAD_PATH = "/collective_rpc"

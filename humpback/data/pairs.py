@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from client.corpus import Lines, check_input
-from humpback.contracts import InputError, Rejected, SeedPair, write_jsonl
+from humpback.contracts import InputError, Rejected, SeedPair, read_jsonl, write_jsonl
 from humpback.data.records import cap_seed
 
 log = logging.getLogger(__name__)
@@ -165,3 +166,14 @@ def import_pairs(seed: Path, heldout: Path | None, out: Path, max_seed: int | No
         log.warning("%s (left out; see %s)", describe(r), files["errors"])
     return {**{k: None if v is None else str(v) for k, v in files.items()},
             "pairs": {"seed": len(kept), "heldout": len(held), "seed_rest": len(rest), "rejected": len(rejected)}}
+
+
+def split_calibration(rest: Path, out: Path, count: int, seed: int = 0) -> int:
+    """Move `count` pairs (a seeded draw, kept in file order) from the seed side's rest (`seed_rest.jsonl`)
+    to `out`: the pairs the `combined` scorer is calibrated on. Moved rather than copied, so that no reader
+    of the rest (M_yx's short examples) trains on them; the held-out pairs never held them. The number moved."""
+    pairs = read_jsonl(rest, SeedPair) if rest.is_file() else []
+    picked = set(random.Random(seed).sample(range(len(pairs)), min(count, len(pairs))))
+    write_jsonl(out, [p for i, p in enumerate(pairs) if i in picked])
+    write_jsonl(rest, [p for i, p in enumerate(pairs) if i not in picked])
+    return len(picked)

@@ -195,6 +195,7 @@ class Preflight:
                 sizes.append(f"{what} {n} pairs ({path})")
                 if what == "seed":
                     self.seed_pairs = min(n, d.max_seed)
+                    self._calibration(n - self.seed_pairs)
             except InputError as exc:
                 c.problems.append(f"data.{'seed' if what == 'seed' else 'heldout'}: {exc}")
         self._bad_lines(rejected)
@@ -208,6 +209,18 @@ class Preflight:
         c.plan.append(("data", ", ".join(sizes) + f"; seed used: {self.seed_pairs} (data.max_seed {d.max_seed}); "
                                f"corpus {len(d.corpus)} file(s), {corpus_bytes / 1e6:.1f} MB, up to "
                                f"{d.max_segments} segments"))
+
+    def _calibration(self, rest: int) -> None:
+        """What the combined scorer will be calibrated on: the seed pairs past data.max_seed, up to
+        data.calibration_pairs; under 2, each iteration curates with pmi (`Loop.calibrate`)."""
+        if not self.cfg.curate.calibrates():
+            return
+        pairs = min(rest, self.cfg.data.calibration_pairs)
+        sizes = f"{pairs} calibration pairs (data.calibration_pairs {self.cfg.data.calibration_pairs})"
+        if pairs < 2:
+            self.check.warnings.append(f"{sizes} from the {rest} seed pairs past data.max_seed: the combined scorer "
+                                       "cannot be calibrated and each iteration curates with pmi (lower "
+                                       "data.max_seed or give more seed pairs)")
 
     def services(self) -> None:
         cfg, c = self.cfg, self.check
@@ -327,7 +340,8 @@ class Preflight:
                "augment", *(["stage_candidates"] if cfg.eval.stage_metrics else []),
                *(["stage_backward_myx"] if metrics else [])]
         for t in range(1, cfg.iterations + 1):
-            out += [f"curate_{t}", *([f"stage_scorer_m{t - 1}"] if metrics else []),
+            out += [*([f"calibrate_{t}"] if cfg.curate.calibrates() else []), f"curate_{t}",
+                    *([f"stage_scorer_m{t - 1}"] if metrics else []),
                     *(["rewrite_1"] if t == 1 and cfg.rewrite.enabled else []), f"train_m{t}", f"eval_m{t}"]
         out += ["train_m1_rewritten", "eval_m1_rewritten"] * cfg.rewrite.enabled
         out += ["train_uncurated", "eval_uncurated"] * cfg.eval.ablation

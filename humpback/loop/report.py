@@ -35,19 +35,32 @@ def _scores(path: Path) -> list[ScoredCandidate]:
         return [r for r in map(ScoredCandidate.model_validate_json, f) if r.score is not None]
 
 
+# What a curate stage's scores are, by the scoring it records (a stage an older version ran: the rubric):
+# the histogram's range (None: the data's) and the axis label.
+SCALES: dict[str, tuple[tuple[float, float] | None, str]] = {
+    "rubric": ((1.0, 5.0), "expected rubric score, 1-5"), "combined": ((0.0, 1.0), "P(good pair)"),
+    "pmi": (None, "PMI, log p(y|x) - log p(y)"), "reverse_pmi": (None, "reverse PMI, log p(x|y) - log p(x)")}
+
+
+def _scoring(res: dict[str, Any]) -> str:
+    return res.get("scoring") or "rubric"
+
+
 def score_plot(curates: dict[str, dict[str, Any]]) -> str:
     """The score histogram of every iteration; no figure where no journal holds a score."""
     scored = {name: [r.score for r in _scores(Path(res["scored"]))] for name, res in curates.items()}
     if not any(scored.values()):
         return ""
+    scales = {SCALES[_scoring(res)] for res in curates.values()}
+    span, label = scales.pop() if len(scales) == 1 else (None, "score (iterations on different scales)")
     fig, ax = _figure()
     for name, res in curates.items():
         scores = scored[name]
-        bars = ax.hist(scores, bins=20, range=(1, 5), alpha=0.55,
-                       label=f"{name} (scorer {res['scorer']}, n={len(scores)})")
+        bars = ax.hist(scores, bins=20, range=span, alpha=0.55,
+                       label=f"{name} (scorer {res['scorer']}, {_scoring(res)}, n={len(scores)})")
         if res.get("k") is not None:  # the k this iteration selected with (min_score or top_fraction)
             ax.axvline(res["k"], color=bars[2][0].get_facecolor(), linestyle="--", label=f"{name}: k={res['k']:.3g}")
-    ax.set_xlabel("expected rubric score")
+    ax.set_xlabel(label)
     ax.set_ylabel("candidate pairs")
     ax.set_title("Score distribution per iteration")
     ax.legend(fontsize=7)
@@ -172,6 +185,8 @@ def band_examples(curates: dict[str, dict[str, Any]], per_band: int = 2) -> str:
     if not curates:
         return "<p>No curation yet.</p>"
     name, res = list(curates.items())[-1]
+    if _scoring(res) != "rubric":
+        return f"<p>The bands are the rubric's; {html.escape(name)} scored with {html.escape(_scoring(res))}.</p>"
     rows = _scores(Path(res["scored"]))
     out = [f"<p>From {html.escape(name)} (scorer {html.escape(res['scorer'])}).</p><div class='wide'><table>"
            "<tr><th>band</th><th>score</th><th>instruction</th><th>output (start)</th></tr>"]
@@ -228,7 +243,7 @@ def produced_summary(stages: dict[str, dict[str, Any]]) -> str:
         extra = (res.get("summary") or {}).get("extra") or {}
         k = res.get("k")
         parts.append(f"{html.escape(name.replace('curate_', 'Iteration '))}: "
-                     f"scorer {html.escape(str(res.get('scorer')))} "
+                     f"scorer {html.escape(str(res.get('scorer')))} ({html.escape(_scoring(res))}) "
                      f"scored {_count(extra.get('scored_total'))} of them ({_count(res.get('contaminated'))} dropped "
                      f"before as contaminated) and kept <b>{_count(res.get('selected'))} pairs</b> "
                      f"(score >= {'?' if k is None else f'{k:.3g}'}) as A_{name.removeprefix('curate_')}.")
@@ -252,7 +267,7 @@ def kept_examples(curates: dict[str, dict[str, Any]], count: int = 3) -> str:
     if not rows:
         return f"<p>{html.escape(name)} kept no pair.</p>"
     return (f"<p>The best-scored pairs of A_{html.escape(name.removeprefix('curate_'))} "
-            "(expected rubric score, 1-5):</p>"
+            f"({html.escape(SCALES[_scoring(res)][1])}):</p>"
             + _table(("score", "instruction (written by the backward model)", "response (the corpus passage, start)"),
                      [(f"{r.score:.2f}", r.instruction[:300], r.output[:400]) for r in rows[:count]]))
 
@@ -374,7 +389,7 @@ def stage_tables(stages: dict[str, dict[str, Any]]) -> list[tuple[str, tuple[str
     for title, prefix in STAGE_TABLES:
         records = {n: r for n, r in stages.items() if n.startswith(prefix)}
         if records:
-            header, rows = stage_rows(records, extra=("threshold",) if prefix == "stage_scorer_" else ())
+            header, rows = stage_rows(records, extra=("scoring", "threshold") if prefix == "stage_scorer_" else ())
             tables.append((title, header, rows))
     cand = stages.get("stage_candidates")
     if cand:

@@ -27,7 +27,9 @@ from typing import Any
 
 from client import cluster
 from client.augment import AugmentConfig, augment
-from client.curate import contaminated_ids, curate, scored_mode, scored_records, selected_records
+from client.curate import (
+    CurateConfig, contaminated_ids, curate, scored_mode, scored_records, selected_records,
+)
 from client.dataset import DatasetFiles, export_dataset
 from client.fanout import FanoutConfig
 from client.rewrite import rewrite
@@ -36,6 +38,7 @@ from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
     Candidate,
     ChatExample,
+    HumpbackError,
     InputError,
     CreateJobRequest,
     RewrittenCandidate,
@@ -48,7 +51,9 @@ from humpback.contracts import (
     write_jsonl,
 )
 from humpback.data.build import BuildConfig, build_demo, format_table
-from humpback.data.pairs import import_pairs
+from humpback.data.pairs import import_pairs, split_calibration
+from humpback.evaluation.calibrate import run_calibration
+from humpback.evaluation.scorer import ScorerEvalConfig
 from humpback.loop.config import RunConfig
 from humpback.loop.evaluate import candidate_quality, evaluate_model, measure_backward, measure_scorer
 from humpback.loop.services import ensure_servers, ensure_trainer, serving
@@ -83,6 +88,13 @@ class Loop:
     # --- stages ---------------------------------------------------------------------------------
 
     def build_data(self) -> dict[str, Any]:
+        data = self.import_data()
+        out = self.dir / "data" / "calibration.jsonl"
+        moved = split_calibration(Path(data["seed_rest"]), out, self.cfg.data.calibration_pairs)
+        log.info("data: %d calibration pairs in %s", moved, out)
+        return {**data, "calibration": str(out) if moved else None, "calibration_pairs": moved}
+
+    def import_data(self) -> dict[str, Any]:
         d = self.cfg.data
         problem = d.problem()
         if problem is not None:
@@ -186,35 +198,68 @@ class Loop:
             against.append(Path(data["heldout"]))
         return against
 
-    def reverse_signal(self) -> dict[str, Any]:
-        """The backward model serves the reverse likelihood signal (`curate.scorer` reverse_pmi or
+    def reverse_signal(self, cfg: CurateConfig) -> dict[str, Any]:
+        """The backward model serves the reverse likelihood signal (`cfg.scorer` reverse_pmi or
         combined) of every iteration, unless `curate.backward_endpoint` names another server."""
-        cfg = self.cfg.curate
         if cfg.scorer in ("reverse_pmi", "combined") and cfg.backward_endpoint is None:
             return {"backward_endpoint": self.servers("backward")[0]}
         return {}
 
-    def curate(self, t: int, candidates: str, scorer: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    def calibrate(self, t: int, scorer: dict[str, Any], backward: dict[str, Any], data: dict[str, Any]
+                  ) -> dict[str, Any]:
+        """Iteration t's combiner (`eval calibrate`): the current scorer's and backward model's signals on
+        the calibration pairs and negatives built from them. Where it cannot be fitted (no or too few
+        pairs), one warning and no combiner: that iteration curates with `pmi`."""
+        out = self.dir / "curate" / f"combiner{t}.json"
+        if not data.get("calibration"):
+            reason = "no calibration pairs (data.calibration_pairs; the seed side has no pairs past data.max_seed)"
+        else:
+            backward_url = self.cfg.curate.backward_endpoint or self.deployed(backward).endpoints[0]
+            try:
+                combiner = asyncio.run(run_calibration(
+                    Path(data["calibration"]), out, self.deployed(scorer), backward_url, "scorer",
+                    ScorerEvalConfig(corpus=self.passage_corpus(data))))
+            except (HumpbackError, ValueError) as e:  # a fit that fails (one class, ...) is a ValueError
+                reason = str(e)
+            else:
+                return {"combiner": str(out), "pairs": combiner.pairs, "negatives": combiner.negatives,
+                        "coef": dict(zip(combiner.features, combiner.coef, strict=True))}
+        log.warning("calibrate_%d: the combined scorer cannot be calibrated, curating with pmi: %s", t, reason)
+        return {"combiner": None, "fallback": "pmi", "reason": reason}
+
+    def scoring(self, calibrated: dict[str, Any] | None) -> CurateConfig:
+        """How iteration t scores (`calibrated`: its calibrate stage, None where it has none): the run's curate
+        settings, with the iteration's combiner or, where none was fitted, `pmi`."""
+        cfg = self.cfg.curate
+        if calibrated is not None:
+            combiner = calibrated.get("combiner")
+            cfg = cfg.model_copy(update={"calibration": Path(combiner)} if combiner else {"scorer": "pmi"})
+        return cfg.model_copy(update=self.reverse_signal(cfg))
+
+    def curate(self, t: int, candidates: str, scorer: dict[str, Any], data: dict[str, Any],
+               score: CurateConfig) -> dict[str, Any]:
         fan = self.deployed(scorer)
         out = self.dir / "curate" / f"A{t}.jsonl"
         scored = self.dir / "curate" / f"scored{t}.jsonl"
-        config = self.cfg.curate.model_copy(update={"model": "scorer", "checkpoint": scorer["job"], "scored": scored,
-                                                    "decontaminate_against": self.decontamination_sets(data),
-                                                    **self.reverse_signal()})
+        config = score.model_copy(update={"model": "scorer", "checkpoint": scorer["job"], "scored": scored,
+                                          "decontaminate_against": self.decontamination_sets(data)})
         summary = self.client(curate, cluster.curate, candidates, out, fan, config)
         # The curated set's own reader: a corrupt journal line is skipped here as `select` skipped it,
         # and so is a contaminated candidate's score.
         contaminated = side_path(out, "contaminated.jsonl")
         dropped = contaminated_ids(contaminated)
         scores = [r.score for r in scored_records(scored, scored_mode(config), "scorer", exclude=dropped)]
-        kept = {str(k): sum(1 for s in scores if s is not None and s >= k) for k in self.cfg.curate.thresholds}
+        kept = {str(k): sum(1 for s in scores if s is not None and s >= k)
+                for k in self.cfg.curate.kept_thresholds(config.scorer)}
         manifest = Path(data["seed"]).parent / "manifest.json"
         dataset = export_dataset(DatasetFiles(
             curated=out, out=out.with_name(f"A{t}.dataset"), scored=scored,
             augment_summary=side_path(Path(candidates), "summary.json"),
             data_manifest=manifest if manifest.is_file() else None))
         return {"curated": str(out), "scored": str(scored), "dataset": dataset["out"],
-                "scorer": scorer["fine_tuned_model"], "k": summary.extra.get("min_score"),
+                "scorer": scorer["fine_tuned_model"], "scoring": config.scorer,
+                "calibration": None if config.calibration is None else str(config.calibration),
+                "k": summary.extra.get("min_score"),
                 "selected": summary.extra.get("selected"), "kept_per_threshold": kept,
                 "contaminated": summary.results["contaminated"], "contaminated_file": str(contaminated),
                 "summary": summary.to_dict()}
@@ -323,20 +368,23 @@ class Loop:
             self.deployed(backward), backward["role"], heldout,
             self.dir / "eval" / "stages" / "backward_myx.json", self.augment_config(data), self.cfg.eval.stage_pairs)})
 
-    def measure_scorer(self, name: str, scorer: dict[str, Any], k: float | None, data: dict[str, Any]) -> None:
-        """`scorer` (served as the scorer of an iteration that selected with threshold `k`) on held-out
-        pairs, its `passage` negatives from the run's first corpus."""
+    def passage_corpus(self, data: dict[str, Any]) -> Path | None:
+        """Where `eval scorer` and `eval calibrate` draw `passage` negatives: the run's first corpus. They
+        read its "text" field: another field would yield no passage."""
+        return Path(data["corpus"][0]) if self.cfg.data.text_field == "text" else None
+
+    def measure_scorer(self, name: str, scorer: dict[str, Any], k: float | None, data: dict[str, Any],
+                       score: CurateConfig) -> None:
+        """`scorer` (served as the scorer of an iteration that scored as `score` says and selected with
+        threshold `k`) on held-out pairs, its `passage` negatives from the run's first corpus."""
         heldout = self._heldout(data)
         if heldout is None:
             return
-        # `eval scorer` reads the corpus's "text" field: another field would yield no passage.
-        corpus = Path(data["corpus"][0]) if self.cfg.data.text_field == "text" else None
-        threshold = k if k is not None else self.cfg.curate.min_score
-        score = self.cfg.curate.model_copy(update=self.reverse_signal())
-        self.stages.run(f"stage_scorer_{name}", lambda: {"model": scorer["fine_tuned_model"], **measure_scorer(
-            self.deployed(scorer), scorer["role"], heldout,
-            self.dir / "eval" / "stages" / f"scorer_{name}.json", corpus, threshold, self.cfg.eval.stage_pairs,
-            score)})
+        threshold = k if k is not None else score.min_score
+        self.stages.run(f"stage_scorer_{name}", lambda: {"model": scorer["fine_tuned_model"], "scoring": score.scorer,
+                                                         **measure_scorer(
+            self.deployed(scorer), scorer["role"], heldout, self.dir / "eval" / "stages" / f"scorer_{name}.json",
+            self.passage_corpus(data), threshold, self.cfg.eval.stage_pairs, score)})
 
     def measure_candidates(self, augmented: dict[str, Any], backward: dict[str, Any]) -> None:
         if not self.cfg.eval.stage_metrics:
@@ -374,10 +422,13 @@ class Loop:
         rewritten: dict[str, Any] | None = None
         for t in range(1, cfg.iterations + 1):
             scorer = model
-            picked = self.stages.run(f"curate_{t}", lambda: self.curate(t, cands, scorer, data))
+            calibrated = self.stages.run(f"calibrate_{t}", lambda: self.calibrate(t, scorer, backward, data)) \
+                if cfg.curate.calibrates() else None
+            score = self.scoring(calibrated)
+            picked = self.stages.run(f"curate_{t}", lambda: self.curate(t, cands, scorer, data, score))
             if picked.get("contaminated_file"):  # a stage an older version ran has none
                 contaminated = contaminated_ids(Path(picked["contaminated_file"]))
-            self.measure_scorer(f"m{t - 1}", scorer, picked.get("k"), data)
+            self.measure_scorer(f"m{t - 1}", scorer, picked.get("k"), data, score)
             if t == 1 and cfg.rewrite.enabled:  # while M0 still serves as the scorer: no swap when it rewrites
                 rewritten = self.stages.run("rewrite_1", lambda: self.rewrite(picked, scorer, contaminated))
             curated = read_jsonl(picked["curated"], ChatExample)

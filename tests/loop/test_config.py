@@ -33,7 +33,11 @@ def test_augment_and_curate_are_the_clients_configs_with_the_demo_values():
     assert isinstance(cfg.augment, AugmentConfig) and isinstance(cfg.curate, CurateConfig)
     assert cfg.augment == AugmentConfig(max_tokens=96)
     assert cfg.curate.top_fraction == 0.25 and CurateConfig().top_fraction is None
-    assert cfg.curate.model_dump(exclude={"thresholds"}) == CurateConfig(top_fraction=0.25).model_dump()
+    # The loop's scorer is `combined` (it calibrates one each iteration); `humpback curate`'s stays the rubric.
+    assert cfg.curate.model_dump(exclude={"thresholds"}) == CurateConfig(top_fraction=0.25,
+                                                                         scorer="combined").model_dump()
+    assert CurateConfig().scorer == "rubric" and cfg.curate.calibrates()
+    assert not load_config(overrides=["curate.calibration=c.json"]).curate.calibrates()
     # A section given in part keeps the demo's other values.
     partial = load_config(overrides=["augment.seed=1", "curate.mode=free_text"])
     assert (partial.augment.seed, partial.augment.max_tokens) == (1, 96)
@@ -98,7 +102,7 @@ def test_quick_shrinks_sizes():
     assert quick.iterations == 1
     assert quick.data.max_segments < full.data.max_segments
     assert quick.train.forward_preset == "cpu-test"
-    assert (quick.augment.max_tokens, quick.curate.min_score, quick.curate.top_fraction) == (48, 1.0, None)
+    assert (quick.augment.max_tokens, quick.curate.top_fraction, quick.data.calibration_pairs) == (48, 1.0, 8)
 
 
 def test_stage_metrics_are_on_by_default_within_the_demos_budget():

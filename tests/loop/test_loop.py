@@ -149,6 +149,54 @@ def test_the_backward_model_learns_from_the_short_pairs_of_the_whole_seed_side(t
     assert paper.backward_pairs(data, seed) == seed
 
 
+def test_the_calibration_pairs_are_held_out_of_every_training_set_and_the_evaluation(tmp_path: Path) -> None:
+    """The user's own seed: the data stage moves `data.calibration_pairs` pairs of the seed side's rest to
+    calibration.jsonl; M0's seed, M_yx's short pairs and the held-out pairs hold none of them."""
+    from humpback.contracts import SeedPair, read_jsonl
+    from humpback.loop.config import load_config
+    from humpback.loop.run import Loop
+
+    seed_file, heldout_file, corpus = tmp_path / "seed.jsonl", tmp_path / "heldout.jsonl", tmp_path / "corpus.txt"
+    seed_file.write_text("".join(json.dumps({"instruction": f"Why {i}?", "response": f"Because {i}."}) + "\n"
+                                 for i in range(30)))
+    heldout_file.write_text("".join(json.dumps({"instruction": f"How {i}?", "response": f"So {i}."}) + "\n"
+                                    for i in range(3)))
+    corpus.write_text("A passage.\n")
+    loop = Loop(load_config(overrides=[f"data.seed={seed_file}", f"data.heldout={heldout_file}",
+                                       f"data.corpus=[\"{corpus}\"]", "data.max_seed=20",
+                                       "data.calibration_pairs=6"]), tmp_path / "run")
+    data = loop.build_data()
+    assert data["calibration"] == str(tmp_path / "run" / "data" / "calibration.jsonl")
+    assert data["calibration_pairs"] == 6
+    ids = {name: {p.id for p in read_jsonl(data[name], SeedPair)}
+           for name in ("seed", "seed_rest", "heldout", "calibration")}
+    seed = read_jsonl(data["seed"], SeedPair)
+    trained = {p.id for p in seed} | {p.id for p in loop.backward_pairs(data, seed)}
+    assert len(ids["calibration"]) == 6 and not ids["calibration"] & (trained | ids["heldout"])
+    # Moved, not copied: the seed side is the 30 pairs still, 20 of them M0's.
+    assert (len(ids["seed"]), len(ids["seed_rest"])) == (20, 4)
+    assert len(ids["seed"] | ids["seed_rest"] | ids["calibration"]) == 30
+
+
+def test_without_calibration_pairs_the_loop_curates_with_pmi_after_one_warning(tmp_path: Path, caplog) -> None:
+    """A seed with no pair past data.max_seed leaves nothing to calibrate on: calibrate_t records why and
+    curate_t scores with pmi; with a combiner, curate_t scores with it; a given combiner needs no stage."""
+    from humpback.loop.config import load_config
+    from humpback.loop.run import Loop
+
+    loop = Loop(load_config(), tmp_path / "run")
+    assert loop.cfg.curate.scorer == "combined" and loop.cfg.curate.calibrates()
+    with caplog.at_level("WARNING"):
+        fallback = loop.calibrate(1, {}, {}, {"calibration": None})
+    assert fallback["combiner"] is None and fallback["fallback"] == "pmi"
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
+        f"calibrate_1: the combined scorer cannot be calibrated, curating with pmi: {fallback['reason']}"]
+    assert loop.scoring(fallback).scorer == "pmi" and loop.scoring(fallback).backward_endpoint is None
+    fitted = loop.scoring({"combiner": str(tmp_path / "combiner1.json")})
+    assert (fitted.scorer, fitted.calibration) == ("combined", tmp_path / "combiner1.json")
+    assert fitted.backward_endpoint == loop.cfg.services.backward_url  # the reverse signal: M_yx's server
+
+
 # --- stage metrics, without servers ---------------------------------------------------------------
 
 
@@ -334,7 +382,7 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     run = loop_dir / "run"
     stages = Stages(run).all()
     expected = {"data", "stage_backward_base", "train_backward", "train_m0", "eval_m0", "augment", "stage_candidates",
-                "stage_backward_myx", "curate_1", "stage_scorer_m0", "rewrite_1", "train_m1", "eval_m1",
+                "stage_backward_myx", "calibrate_1", "curate_1", "stage_scorer_m0", "rewrite_1", "train_m1", "eval_m1",
                 "train_m1_rewritten", "eval_m1_rewritten", "train_uncurated", "eval_uncurated"}
     assert expected <= set(stages), sorted(stages)
 
@@ -352,19 +400,27 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     assert len({c["custom_id"] for c in candidates}) == len(candidates)
     assert all(c["checkpoint"] == stages["train_backward"]["job"] for c in candidates)
     scored = lines(stages["curate_1"]["scored"])
+    # The loop's default scorer: `combined`, its combiner fitted by calibrate_1 on the calibration split
+    # (the quick preset's 8 pairs) with M0 and M_yx, before curate_1 scored with it.
+    calibrated = stages["calibrate_1"]
+    assert calibrated["combiner"] == stages["curate_1"]["calibration"], calibrated
+    combiner = json.loads(Path(calibrated["combiner"]).read_text())
+    calibration = lines(run / "data" / "calibration.jsonl")
+    assert combiner["pairs"] == calibrated["pairs"] == len(calibration) == 8
+    assert combiner["pair_ids"] and combiner["scorer_model"] == "scorer"
+    assert stages["curate_1"]["scoring"] == "combined" and stages["stage_scorer_m0"]["scoring"] == "combined"
     # Candidates that overlap an evaluation prompt or a held-out pair are set aside unscored.
     contaminated = stages["curate_1"]["contaminated"]
     contaminated_file = Path(stages["curate_1"]["contaminated_file"])
     assert contaminated == (len(lines(contaminated_file)) if contaminated_file.is_file() else 0)
     assert len(scored) == len(candidates) - contaminated
-    for s in scored:  # the expected score over the scorer's digit distribution, by M0
-        assert (s["mode"], s["scorer_checkpoint"]) == ("logprobs", stages["train_m0"]["job"])
-        assert sum(s["distribution"].values()) == pytest.approx(1.0)
-        assert s["score"] == pytest.approx(sum(int(d) * p for d, p in s["distribution"].items()))
+    for s in scored:  # P(good pair) from both directions' signals, by M0 and M_yx
+        assert (s["mode"], s["scorer_checkpoint"]) == ("combined", stages["train_m0"]["job"])
+        assert 0 <= s["score"] <= 1 and {"pmi", "reverse_pmi"} <= set(s["signals"])
     assert stages["curate_1"]["kept_per_threshold"] == {
-        str(k): sum(s["score"] >= k for s in scored) for k in (3.0, 3.5, 4.0, 4.5)}
+        str(k): sum(s["score"] >= k for s in scored) for k in (0.5, 0.7, 0.8, 0.9)}
     curated = lines(stages["curate_1"]["curated"])
-    assert len(curated) == sum(1 for s in scored if s["score"] >= 1.0) > 0  # the quick preset keeps all
+    assert len(curated) == len(scored) > 0  # the quick preset keeps all (top_fraction 1)
     assert all(c["messages"][0]["content"] == "Answer with knowledge from web search." for c in curated)
     # ... and the same set as a `datasets` folder, with its card.
     import datasets
@@ -410,8 +466,9 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     # Base and M_yx answered from their own journals, so neither took the other's instructions.
     assert len(lines(Path(base["out"]).with_name("backward_base.generations.journal.jsonl"))) == 4
     assert len(lines(Path(myx["out"]).with_name("backward_myx.generations.journal.jsonl"))) == 4
-    assert scorer["threshold"] == stages["curate_1"]["k"] == 1.0
+    assert scorer["threshold"] == stages["curate_1"]["k"] == min(s["score"] for s in scored)
     assert scorer["metrics"]["mean_score_positive"]["n"] == 4 and "mean_score_passage" in scorer["metrics"]
+    assert {"signal_auc_pmi", "signal_auc_reverse_pmi"} <= set(scorer["metrics"])  # the report's per iteration
     cand, quality = stages["stage_candidates"], stages["augment"]["summary"]["quality"]
     assert cand["rejections"]["sent"] == quality["sent"] and cand["rejections"]["usable"] == len(candidates)
     assert cand["metrics"]["usable_rate"]["value"] == pytest.approx(quality["usable_rate"])
@@ -420,6 +477,7 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     assert report.count("data:image/png;base64,") == 6  # the candidates' verbs and objects among them
     assert "<h2>Rewrite ablation</h2>" in report and "<td>M1-rewritten (curated rewrites)</td>" in report
     assert "<td>scorer M0</td>" in report and "| M_yx |" in (run / "stage_metrics.md").read_text()
+    assert "<th>scoring</th>" in report and "<th>signal_auc_reverse_pmi</th>" in report and "<td>combined</td>" in report
     assert json.loads((run / "config.json").read_text())["iterations"] == 1
 
     # Interruptions: between stages (the last two markers gone), inside a training stage (its job was
@@ -438,7 +496,8 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     second = run_loop(servers, loop_dir)
     assert second.returncode == 0, second.stderr[-5000:]
     log = second.stderr
-    for name in ("stage_backward_base", "train_backward", "train_m0", "eval_m0", "stage_backward_myx", "curate_1",
+    for name in ("stage_backward_base", "train_backward", "train_m0", "eval_m0", "stage_backward_myx", "calibrate_1",
+                 "curate_1",
                  "stage_scorer_m0", "rewrite_1", "train_m1", "eval_m1", "train_m1_rewritten", "eval_m1_rewritten"):
         assert f"stage {name}: done earlier, skipped" in log
     assert trainer_jobs(servers) == jobs_before  # the interrupted training stage waited for its job, started none

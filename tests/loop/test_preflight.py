@@ -52,15 +52,20 @@ def test_own_data_passes_with_its_bad_line_as_a_warning_and_a_plan(own_data, tmp
                       tmp_path / "run")
     assert check.problems == []
     assert [w for w in check.warnings if w.startswith(f"{own_data['seed']} line 6: invalid JSON")]
+    # 6 seed pairs, all under data.max_seed (the quick preset): none left to calibrate the combined scorer on, said before the run.
+    assert "0 calibration pairs (data.calibration_pairs 8) from the 0 seed pairs past data.max_seed: the combined " \
+           "scorer cannot be calibrated and each iteration curates with pmi (lower data.max_seed or give more seed " \
+           "pairs)" in check.warnings
     plan = dict(check.plan)
     assert "held-out 1 pairs" in plan["data"] and "seed 6 pairs" in plan["data"]
-    assert plan["stages"].startswith("17: data -> ") and "min" in plan["estimate"]
+    assert plan["stages"].startswith("18: data -> ") and "min" in plan["estimate"]
+    assert "stage_backward_myx -> calibrate_1 -> curate_1" in plan["stages"]  # the loop's order
     assert all("started by the run" in plan[n] for n in ("backward", "scorer", "trainer"))
     assert "resumes" not in plan
     (tmp_path / "run" / "stages").mkdir(parents=True)
     (tmp_path / "run" / "stages" / "data.json").write_text("{}")
     again = dict(preflight(load_config(quick=True, overrides=isolated(**own_data)), tmp_path / "run").plan)
-    assert again["resumes"].endswith("1 of 17 stages done earlier are skipped")
+    assert again["resumes"].endswith("1 of 18 stages done earlier are skipped")
 
 
 def test_every_problem_is_one_line_with_its_fix_and_nothing_starts(own_data, tmp_path: Path, capsys) -> None:

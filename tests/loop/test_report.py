@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -66,6 +67,20 @@ def make_run(tmp_path, name="run"):
     return run
 
 
+def test_the_report_names_the_combined_scorer_and_its_p_good_threshold(tmp_path):
+    """An iteration curated by `combined` (the loop's default): its scoring and k (a P(good pair)) named, its
+    scores shown as probabilities, and no rubric bands for it."""
+    run = make_run(tmp_path)
+    stage = run / "stages" / "curate_2.json"
+    record = json.loads(stage.read_text())
+    stage.write_text(json.dumps({**record, "scoring": "combined", "k": 0.62}))
+    page = render(run).read_text()
+    assert "Iteration 2: scorer ft:scorer:m1 (combined) scored 60 of them" in page
+    assert "kept <b>25 pairs</b> (score >= 0.62) as A_2." in page
+    assert "The best-scored pairs of A_2 (P(good pair)):" in page
+    assert "The bands are the rubric's; curate_2 scored with combined." in page
+
+
 def test_report_has_every_section(tmp_path):
     html = render(make_run(tmp_path)).read_text()
     for heading in ("Evaluation per model", "Rewrite ablation", "Self-curation", "Examples per score band", "Training",
@@ -125,7 +140,7 @@ def test_the_report_leads_with_what_the_run_produced(tmp_path):
     section = page.split("<h2>What the run produced</h2>")[1].split("<h2>")[0]
     assert "read 31 corpus documents (190 of their 412 segments kept" in section
     assert "instruction for 128 segments and 120 of them were usable" in section
-    assert "Iteration 1: scorer ft:scorer:m0 scored 60 of them (2 dropped before as contaminated) and kept " \
+    assert "Iteration 1: scorer ft:scorer:m0 (rubric) scored 60 of them (2 dropped before as contaminated) and kept " \
            "<b>24 pairs</b> (score >= 3.5) as A_1." in section
     assert "kept <b>25 pairs</b> (score >= 3.5) as A_2." in section
     rows = cells(section)
@@ -229,19 +244,20 @@ def test_the_stage_metrics_table_shows_each_model_with_intervals(tmp_path):
     assert rows[1] == ["backward, base weights", "base", "3.100 [2.900, 3.300] (n=32)", "0.120 [0.080, 0.160] (n=32)",
                        "0.250 [0.125, 0.406] (n=32)", "0.310 [0.220, 0.400] (n=32)"]
     assert rows[2][:3] == ["M_yx", "ft:backward:myx", "2.400 [2.200, 2.600] (n=32)"]
-    assert rows[3] == ["stage", "model", "threshold", "auc", "precision_at_k", "mean_score_positive"]
-    # One row per scorer, in iteration order; an unmeasured value is "-" with its n; a skipped stage says why.
-    assert rows[4] == ["scorer M0", "ft:scorer:m0", "1.8", "0.710 [0.610, 0.810] (n=120)", "- (n=0)",
+    assert rows[3] == ["stage", "model", "scoring", "threshold", "auc", "precision_at_k", "mean_score_positive"]
+    # One row per scorer, in iteration order; an unmeasured value is "-" with its n; a skipped stage says why;
+    # a record of an older version names no scoring.
+    assert rows[4] == ["scorer M0", "ft:scorer:m0", "-", "1.8", "0.710 [0.610, 0.810] (n=120)", "- (n=0)",
                        "1.900 [1.800, 2.000] (n=32)"]
-    assert rows[5][:4] == ["scorer M1", "ft:scorer:m1", "1.8", "0.640 [0.540, 0.740] (n=120)"]
-    assert rows[6] == ["scorer M2", "not measured: the server was down", "-", "-", "-", "-"]
+    assert rows[5][:5] == ["scorer M1", "ft:scorer:m1", "-", "1.8", "0.640 [0.540, 0.740] (n=120)"]
+    assert rows[6] == ["scorer M2", "not measured: the server was down", "-", "-", "-", "-", "-"]
     assert rows[7:9] == [["stage", "model", "usable_rate", "unique_root_verbs"],
                          ["candidates of augment", "ft:backward:myx", "0.375 [0.300, 0.450] (n=128)", "9 (n=40)"]]
     assert dict(rows[10:]) == {"sent": "128", "usable": "48", "truncated": "70", "empty": "0", "copy": "4", "meta": "6"}
     assert section.count('src="data:image/png;base64,') == 1  # the verbs and objects figure
     # The same tables in Markdown, for the README and the benchmark.
     markdown = (run / "stage_metrics.md").read_text()
-    assert "| scorer M0 | ft:scorer:m0 | 1.8 | 0.710 [0.610, 0.810] (n=120) | - (n=0) |" in markdown
+    assert "| scorer M0 | ft:scorer:m0 | - | 1.8 | 0.710 [0.610, 0.810] (n=120) | - (n=0) |" in markdown
     assert "| candidates of augment | ft:backward:myx | 0.375 [0.300, 0.450] (n=128) | 9 (n=40) |" in markdown
 
 
