@@ -34,7 +34,9 @@ def test_rewrite_score_pair_and_publish_on_the_real_server(servers, tmp_path: Pa
                              for q, s in zip(QUESTIONS, segs)))
     fan = FanoutConfig(endpoints=[servers.scorer_url], api_key=servers.api_key, timeout=300)
     rewritten = tmp_path / "rewritten.jsonl"
-    summary = asyncio.run(rewrite(cands, rewritten, fan, RewriteConfig(model=servers.scorer_model, max_tokens=160,
+    # 320 tokens: the 135M rewriter finishes the shortest passage in ~220 and loops on the others
+    # until the cap (on this stack, 160 tokens finished none of the four).
+    summary = asyncio.run(rewrite(cands, rewritten, fan, RewriteConfig(model=servers.scorer_model, max_tokens=320,
                                                                         progress=False)))
     recs = [RewrittenCandidate.model_validate_json(line) for line in rewritten.read_text().splitlines()]
     # The only acceptable failure of a 135M rewriter is a rewrite that runs past the cap.
