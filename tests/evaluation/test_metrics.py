@@ -130,9 +130,10 @@ def test_both_stage_commands_on_demo_pairs(servers: Any, tmp_path: Path, monkeyp
     assert len((tmp_path / "backward.rows.jsonl").read_text().splitlines()) == 4
 
     scorer = metrics.read_metrics(tmp_path / "scorer.json")
-    kinds = ("positive", "mismatched", "first_sentence", "passage")
+    kinds = ("positive", "mismatched", "first_sentence", "passage", "generic", "boilerplate")
     assert {"auc", "precision_at_k", "recall_at_k", *(f"mean_score_{k}" for k in kinds)} <= set(scorer)
     assert scorer["mean_score_positive"].n == scorer["mean_score_mismatched"].n == scorer["mean_score_passage"].n == 4
+    assert scorer["mean_score_generic"].n == scorer["mean_score_boilerplate"].n == 4
     assert scorer["auc"].value is not None and 0 <= scorer["auc"].value <= 1
     for k in kinds:
         value = scorer[f"mean_score_{k}"].value
