@@ -25,7 +25,7 @@ from humpback.contracts import QUALITY_MODEL_DIR, Rejected, SeedPair, read_jsonl
 from humpback.loop.config import load_config
 from humpback.loop.preflight import RUN_MODULES, preflight
 from tests.conftest import MODEL_DIR, REPO, humpback
-from tests.loop.test_loop import TRAINER_PORT, loop_dir  # noqa: F401 (the fixture stops the run's trainer)
+from tests.loop.test_loop import loop_dir, stack_overrides  # noqa: F401 (the fixture stops the run's trainer)
 
 EXAMPLES = REPO / "examples"
 DOCKERFILE = REPO / "trainer" / "Dockerfile"
@@ -151,15 +151,7 @@ def test_the_cpu_config_runs_the_demo_on_ones_own_files() -> None:
 
 
 def stack(servers, tmp_path: Path) -> list[str]:
-    overrides = {
-        "services.backward_url": servers.backward_url,
-        "services.scorer_url": servers.scorer_url,
-        "services.api_key": servers.api_key or "",
-        "services.state_dir": str(servers.state_dir),
-        "services.trainer_url": f"http://127.0.0.1:{TRAINER_PORT}",
-        "services.trainer_data_dir": str(tmp_path / "trainer"),
-        "services.base_model": str(MODEL_DIR),
-    }
+    overrides = {**stack_overrides(servers, tmp_path), "services.base_model": str(MODEL_DIR)}
     return [f"{k}={v}" for k, v in overrides.items()]
 
 

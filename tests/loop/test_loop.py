@@ -331,8 +331,9 @@ def test_candidate_quality_counts_usable_instructions_and_their_diversity(tmp_pa
 # --- the quick loop on the real stack -------------------------------------------------------------
 
 
-def run_loop(servers, tmp_path):
-    overrides = {
+def stack_overrides(servers, tmp_path) -> dict[str, str]:
+    """The `services` values that point a run at the test stack and at a trainer of its own."""
+    return {
         "services.backward_url": servers.backward_url,
         "services.scorer_url": servers.scorer_url,
         "services.api_key": servers.api_key or "",
@@ -340,7 +341,10 @@ def run_loop(servers, tmp_path):
         "services.trainer_url": f"http://127.0.0.1:{TRAINER_PORT}",
         "services.trainer_data_dir": str(tmp_path / "trainer"),
     }
-    args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+
+
+def run_loop(servers, tmp_path):
+    args = [a for k, v in stack_overrides(servers, tmp_path).items() for a in ("--set", f"{k}={v}")]
     return humpback("run", "--quick", "--out", str(tmp_path / "run"), *args, check=False, timeout=3000)
 
 
