@@ -72,7 +72,11 @@ def missing_modules(modules: dict[str, str]) -> list[str]:
 
 
 def port_free(port: int) -> bool:
+    """Whether a server could listen on `port` now. SO_REUSEADDR as uvicorn and vLLM bind: a port whose
+    last server just stopped holds connections in TIME_WAIT for a minute, which would refuse a plain
+    bind yet not the server's."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

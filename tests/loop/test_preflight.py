@@ -168,3 +168,22 @@ def test_the_rewriter_and_the_judge_must_answer_with_their_model(serving_other_m
     fine = [*overrides[:-3], "rewrite.model=scorer", "eval.judge_url=null"]
     assert not [p for p in preflight(load_config(quick=True, overrides=fine), tmp_path / "run").problems
                 if p.startswith(("rewrite", "eval"))]
+
+
+def test_a_port_just_left_by_a_server_is_free_and_a_listening_one_is_not() -> None:
+    # The server side closes first, as uvicorn does at shutdown: its end of the connection waits in
+    # TIME_WAIT, which refused a plain bind (a run started right after `make down` was turned away).
+    import socket
+
+    from humpback.loop.preflight import port_free
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    assert not port_free(port)
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    conn.close()
+    listener.close()
+    assert client.recv(1) == b""  # the server's FIN: its side is now in TIME_WAIT
+    client.close()
+    assert port_free(port)
