@@ -79,7 +79,11 @@ async def test_curate_logprobs_real_server(candidates: Path, servers, tmp_path: 
     fan = FanoutConfig(endpoints=[servers.scorer_url], api_key=servers.api_key, timeout=300)
     summary = await curate(candidates, out, fan, CurateConfig(model=servers.scorer_model, progress=False))
     scored = [ScoredCandidate.model_validate_json(x) for x in (tmp_path / "curated.scored.jsonl").read_text().splitlines()]
-    assert len(scored) == len(candidates.read_text().splitlines()) and summary.results["failed"] == 0
+    # A candidate that holds a short evaluation prompt ("Write \"Test\"" is two words) is dropped unscored.
+    contaminated = tmp_path / "curated.contaminated.jsonl"
+    dropped = len(contaminated.read_text().splitlines()) if contaminated.exists() else 0
+    assert dropped == summary.results["contaminated"]
+    assert len(scored) + dropped == len(candidates.read_text().splitlines()) and summary.results["failed"] == 0
     for s in scored:
         assert s.score is not None and 1.0 <= s.score <= 5.0
         assert s.distribution is not None and abs(sum(s.distribution.values()) - 1.0) < 1e-6
