@@ -16,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -29,6 +30,7 @@ from tests.conftest import REPO, TEST_API_KEY, ServeInfo, humpback
 
 SEGMENTS = 200  # "a few hundred": enough for every shard to run a while, small for 2 CPU cores
 SHARD_JOURNAL = re.compile(r"^\d+-of-\d+\.jsonl$")
+T = TypeVar("T")
 
 
 def _ray_env(tmp: Path) -> dict[str, str]:
@@ -121,18 +123,20 @@ def _holder(path: Path) -> int | None:
     return None
 
 
-def _least_advanced_worker(out: Path, workers: list) -> tuple[object, Path, int]:
-    """The worker node whose shard has scored least so far, its journal and count: the shards start seconds
-    apart on two cores, so the first may be nearly done when the last has begun, and killing its node
-    would interrupt nothing."""
+def _worker_shard_under_way(out: Path, workers: list, at_least: int) -> tuple[object, Path, int] | None:
+    """A worker node whose shard is still running (its worker holds the scored journal open) and has
+    scored `at_least`: its node, journal and count. The shards start seconds apart on two cores and
+    each lasts a few seconds, so one chosen once all had begun might be done, its kill interrupting
+    nothing."""
     raylets = {n.all_processes["raylet"][0].process.pid: n for n in workers}
-    journals = sorted(out.parent.glob(out.stem + ".shards/*-of-*.scored.jsonl"), key=lambda p: p.stat().st_size)
-    for journal in journals:
-        pid = _holder(journal.resolve())
-        node = next((raylets[p] for p in _ancestors(pid) if p in raylets), None) if pid else None
+    for journal in out.parent.glob(out.stem + ".shards/*-of-*.scored.jsonl"):
+        count = journal.read_bytes().count(b"\n")
+        if count < at_least or (pid := _holder(journal.resolve())) is None:
+            continue
+        node = next((raylets[p] for p in _ancestors(pid) if p in raylets), None)
         if node is not None:
-            return node, journal, journal.read_bytes().count(b"\n")
-    raise AssertionError(f"no shard journal of {out} is held by a worker node's process")
+            return node, journal, count
+    return None
 
 
 def _held(lock: Path) -> bool:
@@ -283,19 +287,29 @@ def _scored(curated: Path) -> Path:
     return curated.with_name(curated.name.removesuffix(".jsonl") + ".scored.jsonl")
 
 
-def _run_until_scored(argv: list[str], out: Path, env: dict[str, str], shards: int,
-                      at_least: int) -> subprocess.Popen:
-    """The curate CLI started, returned once each of its `shards` shards has written `at_least` scores
-    (mid-run: every shard has a journal to resume from)."""
+def _run_until(argv: list[str], out: Path, env: dict[str, str], ready: Callable[[], T | None],
+               what: str) -> tuple[subprocess.Popen, T]:
+    """The CLI started on `argv`, returned with what `ready()` gave once it gave something (polled)."""
     log = out.with_name("driver.log")
     with open(log, "w") as stderr:
         proc = subprocess.Popen(_cli(*argv), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 240
-    while len(done := _scored_so_far(out)) < shards or min(done) < at_least:
-        assert proc.poll() is None, f"the run ended before {at_least} scores per shard: {log.read_text()[-3000:]}"
+    while (found := ready()) is None:
+        assert proc.poll() is None, f"the run ended before {what}: {log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no progress in 240 s"
         time.sleep(0.05)
-    return proc
+    return proc, found
+
+
+def _run_until_scored(argv: list[str], out: Path, env: dict[str, str], shards: int,
+                      at_least: int) -> subprocess.Popen:
+    """The curate CLI started, returned once each of its `shards` shards has written `at_least` scores
+    (mid-run: every shard has a journal to resume from)."""
+    def ready() -> bool | None:
+        done = _scored_so_far(out)
+        return True if len(done) == shards and min(done) >= at_least else None
+
+    return _run_until(argv, out, env, ready, f"{at_least} scores per shard")[0]
 
 
 def _check_curated(out: Path, plain: Path) -> dict:
@@ -349,10 +363,11 @@ def test_a_worker_node_killed_mid_run_loses_and_duplicates_nothing(servers: Serv
                                                                   ray_tmp: Path) -> None:
     c, workers = cluster
     out = tmp_path / "A.jsonl"
-    proc = _run_until_scored([*_curate_argv(servers, pairs, out), "--ray", c.address, "--shards", "3"], out,
-                             _env(ray_tmp), shards=3, at_least=4)
+    argv = [*_curate_argv(servers, pairs, out), "--ray", c.address, "--shards", "3"]
+    proc, (node, journal, at_kill) = _run_until(argv, out, _env(ray_tmp),
+                                                lambda: _worker_shard_under_way(out, workers, at_least=4),
+                                                "a worker's shard was under way")
     try:
-        node, journal, at_kill = _least_advanced_worker(out, workers)
         c.remove_node(node)  # its shard dies with it and runs again on another node
         proc.wait(timeout=300)
     finally:
