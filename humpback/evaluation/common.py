@@ -19,7 +19,7 @@ from client.journal import Journal, LineWriter
 from client.progress import Progress
 from client.runner import RunSummary, online, run, side_path
 from client.tasks import Item, Job, Task
-from humpback.contracts import BatchRequest, Failure, RequestFailed, content_id
+from humpback.contracts import BatchRequest, Failure, RecordError, RequestFailed, content_id
 from humpback.evaluation.records import Answer, JournaledAnswer
 from humpback.settings import setting
 
@@ -130,14 +130,22 @@ def subset(total: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(total), limit))
 
 
+def _json(path: Path, text: str, line: int) -> Any:
+    """`text`, read from `line` of `path`, as JSON; RecordError names the line of a syntax error."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(path, line + exc.lineno - 1, f"invalid JSON ({exc.msg}); fix the line") from None
+
+
 def read_answers(path: Path) -> dict[str, Answer]:
     """instruction -> answer, from a JSON list (AlpacaEval's format) or JSONL of `Answer` records."""
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        items = [(i + 1, obj) for i, obj in enumerate(json.loads(text))]
+        items = list(enumerate(_json(path, text, 1), 1))
         where = "item"
     else:
-        items = [(i + 1, json.loads(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
+        items = [(i, _json(path, line, i)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
         where = "line"
     answers: dict[str, Answer] = {}
     for n, obj in items:
@@ -146,8 +154,9 @@ def read_answers(path: Path) -> dict[str, Answer]:
             answer = Answer.model_validate({k: obj.get(k) for k in ("instruction", "output", "generator",
                                                                      "finish_reason")})
         except (ValidationError, AttributeError) as exc:
-            raise ValueError(f"{path} {where} {n}: not an answer record with string fields "
-                             f"'instruction' and 'output': {exc}") from None
+            field = exc.errors()[0]["loc"][0] if isinstance(exc, ValidationError) else None
+            raise RecordError(path, n, "not an answer record with string fields 'instruction' and 'output'",
+                              field=str(field) if field is not None else None, where=where) from None
         answers[answer.instruction] = answer
     return answers
 

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from client.fanout import Fanout, FanoutConfig
 from client.likelihood import logprob_body, prompt_logprobs, render, response_nll
 from client.runner import served_model
-from humpback.contracts import COMPLETIONS_PATH, ChatExample, SeedPair, write_jsonl
+from humpback.contracts import COMPLETIONS_PATH, ChatExample, RecordError, SeedPair, write_jsonl
 from humpback.evaluation.common import table, write_summary
 from humpback.evaluation.records import NllPair, NllRow, NllSummary
 
@@ -50,8 +50,8 @@ def read_seed(path: Path) -> Iterator[NllPair]:
                 else:
                     yield NllPair.model_validate(obj)
             except (ValidationError, ValueError) as exc:
-                raise ValueError(f"{path} line {lineno}: not a seed pair ({{'instruction', 'output'}} or "
-                                 f"{{'messages'}}): {exc}") from None
+                raise RecordError(path, lineno, "not a seed pair ({'instruction', 'output'} or {'messages'}): "
+                                  f"{' '.join(str(exc).split())}") from None
 
 
 def _messages(pair: NllPair) -> list[dict[str, str]]:
