@@ -128,3 +128,26 @@ def test_the_exit_status_table_is_the_hierarchy() -> None:
                if inspect.isclass(cls) and issubclass(cls, errors.HumpbackError)}
     assert set(classes) <= set(named)
     assert {name: classes[name].exit_code for name in classes} == {name: named[name] for name in classes}
+
+
+def test_the_evaluation_readers_name_file_line_and_field(tmp_path: Path) -> None:
+    from humpback.evaluation.common import read_answers
+    from humpback.evaluation.ifeval import read_responses
+    from humpback.evaluation.nll import read_seed
+
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    listed = tmp_path / "answers.json"
+    listed.write_text('[{"instruction": "a", "output": 3}]')
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text('\n{"prompt": "p", "response": "r"}\n{"prompt": "p"\n')
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    for read, path, line, field in ((read_answers, answers, 2, "output"), (read_answers, listed, 1, "output"),
+                                    (read_responses, responses, 3, None), (lambda p: list(read_seed(p)), seed, 1, None)):
+        with pytest.raises(errors.RecordError) as raised:
+            read(path)
+        assert (raised.value.path, raised.value.line, raised.value.field) == (path, line, field)
+        assert raised.value.exit_code == 2 and len(str(raised.value).splitlines()) == 1
+    assert str(errors.RecordError(listed, 1, "not an answer", field="output", where="item")) == \
+        f"{listed} item 1: output: not an answer"

@@ -130,6 +130,7 @@ from humpback.contracts.records import (
     Source,
     band_of,
     content_id,
+    json_lines,
     normalize,
     read_jsonl,
     read_pairs,

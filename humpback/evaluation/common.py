@@ -19,7 +19,7 @@ from client.journal import Journal, LineWriter
 from client.progress import Progress
 from client.runner import RunSummary, online, run, side_path
 from client.tasks import Item, Job, Task
-from humpback.contracts import BatchRequest, Failure, RecordError, RequestFailed, content_id
+from humpback.contracts import BatchRequest, Failure, RecordError, RequestFailed, content_id, json_lines
 from humpback.evaluation.records import Answer, JournaledAnswer
 from humpback.settings import setting
 
@@ -130,23 +130,17 @@ def subset(total: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(total), limit))
 
 
-def _json(path: Path, text: str, line: int) -> Any:
-    """`text`, read from `line` of `path`, as JSON; RecordError names the line of a syntax error."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RecordError(path, line + exc.lineno - 1, f"invalid JSON ({exc.msg}); fix the line") from None
-
-
 def read_answers(path: Path) -> dict[str, Answer]:
     """instruction -> answer, from a JSON list (AlpacaEval's format) or JSONL of `Answer` records."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):
-        items = list(enumerate(_json(path, text, 1), 1))
+        try:
+            items = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as exc:
+            raise RecordError(path, exc.lineno, f"invalid JSON ({exc.msg}); fix it") from None
         where = "item"
     else:
-        items = [(i, _json(path, line, i)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-        where = "line"
+        items, where = list(json_lines(path)), "line"
     answers: dict[str, Answer] = {}
     for n, obj in items:
         try:
