@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewrite the settings table between the markers of FILE.md instead of printing it")
     p.set_defaults(func=_settings)
     for command in commands(parser).values():
-        # After the command too (`humpback run --debug`); SUPPRESS: unset, it leaves the flag before the command be.
+        # After the command too (`humpback run --debug`); SUPPRESS: when not given there, the value
+        # given before the command (or its default) stays.
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
@@ -119,6 +120,11 @@ def commands(parser: argparse.ArgumentParser,
         return {prefix: parser}
     return {words: leaf for name, child in subs[0].choices.items()
             for words, leaf in commands(child, (*prefix, name)).items()}
+
+
+# A user's path that cannot be opened, and why, in words.
+_UNOPENABLE = {FileNotFoundError: "no such file", IsADirectoryError: "is a folder, not a file",
+               NotADirectoryError: "a part of the path is not a folder", PermissionError: "permission denied"}
 
 
 def failure(exc: BaseException) -> tuple[int, list[str]] | None:
@@ -134,11 +140,9 @@ def failure(exc: BaseException) -> tuple[int, list[str]] | None:
         return exc.exit_code, str(exc).splitlines() or [type(exc).__name__]
     if isinstance(exc, ValidationError):  # a flag's value the config refuses (say, --shard 4/4)
         return 2, [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError)):
-        why = {FileNotFoundError: "no such file", IsADirectoryError: "is a folder, not a file",
-               NotADirectoryError: "a part of the path is not a folder",
-               PermissionError: "permission denied"}[type(exc)]
-        return 2, [f"{exc.filename}: {why}; check the path"]
+    for kind, why in _UNOPENABLE.items():
+        if isinstance(exc, kind):
+            return 2, [f"{exc.filename}: {why}; check the path"]
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return 4, [f"{exc.filename or 'an output'}: cannot write (No space left on device); free space and run again"]
     return None
