@@ -3,22 +3,22 @@
 Every flag is generated (`humpback.settings`) from a field of `FanoutConfig`, `AugmentConfig`,
 `CurateConfig`, `RewriteConfig`, `PrepareConfig`, `PreferenceConfig` or of the files models below
 (and `client.dataset.DatasetFiles`), which document them; the handlers
-import the rest of the client only when run. Input that cannot be used (a file that cannot be read,
-an output another run holds) ends a command with its message and exit status 2, before anything is sent;
-an output that cannot be written (a full disk) stops it with exit status 4, its journal whole; a Ray
-cluster that cannot run the shards of a `--ray` run (`client.cluster`) with exit status 5.
+import the rest of the client only when run. Their errors end a command in `humpback.cli.main`, with
+one line and the exit status of docs/contracts.md "Exit statuses": input that cannot be used (a file
+that cannot be read, an output another run holds) with 2 before anything is sent, an output that
+cannot be written (a full disk) with 4, its journal whole, a Ray cluster that cannot run the shards
+of a `--ray` run (`client.cluster`) with 5.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from client.augment import AugmentConfig
 from client.curate import CurateConfig
@@ -27,7 +27,7 @@ from client.fanout import FanoutConfig
 from client.preferences import PreferenceConfig
 from client.prepare import PrepareConfig
 from client.rewrite import RewriteConfig
-from humpback.contracts import DEFAULT_URLS, ClusterError, InputError, OutputError
+from humpback.contracts import DEFAULT_URLS
 from humpback.settings import add_arguments, from_args, setting
 
 
@@ -180,33 +180,6 @@ def _run(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def _refusing(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """`handler`, with input it cannot use reported as one message on stderr and exit status 2, an
-    output it cannot write (a full disk) with exit status 4, and a Ray cluster that cannot run the
-    shards with exit status 5."""
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except InputError as exc:
-            for problem in str(exc).splitlines():  # one line per file that cannot be used
-                print(f"humpback: error: {problem}", file=sys.stderr)
-            return 2
-        except OutputError as exc:
-            print(f"humpback: error: {exc}", file=sys.stderr)
-            return 4
-        except ClusterError as exc:  # --ray: the cluster is unreachable, or a shard failed on it for good
-            print(f"humpback: error: {exc}", file=sys.stderr)
-            return 5
-        except ValidationError as exc:  # a flag's value the config refuses (say, --shard 4/4)
-            for err in exc.errors():
-                print(f"humpback: error: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 def _report(summary: Any) -> int:
     """Print the run's summary; exit status 3 when any request failed (a re-run retries them), 2 when
     every input record was refused (the wrong file: nothing was done)."""
@@ -331,30 +304,30 @@ def register(sub: Any) -> None:
     add_arguments(p.add_argument_group("generation"), AugmentConfig)
     _fanout_args(p, "backward")
     _prepare_args(p)
-    p.set_defaults(func=_refusing(_augment))
+    p.set_defaults(func=_augment)
 
     p = sub.add_parser("curate", help="self-curation: score candidates and select A_k (resumable)")
     _files_args(p, CurateFiles)
     _curate_args(p.add_argument_group("scoring and selection of A_k"))
     _fanout_args(p, "scorer")
-    p.set_defaults(func=_refusing(_curate))
+    p.set_defaults(func=_curate)
 
     p = sub.add_parser("rewrite", help="rewrite each pair's text as an assistant's answer with an aligned model "
                                        "(back-and-forth translation; resumable)")
     _files_args(p, RewriteFiles)
     add_arguments(p.add_argument_group("generation"), RewriteConfig)
     _fanout_args(p, "scorer")
-    p.set_defaults(func=_refusing(_rewrite))
+    p.set_defaults(func=_rewrite)
 
     p = sub.add_parser("export", help="curated data as users load it: preference pairs, a datasets folder")
     xsub = p.add_subparsers(dest="export_command", required=True)
     x = xsub.add_parser("dpo", help="chosen/rejected pairs from scored responses to the same instruction")
     _files_args(x, PreferenceFiles)
     add_arguments(x.add_argument_group("pairs"), PreferenceConfig)
-    x.set_defaults(func=_refusing(_export_dpo))
+    x.set_defaults(func=_export_dpo)
     x = xsub.add_parser("dataset", help="a curated set as a Hugging Face datasets folder with a dataset card")
     _files_args(x, DatasetFiles)
-    x.set_defaults(func=_refusing(_export_dataset))
+    x.set_defaults(func=_export_dataset)
 
     p = sub.add_parser("batch", help="OpenAI batch JSONL: export requests, import results")
     bsub = p.add_subparsers(dest="batch_command", required=True)
@@ -364,18 +337,18 @@ def register(sub: Any) -> None:
     _files_args(e, ExportAugmentFiles)
     add_arguments(e, AugmentConfig, exclude=_except(AugmentConfig, EXPORT_AUGMENT), required=["model"])
     _prepare_args(e)
-    e.set_defaults(func=_refusing(_export_augment))
+    e.set_defaults(func=_export_augment)
     e = kinds.add_parser("curate", help="one scoring request per candidate (the rubric), or one log-probability "
                                         "request per distinct term (a likelihood scorer: the servers' /tokenize "
                                         "renders them)")
     _files_args(e, ExportCurateFiles)
     _curate_args(e, exclude=_except(CurateConfig, EXPORT_CURATE), required=["model"])
     _fanout_args(e, "scorer")
-    e.set_defaults(func=_refusing(_export_curate))
+    e.set_defaults(func=_export_curate)
     e = kinds.add_parser("rewrite", help="one rewriting request per pair")
     _files_args(e, ExportRewriteFiles)
     add_arguments(e, RewriteConfig, exclude=_except(RewriteConfig, EXPORT_REWRITE), required=["model"])
-    e.set_defaults(func=_refusing(_export_rewrite))
+    e.set_defaults(func=_export_rewrite)
 
     imp = bsub.add_parser("import", help="turn batch results into candidates (augment), a curated set (curate) or "
                                          "rewrites (rewrite)")
@@ -383,15 +356,15 @@ def register(sub: Any) -> None:
     i = kinds.add_parser("augment", help="append the answers to a candidates journal")
     _files_args(i, ImportFiles)
     add_arguments(i, AugmentConfig, exclude=_except(AugmentConfig, IMPORT_AUGMENT))
-    i.set_defaults(func=_refusing(_import_augment))
+    i.set_defaults(func=_import_augment)
     i = kinds.add_parser("curate", help="append the scores to the scored journal and select A_k")
     _files_args(i, ImportFiles)
     _curate_args(i, exclude=_except(CurateConfig, IMPORT_CURATE))
-    i.set_defaults(func=_refusing(_import_curate))
+    i.set_defaults(func=_import_curate)
     i = kinds.add_parser("rewrite", help="append the rewrites to a rewritten-candidates journal")
     _files_args(i, ImportFiles)
     add_arguments(i, RewriteConfig, exclude=_except(RewriteConfig, IMPORT_REWRITE))
-    i.set_defaults(func=_refusing(_import_rewrite))
+    i.set_defaults(func=_import_rewrite)
 
     p = sub.add_parser("merge", help="join the outputs of `--shard I/N` runs and check that none is missing",
                        description="Join the shards' outputs into one JSONL, each record once (two different "
@@ -404,4 +377,4 @@ def register(sub: Any) -> None:
     add_arguments(p.add_argument_group("the unsharded run (with --corpus)"), AugmentConfig,
                   exclude=_except(AugmentConfig, MERGE_AUGMENT))
     _prepare_args(p)
-    p.set_defaults(func=_refusing(_merge))
+    p.set_defaults(func=_merge)

@@ -33,7 +33,9 @@ import httpx
 from pydantic import BaseModel, ConfigDict
 
 from client.transport import AsyncioBackend
-from humpback.contracts import API_KEY_ENV, VERSION_HEADER, VERSION_NOT_SERVED, RequestFailed, RetryableError
+from humpback.contracts import (
+    API_KEY_ENV, VERSION_HEADER, VERSION_NOT_SERVED, RequestFailed, RetryableError, Unreachable,
+)
 from humpback.settings import setting
 
 log = logging.getLogger(__name__)
@@ -327,6 +329,7 @@ class Fanout:
         """GET from the first endpoint that answers (for `/v1/models`), retrying while servers start."""
         assert self._client is not None
         errors: list[str] = []
+        answered = False
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 await asyncio.sleep(self._backoff(attempt, None))
@@ -337,8 +340,13 @@ class Fanout:
                     return resp.json()
                 except (httpx.HTTPError, ValueError) as exc:
                     errors.append(f"{ep.url}: {exc}")
-        raise RequestFailed(f"GET {path} failed on every endpoint: {'; '.join(errors[-len(self.endpoints):])}",
-                            self.config.max_retries + 1)
+                    answered = answered or not isinstance(exc, httpx.TransportError)
+        reason = f"GET {path} failed on every endpoint: {'; '.join(errors[-len(self.endpoints):])}"
+        if answered:
+            raise RequestFailed(reason, self.config.max_retries + 1)
+        # No server answered at all: the environment's fault (exit status 4), not the request's.
+        raise Unreachable(f"{reason}; start the servers (`humpback serve up`) or point --endpoint at running ones",
+                          self.config.max_retries + 1)
 
     # --- adaptive windows ----------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -35,6 +36,7 @@ SETTINGS = (
     "humpback.loop.config:ServicesConfig", "humpback.loop.config:TrainConfig", "humpback.loop.config:CurateSection",
     "humpback.loop.config:RewriteSection", "humpback.loop.config:EvalSection",
 )
+DEBUG_HELP = "show the traceback of an error instead of its one line (docs/contracts.md, Exit statuses)"
 TABLE_START = "<!-- settings-table"
 TABLE_END = "<!-- /settings-table -->"
 
@@ -89,6 +91,7 @@ def _settings(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="humpback", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _PARTS:
         try:
@@ -102,7 +105,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", type=Path, default=None, metavar="FILE.md",
                    help="rewrite the settings table between the markers of FILE.md instead of printing it")
     p.set_defaults(func=_settings)
+    for command in commands(parser).values():
+        # After the command too (`humpback run --debug`); SUPPRESS: when not given there, the value
+        # given before the command (or its default) stays.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def commands(parser: argparse.ArgumentParser,
+             prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """Every command `parser` runs, by its words (("eval", "pairwise"), ...): the leaves of its subparsers."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return {prefix: parser}
+    return {words: leaf for name, child in subs[0].choices.items()
+            for words, leaf in commands(child, (*prefix, name)).items()}
+
+
+# A user's path that cannot be opened, and why, in words.
+_UNOPENABLE = {FileNotFoundError: "no such file", IsADirectoryError: "is a folder, not a file",
+               NotADirectoryError: "a part of the path is not a folder", PermissionError: "permission denied"}
+
+
+def failure(exc: BaseException) -> tuple[int, list[str]] | None:
+    """The exit status and the lines (without their `humpback: error: ` prefix) of an error that ends a
+    command, or None for a bug (its traceback is what helps). The status is the error class's
+    `exit_code` (humpback.contracts.errors, the one table); a flag's or config's value pydantic refuses,
+    and a user's path that cannot be opened, are bad input (2); a full disk is the environment's (4)."""
+    from pydantic import ValidationError
+
+    from humpback.contracts import HumpbackError
+
+    if isinstance(exc, HumpbackError):
+        return exc.exit_code, str(exc).splitlines() or [type(exc).__name__]
+    if isinstance(exc, ValidationError):  # a flag's value the config refuses (say, --shard 4/4)
+        return 2, [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+    for kind, why in _UNOPENABLE.items():
+        if isinstance(exc, kind):
+            return 2, [f"{exc.filename}: {why}; check the path"]
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return 4, [f"{exc.filename or 'an output'}: cannot write (No space left on device); free space and run again"]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,4 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        found = None if args.debug else failure(exc)
+        if found is None:
+            raise
+        code, lines = found
+        for line in lines:
+            print(f"humpback: error: {line}", file=sys.stderr)
+        return code

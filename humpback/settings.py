@@ -205,9 +205,10 @@ def from_args(model: type[M], args: argparse.Namespace | Mapping[str, Any], *, e
 
 
 def parser_flags(parser: argparse.ArgumentParser) -> set[str]:
-    """Every long option a parser takes (its `--no-x` twins included), for tests that hold the CLI
-    against the settings."""
-    return {s for action in parser._actions for s in action.option_strings if s.startswith("--") and s != "--help"}
+    """Every long option a parser takes (its `--no-x` twins included) but those every command takes
+    (`--help`, and `--debug` of `humpback.cli`), for tests that hold the CLI against the settings."""
+    return {s for action in parser._actions for s in action.option_strings
+            if s.startswith("--") and s not in ("--help", "--debug")}
 
 
 def _shown(default: Any) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from humpback.contracts import DEFAULT_MODEL_DIR, ROLES
@@ -104,13 +103,7 @@ def status_rows(state_dir: Path) -> list[dict]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from humpback.contracts import ServeError
-
-    try:
-        rows = status_rows(_state_dir(args))
-    except ServeError as exc:
-        print(exc)
-        return 1
+    rows = status_rows(_state_dir(args))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -130,27 +123,22 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _swap(args: argparse.Namespace) -> int:
-    from humpback.contracts import CheckpointError, SwapError
+    """A folder refused before a server was touched (CheckpointError) ends it with exit status 2, a swap
+    the servers refused or failed (SwapError: every replica serves what it served before, or the error
+    says which not) with 1."""
+    from humpback.contracts import InputError
     from services.hotswap import swap_role
     from services.supervisor import load_config
 
     cfg = load_config(_state_dir(args))
     specs = [s for s in cfg.servers if s.role == args.role]
     if not specs:
-        print(f"humpback: error: no {args.role} server runs from {cfg.state_dir}", file=sys.stderr)
-        return 2
+        raise InputError(f"no {args.role} server runs from {cfg.state_dir}")
     how = from_args(SwapSettings, args)
-    try:
-        result = swap_role(
-            {s.name: s.url for s in specs}, args.checkpoint, role=args.role, version=how.version, alias=how.alias,
-            api_key=specs[0].api_key, registry=cfg.registry, method=how.method,
-        )
-    except CheckpointError as exc:  # refused before a server was touched: they serve what they served
-        print(f"humpback: error: {exc}", file=sys.stderr)
-        return 2
-    except SwapError as exc:  # every replica serves what it served before (or the error says which not)
-        print(f"humpback: error: {exc}", file=sys.stderr)
-        return 1
+    result = swap_role(
+        {s.name: s.url for s in specs}, args.checkpoint, role=args.role, version=how.version, alias=how.alias,
+        api_key=specs[0].api_key, registry=cfg.registry, method=how.method,
+    )
     print(result.model_dump_json(indent=2))
     return 0
 

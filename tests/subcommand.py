@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from humpback.cli import build_parser
+from humpback.cli import build_parser, commands
 
 
 def subcommand(*names: str) -> argparse.ArgumentParser:
     """`subcommand("trainer", "serve")`: the parser of `humpback trainer serve`."""
-    parser = build_parser()
-    for name in names:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        parser = sub.choices[name]
-    return parser
+    return commands(build_parser())[names]

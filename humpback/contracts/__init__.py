@@ -35,7 +35,9 @@ from humpback.contracts.defaults import (
 from humpback.contracts.errors import (
     ApiError,
     CheckpointError,
+    ChecksumMismatch,
     ClusterError,
+    ConfigError,
     CorpusError,
     HumpbackError,
     InputError,
@@ -43,10 +45,12 @@ from humpback.contracts.errors import (
     OasstError,
     OutputError,
     PodError,
+    RecordError,
     RequestFailed,
     RetryableError,
     ServeError,
     SwapError,
+    Unreachable,
     UnusableInstruction,
 )
 from humpback.contracts.fine_tuning import (
@@ -126,6 +130,7 @@ from humpback.contracts.records import (
     Source,
     band_of,
     content_id,
+    json_lines,
     normalize,
     read_jsonl,
     read_pairs,

@@ -4,23 +4,53 @@ Catch `HumpbackError` for "anything humpback refused or failed", or a subclass f
 keeps the builtin base its callers already caught (`ValueError` for bad input, `RuntimeError` for a
 service that failed), and says what was wrong, where (file, line, record, field) and, where there is
 one, the fix.
+
+Each class carries the exit status of a command it ends (`exit_code`), so this hierarchy is the table
+of exit statuses (docs/contracts.md "Exit statuses"): 2 bad input, 3 requests that failed for good,
+4 a fault of the environment, 5 the Ray cluster, 1 anything else that failed. `humpback.cli.main`
+is the one place that turns an error into its one line and status.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 
 class HumpbackError(Exception):
     """Base of every error humpback raises on purpose."""
+
+    exit_code: ClassVar[int] = 1
 
 
 # --- input: files and records ---------------------------------------------------------------------
 
 
 class InputError(HumpbackError, ValueError):
-    """Input that cannot be used: names the file (and line or field) and the fix."""
+    """Input that cannot be used: names the file (and line or field) and the fix. One line per problem."""
+
+    exit_code = 2
+
+
+class RecordError(InputError):
+    """A record of an input file that cannot be used: `path`, its `line` (or item of a JSON list),
+    the `field` at fault where one is, and what is wrong with it and the fix."""
+
+    def __init__(self, path: Path | str, line: int | None, problem: str, *, field: str | None = None,
+                 where: str = "line") -> None:
+        at = f"{path} {where} {line}" if line is not None else str(path)
+        super().__init__(f"{at}: {field}: {problem}" if field else f"{at}: {problem}")
+        self.path, self.line, self.field, self.problem = path, line, field, problem
+
+
+class ConfigError(InputError):
+    """A config (a file or a flag's value) that cannot be used: says which and the key at fault."""
+
+
+class ChecksumMismatch(InputError):
+    """Joined parts that are not the file recorded (a packaged model's GGUF): a part is damaged or from
+    another release."""
 
 
 class CorpusError(InputError):
@@ -33,6 +63,8 @@ class PodError(InputError):
 
 class OasstError(HumpbackError, RuntimeError):
     """oasst1 cannot be read at all (missing file, unknown format, hub unreachable)."""
+
+    exit_code = 2
 
 
 class CheckpointError(InputError):
@@ -48,6 +80,8 @@ class OutputError(HumpbackError, OSError):
     """An output that cannot be written (a full disk, a read-only folder): names the file and says what
     it still holds. The run stops at once rather than ask for answers it cannot keep."""
 
+    exit_code = 4
+
 
 # --- requests to the model servers -----------------------------------------------------------------
 
@@ -58,6 +92,8 @@ class RetryableError(HumpbackError):
 
 class RequestFailed(HumpbackError):
     """A request that failed for good: a client error, or every retry used up."""
+
+    exit_code = 3
 
     def __init__(self, reason: str, attempts: int) -> None:
         super().__init__(reason)
@@ -74,17 +110,28 @@ class UnusableInstruction(RequestFailed):
         self.kind = kind
 
 
+class Unreachable(RequestFailed):
+    """No server answered (every endpoint refused the connection or timed out, every retry used up): a
+    fault of the environment, not of the request; start the servers or point at running ones."""
+
+    exit_code = 4
+
+
 # --- the services -------------------------------------------------------------------------------
 
 
 class ServeError(HumpbackError, RuntimeError):
     """The model servers could not be started, found or stopped."""
 
+    exit_code = 4
+
 
 class ClusterError(HumpbackError, RuntimeError):
     """A run on a Ray cluster (`--ray`) that could not go on: the cluster cannot be reached, or a shard
     failed on it for good (its retries used up). Every finished answer is in its shard's journal: a
     re-run resumes each shard."""
+
+    exit_code = 5
 
 
 class SwapError(HumpbackError, RuntimeError):

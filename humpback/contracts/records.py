@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from humpback.contracts.errors import InputError
+from humpback.contracts.errors import RecordError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -258,24 +258,29 @@ def read_jsonl(path: str | Path, model: type[M]) -> list[M]:
         return [model.model_validate_json(line) for line in f if line.strip()]
 
 
-def read_pairs(path: str | Path) -> Iterator[tuple[int, str, str]]:
-    """(line, instruction, response) of each line of a file of human pairs: JSONL whose lines carry
-    non-empty `instruction` and `response` strings (`output` is read for `response`; other fields are
-    ignored), such as humpback's `seed.jsonl` and `heldout.jsonl`. Blank lines are skipped; any other
-    line that is no such pair raises `InputError` naming the file and line."""
+def json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line, value) of each line of a JSONL file a user gives (blank lines skipped, a UTF-8 BOM
+    read as none); a line that is not JSON raises `RecordError` naming the file and line."""
     with Path(path).open(encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line)
             except ValueError as exc:
-                raise InputError(f"{path} line {lineno}: invalid JSON ({exc})") from None
-            x, y = (obj.get("instruction"), obj.get("response", obj.get("output"))) if isinstance(obj, dict) else (None, None)
-            if not (isinstance(x, str) and x.strip() and isinstance(y, str) and y.strip()):
-                raise InputError(f"{path} line {lineno}: not a pair with non-empty strings 'instruction' and "
-                                 "'response'")
-            yield lineno, x, y
+                raise RecordError(path, lineno, f"invalid JSON ({exc}); fix the line or remove it") from None
+
+
+def read_pairs(path: str | Path) -> Iterator[tuple[int, str, str]]:
+    """(line, instruction, response) of each line of a file of human pairs: JSONL whose lines carry
+    non-empty `instruction` and `response` strings (`output` is read for `response`; other fields are
+    ignored), such as humpback's `seed.jsonl` and `heldout.jsonl`. Blank lines are skipped; any other
+    line that is no such pair raises `RecordError` naming the file and line."""
+    for lineno, obj in json_lines(path):
+        x, y = (obj.get("instruction"), obj.get("response", obj.get("output"))) if isinstance(obj, dict) else (None, None)
+        if not (isinstance(x, str) and x.strip() and isinstance(y, str) and y.strip()):
+            raise RecordError(path, lineno, "not a pair with non-empty strings 'instruction' and 'response'")
+        yield lineno, x, y
 
 
 def write_jsonl(path: Path, records: Iterable[BaseModel]) -> int:

@@ -23,7 +23,7 @@ from humpback.data.catalog import CORPUS_SOURCES, SEED_SOURCES, DocSource
 from humpback.data.debian_faq import debian_faq_pairs
 from humpback.data.pod import perlfaq_pairs
 from humpback.data.prose import documents
-from humpback.contracts import CorpusDoc, ParseFailure, SeedPair, normalize, text_id, write_jsonl
+from humpback.contracts import CorpusDoc, OasstError, ParseFailure, SeedPair, normalize, text_id, write_jsonl
 from humpback.data.records import cap_seed, split_bucket
 from humpback.data.rst import parse_rst
 from humpback.data.text import qa_pairs
@@ -325,7 +325,7 @@ def build_oasst1(inputs: list[Path], hub: str | None, split: str, cfg: BuildConf
     from humpback.data.oasst1 import LICENSE, SOURCE, OasstStats, first_turn_pairs, read_messages
 
     if not inputs and not hub:
-        raise ValueError("give oasst1 message files (--input) or a hub dataset name (--hub)")
+        raise OasstError("give oasst1 message files (--input) or a hub dataset name (--hub)")
     cfg.out.mkdir(parents=True, exist_ok=True)
     stats = OasstStats()
     counts: dict[str, SourceCounts] = {SOURCE: SourceCounts(files=len(inputs) + bool(hub))}

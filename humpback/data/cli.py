@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from humpback.contracts import OasstError
+from humpback.contracts import InputError
 from humpback.data.build import BuildConfig, build_demo, build_oasst1, format_table
 from humpback.settings import add_arguments, from_args, setting
 
@@ -31,7 +31,10 @@ class Oasst1Source(BaseModel):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    result = build_demo(from_args(BuildConfig, args))
+    cfg = from_args(BuildConfig, args)
+    if not cfg.root.is_dir():  # read anyway, every source would be "not installed" and the files empty
+        raise InputError(f"--root {cfg.root}: no such folder; give the root the Debian paths are read under")
+    result = build_demo(cfg)
     print(format_table(result))
     print(f"wrote {result.out}/(seed, heldout, corpus).jsonl, LICENSES.md, manifest.json")
     return 0
@@ -39,13 +42,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _oasst1(args: argparse.Namespace) -> int:
     src = from_args(Oasst1Source, args)
-    try:
-        cfg = from_args(BuildConfig, args, exclude=DEMO_ONLY, defaults=OASST1_DEFAULTS)
-        result = build_oasst1(src.inputs, src.hub, src.split, cfg, lang=src.lang)
-    except (OasstError, ValueError) as exc:
-        print(f"error: {exc}")
-        return 2
-    print(format_table(result))
+    cfg = from_args(BuildConfig, args, exclude=DEMO_ONLY, defaults=OASST1_DEFAULTS)
+    print(format_table(build_oasst1(src.inputs, src.hub, src.split, cfg, lang=src.lang)))
     return 0
 
 

@@ -16,7 +16,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from client.augment import AugmentConfig
-from client.cli import _refusing
 from client.curate import CurateConfig
 from client.fanout import FanoutConfig
 from humpback.contracts import API_KEY_ENV, AUGMENTED_SYSTEM_PROMPT, DEFAULT_URLS, SEED_SYSTEM_PROMPT
@@ -239,7 +238,7 @@ def register(sub: Any) -> None:
     add_arguments(c, StageRun, required=("pairs", "out"))
     add_arguments(c.add_argument_group("negatives and threshold"), ScorerEvalConfig)
     add_arguments(c.add_argument_group("scoring (curate's)"), CurateConfig, exclude=CURATE_UNUSED)
-    c.set_defaults(func=_refusing(_scorer))  # a scorer without what it needs: one line, exit 2
+    c.set_defaults(func=_scorer)
 
     k = esub.add_parser("calibrate", help="fit the combined scorer's combiner on held-out pairs and negatives built "
                                           "from them (a JSON file for curate --calibration)")
@@ -247,4 +246,4 @@ def register(sub: Any) -> None:
     add_arguments(k, StageRun, required=("pairs", "out"))
     add_arguments(k.add_argument_group("negatives"), ScorerEvalConfig, exclude=("threshold",))
     add_arguments(k.add_argument_group("backward model"), CurateConfig, exclude=CALIBRATE_UNUSED)
-    k.set_defaults(func=_refusing(_calibrate))
+    k.set_defaults(func=_calibrate)

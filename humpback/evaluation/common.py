@@ -19,7 +19,7 @@ from client.journal import Journal, LineWriter
 from client.progress import Progress
 from client.runner import RunSummary, online, run, side_path
 from client.tasks import Item, Job, Task
-from humpback.contracts import BatchRequest, Failure, RequestFailed, content_id
+from humpback.contracts import BatchRequest, Failure, RecordError, RequestFailed, content_id, json_lines
 from humpback.evaluation.records import Answer, JournaledAnswer
 from humpback.settings import setting
 
@@ -132,13 +132,15 @@ def subset(total: int, limit: int | None, seed: int) -> list[int]:
 
 def read_answers(path: Path) -> dict[str, Answer]:
     """instruction -> answer, from a JSON list (AlpacaEval's format) or JSONL of `Answer` records."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):
-        items = [(i + 1, obj) for i, obj in enumerate(json.loads(text))]
+        try:
+            items = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as exc:
+            raise RecordError(path, exc.lineno, f"invalid JSON ({exc.msg}); fix it") from None
         where = "item"
     else:
-        items = [(i + 1, json.loads(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
-        where = "line"
+        items, where = list(json_lines(path)), "line"
     answers: dict[str, Answer] = {}
     for n, obj in items:
         try:
@@ -146,8 +148,9 @@ def read_answers(path: Path) -> dict[str, Answer]:
             answer = Answer.model_validate({k: obj.get(k) for k in ("instruction", "output", "generator",
                                                                      "finish_reason")})
         except (ValidationError, AttributeError) as exc:
-            raise ValueError(f"{path} {where} {n}: not an answer record with string fields "
-                             f"'instruction' and 'output': {exc}") from None
+            field = exc.errors()[0]["loc"][0] if isinstance(exc, ValidationError) else None
+            raise RecordError(path, n, "not an answer record with string fields 'instruction' and 'output'",
+                              field=str(field) if field is not None else None, where=where) from None
         answers[answer.instruction] = answer
     return answers
 

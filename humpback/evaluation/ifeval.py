@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import sys
 import time
 from collections import defaultdict
@@ -30,7 +29,7 @@ from typing import Any
 
 from client.fanout import Fanout, FanoutConfig
 from client.runner import served_model
-from humpback.contracts import read_jsonl, write_jsonl
+from humpback.contracts import InputError, RecordError, json_lines, read_jsonl, write_jsonl
 from humpback.contracts.defaults import IFEVAL_DATA, eval_framework_dir
 from humpback.evaluation.common import GenerationConfig, answer_all, subset, table, write_summary
 from humpback.evaluation.records import Accuracy, IFEvalPrompt, IFEvalRow, IFEvalSummary
@@ -128,14 +127,13 @@ def accuracy(rows: Iterable[IFEvalRow]) -> tuple[Accuracy, Accuracy, dict[str, A
 def read_responses(path: Path) -> dict[str, str]:
     """prompt -> response from IFEval's own response format (JSONL with `prompt` and `response`)."""
     responses: dict[str, str] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("prompt", "response")):
-                raise ValueError(f"{path} line {lineno}: needs string fields 'prompt' and 'response'")
-            responses[obj["prompt"]] = obj["response"]
+    for lineno, obj in json_lines(path):
+        if not isinstance(obj, dict):
+            raise RecordError(path, lineno, "not a JSON object with string fields 'prompt' and 'response'")
+        for field in ("prompt", "response"):
+            if not isinstance(obj.get(field), str):
+                raise RecordError(path, lineno, "needs a string (fields 'prompt' and 'response')", field=field)
+        responses[obj["prompt"]] = obj["response"]
     return responses
 
 
@@ -157,7 +155,7 @@ async def run_ifeval(out: Path, fanout: FanoutConfig | None, model: str | None =
         given = read_responses(responses)
         missing = [p.key for p in prompts if p.prompt not in given]
         if missing:
-            raise ValueError(f"{responses}: no response for IFEval keys {missing[:10]}"
+            raise InputError(f"{responses}: no response for IFEval keys {missing[:10]}"
                              f"{' ...' if len(missing) > 10 else ''}")
         texts, finish, model = [given[p.prompt] for p in prompts], [None] * len(prompts), model or responses.stem
     else:

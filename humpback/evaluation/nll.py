@@ -11,7 +11,6 @@ per token, is the number reported. Lower is better; compare checkpoints only wit
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from pydantic import ValidationError
 from client.fanout import Fanout, FanoutConfig
 from client.likelihood import logprob_body, prompt_logprobs, render, response_nll
 from client.runner import served_model
-from humpback.contracts import COMPLETIONS_PATH, ChatExample, SeedPair, write_jsonl
+from humpback.contracts import COMPLETIONS_PATH, ChatExample, RecordError, SeedPair, json_lines, write_jsonl
 from humpback.evaluation.common import table, write_summary
 from humpback.evaluation.records import NllPair, NllRow, NllSummary
 
@@ -31,27 +30,24 @@ def read_seed(path: Path) -> Iterator[NllPair]:
     """Seed pairs from JSONL: humpback's seed records (`humpback data demo|oasst1`), AlpacaEval-style
     `{"instruction", "output"}` rows, or chat rows `{"messages": [...]}` (optional system message, one
     user turn, one assistant turn)."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if isinstance(obj, dict) and "messages" in obj:
-                    msgs = ChatExample.model_validate(obj).messages
-                    system = msgs[0].content if msgs[0].role == "system" else None
-                    turns = msgs[1:] if system is not None else msgs
-                    if len(turns) != 2:
-                        raise ValueError("messages: expected one user and one assistant turn")
-                    yield NllPair(instruction=turns[0].content, output=turns[1].content, system=system)
-                elif isinstance(obj, dict) and "response" in obj:
-                    seed = SeedPair.model_validate(obj)
-                    yield NllPair(instruction=seed.instruction, output=seed.response)
-                else:
-                    yield NllPair.model_validate(obj)
-            except (ValidationError, ValueError) as exc:
-                raise ValueError(f"{path} line {lineno}: not a seed pair ({{'instruction', 'output'}} or "
-                                 f"{{'messages'}}): {exc}") from None
+    for lineno, obj in json_lines(path):
+        try:
+            if isinstance(obj, dict) and "messages" in obj:
+                msgs = ChatExample.model_validate(obj).messages
+                system = msgs[0].content if msgs[0].role == "system" else None
+                turns = msgs[1:] if system is not None else msgs
+                if len(turns) != 2:
+                    raise ValueError("messages: expected one user and one assistant turn")
+                pair = NllPair(instruction=turns[0].content, output=turns[1].content, system=system)
+            elif isinstance(obj, dict) and "response" in obj:
+                seed = SeedPair.model_validate(obj)
+                pair = NllPair(instruction=seed.instruction, output=seed.response)
+            else:
+                pair = NllPair.model_validate(obj)
+        except (ValidationError, ValueError) as exc:
+            raise RecordError(path, lineno, "not a seed pair ({'instruction', 'output'} or {'messages'}): "
+                              f"{' '.join(str(exc).split())}") from None
+        yield pair
 
 
 def _messages(pair: NllPair) -> list[dict[str, str]]:

@@ -33,7 +33,9 @@ from pydantic import BaseModel, ConfigDict
 from client.completions import chat_choice, choice_mass
 from client.fanout import Fanout, FanoutConfig
 from client.runner import served_model
-from humpback.contracts import JUDGE_CHOICES, BatchRequest, RequestFailed, content_id, judge_messages, write_jsonl
+from humpback.contracts import (
+    JUDGE_CHOICES, BatchRequest, ConfigError, InputError, RequestFailed, content_id, judge_messages, write_jsonl,
+)
 from humpback.contracts.defaults import ALPACA_EVAL_DATA, eval_framework_dir
 from humpback.evaluation.common import (
     GenerationConfig,
@@ -91,7 +93,7 @@ def load_alpaca(dataset: str | None = None) -> list[AlpacaPrompt]:
     if dataset is not None:
         prompts = [p for p in prompts if p.dataset == dataset]
         if not prompts:
-            raise ValueError(f"no AlpacaEval prompt has dataset {dataset!r} "
+            raise ConfigError(f"no AlpacaEval prompt has dataset {dataset!r} "
                              f"(known: {sorted({it['dataset'] for it in items})})")
     return prompts
 
@@ -213,7 +215,7 @@ async def _answers(side: Contender, prompts: list[AlpacaPrompt], gen: Generation
         given = read_answers(side.answers)
         missing = [p.index for p in prompts if p.instruction not in given]
         if missing:
-            raise ValueError(f"{side.answers}: no answer for AlpacaEval prompts {missing[:10]}"
+            raise InputError(f"{side.answers}: no answer for AlpacaEval prompts {missing[:10]}"
                              f"{' ...' if len(missing) > 10 else ''} (matched on 'instruction')")
         answers = [given[p.instruction] for p in prompts]
         return side.model or answers[0].generator, answers

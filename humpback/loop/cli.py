@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -25,7 +24,6 @@ class RunArgs(BaseModel):
     check: bool = setting(False, "check the config, its files, the extras, models, servers, ports, disk and memory, "
                                  "print the plan and exit (2 with every problem listed) without starting anything; "
                                  "a run makes this check first and does not start on a problem")
-    debug: bool = setting(False, "show the traceback of a config that cannot be loaded")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from humpback.contracts import ConfigError
     from humpback.loop.config import load_config
     from humpback.loop.preflight import config_problem, preflight
     from humpback.loop.report import render
@@ -48,11 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(opts.config, quick=opts.quick, overrides=opts.overrides)
     except Exception as exc:  # a user's config: a missing file, bad YAML or JSON, a value refused
-        if opts.debug:
-            raise
-        for line in config_problem(exc, opts.config):
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+        # One line per problem; `humpback --debug` shows this traceback, the cause's with it.
+        raise ConfigError("\n".join(config_problem(exc, opts.config))) from exc
     out = opts.out or Path("runs") / (opts.config.stem if opts.config else "demo")
     check = preflight(cfg, out)
     if opts.check or check.problems:
@@ -70,7 +66,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from humpback.contracts import InputError
     from humpback.loop.report import render
 
+    if not (args.run_dir / "stages").is_dir():  # rendered anyway, it would be an empty report in a new folder
+        raise InputError(f"{args.run_dir}: not a run folder (no stages/ in it); give the --out of `humpback run`")
     print(render(args.run_dir.absolute()))
     return 0

@@ -50,4 +50,4 @@ def test_oasst1_values_reach_the_manifest(tmp_path: Path, capsys: pytest.Capture
     assert manifest["sources"]["oasst1"]["dropped"] == {"instruction_length": 2}
     assert main(["data", "oasst1", "--input", str(FIXTURE), "--out", str(tmp_path / "p"),
                  "--heldout-fraction", "1"]) == 2
-    assert "heldout_fraction" in capsys.readouterr().out
+    assert "heldout_fraction" in capsys.readouterr().err

@@ -81,4 +81,4 @@ def test_build_oasst1_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["data", "oasst1", "--input", str(FIXTURE), "--out", str(tmp_path / "b")]) == 0
     assert "seed.jsonl" in capsys.readouterr().out
     assert main(["data", "oasst1", "--out", str(tmp_path / "c")]) == 2
-    assert "--input" in capsys.readouterr().out
+    assert "--input" in capsys.readouterr().err

@@ -89,12 +89,12 @@ def test_presets_are_the_trainers():
 
 def test_run_flags_are_run_args_fields():
     parser = subcommand("run")
-    assert parser_flags(parser) == set(flags(RunArgs)) | {"--no-quick", "--no-check", "--no-debug"}
+    assert parser_flags(parser) == set(flags(RunArgs)) | {"--no-quick", "--no-check"}
     assert {"--config", "--quick", "--out", "--set"} <= parser_flags(parser)
     assert from_args(RunArgs, parser.parse_args([])) == RunArgs()
     args = from_args(RunArgs, parser.parse_args(["--quick", "--out", "r", "--set", "a.b=1", "--set", "c.d=2"]))
     assert (args.quick, args.out, args.overrides) == (True, Path("r"), ["a.b=1", "c.d=2"])
-    assert (args.check, args.debug, RunArgs().out) == (False, False, None)  # runs/demo, or runs/CONFIG_NAME
+    assert (args.check, RunArgs().out) == (False, None)  # runs/demo, or runs/CONFIG_NAME
 
 
 def test_quick_shrinks_sizes():

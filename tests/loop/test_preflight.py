@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from humpback.cli import main
+from humpback.contracts import InputError
 from humpback.loop.config import load_config
 from humpback.loop.preflight import preflight
 from tests.loop.test_loop import free_port
@@ -101,8 +102,9 @@ def test_a_config_that_cannot_be_loaded_is_one_line_and_exit_2(tmp_path: Path, c
         assert err.count("\n") == 1 and expected in err and "Traceback" not in err
     assert main(["run", "--check", "--set", "curate.min_scor=1"]) == 2
     assert "curate.min_scor: Extra inputs are not permitted" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError):  # --debug: the traceback
+    with pytest.raises(InputError) as shown:  # --debug: the traceback, the missing file's under it
         main(["run", "--check", "--debug", "--config", str(tmp_path / "nope.yaml")])
+    assert isinstance(shown.value.__cause__, FileNotFoundError)
 
 
 class _Models(BaseHTTPRequestHandler):
