@@ -133,7 +133,7 @@ class CalibrationResult(StageRecord):
 
     combiner: Path | None
     pairs: int | None = None
-    negatives: int | None = None
+    negatives: dict[str, int] | None = None
     coef: dict[str, float] | None = None
     fallback: str | None = None
     reason: str | None = None

@@ -42,6 +42,7 @@ from humpback.contracts import (
     InputError,
     CreateJobRequest,
     RewrittenCandidate,
+    Role,
     SeedPair,
     read_jsonl,
     seed_backward_examples,
@@ -57,7 +58,7 @@ from humpback.evaluation.scorer import ScorerEvalConfig
 from humpback.loop.config import RunConfig
 from humpback.loop.evaluate import candidate_quality, evaluate_model, measure_backward, measure_scorer
 from humpback.loop.records import (
-    AugmentResult, CalibrationResult, CurateResult, DataFiles, Evaluation, LossPoint, RewriteResult, StageMetrics,
+    AugmentResult, CalibrationResult, CurateResult, DataFiles, LossPoint, RewriteResult, StageMetrics,
     StageRecord, TrainedModel,
 )
 from humpback.loop.services import ensure_servers, ensure_trainer, serving
@@ -123,7 +124,7 @@ class Loop:
         rest = data.seed_rest
         return short_pairs([*seed, *(read_jsonl(rest, SeedPair) if rest and rest.is_file() else [])])
 
-    def train(self, name: str, examples: list[ChatExample], base: str, deploy: str, preset: str,
+    def train(self, name: str, examples: list[ChatExample], base: str, deploy: Role, preset: str,
               max_steps: int | None = None) -> TrainedModel:
         """One fine-tuning job through the trainer service, deployed to `deploy` when it succeeds; its
         steps are `max_steps`, else `train.max_steps`, else the preset's."""

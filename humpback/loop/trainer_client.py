@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -61,7 +61,7 @@ class TrainerClient:
         return self._read(self.http.get(f"/fine_tuning/jobs/{job_id}"), FineTuningJob)
 
     def _events_page(self, job_id: str, after: str | None = None) -> ListPage[JobEvent]:
-        params: dict[str, Any] = {"limit": 100, **({"after": after} if after else {})}
+        params: dict[str, int | str] = {"limit": 100, **({"after": after} if after else {})}
         return self._read(self.http.get(f"/fine_tuning/jobs/{job_id}/events", params=params), ListPage[JobEvent])
 
     def wait(self, job_id: str, poll: float = 5.0) -> FineTuningJob:
