@@ -6,8 +6,7 @@ library prints cannot corrupt the stream). These are all the events it emits; th
 each as a job event (`stage` by its message) except `exported`, which ends the run:
 
     {"type": "stage", "message": ..., "data": {...} (optional)}
-    {"type": "metrics", "step", "total_steps", "train_loss", "train_mean_token_accuracy",
-     "learning_rate", "num_tokens", "step_tokens", "step_time", "tokens_per_second"}
+    {"type": "metrics", **TrainingStep}  (humpback.contracts: step, train_loss, tokens_per_second ...)
     {"type": "eval", "step", "valid_loss"}  (only with a validation file, every save_steps)
     {"type": "checkpoint", "step", "path", "metrics": {...}}
     {"type": "exported", "path", "trained_tokens"}  (rank 0, last)
@@ -26,7 +25,7 @@ from typing import IO, Any
 
 from pydantic import Field
 
-from humpback.contracts import ChatExample
+from humpback.contracts import ChatExample, TrainingStep
 from trainer.config import Preset
 
 
@@ -167,9 +166,7 @@ def run(spec: TrainSpec, events: IO[str]) -> None:
                 train_loss=logs["loss"],
                 train_mean_token_accuracy=logs.get("mean_token_accuracy"),
             )
-            _emit(
-                events,
-                type="metrics",
+            _emit(events, type="metrics", **TrainingStep(
                 step=state.global_step,
                 total_steps=state.max_steps,
                 train_loss=logs["loss"],
@@ -179,7 +176,7 @@ def run(spec: TrainSpec, events: IO[str]) -> None:
                 step_tokens=step_tokens,
                 step_time=step_time,
                 tokens_per_second=step_tokens / step_time if step_time > 0 else 0.0,
-            )
+            ).model_dump())
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"

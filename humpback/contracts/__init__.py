@@ -85,6 +85,7 @@ from humpback.contracts.fine_tuning import (
     RequestedMethod,
     RequestedSupervisedMethod,
     SupervisedMethod,
+    TrainingStep,
 )
 from humpback.contracts.prompts import (
     AUGMENT_TEMPERATURE,

@@ -176,6 +176,21 @@ class JobEvent(BaseModel):
     type: Literal["message", "metrics"] = "message"
 
 
+class TrainingStep(BaseModel):
+    """The `data` of a `metrics` event the trainer records per training step (`trainer.train` emits it):
+    what the loop reads as a job's loss curve."""
+
+    step: int
+    total_steps: int
+    train_loss: float
+    train_mean_token_accuracy: float | None = None
+    learning_rate: float | None = None
+    num_tokens: int
+    step_tokens: int
+    step_time: float
+    tokens_per_second: float
+
+
 class CheckpointMetrics(BaseModel):
     step: float | None = None
     train_loss: float | None = None

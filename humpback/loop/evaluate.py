@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 from client.augment import AugmentConfig
 from client.curate import CurateConfig
@@ -19,14 +18,18 @@ from humpback.evaluation.ifeval import run_ifeval
 from humpback.evaluation.metrics import Metric, mean_metric
 from humpback.evaluation.nll import run_nll
 from humpback.evaluation.pairwise import Contender, PairwiseConfig, run_pairwise
-from humpback.evaluation.records import NllRow
+from humpback.evaluation.records import IFEvalSummary, NllRow, PairwiseSummary
 from humpback.evaluation.scorer import ScorerEvalConfig, run_scorer_eval
 from humpback.loop.config import EvalSection
+from humpback.loop.records import (
+    CandidateQuality, Evaluation, IfevalScores, NllScores, PairwiseScores, ScorerMetrics, StageMetrics,
+)
 
 
-def evaluate_model(fan: FanoutConfig, model: str, cfg: EvalSection, out: Path,
-                   heldout: Path | None = None) -> dict[str, Any]:
-    """The metrics of `model` served where `fan` sends requests, its rows and summaries written under `out`.
+def evaluate_model(fan: FanoutConfig, model: str, name: str, cfg: EvalSection, out: Path,
+                   heldout: Path | None = None) -> Evaluation:
+    """The metrics of `model` (the fine-tuned `name`) served where `fan` sends requests, its rows and
+    summaries written under `out`.
 
     The pairwise judge is `cfg.judge_url` (or the same servers); NLL is measured on `heldout` when
     `cfg.nll` is on and the file exists."""
@@ -34,28 +37,28 @@ def evaluate_model(fan: FanoutConfig, model: str, cfg: EvalSection, out: Path,
     # The paper's best inference-time tag (Table 8): answer in the seed's AI-assistant style.
     gen = GenerationConfig(max_tokens=cfg.max_tokens, system_prompt=SEED_SYSTEM_PROMPT)
 
-    async def both() -> tuple[Any, Any]:
+    async def both() -> tuple[IFEvalSummary, PairwiseSummary]:
         ife = await run_ifeval(out, fan, model=model, gen=gen, limit=cfg.ifeval_limit)
         pw = await run_pairwise(out, Contender(fanout=fan, model=model), Contender(), judge,
                                 judge_model=cfg.judge_model, gen=gen, config=PairwiseConfig(limit=cfg.pairwise_limit))
         return ife, pw
 
     ife, pw = asyncio.run(both())
-    result: dict[str, Any] = {
-        "ifeval": {"n": ife.prompt_level.n, "prompt_strict": ife.prompt_level.strict,
-                   "prompt_loose": ife.prompt_level.loose, "instruction_strict": ife.instruction_level.strict,
-                   "instruction_loose": ife.instruction_level.loose},
-        "pairwise": {"n": pw.n, "win_rate": pw.win_rate, "ci": [pw.ci_low, pw.ci_high], "wins": pw.wins,
-                     "ties": pw.ties, "losses": pw.losses, "judge": pw.judge_model, "baseline": pw.model_b,
-                     "position_flip_rate": pw.position_flip_rate, "informative": pw.informative},
-    }
+    result = Evaluation(
+        model=name,
+        ifeval=IfevalScores(n=ife.prompt_level.n, prompt_strict=ife.prompt_level.strict,
+                            prompt_loose=ife.prompt_level.loose, instruction_strict=ife.instruction_level.strict,
+                            instruction_loose=ife.instruction_level.loose),
+        pairwise=PairwiseScores(n=pw.n, win_rate=pw.win_rate, ci=(pw.ci_low, pw.ci_high), wins=pw.wins, ties=pw.ties,
+                                losses=pw.losses, judge=pw.judge_model, baseline=pw.model_b,
+                                position_flip_rate=pw.position_flip_rate, informative=pw.informative))
     if cfg.nll and heldout is not None and heldout.is_file():
         nll = asyncio.run(run_nll(heldout, out, fan, model=model, limit=cfg.nll_limit,
                                   system_prompt=SEED_SYSTEM_PROMPT))
         # Mean over pairs of each pair's per-token NLL, so that the interval (over pairs) fits it.
         ci = normal_interval(_pair_means(out / "nll.rows.jsonl"))
-        result["nll"] = {"n": nll.pairs, "mean": nll.nll_per_pair, "per_token": nll.nll_per_token,
-                         "ci": list(ci) if ci else None, "perplexity": nll.perplexity}
+        result.nll = NllScores(n=nll.pairs, mean=nll.nll_per_pair, per_token=nll.nll_per_token, ci=ci,
+                               perplexity=nll.perplexity)
     return result
 
 
@@ -64,45 +67,43 @@ def _pair_means(rows: Path) -> list[float]:
         return [row.nll_mean for row in map(NllRow.model_validate_json, f) if row.nll_mean is not None]
 
 
-# --- stage metrics: each a `Metric` ({"value", "ci95", "n"}) per name, as `humpback eval` writes them ---
+# --- stage metrics: each a `Metric` per name, as `humpback eval` writes them ---
 
 
-def _dumped(metrics: dict[str, Metric]) -> dict[str, dict[str, Any]]:
-    return {name: m.model_dump(mode="json") for name, m in metrics.items()}
-
-
-def measure_backward(fan: FanoutConfig, model: str, pairs: Path, out: Path, generation: AugmentConfig,
-                     limit: int | None) -> dict[str, Any]:
-    """`eval backward` of the backward model served where `fan` sends requests on `limit` held-out
+def measure_backward(fan: FanoutConfig, model: str, name: str, pairs: Path, out: Path, generation: AugmentConfig,
+                     limit: int | None) -> StageMetrics:
+    """`eval backward` of the backward model (`name`) served where `fan` sends requests on `limit` held-out
     `pairs`, its instructions sampled as augment samples them (`generation`); written to `out`."""
     metrics = asyncio.run(run_backward_eval(pairs, out, fan, model, generation, limit))
-    return {"metrics": _dumped(metrics), "out": str(out)}
+    return StageMetrics(model=name, metrics=metrics, out=out)
 
 
-def measure_scorer(fan: FanoutConfig, model: str, pairs: Path, out: Path, corpus: Path | None,
-                   threshold: float, limit: int | None, score: CurateConfig | None = None) -> dict[str, Any]:
-    """`eval scorer` of the scorer served where `fan` sends requests, scoring as `score` says (the
+def measure_scorer(fan: FanoutConfig, model: str, name: str, pairs: Path, out: Path, corpus: Path | None,
+                   threshold: float, limit: int | None, score: CurateConfig) -> ScorerMetrics:
+    """`eval scorer` of the scorer (`name`) served where `fan` sends requests, scoring as `score` says (the
     run's curate settings: its scorer, and the backward model's server for the reverse signal), on
     `limit` held-out `pairs` and negatives built from them (the `passage` kind from `corpus`),
     precision counted at `threshold`; written to `out`. A likelihood scorer's metrics hold each
     signal's AUC (`signal_auc_*`), which the report shows per iteration."""
     metrics = asyncio.run(run_scorer_eval(pairs, out, fan, model, ScorerEvalConfig(threshold=threshold, corpus=corpus),
                                           limit, score=score))
-    return {"metrics": _dumped(metrics), "threshold": threshold, "out": str(out)}
+    return ScorerMetrics(model=name, scoring=score.scorer, metrics=metrics, threshold=threshold, out=out)
 
 
-def candidate_quality(candidates: Path, quality: dict[str, Any], plot: Path) -> dict[str, Any]:
-    """What augment's candidates are worth: its `quality` counts (`client.augment.augment`; absent from
-    runs before them) as `usable_rate` with an interval and the count of each rejection kind, the
-    diversity of the candidates' instructions, and their root verbs and objects drawn to `plot`."""
+def candidate_quality(model: str, candidates: Path, quality: dict[str, int | float | None], plot: Path
+                      ) -> CandidateQuality:
+    """What augment's candidates (written by the backward model `model`) are worth: its `quality` counts
+    (`client.augment.instruction_quality`) as `usable_rate` with an interval and the count of each
+    rejection kind, the diversity of the candidates' instructions, and their root verbs and objects
+    drawn to `plot`."""
     instructions = [c.instruction for c in read_jsonl(candidates, Candidate)]
     metrics: dict[str, Metric] = {}
-    if quality.get("sent"):
-        usable, sent = quality["usable"], quality["sent"]
+    usable, sent = int(quality.get("usable") or 0), int(quality.get("sent") or 0)
+    if sent:
         metrics["usable_rate"] = mean_metric([True] * usable + [False] * (sent - usable))
     metrics.update(diversity_metrics(instructions))
     plot_verb_objects(verb_object_pairs(instructions), plot,
                       title=f"Root verbs and their direct objects of the {len(instructions)} candidates")
     counts = ("sent", "usable", *ISSUE_KINDS, "resampled", "rescued")
-    return {"metrics": _dumped(metrics), "instructions": len(instructions),
-            "rejections": {k: quality[k] for k in counts if k in quality}, "plot": str(plot)}
+    return CandidateQuality(model=model, metrics=metrics, instructions=len(instructions),
+                            rejections={k: int(v) for k in counts if (v := quality.get(k)) is not None}, plot=plot)

@@ -7,11 +7,16 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Any
-
 from humpback.contracts import BAND_LABELS, RewrittenCandidate, ScoredCandidate, band_of
+from humpback.evaluation.metrics import Metric
 from humpback.evaluation.pairwise import uninformative_text
+from humpback.loop.records import (
+    AugmentResult, CandidateQuality, CurateResult, Evaluation, NllScores, PairwiseScores, RewriteResult, ScorerMetrics,
+    StageMetrics, StageRecord, TrainedModel,
+)
 from humpback.loop.stages import Stages
+
+Records = dict[str, StageRecord]
 
 
 
@@ -35,31 +40,27 @@ def _scores(path: Path) -> list[ScoredCandidate]:
         return [r for r in map(ScoredCandidate.model_validate_json, f) if r.score is not None]
 
 
-# What a curate stage's scores are, by the scoring it records (a stage an older version ran: the rubric):
-# the histogram's range (None: the data's) and the axis label.
+# What a curate stage's scores are, by the scoring it records: the histogram's range (None: the
+# data's) and the axis label.
 SCALES: dict[str, tuple[tuple[float, float] | None, str]] = {
     "rubric": ((1.0, 5.0), "expected rubric score, 1-5"), "combined": ((0.0, 1.0), "P(good pair)"),
     "pmi": (None, "PMI, log p(y|x) - log p(y)"), "reverse_pmi": (None, "reverse PMI, log p(x|y) - log p(x)")}
 
 
-def _scoring(res: dict[str, Any]) -> str:
-    return res.get("scoring") or "rubric"
-
-
-def score_plot(curates: dict[str, dict[str, Any]]) -> str:
+def score_plot(curates: dict[str, CurateResult]) -> str:
     """The score histogram of every iteration; no figure where no journal holds a score."""
-    scored = {name: [r.score for r in _scores(Path(res["scored"]))] for name, res in curates.items()}
+    scored = {name: [r.score for r in _scores(res.scored)] for name, res in curates.items()}
     if not any(scored.values()):
         return ""
-    scales = {SCALES[_scoring(res)] for res in curates.values()}
+    scales = {SCALES[res.scoring] for res in curates.values()}
     span, label = scales.pop() if len(scales) == 1 else (None, "score (iterations on different scales)")
     fig, ax = _figure()
     for name, res in curates.items():
         scores = scored[name]
         bars = ax.hist(scores, bins=20, range=span, alpha=0.55,
-                       label=f"{name} (scorer {res['scorer']}, {_scoring(res)}, n={len(scores)})")
-        if res.get("k") is not None:  # the k this iteration selected with (min_score or top_fraction)
-            ax.axvline(res["k"], color=bars[2][0].get_facecolor(), linestyle="--", label=f"{name}: k={res['k']:.3g}")
+                       label=f"{name} (scorer {res.scorer}, {res.scoring}, n={len(scores)})")
+        if res.k is not None:  # the k this iteration selected with (min_score or top_fraction)
+            ax.axvline(res.k, color=bars[2][0].get_facecolor(), linestyle="--", label=f"{name}: k={res.k:.3g}")
     ax.set_xlabel(label)
     ax.set_ylabel("candidate pairs")
     ax.set_title("Score distribution per iteration")
@@ -67,17 +68,17 @@ def score_plot(curates: dict[str, dict[str, Any]]) -> str:
     return _png(fig)
 
 
-def kept_plot(curates: dict[str, dict[str, Any]]) -> str:
+def kept_plot(curates: dict[str, CurateResult]) -> str:
     fig, ax = _figure()
     names = list(curates)
-    thresholds = sorted({k for res in curates.values() for k in res["kept_per_threshold"]}, key=float)
+    thresholds = sorted({k for res in curates.values() for k in res.kept_per_threshold}, key=float)
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        kept = curates[name]["kept_per_threshold"]
+        kept = curates[name].kept_per_threshold
         ax.bar([j + i * width for j in range(len(thresholds))], [kept.get(k, 0) for k in thresholds], width, label=name)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(thresholds))], [f">= {k}" for k in thresholds])
     ax.set_ylabel("pairs kept")
-    ax.set_ylim(bottom=0, top=max([1, *(v for res in curates.values() for v in res["kept_per_threshold"].values())]))
+    ax.set_ylim(bottom=0, top=max([1, *(v for res in curates.values() for v in res.kept_per_threshold.values())]))
     ax.set_title("Kept candidates per threshold k (0 where no bar)")
     ax.legend(fontsize=7)
     return _png(fig)
@@ -92,43 +93,41 @@ def _figure(width: float = 7, height: float = 3.6, columns: int = 1):
     return plt.subplots(1, columns, figsize=(width, height))
 
 
-def _uninformative(pairwise: dict[str, Any] | None) -> bool:
-    """Whether a pairwise result came from a judge marked uninformative (records before the mark count as
-    informative)."""
-    return bool(pairwise) and pairwise.get("informative") is False
+def _panel_value(ev: Evaluation, section: str) -> tuple[float, tuple[float, float] | None] | None:
+    """A model's value for a panel and its interval; None where it has none, or where it is a win rate
+    from a judge marked uninformative (no result: the table says why)."""
+    if section == "pairwise":
+        return (ev.pairwise.win_rate, ev.pairwise.ci) if ev.pairwise.informative else None
+    if section == "ifeval":
+        return ev.ifeval.prompt_loose, None
+    return (ev.nll.mean, ev.nll.ci) if ev.nll is not None and ev.nll.mean is not None else None
 
 
-EVAL_PANELS = (("pairwise", "win_rate", "win rate vs baseline"),
-               ("ifeval", "prompt_loose", "IFEval prompt-level loose"),
-               ("nll", "mean", "held-out NLL per token (lower is better)"))
+EVAL_PANELS = (("pairwise", "win rate vs baseline"), ("ifeval", "IFEval prompt-level loose"),
+               ("nll", "held-out NLL per token (lower is better)"))
 
 
-def _panel_value(evals: dict[str, Any], section: str, key: str) -> dict[str, Any]:
-    """A model's result for a panel; empty where there is none, or where it is a win rate from a judge
-    marked uninformative (no result: the table says why)."""
-    m = evals.get(section) or {}
-    return {} if _uninformative(m) or m.get(key) is None else m
-
-
-def eval_plot(evals: dict[str, dict[str, Any]]) -> str:
+def eval_plot(evals: dict[str, Evaluation]) -> str:
     """One panel per metric that some model has a value of (no empty chart: a panel whose every value
     is missing or uninformative is left out, and so is the figure when none is left)."""
     names = list(evals)
-    panels = [p for p in EVAL_PANELS if any(_panel_value(evals[n], p[0], p[1]) for n in names)]
+    panels = [p for p in EVAL_PANELS if any(_panel_value(evals[n], p[0]) for n in names)]
     if not panels:
         return ""
     fig, axes = _figure(4 * len(panels), 3.6, columns=len(panels))
-    for ax, (section, key, title) in zip(axes if len(panels) > 1 else [axes], panels):
-        vals, errs, missing = [], [[], []], []
+    for ax, (section, title) in zip(axes if len(panels) > 1 else [axes], panels):
+        vals: list[float] = []
+        errs: list[list[float]] = [[], []]
+        missing = []
         for name in names:
-            m = _panel_value(evals[name], section, key)
-            if not m:
+            m = _panel_value(evals[name], section)
+            if m is None:
                 missing.append(len(vals))
-            v = m.get(key, 0.0)
-            lo, hi = m.get("ci") or [v, v]
+            v, ci = m or (0.0, None)
+            lo, hi = ci or (v, v)
             vals.append(v)
-            errs[0].append(max(0.0, v - (v if lo is None else lo)))
-            errs[1].append(max(0.0, (v if hi is None else hi) - v))
+            errs[0].append(max(0.0, v - lo))
+            errs[1].append(max(0.0, hi - v))
         ax.bar(names, vals, yerr=errs, capsize=4, color="#4c78a8")
         for i in missing:  # a model without a value here (the table says why): no bar, a note in its place
             ax.text(i, 0, "no result", ha="center", va="bottom", rotation=90, fontsize=7)
@@ -140,20 +139,19 @@ def eval_plot(evals: dict[str, dict[str, Any]]) -> str:
     return _png(fig)
 
 
-def time_plot(stages: dict[str, dict[str, Any]]) -> str:
+def time_plot(stages: Records) -> str:
     fig, ax = _figure(7, 0.3 * len(stages) + 1.2)
     names = list(stages)
-    ax.barh(names, [stages[n].get("elapsed_s", 0) for n in names], color="#72b7b2")
+    ax.barh(names, [stages[n].elapsed_s for n in names], color="#72b7b2")
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
     ax.set_title("Time per stage")
     return _png(fig)
 
 
-def loss_plot(trains: dict[str, dict[str, Any]]) -> str:
+def loss_plot(trains: dict[str, TrainedModel]) -> str:
     """The training loss of every job that logged one; no figure when none did."""
-    curves = {name: [(d["step"], d["loss"]) for d in res.get("losses", []) if "loss" in d and "step" in d]
-              for name, res in trains.items()}
+    curves = {name: [(d.step, d.loss) for d in res.losses] for name, res in trains.items()}
     curves = {name: points for name, points in curves.items() if points}
     if not curves:
         return ""
@@ -167,28 +165,28 @@ def loss_plot(trains: dict[str, dict[str, Any]]) -> str:
     return _png(fig)
 
 
-def throughput_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+def throughput_rows(stages: Records) -> list[tuple[str, str, str]]:
     rows = []
     for name, res in stages.items():
-        elapsed = res.get("elapsed_s") or 0
-        if name.startswith("train_") and res.get("trained_tokens"):
-            rows.append((name, f"{elapsed:.0f} s", f"{res['trained_tokens'] / elapsed:.0f} training tokens/s" if elapsed else ""))
-        elif name in ("augment",) or name.startswith("curate_"):
-            n = sum((res.get("summary", {}).get("results") or {}).values())
+        elapsed = res.elapsed_s
+        if isinstance(res, TrainedModel) and res.trained_tokens:
+            rows.append((name, f"{elapsed:.0f} s", f"{res.trained_tokens / elapsed:.0f} training tokens/s" if elapsed else ""))
+        elif isinstance(res, AugmentResult | CurateResult):
+            n = sum(res.summary.results.values())
             rows.append((name, f"{elapsed:.0f} s", f"{n / elapsed:.2f} records/s" if elapsed else ""))
         else:
             rows.append((name, f"{elapsed:.0f} s", ""))
     return rows
 
 
-def band_examples(curates: dict[str, dict[str, Any]], per_band: int = 2) -> str:
+def band_examples(curates: dict[str, CurateResult], per_band: int = 2) -> str:
     if not curates:
         return "<p>No curation yet.</p>"
     name, res = list(curates.items())[-1]
-    if _scoring(res) != "rubric":
-        return f"<p>The bands are the rubric's; {html.escape(name)} scored with {html.escape(_scoring(res))}.</p>"
-    rows = _scores(Path(res["scored"]))
-    out = [f"<p>From {html.escape(name)} (scorer {html.escape(res['scorer'])}).</p><div class='wide'><table>"
+    if res.scoring != "rubric":
+        return f"<p>The bands are the rubric's; {html.escape(name)} scored with {html.escape(res.scoring)}.</p>"
+    rows = _scores(res.scored)
+    out = [f"<p>From {html.escape(name)} (scorer {html.escape(res.scorer)}).</p><div class='wide'><table>"
            "<tr><th>band</th><th>score</th><th>instruction</th><th>output (start)</th></tr>"]
     for label in BAND_LABELS:
         for r in [r for r in rows if band_of(r.score) == label][:per_band]:
@@ -207,19 +205,25 @@ EVAL_HEADER = ("model", "win rate [95% CI]", "IFEval prompt strict", "IFEval pro
                "held-out NLL [95% CI]")
 
 
-def eval_rows(evals: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
-    def fmt(m: dict[str, Any] | None, key: str) -> str:
-        if not m or m.get(key) is None:
-            return "-"
-        ci = m.get("ci")
-        return f"{m[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and key in ("win_rate", "mean") else "")
+def _fmt(value: float | None, ci: tuple[float, float] | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
-    def win_rate(m: dict[str, Any] | None) -> str:
-        return uninformative_text(m["position_flip_rate"]) if m and _uninformative(m) else fmt(m, "win_rate")
 
-    return [(name, win_rate(e.get("pairwise")), fmt(e.get("ifeval"), "prompt_strict"),
-             fmt(e.get("ifeval"), "prompt_loose"), fmt(e.get("ifeval"), "instruction_loose"), fmt(e.get("nll"), "mean"))
-            for name, e in evals.items()]
+def _win_rate(m: PairwiseScores) -> str:
+    return _fmt(m.win_rate, m.ci) if m.informative else uninformative_text(m.position_flip_rate)
+
+
+def _nll(m: NllScores | None) -> str:
+    return "-" if m is None else _fmt(m.mean, m.ci)
+
+
+def eval_rows(evals: dict[str, Evaluation | None]) -> list[tuple[str, ...]]:
+    """A row per model; "-" in each column of a model not evaluated yet (None)."""
+    return [(name, *(("-",) * 5 if e is None else (
+        _win_rate(e.pairwise), _fmt(e.ifeval.prompt_strict), _fmt(e.ifeval.prompt_loose),
+        _fmt(e.ifeval.instruction_loose), _nll(e.nll)))) for name, e in evals.items()]
 
 
 # --- what the run produced (`augment`, `curate_*`: see humpback.loop.run) --------------------------------
@@ -227,56 +231,55 @@ def eval_rows(evals: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
 NOT_PRODUCED = "No data produced yet: the run has not reached augment."
 
 
-def _count(n: Any) -> str:
+def _count(n: int | float | None) -> str:
     return "?" if n is None else f"{n:,}"
 
 
-def produced_summary(stages: dict[str, dict[str, Any]]) -> str:
+def produced_summary(augmented: AugmentResult, curates: dict[str, CurateResult]) -> str:
     """One paragraph: the corpus read, the segments sent, the usable candidates, each iteration's kept pairs."""
-    summary = (stages.get("augment") or {}).get("summary") or {}
-    prep, quality = summary.get("prepare") or {}, summary.get("quality") or {}
+    prep, quality = augmented.summary.prepare, augmented.summary.quality
     parts = [f"The backward model read {_count(prep.get('documents'))} corpus documents ({_count(prep.get('kept'))} "
              f"of their {_count(prep.get('segments'))} segments kept by the paper's preparation), wrote an "
              f"instruction for {_count(quality.get('sent'))} segments and {_count(quality.get('usable'))} of them "
              f"were usable: the candidate pairs."]
-    for name, res in _curates(stages).items():
-        extra = (res.get("summary") or {}).get("extra") or {}
-        k = res.get("k")
+    for name, res in curates.items():
+        k = res.k
         parts.append(f"{html.escape(name.replace('curate_', 'Iteration '))}: "
-                     f"scorer {html.escape(str(res.get('scorer')))} ({html.escape(_scoring(res))}) "
-                     f"scored {_count(extra.get('scored_total'))} of them ({_count(res.get('contaminated'))} dropped "
-                     f"before as contaminated) and kept <b>{_count(res.get('selected'))} pairs</b> "
+                     f"scorer {html.escape(res.scorer)} ({html.escape(res.scoring)}) "
+                     f"scored {_count(res.scored_total)} of them ({_count(res.contaminated)} dropped "
+                     f"before as contaminated) and kept <b>{_count(res.selected)} pairs</b> "
                      f"(score >= {'?' if k is None else f'{k:.3g}'}) as A_{name.removeprefix('curate_')}.")
     return "<p>" + " ".join(parts) + "</p>"
 
 
-def _curates(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {n: r for n, r in stages.items() if n.startswith("curate_")}
+def _curates(stages: Records) -> dict[str, CurateResult]:
+    return {n: r for n, r in stages.items() if isinstance(r, CurateResult)}
 
 
-def kept_examples(curates: dict[str, dict[str, Any]], count: int = 3) -> str:
+def kept_examples(curates: dict[str, CurateResult], count: int = 3) -> str:
     """The best-scored pairs the last iteration kept, one per instruction (a generic one, such as "What
     does this mean?", may head several passages), cut for display."""
     name, res = list(curates.items())[-1]
-    k = res.get("k")
+    k = res.k
     best: dict[str, ScoredCandidate] = {}
-    for r in sorted(_scores(Path(res["scored"])), key=lambda r: -r.score):
+    for r in sorted(_scores(res.scored), key=lambda r: -r.score):
         if k is None or r.score >= k:
             best.setdefault(r.instruction, r)
     rows = list(best.values())
     if not rows:
         return f"<p>{html.escape(name)} kept no pair.</p>"
     return (f"<p>The best-scored pairs of A_{html.escape(name.removeprefix('curate_'))} "
-            f"({html.escape(SCALES[_scoring(res)][1])}):</p>"
+            f"({html.escape(SCALES[res.scoring][1])}):</p>"
             + _table(("score", "instruction (written by the backward model)", "response (the corpus passage, start)"),
                      [(f"{r.score:.2f}", r.instruction[:300], r.output[:400]) for r in rows[:count]]))
 
 
-def produced_section(stages: dict[str, dict[str, Any]]) -> str:
-    if "augment" not in stages:
+def produced_section(stages: Records) -> str:
+    augmented = stages.get("augment")
+    if not isinstance(augmented, AugmentResult):
         return f"<p>{NOT_PRODUCED}</p>"
     curates = _curates(stages)
-    return produced_summary(stages) + (kept_examples(curates) if curates else "")
+    return produced_summary(augmented, curates) + (kept_examples(curates) if curates else "")
 
 
 # --- the rewrite ablation (`rewrite_1`, `train_m1_rewritten`, `eval_m1_rewritten`: see humpback.loop.run) -----
@@ -285,16 +288,16 @@ NO_REWRITE = ("No rewrite ablation in this run: rewrite.enabled was off (make de
               "make demo-ablations), or the run has not reached it.")
 
 
-def rewrite_rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
+def rewrite_rows(stages: Records, arm: RewriteResult) -> list[tuple[str, ...]]:
     """M1 and M1-rewritten side by side: the A_1 pairs each learnt from, its training examples (seed
     included), then the evaluation table's columns ("-" where a model is not evaluated yet)."""
-    arm = stages["rewrite_1"]
     rows = []
-    for name, label, pairs in (("m1", "M1 (curated originals)", f"{arm['curated']} curated"),
+    for name, label, pairs in (("m1", "M1 (curated originals)", f"{arm.curated} curated"),
                                ("m1_rewritten", "M1-rewritten (curated rewrites)",
-                                f"{arm['rewritten']} of {arm['curated']} rewritten")):
-        _, *metrics = eval_rows({name: stages.get(f"eval_{name}") or {}})[0]
-        rows.append((label, pairs, _plain((stages.get(f"train_{name}") or {}).get("examples")), *metrics))
+                                f"{arm.rewritten} of {arm.curated} rewritten")):
+        ev, trained = stages.get(f"eval_{name}"), stages.get(f"train_{name}")
+        _, *metrics = eval_rows({name: ev if isinstance(ev, Evaluation) else None})[0]
+        rows.append((label, pairs, _plain(trained.examples if isinstance(trained, TrainedModel) else None), *metrics))
     return rows
 
 
@@ -313,18 +316,18 @@ def rewrite_examples(path: Path, count: int = 3) -> str:
     return "\n".join(out) + "</table></div>"
 
 
-def rewrite_section(stages: dict[str, dict[str, Any]]) -> str:
+def rewrite_section(stages: Records) -> str:
     arm = stages.get("rewrite_1")
-    if not arm:
+    if not isinstance(arm, RewriteResult):
         return f"<p>{NO_REWRITE}</p>"
-    rewriter = f"{arm.get('rewriter')} ({arm.get('rewriter_checkpoint')})"
+    rewriter = f"{arm.rewriter} ({arm.rewriter_checkpoint})"
     # Why rewrites failed (cut at max_tokens, empty): the rewriter's summary counts each reason.
-    reasons = ", ".join(f"{why}: {n}" for why, n in ((arm.get("summary") or {}).get("failures") or {}).items())
+    reasons = ", ".join(f"{why}: {n}" for why, n in arm.summary.failures.items())
     parts = [f"<p>M1 trained on the seed and the curated A_1, against the same with A_1's responses rewritten by "
-             f"{html.escape(rewriter)}; a pair whose rewrite failed is left out ({arm['not_rewritten']} of "
-             f"{arm['curated']}{html.escape(f'; {reasons}' if reasons else '')}).</p>",
-             _table(("model", "A_1 pairs", "training examples", *EVAL_HEADER[1:]), rewrite_rows(stages)),
-             rewrite_examples(Path(arm["rewritten_file"]))]
+             f"{html.escape(rewriter)}; a pair whose rewrite failed is left out ({arm.not_rewritten} of "
+             f"{arm.curated}{html.escape(f'; {reasons}' if reasons else '')}).</p>",
+             _table(("model", "A_1 pairs", "training examples", *EVAL_HEADER[1:]), rewrite_rows(stages, arm)),
+             rewrite_examples(arm.rewritten_file)]
     return "\n".join(parts)
 
 
@@ -338,16 +341,15 @@ STAGE_TABLES = (
 )
 
 
-def metric_cell(m: dict[str, Any] | None) -> str:
-    """A `Metric` as "value [lo, hi] (n=N)"; "-" where nothing was measured (or a run did not record it)."""
-    if not m:
+def metric_cell(m: Metric | None) -> str:
+    """A `Metric` as "value [lo, hi] (n=N)"; "-" where nothing was measured (or a stage did not measure it)."""
+    if m is None:
         return "-"
-    n = f"(n={m['n']})"
-    if m.get("value") is None:
+    n = f"(n={m.n})"
+    if m.value is None:
         return f"- {n}"
-    value = m["value"]
-    shown = str(int(value)) if m.get("ci95") is None and float(value).is_integer() else f"{value:.3f}"
-    ci = m.get("ci95")
+    ci = m.ci95
+    shown = str(int(m.value)) if ci is None and float(m.value).is_integer() else f"{m.value:.3f}"
     return f"{shown} [{ci[0]:.3f}, {ci[1]:.3f}] {n}" if ci else f"{shown} {n}"
 
 
@@ -363,42 +365,42 @@ def _stage_order(name: str) -> tuple[int, str]:
     return (0 if tail == "base" else int(tail[1:]) + 1 if tail[1:].isdigit() else 1), name
 
 
-def stage_rows(records: dict[str, dict[str, Any]], extra: tuple[str, ...] = ()) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    """(header, rows) of stage records: one row per record, one column per metric any of them has; `extra`
-    names record fields shown before the metrics. A skipped stage says why in its model column."""
+def stage_rows(records: dict[str, StageMetrics]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """(header, rows) of stage records: one row per record, one column per metric any of them has; a
+    scorer's scoring and threshold before the metrics. A skipped stage says why in its model column."""
     metrics: list[str] = []
     for res in records.values():
-        metrics += [m for m in res.get("metrics", {}) if m not in metrics]
+        metrics += [m for m in res.metrics if m not in metrics]
+    scorers = all(isinstance(res, ScorerMetrics) for res in records.values())
     rows = []
     for name in sorted(records, key=_stage_order):
         res = records[name]
-        model = f"not measured: {res['skipped']}" if res.get("skipped") else str(res.get("model", ""))
-        rows.append((_stage_label(name), model, *(_plain(res.get(f)) for f in extra),
-                     *(metric_cell(res.get("metrics", {}).get(m)) for m in metrics)))
-    return ("stage", "model", *extra, *metrics), rows
+        model = f"not measured: {res.skipped}" if res.skipped else res.model
+        extra = (res.scoring, _plain(res.threshold)) if isinstance(res, ScorerMetrics) else ()
+        rows.append((_stage_label(name), model, *extra, *(metric_cell(res.metrics.get(m)) for m in metrics)))
+    return ("stage", "model", *(("scoring", "threshold") if scorers else ()), *metrics), rows
 
 
-def _plain(value: Any) -> str:
+def _plain(value: float | int | str | None) -> str:
     return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def stage_tables(stages: dict[str, dict[str, Any]]) -> list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]]:
+def stage_tables(stages: Records) -> list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]]:
     """(title, header, rows) of each stage-metrics table of a run, in the report's order; none for a run
-    recorded before these stages (or with `eval.stage_metrics` off)."""
+    with `eval.stage_metrics` off."""
     tables = []
     for title, prefix in STAGE_TABLES:
-        records = {n: r for n, r in stages.items() if n.startswith(prefix)}
+        records = {n: r for n, r in stages.items() if n.startswith(prefix) and isinstance(r, StageMetrics)}
         if records:
-            header, rows = stage_rows(records, extra=("scoring", "threshold") if prefix == "stage_scorer_" else ())
-            tables.append((title, header, rows))
+            tables.append((title, *stage_rows(records)))
     cand = stages.get("stage_candidates")
-    if cand:
+    if isinstance(cand, CandidateQuality):
         tables.append(("Candidates (usable_rate: usable / segments sent; the others: diversity of their instructions)",
                        *stage_rows({"stage_candidates": cand})))
-        if cand.get("rejections"):
+        if cand.rejections:
             tables.append(("Candidates: augment's counts (each rejection kind; resampled: extra requests, rescued: "
                            "segments a resample saved)", ("count", "value"),
-                           [(k, str(v)) for k, v in cand["rejections"].items()]))
+                           [(k, str(v)) for k, v in cand.rejections.items()]))
     return tables
 
 
@@ -406,20 +408,20 @@ CELLS = "Each cell: value [95% bootstrap interval] (n: items measured); - where 
 NO_STAGES = "No stage metrics in this run: it was recorded before they existed, or with eval.stage_metrics off."
 
 
-def stage_section(stages: dict[str, dict[str, Any]]) -> str:
+def stage_section(stages: Records) -> str:
     tables = stage_tables(stages)
     if not tables:
         return f"<p>{NO_STAGES}</p>"
     parts = [f"<p>{CELLS}</p>"] + [f"<h3>{html.escape(title)}</h3>" + _table(header, rows)
                                    for title, header, rows in tables]
-    plot = (stages.get("stage_candidates") or {}).get("plot")
-    if plot and Path(plot).is_file():
+    cand = stages.get("stage_candidates")
+    if isinstance(cand, CandidateQuality) and cand.plot.is_file():
         parts.append("<h3>Root verbs and their direct objects of the candidates' instructions</h3>"
-                     + _img(Path(plot).read_bytes()))
+                     + _img(cand.plot.read_bytes()))
     return "\n".join(parts)
 
 
-def stage_markdown(run_dir: Path, stages: dict[str, dict[str, Any]]) -> str:
+def stage_markdown(run_dir: Path, stages: Records) -> str:
     tables = stage_tables(stages)
     parts = [f"# Stage metrics of {run_dir.name}", "", CELLS if tables else NO_STAGES, ""]
     for title, header, rows in tables:
@@ -440,8 +442,8 @@ h2{margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:15px;margin-top:1.4e
 def render(run_dir: Path) -> Path:
     stages = Stages(run_dir).all()
     curates = _curates(stages)
-    evals = {n.removeprefix("eval_"): r for n, r in stages.items() if n.startswith("eval_")}
-    trains = {n.removeprefix("train_"): r for n, r in stages.items() if n.startswith("train_")}
+    evals = {n.removeprefix("eval_"): r for n, r in stages.items() if isinstance(r, Evaluation)}
+    trains = {n.removeprefix("train_"): r for n, r in stages.items() if isinstance(r, TrainedModel)}
     # The run folder's name, not its path: the page is read on other machines too.
     name = html.escape(run_dir.name)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'>"
@@ -463,7 +465,7 @@ def render(run_dir: Path) -> Path:
     if trains:
         parts.append("<h2>Training</h2>" + loss_plot(trains))
         parts.append(_table(("job", "fine-tuned model", "examples", "trained tokens"),
-                            [(n, r.get("fine_tuned_model", ""), r.get("examples", ""), r.get("trained_tokens", ""))
+                            [(n, r.fine_tuned_model, r.examples, r.trained_tokens)
                              for n, r in trains.items()]))
     parts.append("<h2>Time and throughput per stage</h2>" + time_plot(stages))
     parts.append(_table(("stage", "time", "throughput"), throughput_rows(stages)))

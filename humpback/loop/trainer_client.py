@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from humpback.contracts import (
     TERMINAL_STATUSES,
@@ -22,7 +22,9 @@ from humpback.contracts import (
     JobFailed,
     ListPage,
     Role,
+    TrainingStep,
 )
+from services.hotswap import SwapResult
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class TrainerClient:
         return self._read(self.http.get(f"/fine_tuning/jobs/{job_id}"), FineTuningJob)
 
     def _events_page(self, job_id: str, after: str | None = None) -> ListPage[JobEvent]:
-        params: dict[str, Any] = {"limit": 100, **({"after": after} if after else {})}
+        params: dict[str, int | str] = {"limit": 100, **({"after": after} if after else {})}
         return self._read(self.http.get(f"/fine_tuning/jobs/{job_id}/events", params=params), ListPage[JobEvent])
 
     def wait(self, job_id: str, poll: float = 5.0) -> FineTuningJob:
@@ -94,3 +96,24 @@ class TrainerClient:
         body = DeployRequest(role=role).model_dump()
         resp = self.http.post(f"/fine_tuning/jobs/{job_id}/deploy", json=body, timeout=DEPLOY_TIMEOUT)
         return self._read(resp, Deployment)
+
+
+def training_steps(events: list[JobEvent]) -> list[TrainingStep]:
+    """A job's training steps (its `metrics` events with a training loss), by step."""
+    return sorted((step for e in events if e.type == "metrics" and (step := _data(TrainingStep, e)) is not None),
+                  key=lambda s: s.step)
+
+
+def swaps(events: list[JobEvent]) -> list[SwapResult]:
+    """The hot-swaps the trainer recorded for a job (its `Deployed to ...` events), oldest first."""
+    return [swap for e in events if e.type == "message" and (swap := _data(SwapResult, e)) is not None]
+
+
+def _data(model: type[M], event: JobEvent) -> M | None:
+    """An event's data as `model`; None where it is another kind of event (a validation loss, a stage)."""
+    if event.data is None:
+        return None
+    try:
+        return model.model_validate(event.data)
+    except ValidationError:
+        return None

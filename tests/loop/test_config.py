@@ -139,22 +139,26 @@ def test_override_needs_equals():
 
 
 def test_stages_skip_finished_and_count_attempts(tmp_path: Path) -> None:
+    from humpback.loop.records import TrainedModel
     from humpback.loop.stages import Stages
 
     stages = Stages(tmp_path)
 
-    def interrupted() -> dict:
-        stages.save_state("s", {"job": "ftjob-1"})
+    def interrupted() -> TrainedModel:
+        stages.save_state("train_m0", job="ftjob-1")
         raise KeyboardInterrupt
 
+    def trained(examples: int) -> TrainedModel:
+        return TrainedModel(job=str(stages.state("train_m0").job), fine_tuned_model="ft:m0", role="scorer",
+                            examples=examples)
+
     with pytest.raises(KeyboardInterrupt):
-        stages.run("s", interrupted)
-    calls: list[str] = []
-    result = stages.run("s", lambda: calls.append(stages.state("s")["job"]) or {"out": 1})
-    assert calls == ["ftjob-1"]  # the second attempt found the first one's progress
-    assert result["out"] == 1 and result["attempts"] == 2 and result["since_first_start_s"] >= result["elapsed_s"]
-    assert stages.run("s", lambda: {"out": 2})["out"] == 1  # finished: skipped
-    assert set(stages.all()) == {"s"}
+        stages.run("train_m0", interrupted)
+    result = stages.run("train_m0", lambda: trained(1))
+    assert result.job == "ftjob-1"  # the second attempt found the first one's progress
+    assert result.examples == 1 and result.attempts == 2 and result.since_first_start_s >= result.elapsed_s
+    assert stages.run("train_m0", lambda: trained(2)).examples == 1  # finished: skipped
+    assert set(stages.all()) == {"train_m0"}
 
 
 def test_the_stack_key_comes_from_the_environment_below_file_and_set(monkeypatch, tmp_path) -> None:

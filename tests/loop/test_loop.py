@@ -16,14 +16,18 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from client.curate import CurateConfig
 from client.fanout import FanoutConfig
-from humpback.contracts import CreateJobRequest, Deployment, JobError, JobFailed, ServeError
+from humpback.contracts import CreateJobRequest, Deployment, JobError, JobFailed, ServeError, TrainingStep
 from humpback.evaluation.records import IFEvalRow, NllRow, PairwiseRow
 from humpback.loop.config import ServicesConfig
+from humpback.loop.records import (
+    CalibrationResult, ClientSummary, CurateResult, DataFiles, StageMetrics, TrainedModel,
+)
 from humpback.loop.services import ensure_servers, ensure_trainer
 from humpback.loop.stages import Stages
-from humpback.loop.trainer_client import TrainerClient
-from services.hotswap import swap_checkpoint
+from humpback.loop.trainer_client import TrainerClient, swaps, training_steps
+from services.hotswap import SwapResult, swap_checkpoint
 from services.registry import Registry, record_swap
 from tests.conftest import MODEL_DIR, humpback
 from trainer.api import create_app
@@ -32,6 +36,8 @@ from trainer.store import Store, now
 
 TRAINER_PORT = 18100
 KEY = "loop-test-key"
+# A model a stage is handed but does not reach in the test (it returns before, or talks to `rewrite.url`).
+UNUSED_MODEL = TrainedModel(job="unused", fine_tuned_model="ft:unused", role="scorer", examples=0)
 
 
 def free_port() -> int:
@@ -92,6 +98,27 @@ def test_trainer_client_reads_the_wire_models(trainer, tmp_path: Path) -> None:
         client.wait(failed.id, poll=0)
 
 
+def test_the_loop_reads_a_jobs_loss_curve_and_swaps_from_its_events(trainer, tmp_path: Path) -> None:
+    """The trainer's events as the loop reads them: the training steps by step (not the validation
+    losses), and the hot-swaps (not the other events with data)."""
+    client, store = trainer
+    examples = tmp_path / "train.jsonl"
+    examples.write_text('{"messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]}\n')
+    job = client.create_job(CreateJobRequest(model="scorer", training_file=client.upload(examples).id))
+    steps = [TrainingStep(step=s, total_steps=2, train_loss=2.0 / s, num_tokens=100 * s, step_tokens=100,
+                          step_time=0.5, tokens_per_second=200.0) for s in (2, 1)]
+    for step in steps:
+        store.add_event(job.id, f"Step {step.step}", data=step.model_dump(), type="metrics")
+    store.add_event(job.id, "Step 2: validation loss=1.5", data={"step": 2, "valid_loss": 1.5}, type="metrics")
+    store.add_event(job.id, "Checkpoint created at step 2", data={"step": 2})
+    swap = SwapResult(role="scorer", servers=["scorer"], urls=["http://127.0.0.1:9"], version=job.id, method="reload",
+                      checkpoint="/ckpt", served_model="ft:scorer:x", stall_s=0.25)
+    store.add_event(job.id, "Deployed to scorer: requests stalled 0.25 s", data=swap.model_dump())
+    events = client.events(job.id)
+    assert training_steps(events) == steps[::-1]
+    assert swaps(events) == [swap]
+
+
 def test_services_that_do_not_answer_are_not_started_when_told_so(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = ServicesConfig(backward_url=dead, scorer_url=dead, trainer_url=dead, start=False)
@@ -141,10 +168,11 @@ def test_the_backward_model_learns_from_the_short_pairs_of_the_whole_seed_side(t
     seed = [pair(0, 100), pair(1, DEMONSTRATION_MAX_CHARS + 1), pair(2, 50, "Two\nlines {i}?")]
     rest = [pair(3, 300), pair(4, 2000)]
     write_jsonl(tmp_path / "rest.jsonl", rest)
-    data = {"seed_rest": str(tmp_path / "rest.jsonl")}
+    data = DataFiles(seed=tmp_path / "seed.jsonl", seed_rest=tmp_path / "rest.jsonl", corpus=[])
     loop = Loop(load_config(), tmp_path / "run")
     assert loop.backward_pairs(data, seed) == [seed[0], rest[0]]
-    assert loop.backward_pairs({}, seed) == [seed[0]]  # a seed given by the user has no rest
+    # A seed given by the user has no rest.
+    assert loop.backward_pairs(data.model_copy(update={"seed_rest": None}), seed) == [seed[0]]
     paper = Loop(load_config(overrides=["train.backward_examples=seed"]), tmp_path / "run2")
     assert paper.backward_pairs(data, seed) == seed
 
@@ -166,11 +194,11 @@ def test_the_calibration_pairs_are_held_out_of_every_training_set_and_the_evalua
                                        f"data.corpus=[\"{corpus}\"]", "data.max_seed=20",
                                        "data.calibration_pairs=6"]), tmp_path / "run")
     data = loop.build_data()
-    assert data["calibration"] == str(tmp_path / "run" / "data" / "calibration.jsonl")
-    assert data["calibration_pairs"] == 6
-    ids = {name: {p.id for p in read_jsonl(data[name], SeedPair)}
+    assert data.calibration == tmp_path / "run" / "data" / "calibration.jsonl"
+    assert data.calibration_pairs == 6
+    ids = {name: {p.id for p in read_jsonl(getattr(data, name), SeedPair)}
            for name in ("seed", "seed_rest", "heldout", "calibration")}
-    seed = read_jsonl(data["seed"], SeedPair)
+    seed = read_jsonl(data.seed, SeedPair)
     trained = {p.id for p in seed} | {p.id for p in loop.backward_pairs(data, seed)}
     assert len(ids["calibration"]) == 6 and not ids["calibration"] & (trained | ids["heldout"])
     # Moved, not copied: the seed side is the 30 pairs still, 20 of them M0's.
@@ -187,12 +215,12 @@ def test_without_calibration_pairs_the_loop_curates_with_pmi_after_one_warning(t
     loop = Loop(load_config(), tmp_path / "run")
     assert loop.cfg.curate.scorer == "combined" and loop.cfg.curate.calibrates()
     with caplog.at_level("WARNING"):
-        fallback = loop.calibrate(1, {}, {}, {"calibration": None})
-    assert fallback["combiner"] is None and fallback["fallback"] == "pmi"
+        fallback = loop.calibrate(1, UNUSED_MODEL, UNUSED_MODEL, DataFiles(seed=tmp_path / "seed.jsonl", corpus=[]))
+    assert fallback.combiner is None and fallback.fallback == "pmi"
     assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
-        f"calibrate_1: the combined scorer cannot be calibrated, curating with pmi: {fallback['reason']}"]
+        f"calibrate_1: the combined scorer cannot be calibrated, curating with pmi: {fallback.reason}"]
     assert loop.scoring(fallback).scorer == "pmi" and loop.scoring(fallback).backward_endpoint is None
-    fitted = loop.scoring({"combiner": str(tmp_path / "combiner1.json")})
+    fitted = loop.scoring(CalibrationResult(combiner=tmp_path / "combiner1.json"))
     assert (fitted.scorer, fitted.calibration) == ("combined", tmp_path / "combiner1.json")
     assert fitted.backward_endpoint == loop.cfg.services.backward_url  # the reverse signal: M_yx's server
 
@@ -214,7 +242,7 @@ def test_the_base_backward_model_is_measured_only_while_it_is_served(tmp_path: P
     assert loop.base_backward_weights() == "the backward server serves ftjob-old, not its base weights"
     record_swap(registry, "backward", "base", "/models/base", "reload", "backward")
     # Resumed after M_yx's job was created: the trainer may have deployed it at any moment since.
-    loop.stages.save_state("train_backward", {"job": "ftjob-1"})
+    loop.stages.save_state("train_backward", job="ftjob-1")
     assert "M_yx's training job was started" in loop.base_backward_weights()
 
 
@@ -234,23 +262,25 @@ def test_stage_metrics_are_recorded_as_stages_against_a_fake_server(tmp_path: Pa
         cfg = load_config(overrides=[f"services.backward_url={server.url}", "eval.stage_pairs=4",
                                      f"services.state_dir={tmp_path / 'serve'}"])
         loop = Loop(cfg, tmp_path / "run")
-        loop.measure_base_backward({"heldout": str(pairs)})
+        data = DataFiles(seed=tmp_path / "seed.jsonl", heldout=pairs, corpus=[])
+        loop.measure_base_backward(data)
         base = loop.stages.result("stage_backward_base")
-        assert base["model"] == "base" and base["metrics"] == json.loads(Path(base["out"]).read_text())
-        assert base["metrics"]["rouge_l"]["n"] == 4
-        assert base["metrics"]["distinct_2"]["value"] == pytest.approx(1 / 4)  # one question, 4 times
-        loop.stages.save_state("train_backward", {"job": "ftjob-1"})
-        loop.measure_base_backward({"heldout": str(pairs)})  # recorded: never measured again
+        assert isinstance(base, StageMetrics) and base.out is not None
+        assert base.model == "base" and base.model_dump(mode="json")["metrics"] == json.loads(base.out.read_text())
+        assert base.metrics["rouge_l"].n == 4
+        assert base.metrics["distinct_2"].value == pytest.approx(1 / 4)  # one question, 4 times
+        loop.stages.save_state("train_backward", job="ftjob-1")
+        loop.measure_base_backward(data)  # recorded: never measured again
         assert loop.stages.result("stage_backward_base") == base
         # positives, mismatched, first sentences, generic instructions, boilerplate responses
         for threshold, kept in ((3.0, 4 + 4 + 4 + 4 + 4), (3.5, 0)):
-            res = measure_scorer(FanoutConfig(endpoints=[server.url]), "fake", pairs,
-                                 tmp_path / f"scorer{threshold}.json", None, threshold, 4)
-            assert res["threshold"] == threshold and res["metrics"]["precision_at_k"]["n"] == kept
+            res = measure_scorer(FanoutConfig(endpoints=[server.url]), "fake", "ft:fake", pairs,
+                                 tmp_path / f"scorer{threshold}.json", None, threshold, 4, CurateConfig())
+            assert res.threshold == threshold and res.metrics["precision_at_k"].n == kept
     finally:
         server.stop()
     off = Loop(load_config(overrides=["eval.stage_metrics=false"]), tmp_path / "off")
-    off.measure_base_backward({"heldout": str(pairs)})
+    off.measure_base_backward(data)
     assert off.stages.all() == {}
 
 
@@ -263,13 +293,14 @@ def test_curation_is_decontaminated_against_the_held_out_pairs_and_the_control_t
     loop = Loop(load_config(overrides=[f"curate.decontaminate_against={json.dumps([str(extra)])}"]), tmp_path / "run")
     # The configured sets, then the run's held-out pairs (none where the run has none).
     heldout = tmp_path / "heldout.jsonl"
-    assert loop.decontamination_sets({"heldout": str(heldout)}) == [extra, heldout]
-    assert loop.decontamination_sets({"heldout": None}) == [extra]
+    data = DataFiles(seed=tmp_path / "seed.jsonl", heldout=heldout, corpus=[])
+    assert loop.decontamination_sets(data) == [extra, heldout]
+    assert loop.decontamination_sets(data.model_copy(update={"heldout": None})) == [extra]
     # The ablation's control never draws what curation dropped: A_k cannot hold it either.
     candidates = tmp_path / "candidates.jsonl"
     write_jsonl(candidates, [Candidate(custom_id=f"c{i}", instruction=f"Question {i}?", output="...", model="backward",
                                        source=Source(path="corpus.jsonl", line=i + 1)) for i in range(4)])
-    control = loop.uncurated(str(candidates), 10, {"c1", "c3"})
+    control = loop.uncurated(candidates, 10, {"c1", "c3"})
     assert sorted(ex.messages[1].content for ex in control) == ["Question 0?", "Question 2?"]
 
 
@@ -287,17 +318,21 @@ def test_the_rewrite_arm_rewrites_the_curated_pairs_and_trains_on_those_it_got(t
         source=Source(path="corpus.jsonl", line=i + 1), mode="logprobs", score=score, scorer_model=scorer)
         for i, (score, scorer) in enumerate([(4.0, "scorer"), (1.5, "scorer"), (3.0, "scorer"), (4.5, "other"),
                                              (5.0, "scorer"), (3.5, "scorer")])])
-    picked = {"scored": str(scored), "k": 3.0, "summary": {"extra": {"mode": "logprobs", "model": "scorer"}}}
+    picked = CurateResult(
+        curated=tmp_path / "A1.jsonl", scored=scored, dataset=tmp_path / "A1.dataset", scorer="ft:scorer:m0",
+        served_as="scorer", scoring="rubric", mode="logprobs", k=3.0, selected=3, scored_total=6,
+        kept_per_threshold={}, contaminated=1, contaminated_file=tmp_path / "A1.contaminated.jsonl",
+        summary=ClientSummary())
     server = StageFake(write=lambda prompt: "" if "Question 2?" in prompt else "Rewritten: " + prompt[-12:]).start()
     try:
         loop = Loop(load_config(overrides=[f"rewrite.url={server.url}", "rewrite.progress=false"]), tmp_path / "run")
-        arm = loop.stages.run("rewrite_1", lambda: loop.rewrite(picked, {"job": "unused"}, {"c5"}))
+        arm = loop.stages.run("rewrite_1", lambda: loop.rewrite(picked, UNUSED_MODEL, {"c5"}))
     finally:
         server.stop()
-    selected = [json.loads(line)["custom_id"] for line in Path(arm["candidates"]).read_text().splitlines()]
+    selected = [json.loads(line)["custom_id"] for line in arm.candidates.read_text().splitlines()]
     assert selected == ["c0", "c2", "c4"]  # score >= k, by this scorer, not contaminated
-    assert (arm["curated"], arm["rewritten"], arm["not_rewritten"]) == (3, 2, 1)
-    assert arm["summary"]["results"]["failed"] == 1
+    assert (arm.curated, arm.rewritten, arm.not_rewritten) == (3, 2, 1)
+    assert arm.summary.results["failed"] == 1
     pairs = loop.rewritten_pairs(arm)
     assert [[m.content for m in ex.messages][:2] for ex in pairs] == [
         [AUGMENTED_SYSTEM_PROMPT, "Question 0?"], [AUGMENTED_SYSTEM_PROMPT, "Question 4?"]]
@@ -314,18 +349,19 @@ def test_candidate_quality_counts_usable_instructions_and_their_diversity(tmp_pa
                                        source=Source(path="corpus.jsonl", line=i + 1)) for i, t in enumerate(texts)])
     quality = {"sent": 10, "usable": 4, "truncated": 5, "empty": 0, "copy": 0, "meta": 1, "resampled": 6,
                "rescued": 0, "usable_rate": 0.4}
-    result = candidate_quality(candidates, quality, tmp_path / "report" / "verbs.png")
-    metrics = result["metrics"]
-    assert metrics["usable_rate"]["value"] == pytest.approx(0.4) and metrics["usable_rate"]["n"] == 10
-    lo, hi = metrics["usable_rate"]["ci95"]
+    result = candidate_quality("ft:backward", candidates, quality, tmp_path / "report" / "verbs.png")
+    metrics = result.metrics
+    assert metrics["usable_rate"].value == pytest.approx(0.4) and metrics["usable_rate"].n == 10
+    assert metrics["usable_rate"].ci95 is not None
+    lo, hi = metrics["usable_rate"].ci95
     assert lo < 0.4 < hi
-    assert metrics["verb_rate"]["value"] == pytest.approx(0.75) and metrics["verb_rate"]["n"] == 4
-    assert metrics["unique_root_verbs"]["value"] == 2  # write, explain
-    assert result["rejections"] == {k: v for k, v in quality.items() if k != "usable_rate"}
-    assert Path(result["plot"]).read_bytes().startswith(b"\x89PNG")
-    # An augment record from before augment counted its answers: diversity only.
-    older = candidate_quality(candidates, {}, tmp_path / "report" / "verbs2.png")
-    assert "usable_rate" not in older["metrics"] and older["rejections"] == {}
+    assert metrics["verb_rate"].value == pytest.approx(0.75) and metrics["verb_rate"].n == 4
+    assert metrics["unique_root_verbs"].value == 2  # write, explain
+    assert result.rejections == {k: v for k, v in quality.items() if k != "usable_rate"}
+    assert result.plot.read_bytes().startswith(b"\x89PNG")
+    # An augment that sent nothing: diversity only.
+    nothing = candidate_quality("ft:backward", candidates, {}, tmp_path / "report" / "verbs2.png")
+    assert "usable_rate" not in nothing.metrics and nothing.rejections == {}
 
 
 # --- the quick loop on the real stack -------------------------------------------------------------
@@ -375,6 +411,11 @@ def loop_dir(tmp_path):
             pass
 
 
+def recorded(run: Path) -> dict[str, dict]:
+    """Each stage record of a run, read through its model (`humpback.loop.records`), as its JSON."""
+    return {name: record.model_dump(mode="json") for name, record in Stages(run).all().items()}
+
+
 @pytest.mark.server
 def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     # The servers outlive each test: put the backward one back on its base weights, which the run measures
@@ -384,7 +425,7 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     first = run_loop(servers, loop_dir)
     assert first.returncode == 0, first.stderr[-5000:]
     run = loop_dir / "run"
-    stages = Stages(run).all()
+    stages = recorded(run)
     expected = {"data", "stage_backward_base", "train_backward", "train_m0", "eval_m0", "augment", "stage_candidates",
                 "stage_backward_myx", "calibrate_1", "curate_1", "stage_scorer_m0", "rewrite_1", "train_m1", "eval_m1",
                 "train_m1_rewritten", "eval_m1_rewritten", "train_uncurated", "eval_uncurated"}
@@ -507,7 +548,7 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     assert trainer_jobs(servers) == jobs_before  # the interrupted training stage waited for its job, started none
     assert f"re-deployed {stages['train_backward']['fine_tuned_model']} to backward" in log
     assert Registry.load(servers.registry).servers["backward"].version == stages["train_backward"]["job"]
-    again = Stages(run).all()
+    again = recorded(run)
     assert again["train_uncurated"]["job"] == stages["train_uncurated"]["job"]
     resumed = [c["custom_id"] for c in lines(journal)]
     assert len(set(resumed)) == len(resumed)  # the torn line repaired, nothing written twice

@@ -11,7 +11,12 @@ from collections import Counter
 
 import pytest
 
-from humpback.contracts import RewrittenCandidate, ScoredCandidate, Source, write_jsonl
+from humpback.contracts import InputError, RewrittenCandidate, ScoredCandidate, Source, write_jsonl
+from humpback.evaluation.metrics import Metric
+from humpback.loop.records import (
+    AugmentResult, CandidateQuality, ClientSummary, CurateResult, DataFiles, Evaluation, IfevalScores, LossPoint, NllScores,
+    PairwiseScores, RewriteResult, ScorerMetrics, StageMetrics, TrainedModel,
+)
 from humpback.loop.report import render
 from humpback.loop.stages import Stages
 
@@ -38,32 +43,52 @@ PAIRS = (
 )
 
 
+def evaluation(win_rate=0.4, ci=(0.2, 0.6), ifeval=(0.1, 0.2, 0.3, 0.35), nll=(2.5, (2.2, 2.8)),
+               informative=True, position_flip_rate=0.25):
+    """An `eval_*` record: its win rate, IFEval (prompt strict, prompt loose, instruction strict and
+    loose) and held-out NLL (mean, interval; None: not measured)."""
+    return Evaluation(
+        model="ft:model",
+        ifeval=IfevalScores(n=10, prompt_strict=ifeval[0], prompt_loose=ifeval[1], instruction_strict=ifeval[2],
+                            instruction_loose=ifeval[3]),
+        pairwise=PairwiseScores(n=8, win_rate=win_rate, ci=ci, wins=2, ties=2, losses=4, judge="judge",
+                                baseline="baseline", position_flip_rate=position_flip_rate, informative=informative),
+        nll=None if nll is None else NllScores(n=5, mean=nll[0], per_token=nll[0], ci=nll[1], perplexity=12.0))
+
+
+def trained(name, examples=40, losses=()):
+    return TrainedModel(job=f"ftjob-{name}", fine_tuned_model=f"ft:{name}", role="scorer", examples=examples,
+                        trained_tokens=9000, losses=[LossPoint(step=s, loss=v) for s, v in losses])
+
+
+def curated(run, t, scored, **changes):
+    """A `curate_t` record over the scored journal `scored`."""
+    return CurateResult(
+        curated=run / "curate" / f"A{t}.jsonl", scored=scored, dataset=run / "curate" / f"A{t}.dataset",
+        scorer=f"ft:scorer:m{t - 1}", served_as="scorer", scoring="rubric", mode="logprobs", k=3.5, selected=23 + t,
+        scored_total=60, contaminated=2, contaminated_file=run / "curate" / f"A{t}.contaminated.jsonl",
+        kept_per_threshold={"3.0": 30, "4.5": 8 * t}, summary=ClientSummary(results={"scored": 60}), **changes)
+
+
 def make_run(tmp_path, name="run"):
     """A run folder as the loop leaves it: augment's record, stage records and a scored journal per iteration."""
     run = tmp_path / name
     stages = Stages(run)
     rng = random.Random(0)
-    stages.run("augment", lambda: {"candidates": str(run / "augment" / "candidates.jsonl"), "summary": {
-        "prepare": {"documents": 31, "segments": 412, "kept": 190, "dropped_too_short": 222},
-        "results": {"written": 120, "failed": 8},
-        "quality": {"sent": 128, "usable": 120, "usable_rate": 0.9375}}})
+    stages.run("augment", lambda: AugmentResult(candidates=run / "augment" / "candidates.jsonl", summary=ClientSummary(
+        prepare={"documents": 31, "segments": 412, "kept": 190, "dropped_too_short": 222},
+        results={"written": 120, "failed": 8},
+        quality={"sent": 128, "usable": 120, "usable_rate": 0.9375})))
     for t in (1, 2):
         scored = run / "curate" / f"scored{t}.jsonl"
         write_jsonl(scored, (ScoredCandidate(
             custom_id=f"score-{i}", candidate_id=f"cand-{i}", instruction=PAIRS[i % len(PAIRS)][0],
             output=PAIRS[i % len(PAIRS)][1], source=Source(path="corpus.jsonl", line=i + 1), mode="logprobs",
             score=round(rng.uniform(1, 5), 2), scorer_model="scorer") for i in range(60)))
-        stages.run(f"curate_{t}", lambda: {"scored": str(scored), "scorer": f"ft:scorer:m{t - 1}", "k": 3.5,
-                                           "selected": 23 + t, "contaminated": 2,
-                                           "kept_per_threshold": {"3.0": 30, "4.5": 8 * t},
-                                           "summary": {"results": {"scored": 60}, "extra": {"scored_total": 60}}})
+        stages.run(f"curate_{t}", lambda: curated(run, t, scored))
     for name in ("m0", "m1", "m2"):
-        stages.run(f"train_{name}", lambda: {"fine_tuned_model": f"ft:{name}", "examples": 40, "trained_tokens": 9000,
-                                             "losses": [{"step": s, "loss": 2.0 - 0.1 * s} for s in range(1, 6)]})
-        stages.run(f"eval_{name}", lambda: {
-            "ifeval": {"n": 10, "prompt_strict": 0.1, "prompt_loose": 0.2, "instruction_strict": 0.3, "instruction_loose": 0.35},
-            "pairwise": {"n": 8, "win_rate": 0.4, "ci": [0.2, 0.6]},
-            "nll": {"n": 5, "mean": 2.5, "ci": [2.2, 2.8]}})
+        stages.run(f"train_{name}", lambda: trained(name, losses=[(s, 2.0 - 0.1 * s) for s in range(1, 6)]))
+        stages.run(f"eval_{name}", evaluation)
     return run
 
 
@@ -73,7 +98,7 @@ def test_the_report_names_the_combined_scorer_and_its_p_good_threshold(tmp_path)
     run = make_run(tmp_path)
     stage = run / "stages" / "curate_2.json"
     record = json.loads(stage.read_text())
-    stage.write_text(json.dumps({**record, "scoring": "combined", "k": 0.62}))
+    stage.write_text(json.dumps({**record, "scoring": "combined", "k": 0.62}))  # as a run writes it
     page = render(run).read_text()
     assert "Iteration 2: scorer ft:scorer:m1 (combined) scored 60 of them" in page
     assert "kept <b>25 pairs</b> (score >= 0.62) as A_2." in page
@@ -160,7 +185,7 @@ def test_the_report_leads_with_what_the_run_produced(tmp_path):
 
 def test_a_run_before_augment_says_it_produced_nothing_yet(tmp_path):
     run = tmp_path / "run"
-    Stages(run).run("data", lambda: {"seed": "seed.jsonl"})
+    Stages(run).run("data", lambda: DataFiles(seed=run / "seed.jsonl", corpus=[run / "corpus.jsonl"]))
     page = render(run).read_text()
     assert "No data produced yet: the run has not reached augment." in page
     assert "base64" not in page.split("<h2>Time and throughput per stage</h2>")[0]  # no empty chart
@@ -169,8 +194,8 @@ def test_a_run_before_augment_says_it_produced_nothing_yet(tmp_path):
 def test_an_uninformative_judge_is_reported_as_such(tmp_path):
     """A win rate from a judge marked uninformative is no result: the table says why instead of showing it."""
     run = make_run(tmp_path)
-    Stages(run).run("eval_m3", lambda: {"pairwise": {"n": 8, "win_rate": 0.5, "ci": [0.5, 0.5],
-                                                     "position_flip_rate": 1.0, "informative": False}})
+    Stages(run).run("eval_m3", lambda: evaluation(win_rate=0.5, ci=(0.5, 0.5), position_flip_rate=1.0,
+                                                  informative=False))
     html = render(run).read_text()
     assert "judge uninformative (position bias 100%)" in html
     assert "0.500 [0.500, 0.500]" not in html
@@ -191,15 +216,16 @@ def test_no_empty_chart(tmp_path):
     whole figure where no metric has a value, the loss plot where no job logged a loss."""
     from humpback.loop.report import eval_plot, loss_plot, score_plot
 
-    informative = {"pairwise": {"n": 8, "win_rate": 0.4, "ci": [0.2, 0.6]},
-                   "nll": {"n": 5, "mean": 2.5, "ci": [2.2, 2.8]}, "ifeval": {"n": 10, "prompt_loose": 0.2}}
-    biased = {**informative, "pairwise": {"n": 8, "win_rate": 0.5, "ci": [0.5, 0.5], "position_flip_rate": 1.0,
-                                          "informative": False}}
+    informative = evaluation()
+    biased = evaluation(win_rate=0.5, ci=(0.5, 0.5), position_flip_rate=1.0, informative=False)
     three, two = eval_plot({"m0": informative, "m1": informative}), eval_plot({"m0": biased, "m1": biased})
     assert _png_width(two) < 0.8 * _png_width(three)
-    assert eval_plot({"m0": {"pairwise": biased["pairwise"]}}) == ""
-    assert loss_plot({"m0": {"losses": []}}) == ""
-    assert score_plot({"curate_1": {"scored": str(tmp_path / "gone.jsonl"), "scorer": "m0"}}) == ""
+    # IFEval always has a value: a figure of that panel alone, no wider than the two-panel one.
+    only_ifeval = eval_plot({"m0": evaluation(win_rate=0.5, ci=(0.5, 0.5), position_flip_rate=1.0, informative=False,
+                                              nll=None)})
+    assert 0 < _png_width(only_ifeval) < _png_width(two)
+    assert loss_plot({"m0": trained("m0")}) == ""
+    assert score_plot({"curate_1": curated(tmp_path, 1, tmp_path / "gone.jsonl")}) == ""
 
 
 def add_stage_metrics(run, plot):
@@ -207,22 +233,24 @@ def add_stage_metrics(run, plot):
     stages = Stages(run)
 
     def metric(value, lo, hi, n):
-        return {"value": value, "ci95": [lo, hi] if lo is not None else None, "n": n}
+        return Metric(value=value, ci95=(lo, hi) if lo is not None else None, n=n)
 
-    stages.run("stage_backward_base", lambda: {"model": "base", "metrics": {
+    stages.run("stage_backward_base", lambda: StageMetrics(model="base", metrics={
         "instruction_nll": metric(3.1, 2.9, 3.3, 32), "rouge_l": metric(0.12, 0.08, 0.16, 32),
-        "usable_rate": metric(0.25, 0.125, 0.406, 32), "distinct_2": metric(0.31, 0.22, 0.4, 32)}})
-    stages.run("stage_backward_myx", lambda: {"model": "ft:backward:myx", "metrics": {
+        "usable_rate": metric(0.25, 0.125, 0.406, 32), "distinct_2": metric(0.31, 0.22, 0.4, 32)}))
+    stages.run("stage_backward_myx", lambda: StageMetrics(model="ft:backward:myx", metrics={
         "instruction_nll": metric(2.4, 2.2, 2.6, 32), "rouge_l": metric(0.2, 0.15, 0.25, 32),
-        "usable_rate": metric(0.9, 0.8, 1.0, 32), "distinct_2": metric(0.6, 0.5, 0.7, 32)}})
+        "usable_rate": metric(0.9, 0.8, 1.0, 32), "distinct_2": metric(0.6, 0.5, 0.7, 32)}))
     for t, auc in ((0, 0.71), (1, 0.64)):
-        stages.run(f"stage_scorer_m{t}", lambda: {"model": f"ft:scorer:m{t}", "threshold": 1.8, "metrics": {
+        stages.run(f"stage_scorer_m{t}", lambda: ScorerMetrics(model=f"ft:scorer:m{t}", scoring="pmi", threshold=1.8,
+                                                              metrics={
             "auc": metric(auc, auc - 0.1, auc + 0.1, 120), "precision_at_k": metric(None, None, None, 0),
-            "mean_score_positive": metric(1.9, 1.8, 2.0, 32)}})
-    stages.run("stage_scorer_m2", lambda: {"model": "ft:scorer:m2", "skipped": "the server was down"})
-    stages.run("stage_candidates", lambda: {"model": "ft:backward:myx", "plot": str(plot), "metrics": {
+            "mean_score_positive": metric(1.9, 1.8, 2.0, 32)}))
+    stages.run("stage_scorer_m2", lambda: ScorerMetrics(model="ft:scorer:m2", scoring="pmi", threshold=1.8,
+                                                        skipped="the server was down"))
+    stages.run("stage_candidates", lambda: CandidateQuality(model="ft:backward:myx", plot=plot, instructions=128, metrics={
         "usable_rate": metric(0.375, 0.3, 0.45, 128), "unique_root_verbs": metric(9, None, None, 40)},
-        "rejections": {"sent": 128, "usable": 48, "truncated": 70, "empty": 0, "copy": 4, "meta": 6}})
+        rejections={"sent": 128, "usable": 48, "truncated": 70, "empty": 0, "copy": 4, "meta": 6}))
 
 
 def cells(html_text: str) -> list[list[str]]:
@@ -245,33 +273,46 @@ def test_the_stage_metrics_table_shows_each_model_with_intervals(tmp_path):
                        "0.250 [0.125, 0.406] (n=32)", "0.310 [0.220, 0.400] (n=32)"]
     assert rows[2][:3] == ["M_yx", "ft:backward:myx", "2.400 [2.200, 2.600] (n=32)"]
     assert rows[3] == ["stage", "model", "scoring", "threshold", "auc", "precision_at_k", "mean_score_positive"]
-    # One row per scorer, in iteration order; an unmeasured value is "-" with its n; a skipped stage says why;
-    # a record of an older version names no scoring.
-    assert rows[4] == ["scorer M0", "ft:scorer:m0", "-", "1.8", "0.710 [0.610, 0.810] (n=120)", "- (n=0)",
+    # One row per scorer, in iteration order; an unmeasured value is "-" with its n; a skipped stage says why.
+    assert rows[4] == ["scorer M0", "ft:scorer:m0", "pmi", "1.8", "0.710 [0.610, 0.810] (n=120)", "- (n=0)",
                        "1.900 [1.800, 2.000] (n=32)"]
-    assert rows[5][:5] == ["scorer M1", "ft:scorer:m1", "-", "1.8", "0.640 [0.540, 0.740] (n=120)"]
-    assert rows[6] == ["scorer M2", "not measured: the server was down", "-", "-", "-", "-", "-"]
+    assert rows[5][:5] == ["scorer M1", "ft:scorer:m1", "pmi", "1.8", "0.640 [0.540, 0.740] (n=120)"]
+    assert rows[6] == ["scorer M2", "not measured: the server was down", "pmi", "1.8", "-", "-", "-"]
     assert rows[7:9] == [["stage", "model", "usable_rate", "unique_root_verbs"],
                          ["candidates of augment", "ft:backward:myx", "0.375 [0.300, 0.450] (n=128)", "9 (n=40)"]]
     assert dict(rows[10:]) == {"sent": "128", "usable": "48", "truncated": "70", "empty": "0", "copy": "4", "meta": "6"}
     assert section.count('src="data:image/png;base64,') == 1  # the verbs and objects figure
     # The same tables in Markdown, for the README and the benchmark.
     markdown = (run / "stage_metrics.md").read_text()
-    assert "| scorer M0 | ft:scorer:m0 | - | 1.8 | 0.710 [0.610, 0.810] (n=120) | - (n=0) |" in markdown
+    assert "| scorer M0 | ft:scorer:m0 | pmi | 1.8 | 0.710 [0.610, 0.810] (n=120) | - (n=0) |" in markdown
     assert "| candidates of augment | ft:backward:myx | 0.375 [0.300, 0.450] (n=128) | 9 (n=40) |" in markdown
 
 
-def test_a_run_recorded_before_the_stage_metrics_still_renders(tmp_path):
+def test_a_run_without_stage_metrics_still_renders(tmp_path):
     run = make_run(tmp_path)
     page = render(run).read_text()
     assert "No stage metrics in this run" in page.split("<h2>Stage metrics</h2>")[1].split("<h2>")[0]
     assert "No stage metrics in this run" in (run / "stage_metrics.md").read_text()
-    # Candidates of a run before augment counted rejections: no counts table, and no figure whose file is gone.
-    Stages(run).run("stage_candidates", lambda: {"plot": str(tmp_path / "gone.png"), "metrics": {
-        "verb_rate": {"value": 0.5, "ci95": [0.4, 0.6], "n": 20}}})
+    # Candidates of an augment that sent nothing: no counts table, and no figure whose file is gone.
+    Stages(run).run("stage_candidates", lambda: CandidateQuality(
+        model="ft:backward:myx", plot=tmp_path / "gone.png", instructions=20, rejections={},
+        metrics={"verb_rate": Metric(value=0.5, ci95=(0.4, 0.6), n=20)}))
     section = render(run).read_text().split("<h2>Stage metrics</h2>")[1].split("<h2>")[0]
-    assert cells(section) == [["stage", "model", "verb_rate"], ["candidates of augment", "", "0.500 [0.400, 0.600] (n=20)"]]
+    assert cells(section) == [["stage", "model", "verb_rate"],
+                              ["candidates of augment", "ft:backward:myx", "0.500 [0.400, 0.600] (n=20)"]]
     assert "base64" not in section
+
+
+def test_a_record_of_an_older_version_names_its_file_and_field(tmp_path):
+    """No shims for older runs: a stage record that does not fit its model is one line naming the file and
+    the field, not a report with holes."""
+    run = make_run(tmp_path)
+    stage = run / "stages" / "curate_1.json"
+    record = json.loads(stage.read_text())
+    del record["scoring"]
+    stage.write_text(json.dumps(record))
+    with pytest.raises(InputError, match=r"curate_1.json: field scoring: Field required \(a record of an older"):
+        render(run)
 
 
 def add_rewrite_arm(run, evaluated=True):
@@ -282,17 +323,18 @@ def add_rewrite_arm(run, evaluated=True):
         custom_id=f"rw-{i}", candidate_id=f"cand-{i}", instruction=f"Question {i} <i>?</i>",
         output=f"Rewritten answer {i} " + "y" * 500, original_output=f"Web text {i} <script>", model="scorer",
         source=Source(path="corpus.jsonl", line=i + 1)) for i in range(5)))
-    stages.run("rewrite_1", lambda: {"rewritten_file": str(rewritten), "rewriter": "scorer",
-                                     "rewriter_checkpoint": "ftjob-m0", "curated": 6, "rewritten": 5,
-                                     "not_rewritten": 1})
-    stages.run("train_m1_rewritten", lambda: {"fine_tuned_model": "ft:m1_rewritten", "examples": 39,
-                                              "trained_tokens": 9000, "losses": []})
+    stages.run("rewrite_1", lambda: rewrite_arm(run, rewritten, curated=6, rewritten=5))
+    stages.run("train_m1_rewritten", lambda: trained("m1_rewritten", examples=39))
     if evaluated:
-        stages.run("eval_m1_rewritten", lambda: {
-            "ifeval": {"n": 10, "prompt_strict": 0.3, "prompt_loose": 0.4, "instruction_strict": 0.5,
-                       "instruction_loose": 0.55},
-            "pairwise": {"n": 8, "win_rate": 0.6, "ci": [0.45, 0.75]},
-            "nll": {"n": 5, "mean": 2.1, "ci": [1.9, 2.3]}})
+        stages.run("eval_m1_rewritten", lambda: evaluation(win_rate=0.6, ci=(0.45, 0.75), ifeval=(0.3, 0.4, 0.5, 0.55),
+                                                           nll=(2.1, (1.9, 2.3))))
+
+
+def rewrite_arm(run, rewritten_file, curated, rewritten, failures=None):
+    """A `rewrite_1` record: `curated` pairs sent, `rewritten` back (rewritten by M0 on the scorer server)."""
+    return RewriteResult(candidates=run / "rewrite" / "A1.candidates.jsonl", rewritten_file=rewritten_file,
+                         rewriter="scorer", rewriter_checkpoint="ftjob-m0", curated=curated, rewritten=rewritten,
+                         not_rewritten=curated - rewritten, summary=ClientSummary(failures=failures or {}))
 
 
 def rewrite_part(page: str) -> str:
@@ -335,9 +377,8 @@ def test_a_rewrite_arm_whose_rewrites_all_failed_says_why(tmp_path):
     rewritten = run / "rewrite" / "A1.rewritten.jsonl"
     rewritten.parent.mkdir(parents=True)
     rewritten.write_text("")
-    Stages(run).run("rewrite_1", lambda: {
-        "rewritten_file": str(rewritten), "rewriter": "scorer", "rewriter_checkpoint": "ftjob-m0", "curated": 12,
-        "rewritten": 0, "not_rewritten": 12, "summary": {"failures": {"rewrite truncated at max_tokens": 12}}})
+    Stages(run).run("rewrite_1", lambda: rewrite_arm(
+        run, rewritten, curated=12, rewritten=0, failures={"rewrite truncated at max_tokens": 12}))
     section = rewrite_part(render(run).read_text())
     assert "left out (12 of 12; rewrite truncated at max_tokens: 12)" in section
     assert "No pair was rewritten: M1-rewritten learnt from the seed alone." in section
