@@ -22,6 +22,7 @@ from humpback.contracts import (
     JobFailed,
     ListPage,
     Role,
+    auth_headers,
 )
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ DEPLOY_TIMEOUT = 1800.0
 
 class TrainerClient:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 120.0) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = auth_headers(api_key)
         self.http = httpx.Client(base_url=f"{url}/v1", headers=headers, timeout=timeout)
 
     def close(self) -> None:

@@ -64,7 +64,7 @@ def test_the_rewrite_arm_is_the_clients_rewrite_config_on_by_default():
     assert isinstance(cfg.rewrite, RewriteConfig)
     # The demo's rewriter is the larger instruct model, on a server of its own for the stage.
     assert cfg.rewrite.enabled and cfg.rewrite.url is None and cfg.rewrite.model_dir == QUALITY_MODEL_DIR
-    assert cfg.rewrite.model_dump(exclude={"enabled", "url", "model_dir", "port"}) == \
+    assert cfg.rewrite.model_dump(exclude={"enabled", "url", "api_key", "model_dir", "port"}) == \
         RewriteConfig(max_tokens=768).model_dump()
     quick = load_config(quick=True).rewrite
     # The loop test runs the arm, briefly, with M0 on the scorer server (only `make setup`'s model).
