@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from services.hotswap import swap_checkpoint  # noqa: E402
 from trainer.api import create_app  # noqa: E402
 from trainer.config import DEFAULT_MODEL_DIR, ServiceSettings  # noqa: E402
-from humpback.contracts import SeedPair, seed_forward_examples, write_jsonl  # noqa: E402
+from humpback.contracts import API_KEY_ENV, SeedPair, seed_forward_examples, write_jsonl  # noqa: E402
 
 # The plain TRL script: what a user would write by hand with the same settings, no humpback code.
 PLAIN_TRL = r'''
@@ -195,7 +195,8 @@ def start_service(settings: ServiceSettings) -> tuple[uvicorn.Server, threading.
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    return server, thread, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    return server, thread, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=settings.api_key or "none",
+                                         max_retries=0)
 
 
 def run_humpback(
@@ -261,7 +262,7 @@ def main() -> int:
     parser.add_argument("--no-deploy", action="store_true", help="train only; no server needed")
     parser.add_argument("--backward-url", default="http://127.0.0.1:8001")
     parser.add_argument("--scorer-url", default="http://127.0.0.1:8002")
-    parser.add_argument("--server-api-key", default=os.environ.get("HUMPBACK_API_KEY"))
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help="the stack's key (trainer and servers)")
     parser.add_argument("--registry", type=Path, default=None)
     parser.add_argument("--model-dir", type=Path, default=REPO / DEFAULT_MODEL_DIR)
     args = parser.parse_args()
@@ -271,14 +272,14 @@ def main() -> int:
     data = build_data(work / "train.jsonl", args.examples)
     settings = ServiceSettings(
         data_dir=work / "service", backward_url=args.backward_url, scorer_url=args.scorer_url,
-        server_api_key=args.server_api_key, registry=args.registry,
+        api_key=args.api_key, registry=args.registry,
         backward_model=args.model_dir, scorer_model=args.model_dir,
     )
     uv, thread, client = start_service(settings)
     server = None
     baseline = 0.0
     if role:
-        server = openai.OpenAI(base_url=f"{settings.role_url(role)}/v1", api_key=args.server_api_key or "none", max_retries=0)
+        server = openai.OpenAI(base_url=f"{settings.role_url(role)}/v1", api_key=args.api_key or "none", max_retries=0)
         with Load(server, role) as probe:
             while len(probe.latencies) < 16:
                 time.sleep(0.1)
@@ -308,7 +309,7 @@ def main() -> int:
             try:
                 swap_checkpoint(
                     settings.role_url(role), args.model_dir, role=role, version="base",
-                    api_key=args.server_api_key, registry=args.registry,
+                    api_key=args.api_key, registry=args.registry,
                 )
             except Exception as exc:  # report, without hiding why the run itself stopped
                 print(f"could not put the base weights back into {role}: {exc}", file=sys.stderr)

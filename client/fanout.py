@@ -34,9 +34,9 @@ from pydantic import BaseModel, ConfigDict
 
 from client.transport import AsyncioBackend
 from humpback.contracts import (
-    API_KEY_ENV, VERSION_HEADER, VERSION_NOT_SERVED, RequestFailed, RetryableError, Unreachable,
+    VERSION_HEADER, VERSION_NOT_SERVED, RequestFailed, RetryableError, Unreachable, auth_headers,
 )
-from humpback.settings import setting
+from humpback.settings import setting, stack_api_key
 
 log = logging.getLogger(__name__)
 _VERSION_KEY = VERSION_HEADER.lower().encode()
@@ -50,8 +50,7 @@ class FanoutConfig(BaseModel):
     endpoints: list[str] = setting(
         help="server base URL (`http://host:port`, without /v1), repeatable for load balancing and failover",
         flag="endpoint", metavar="URL")
-    api_key: str | None = setting(None, "bearer token sent as `Authorization: Bearer`; unset sends no header",
-                                  env=API_KEY_ENV)
+    api_key: str | None = stack_api_key("sent to every endpoint as `Authorization: Bearer`; unset sends no header")
     concurrency: int | None = setting(None, "fixed in-flight requests per endpoint; unset adapts the window to the "
                                             "server's queue", ge=1)
     initial_window: int = setting(64, "first in-flight window of an adaptive endpoint", ge=1)
@@ -142,7 +141,7 @@ class Fanout:
 
     async def __aenter__(self) -> Fanout:
         cfg = self.config
-        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        headers = auth_headers(cfg.api_key)
         timeout = httpx.Timeout(cfg.timeout, connect=cfg.connect_timeout, pool=None)
         # The hot path talks to httpcore (httpx's transport) directly. httpcore scans its whole pool on
         # every request and response, so one pool of a thousand connections would spend more CPU than
@@ -155,7 +154,7 @@ class Fanout:
             url = httpx.URL(ep.url)
             host = url.netloc.decode("ascii")
             self._headers[ep.url] = [(b"Host", host.encode("ascii")), (b"Content-Type", b"application/json"),
-                                     *([(b"Authorization", f"Bearer {cfg.api_key}".encode())] if cfg.api_key else []),
+                                     *[(k.encode(), v.encode()) for k, v in headers.items()],
                                      *([(VERSION_HEADER.encode(), cfg.require_version.encode())]
                                        if cfg.require_version else [])]
         self._timeouts = {"connect": cfg.connect_timeout, "read": cfg.timeout, "write": cfg.timeout, "pool": None}

@@ -33,6 +33,8 @@ from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from humpback.contracts import API_KEY_ENV
+
 M = TypeVar("M", bound=BaseModel)
 
 Many = Literal["append", "+"]
@@ -48,6 +50,13 @@ def setting(default: Any = PydanticUndefined, help: str = "", *, env: str | None
     if default_factory is not None:
         return Field(default_factory=default_factory, description=help, json_schema_extra=extra, **constraints)
     return Field(default, description=help, json_schema_extra=extra, **constraints)
+
+
+def stack_api_key(use: str) -> Any:
+    """The stack's one key (`HUMPBACK_API_KEY`: the model servers' /v1 routes and the trainer), as the
+    setting of a process that needs it; `use` says what that process does with it. Servers the stack does
+    not own (a rewriter's or a judge's URL) have settings of their own and never get this one."""
+    return setting(None, f"the stack's API key: {use}", env=API_KEY_ENV)
 
 
 def _extra(field: FieldInfo) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, field_validator
 from humpback.contracts import (
     API_KEY_ENV, DEFAULT_MODEL_DIR, DEFAULT_PORTS, LOOPBACK, ROLES, SERVE_STATE_DIR, STATE_DIR_ENV, ServeError,
 )
-from humpback.settings import setting
+from humpback.settings import setting, stack_api_key
 
 Device = Literal["cpu", "cuda"]
 SwapMethod = Literal["reload", "lora"]
@@ -67,7 +67,7 @@ class ServerSpec(BaseModel):
     advertise_url: str | None = setting(None, "base URL the other services reach this server at, recorded in "
                                               "the registry so that a swap of the role reaches every replica "
                                               "(compose: http://SERVICE:8000); default: from host and port")
-    api_key: str | None = setting(None, "bearer token enforced on the OpenAI /v1 routes", env=API_KEY_ENV)
+    api_key: str | None = stack_api_key("required on this server's OpenAI /v1 routes")
     device: Device = setting(default_factory=detect_device,
                              help="`cpu` where the CPU build of vLLM is installed, else `cuda`")
     dtype: str = setting("bfloat16", "dtype of the weights and activations")

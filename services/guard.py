@@ -42,7 +42,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from humpback.contracts import (
-    ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV, SERVER_NAME_ENV, VERSION_HEADER, VERSION_NOT_SERVED,
+    ADMIN_ALLOW_ENV, REGISTRY_ENV, REJECT_SEED_ENV, SERVER_NAME_ENV, VERSION_HEADER, VERSION_NOT_SERVED, bearer,
 )
 from services.registry import Registry, ServedVersion
 
@@ -160,7 +160,7 @@ class AdminGuard:
         self.served = _ServedView(Path(registry) if registry else None, os.environ.get(SERVER_NAME_ENV) or None)
         self.reject_seed = os.environ.get(REJECT_SEED_ENV) == "1"
         key = os.environ.get(VLLM_API_KEY_ENV)
-        self.authorization = f"Bearer {key}".encode() if key else None
+        self.authorization = bearer(key).encode() if key else None
 
     def client_allowed(self, scope: Scope) -> bool:
         client = scope.get("client")

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel
 
-from humpback.contracts import CheckpointError, SwapError
+from humpback.contracts import CheckpointError, SwapError, auth_headers
 from services.checkpoint import validate_adapter, validate_checkpoint
 from services.config import SwapMethod
 from services.registry import Registry, ServedVersion, default_registry, record_swap, updating
@@ -106,7 +106,7 @@ def _prune_gone(servers: dict[str, str], role: str, api_key: str | None, registr
     alive: dict[str, str] = {}
     for name, url in servers.items():
         try:
-            with httpx.Client(base_url=url, headers=_auth(api_key), timeout=10.0) as http:
+            with httpx.Client(base_url=url, headers=auth_headers(api_key), timeout=10.0) as http:
                 http.get("/health")
         except httpx.ConnectError as exc:
             if Registry.load(registry).servers.get(name, ServedVersion(role=role)).url == url:
@@ -170,7 +170,7 @@ def swap_checkpoint(
     name = name or role
     checkpoint = Path(checkpoint).absolute()
     registry = registry or default_registry()
-    with httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout) as http:
+    with httpx.Client(base_url=url, headers=auth_headers(api_key), timeout=timeout) as http:
         reference = served_root(http, role)
         if method == "lora":
             validate_adapter(checkpoint)
@@ -266,10 +266,10 @@ def _put_back(name: str, url: str, role: str, method: SwapMethod, alias: str | N
     try:
         if method == "lora":  # the base kept serving beside the adapter: unload it
             adapter = alias or f"{role}-{Registry.load(registry).servers[name].version}"
-            with httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout) as http:
+            with httpx.Client(base_url=url, headers=auth_headers(api_key), timeout=timeout) as http:
                 _post(http, "/v1/unload_lora_adapter", json={"lora_name": adapter})
         else:
-            with httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout) as http:
+            with httpx.Client(base_url=url, headers=auth_headers(api_key), timeout=timeout) as http:
                 weights = prev.checkpoint or str(served_root(http, role))
             swap_checkpoint(url, weights, role=role, version=prev.version, alias=next(iter(prev.aliases), None),
                             api_key=api_key, registry=registry, timeout=timeout, name=name)
@@ -278,7 +278,3 @@ def _put_back(name: str, url: str, role: str, method: SwapMethod, alias: str | N
         return None
     except SWAP_FAILURES as exc:
         return str(exc)
-
-
-def _auth(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}

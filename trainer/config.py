@@ -22,7 +22,7 @@ from humpback.contracts import (
     TRAINER_PORT,
     Role,
 )
-from humpback.settings import setting
+from humpback.settings import setting, stack_api_key
 
 FinetuneMethod = Literal["lora", "full"]
 
@@ -133,16 +133,14 @@ class ServiceSettings(BaseModel):
     data_dir: Path = setting(
         TRAINER_DATA_DIR, "the service's own folder: SQLite database, uploaded files (under service-chosen ids), "
         "checkpoints (checkpoints/<job_id>/); requests never name a path")
-    api_key: str | None = setting(None, "bearer token required on every request when set (empty: none)",
-                                  env=API_KEY_ENV)
+    api_key: str | None = stack_api_key("required on every request to the trainer when set (empty: none), and "
+                                        "sent to the model servers it deploys to")
     backward_url: str = setting(DEFAULT_URLS["backward"],
                                 "base URL (no /v1) of the backward server a job can deploy to, when the registry "
                                 "records no backward server (each records itself and its URL at start, and a "
                                 "deploy reaches every replica it records)")
     scorer_url: str = setting(DEFAULT_URLS["scorer"], "base URL (no /v1) of the scorer server a job can deploy to, "
                                                       "when the registry records none (as --backward-url)")
-    server_api_key: str | None = setting(None, "bearer token of the model servers, when they require one",
-                                         env=API_KEY_ENV)
     registry: Path | None = setting(None, "the servers' registry: which servers serve each role and what they "
                                           "serve; their middleware reads it (default: the serve state's)")
     backward_model: Path = setting(
@@ -165,7 +163,7 @@ class ServiceSettings(BaseModel):
         None, "an `accelerate` config file (see trainer/accelerate/); when set, each run is started with "
         "`accelerate launch` (multi-GPU data parallel), else as one process")
 
-    @field_validator("api_key", "server_api_key", mode="before")
+    @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: Any) -> Any:
         # An unset compose variable arrives as "": no key, not a key that "Bearer " would match.

@@ -60,7 +60,7 @@ class Deployer:
         self.store.add_event(job_id, f"Deploying {name} to {where}")
         try:
             result = swap_role(
-                servers, export_dir, role=role, version=job_id, alias=name, api_key=self.settings.server_api_key,
+                servers, export_dir, role=role, version=job_id, alias=name, api_key=self.settings.api_key,
                 registry=self.settings.registry, timeout=self.settings.swap_timeout,
             )
         except (CheckpointError, SwapError, httpx.HTTPError, OSError) as exc:

@@ -7,6 +7,7 @@ the loop): every room imports it, so it is light enough for the client. `docs/co
 each contract and setting with its one home.
 """
 
+from humpback.contracts.auth import AUTHORIZATION, auth_headers, bearer
 from humpback.contracts.batch import BatchRequest, BatchResponse, BatchResult
 from humpback.contracts.defaults import (
     ADMIN_ALLOW_ENV,
@@ -16,10 +17,12 @@ from humpback.contracts.defaults import (
     DEFAULT_MODEL_DIR,
     DEFAULT_PORTS,
     DEFAULT_URLS,
+    JUDGE_API_KEY_ENV,
     LOOPBACK,
     QUALITY_MODEL_DIR,
     REGISTRY_ENV,
     REJECT_SEED_ENV,
+    REWRITE_API_KEY_ENV,
     ROLES,
     SERVE_STATE_DIR,
     SERVER_NAME_ENV,

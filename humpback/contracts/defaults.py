@@ -52,6 +52,9 @@ COMPLETIONS_PATH = "/v1/completions"
 
 # Environment variables. One key guards the whole stack: the servers' /v1 routes and the trainer.
 API_KEY_ENV = "HUMPBACK_API_KEY"
+# The keys of servers the stack does not own, which never get the stack's: the rewriter and the judge.
+REWRITE_API_KEY_ENV = "HUMPBACK_REWRITE_API_KEY"
+JUDGE_API_KEY_ENV = "HUMPBACK_JUDGE_API_KEY"
 STATE_DIR_ENV = "HUMPBACK_STATE_DIR"
 REGISTRY_ENV = "HUMPBACK_REGISTRY"
 ADMIN_ALLOW_ENV = "HUMPBACK_ADMIN_ALLOW"

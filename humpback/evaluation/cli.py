@@ -18,12 +18,12 @@ from pydantic import BaseModel, ConfigDict
 from client.augment import AugmentConfig
 from client.curate import CurateConfig
 from client.fanout import FanoutConfig
-from humpback.contracts import API_KEY_ENV, AUGMENTED_SYSTEM_PROMPT, DEFAULT_URLS, SEED_SYSTEM_PROMPT
+from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, DEFAULT_URLS, SEED_SYSTEM_PROMPT
 from humpback.evaluation.common import GenerationConfig
 from humpback.evaluation import pairwise
 from humpback.evaluation.metrics import format_metrics
 from humpback.evaluation.scorer import ScorerEvalConfig, run_scorer_eval
-from humpback.settings import add_arguments, from_args, setting
+from humpback.settings import add_arguments, from_args, setting, stack_api_key
 
 SYSTEM_PROMPTS = {"none": None, "seed": SEED_SYSTEM_PROMPT, "augmented": AUGMENTED_SYSTEM_PROMPT}
 
@@ -37,7 +37,7 @@ class Server(BaseModel):
     endpoint: str = setting(DEFAULT_URLS["backward"], "base URL of the model under test (no /v1)",
                             env="HUMPBACK_EVAL_URL")
     model: str | None = setting(None, "served model name (default: the first the server lists)")
-    api_key: str | None = setting(None, "bearer token for every endpoint", env=API_KEY_ENV)
+    api_key: str | None = stack_api_key("sent to every endpoint of the command")
     concurrency: int | None = setting(
         None, "fixed in-flight requests per endpoint (default: adapt to the server's queue)")
     timeout: float = setting(600.0, "seconds per request, queueing included")

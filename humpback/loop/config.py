@@ -18,9 +18,10 @@ from client.augment import AugmentConfig
 from client.curate import CurateConfig, Scorer
 from client.rewrite import RewriteConfig
 from humpback.contracts import (
-    API_KEY_ENV, DEFAULT_MODEL_DIR, DEFAULT_URLS, QUALITY_MODEL_DIR, SERVE_STATE_DIR, TRAINER_DATA_DIR, TRAINER_URL,
+    DEFAULT_MODEL_DIR, DEFAULT_URLS, JUDGE_API_KEY_ENV, QUALITY_MODEL_DIR, REWRITE_API_KEY_ENV, SERVE_STATE_DIR,
+    TRAINER_DATA_DIR, TRAINER_URL,
 )
-from humpback.settings import env_values, setting
+from humpback.settings import env_values, setting, stack_api_key
 from services.config import ServeConfig
 from trainer.config import PresetName
 
@@ -74,7 +75,8 @@ class ServicesConfig(_Section):
     backward_url: str = setting(DEFAULT_URLS["backward"], "base URL of the backward model's server")
     scorer_url: str = setting(DEFAULT_URLS["scorer"], "base URL of the scorer's (forward model's) server")
     trainer_url: str = setting(TRAINER_URL, "base URL of the trainer")
-    api_key: str | None = setting(None, "bearer token of the servers and the trainer", env=API_KEY_ENV)
+    api_key: str | None = stack_api_key("sent to the model servers and the trainer, and required by those the run "
+                                        "starts")
     start: bool = setting(True, "start the servers and the trainer when they do not answer")
     ray: str | None = setting(None, "run the augment, curate and rewrite stages on this Ray cluster (an address, "
                                     "auto or local: `humpback augment --ray`, docs/ray.md), each stage split into "
@@ -141,8 +143,11 @@ class RewriteSection(RewriteConfig):
 
     enabled: bool = setting(True, "rewrite A_1's responses after curate_1 and train and evaluate M1 on the seed and "
                                   "the rewritten pairs beside M1 (the report's \"Rewrite ablation\")")
-    url: str | None = setting(None, "the rewriter: base URL of an OpenAI-compatible server of an aligned model (the "
-                                    "run's api_key is sent to it); null: the model of model_dir, else M0")
+    url: str | None = setting(None, "the rewriter: base URL of an OpenAI-compatible server of an aligned model "
+                                    "(sent rewrite.api_key, never the stack's key); null: the model of model_dir, "
+                                    "else M0")
+    api_key: str | None = setting(None, "bearer token of rewrite.url, a server the stack does not own; null sends "
+                                        "no Authorization header", env=REWRITE_API_KEY_ENV)
     model_dir: Path | None = setting(None, "the rewriter when url is null: a model folder the run serves for the "
                                            "rewrite stage alone (a vLLM server of role `rewriter` on `port`, "
                                            "started before the stage and stopped after it). null: the run's scorer "
@@ -167,6 +172,9 @@ class EvalSection(_Section):
                                           "evaluated model's own server, which a 135M model does badly "
                                           "(see docs/eval.md)")
     judge_model: str | None = setting(None, "the judge's model name")
+    judge_api_key: str | None = setting(None, "bearer token of judge_url, a server the stack does not own (it is "
+                                              "never sent the stack's key); null sends no Authorization header",
+                                        env=JUDGE_API_KEY_ENV)
     ifeval_limit: int = setting(24, "IFEval prompts")
     pairwise_limit: int = setting(12, "pairwise-judged prompts")
     nll_limit: int | None = setting(16, "held-out pairs whose NLL is measured (null: all of them)")
@@ -202,6 +210,9 @@ DEMO: dict[str, Any] = {
 STAGE_FIELDS = {"augment": ("model", "checkpoint", "limit", "shard"),
                 "curate": ("model", "checkpoint", "scored", "shard"),
                 "rewrite": ("checkpoint", "shard")}
+
+# The run's keys: left out of the config the run saves, which is copied with the run folder.
+SECRETS = {"services": {"api_key"}, "rewrite": {"api_key"}, "eval": {"judge_api_key"}}
 
 
 class RunConfig(_Section):

@@ -33,7 +33,7 @@ def evaluate_model(fan: FanoutConfig, model: str, name: str, cfg: EvalSection, o
 
     The pairwise judge is `cfg.judge_url` (or the same servers); NLL is measured on `heldout` when
     `cfg.nll` is on and the file exists."""
-    judge = FanoutConfig(endpoints=[cfg.judge_url], api_key=fan.api_key) if cfg.judge_url else fan
+    judge = FanoutConfig(endpoints=[cfg.judge_url], api_key=cfg.judge_api_key) if cfg.judge_url else fan
     # The paper's best inference-time tag (Table 8): answer in the seed's AI-assistant style.
     gen = GenerationConfig(max_tokens=cfg.max_tokens, system_prompt=SEED_SYSTEM_PROMPT)
 

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import httpx
 
 from client.corpus import open_corpora
-from humpback.contracts import CorpusError, InputError, ModelList, Rejected
+from humpback.contracts import CorpusError, InputError, ModelList, Rejected, auth_headers
 from humpback.data.catalog import CORPUS_SOURCES, SEED_SOURCES
 from humpback.data.pairs import describe, read_pairs_file
 from humpback.loop.config import RunConfig
@@ -107,8 +107,7 @@ def same_model(served: str, configured: str) -> bool:
 def served_roots(url: str, api_key: str | None, adapters: bool = False) -> dict[str, str]:
     """id -> root of the models that `url`'s `GET /v1/models` lists: the base models, and with `adapters`
     the LoRA adapters on them too."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+    resp = httpx.get(f"{url}/v1/models", headers=auth_headers(api_key), timeout=10)
     resp.raise_for_status()
     return {m.id: m.root or "" for m in ModelList.model_validate_json(resp.content).data
             if adapters or m.parent is None}
@@ -254,16 +253,17 @@ class Preflight:
             if problem:
                 c.problems.append(problem)
         rewriter = self.rewriter()
-        judge = (self.endpoint("eval.judge_url", cfg.eval.judge_url, cfg.eval.judge_model) if cfg.eval.judge_url
-                 else "the evaluated model itself")
+        judge = (self.endpoint("eval.judge_url", cfg.eval.judge_url, cfg.eval.judge_model, cfg.eval.judge_api_key)
+                 if cfg.eval.judge_url else "the evaluated model itself")
         c.plan.append(("models", f"base {svc.base_model}" + (f" ({model_bytes / 1e6:.0f} MB)" if model_bytes else "")
                                  + f"; rewriter {rewriter}; judge {judge}"))
         self.resources(to_start, model_bytes)
 
-    def endpoint(self, setting: str, url: str, model: str | None) -> str:
-        """An OpenAI-compatible server of the user's (the rewriter, the judge): it must list `model`."""
+    def endpoint(self, setting: str, url: str, model: str | None, api_key: str | None) -> str:
+        """An OpenAI-compatible server of the user's (the rewriter, the judge), asked with its own `api_key`
+        (never the stack's): it must list `model`."""
         try:
-            roots = served_roots(url, self.cfg.services.api_key, adapters=True)
+            roots = served_roots(url, api_key, adapters=True)
         except (httpx.HTTPError, ValueError) as exc:
             self.check.problems.append(f"{setting} {url} does not answer GET /v1/models ({type(exc).__name__}): "
                                        "start that server, correct the URL, or remove it from the config")
@@ -278,7 +278,7 @@ class Preflight:
         if not rw.enabled:
             return "none (rewrite.enabled is off)"
         if rw.url is not None:
-            return self.endpoint("rewrite.url", rw.url, rw.model)
+            return self.endpoint("rewrite.url", rw.url, rw.model, rw.api_key)
         if rw.model_dir is None:
             return "M0 on the scorer server"
         problem = model_folder_problem(rw.model_dir, "rewrite.model_dir", "make models-quality")

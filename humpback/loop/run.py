@@ -55,7 +55,7 @@ from humpback.data.build import BuildConfig, build_demo, format_table
 from humpback.data.pairs import import_pairs, split_calibration
 from humpback.evaluation.calibrate import run_calibration
 from humpback.evaluation.scorer import ScorerEvalConfig
-from humpback.loop.config import RunConfig
+from humpback.loop.config import SECRETS, RunConfig
 from humpback.loop.evaluate import candidate_quality, evaluate_model, measure_backward, measure_scorer
 from humpback.loop.records import (
     AugmentResult, CalibrationResult, CurateResult, DataFiles, LossPoint, RewriteResult, StageMetrics,
@@ -74,12 +74,12 @@ REWRITER = "rewriter"
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    """The resolved config, for the record: without the API key, readable by this user only.
+    """The resolved config, for the record: without the API keys, readable by this user only.
 
-    The key is left out rather than masked: given back as `--config`, a file value beats
-    `HUMPBACK_API_KEY`, so a mask would be sent as the key. A re-run takes the key where the first run
+    The keys are left out rather than masked: given back as `--config`, a file value beats
+    `HUMPBACK_API_KEY`, so a mask would be sent as the key. A re-run takes the keys where the first run
     did (the environment, its config file, `--set`), never from here."""
-    write_private(path, cfg.model_dump_json(indent=2, exclude={"services": {"api_key"}}))
+    write_private(path, cfg.model_dump_json(indent=2, exclude=SECRETS))
 
 
 class Loop:
@@ -287,7 +287,7 @@ class Loop:
         curated = self.curated_candidates(picked, contaminated, pairs)
         if cfg.url is not None:
             summary = self.client(rewrite, cluster.rewrite, pairs, out,
-                                  FanoutConfig(endpoints=[cfg.url], api_key=self.svc.api_key), cfg)
+                                  FanoutConfig(endpoints=[cfg.url], api_key=cfg.api_key), cfg)
         elif cfg.model_dir is not None:
             with serving(self.svc, REWRITER, cfg.model_dir, cfg.port) as url:
                 summary = self.client(rewrite, cluster.rewrite, pairs, out,

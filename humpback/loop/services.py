@@ -32,9 +32,11 @@ def _port(url: str) -> int:
     return port
 
 
-def _keys(cfg: ServicesConfig, *names: str) -> dict[str, str]:
-    """The run's API key for each named setting; unset, each setting falls back on its environment variable."""
-    return {name: cfg.api_key for name in names} if cfg.api_key else {}
+def _key(cfg: ServicesConfig) -> dict[str, str | None]:
+    """The run's API key, resolved once (by the run's config, from the file or `HUMPBACK_API_KEY`), for the
+    `api_key` setting of what the run starts: given even when None, so that no setting reads the
+    environment again."""
+    return {"api_key": cfg.api_key}
 
 
 def ensure_servers(cfg: ServicesConfig) -> None:
@@ -46,7 +48,7 @@ def ensure_servers(cfg: ServicesConfig) -> None:
     log.info("starting the model servers; the first start compiles for a few minutes")
     settings = ServeSettings(backward_port=_port(cfg.backward_url), scorer_port=_port(cfg.scorer_url),
                              backward_model=cfg.base_model, scorer_model=cfg.base_model)
-    servers = default_servers(settings, **values_from(ServerSpec, _keys(cfg, "api_key"), exclude=PER_ROLE))
+    servers = default_servers(settings, **values_from(ServerSpec, _key(cfg), exclude=PER_ROLE))
     serve = ServeConfig(state_dir=cfg.state_dir, servers=servers)
     up(serve, timeout=settings.timeout)
     for spec in servers:
@@ -60,7 +62,7 @@ def serving(cfg: ServicesConfig, role: str, model: Path, port: int) -> Iterator[
     an interrupted run left of it is stopped first."""
     state_dir = cfg.state_dir.with_name(f"{cfg.state_dir.name}-{role}")
     down(state_dir)
-    spec = ServerSpec(role=role, model=str(model.absolute()), port=port, **_keys(cfg, "api_key"))
+    spec = ServerSpec(role=role, model=str(model.absolute()), port=port, **_key(cfg))
     if spec.device == "cpu":  # the others idle meanwhile: this one takes every core
         spec.env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binds(1)[0])
     serve = ServeConfig(state_dir=state_dir, servers=[spec])
@@ -78,7 +80,7 @@ def ensure_trainer(cfg: ServicesConfig, log_dir: Path, timeout: float = 300.0) -
     if not cfg.start:
         raise ServeError(f"the trainer at {cfg.trainer_url} does not answer (services.start is off)")
     settings = from_args(
-        ServiceSettings, _keys(cfg, "api_key", "server_api_key"), port=_port(cfg.trainer_url),
+        ServiceSettings, _key(cfg), port=_port(cfg.trainer_url),
         data_dir=cfg.trainer_data_dir.absolute(), backward_url=cfg.backward_url, scorer_url=cfg.scorer_url,
         registry=cfg.registry, backward_model=Path(cfg.base_model).absolute(),
         scorer_model=Path(cfg.base_model).absolute(),
@@ -87,8 +89,11 @@ def ensure_trainer(cfg: ServicesConfig, log_dir: Path, timeout: float = 300.0) -
     settings_path = log_dir / "trainer.settings.json"
     # The trainer reads its settings from this file (not argv, which `ps` shows), readable by this user
     # only; its API key from its environment, never the file: the file is copied with the run folder.
-    write_private(settings_path, settings.model_dump_json(indent=2, exclude={"api_key", "server_api_key"}))
-    env = {**os.environ, **({API_KEY_ENV: cfg.api_key} if cfg.api_key else {})}
+    write_private(settings_path, settings.model_dump_json(indent=2, exclude={"api_key"}))
+    # The trainer gets the run's key, or none: not another one the environment holds.
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    if cfg.api_key:
+        env[API_KEY_ENV] = cfg.api_key
     with (log_dir / "trainer.log").open("ab") as logfile:
         # Its own session: the trainer outlives the run, like the servers.
         proc = subprocess.Popen([sys.executable, "-m", "trainer.api", str(settings_path)], env=env,

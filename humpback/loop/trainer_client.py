@@ -23,6 +23,7 @@ from humpback.contracts import (
     ListPage,
     Role,
     TrainingStep,
+    auth_headers,
 )
 from services.hotswap import SwapResult
 
@@ -37,7 +38,7 @@ DEPLOY_TIMEOUT = 1800.0
 
 class TrainerClient:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 120.0) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = auth_headers(api_key)
         self.http = httpx.Client(base_url=f"{url}/v1", headers=headers, timeout=timeout)
 
     def close(self) -> None:

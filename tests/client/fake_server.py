@@ -4,7 +4,9 @@
 faults consumed one per chat request ("429", "500", "503", "abort", "length", "drop", "hang",
 "empty", "malformed" (list content and non-object top log-probabilities), and two unusable
 instructions: "meta", a generic question, and "copy", the end of the
-prompt's text); when it is empty, requests succeed. `delay` slows every request. `python -m
+prompt's text); when it is empty, requests succeed. `delay` slows every request. `authorizations`
+records the `Authorization` header of every HTTP request (None where it had none), to show who is sent
+which key. `python -m
 tests.client.fake_server --port N` runs it in its own process (the overhead benchmark).
 """
 
@@ -51,6 +53,7 @@ class FakeServer:
         self.faults: Counter[str] = Counter()
         self.running = 0
         self.bodies: list[dict[str, Any]] = []
+        self.authorizations: Counter[str | None] = Counter()
         self.keep_bodies = False
         self.port = 0
         self._server: uvicorn.Server | None = None
@@ -82,6 +85,7 @@ class FakeServer:
                 else:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        self.record(scope)
         path = scope["path"]
         self.requests[path] += 1
         if path == "/v1/models":
@@ -130,6 +134,11 @@ class FakeServer:
             return await self._send(send, 200, self.answer(body))
         finally:
             self.running -= 1
+
+    def record(self, scope: Scope) -> None:
+        """Note the request's `Authorization` header."""
+        value = dict(scope["headers"]).get(b"authorization")
+        self.authorizations[value.decode() if value is not None else None] += 1
 
     @staticmethod
     async def _send(send: Any, status: int, payload: Any, ctype: str = "application/json",

@@ -41,6 +41,7 @@ class EvalFake(FakeServer):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] not in ("/tokenize", "/v1/completions"):
             return await super().__call__(scope, receive, send)
+        self.record(scope)
         self.requests[scope["path"]] += 1
         body = await read_json(receive)
         if scope["path"] == "/tokenize":

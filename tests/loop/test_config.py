@@ -64,7 +64,7 @@ def test_the_rewrite_arm_is_the_clients_rewrite_config_on_by_default():
     assert isinstance(cfg.rewrite, RewriteConfig)
     # The demo's rewriter is the larger instruct model, on a server of its own for the stage.
     assert cfg.rewrite.enabled and cfg.rewrite.url is None and cfg.rewrite.model_dir == QUALITY_MODEL_DIR
-    assert cfg.rewrite.model_dump(exclude={"enabled", "url", "model_dir", "port"}) == \
+    assert cfg.rewrite.model_dump(exclude={"enabled", "url", "api_key", "model_dir", "port"}) == \
         RewriteConfig(max_tokens=768).model_dump()
     quick = load_config(quick=True).rewrite
     # The loop test runs the arm, briefly, with M0 on the scorer server (only `make setup`'s model).
@@ -171,9 +171,12 @@ def test_the_stack_key_comes_from_the_environment_below_file_and_set(monkeypatch
 
 
 def test_the_saved_config_holds_no_key_and_a_rerun_takes_it_from_the_environment(monkeypatch, tmp_path) -> None:
+    from humpback.loop.config import SECRETS
     from humpback.loop.run import Loop
 
     monkeypatch.setenv("HUMPBACK_API_KEY", "s3cret")
+    monkeypatch.setenv("HUMPBACK_REWRITE_API_KEY", "rewriter-s3cret")
+    monkeypatch.setenv("HUMPBACK_JUDGE_API_KEY", "judge-s3cret")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     saved = run_dir / "config.json"
@@ -184,12 +187,15 @@ def test_the_saved_config_holds_no_key_and_a_rerun_takes_it_from_the_environment
     with pytest.raises(ValueError, match="data.seed"):
         Loop(cfg, run_dir).run()
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert (cfg.rewrite.api_key, cfg.eval.judge_api_key) == ("rewriter-s3cret", "judge-s3cret")
     assert "s3cret" not in saved.read_text()
     record = RunConfig.model_validate_json(saved.read_text())
-    assert record.services.api_key is None
-    assert record.model_dump(exclude={"services": {"api_key"}}) == cfg.model_dump(exclude={"services": {"api_key"}})
-    # Given back as the config of a re-run, the file leaves the key to the environment.
-    assert load_config(saved).services.api_key == "s3cret"
+    assert (record.services.api_key, record.rewrite.api_key, record.eval.judge_api_key) == (None, None, None)
+    assert record.model_dump(exclude=SECRETS) == cfg.model_dump(exclude=SECRETS)
+    # Given back as the config of a re-run, the file leaves the keys to the environment.
+    again = load_config(saved)
+    assert (again.services.api_key, again.rewrite.api_key, again.eval.judge_api_key) == (
+        "s3cret", "rewriter-s3cret", "judge-s3cret")
 
 
 def test_the_client_stages_run_on_the_ray_cluster_the_config_names(tmp_path: Path) -> None:

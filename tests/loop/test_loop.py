@@ -11,6 +11,7 @@ import socket
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -304,13 +305,9 @@ def test_curation_is_decontaminated_against_the_held_out_pairs_and_the_control_t
     assert sorted(ex.messages[1].content for ex in control) == ["Question 0?", "Question 2?"]
 
 
-def test_the_rewrite_arm_rewrites_the_curated_pairs_and_trains_on_those_it_got(tmp_path: Path) -> None:
-    """`rewrite_1` on a fake rewriter that answers one pair with nothing: A_1 as curate selected it (its
-    threshold, its scorer and mode, no contaminated pair) is rewritten, and the failed pair left out."""
-    from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, ScoredCandidate, Source, write_jsonl
-    from humpback.loop.config import load_config
-    from humpback.loop.run import Loop
-    from tests.evaluation.fake_stage_server import StageFake
+def curated_a1(tmp_path: Path) -> CurateResult:
+    """curate_1's record over six scored pairs, as the rewrite stage reads it: k 3.0, by `scorer`."""
+    from humpback.contracts import ScoredCandidate, Source, write_jsonl
 
     scored = tmp_path / "scored1.jsonl"
     write_jsonl(scored, [ScoredCandidate(
@@ -318,11 +315,22 @@ def test_the_rewrite_arm_rewrites_the_curated_pairs_and_trains_on_those_it_got(t
         source=Source(path="corpus.jsonl", line=i + 1), mode="logprobs", score=score, scorer_model=scorer)
         for i, (score, scorer) in enumerate([(4.0, "scorer"), (1.5, "scorer"), (3.0, "scorer"), (4.5, "other"),
                                              (5.0, "scorer"), (3.5, "scorer")])])
-    picked = CurateResult(
+    return CurateResult(
         curated=tmp_path / "A1.jsonl", scored=scored, dataset=tmp_path / "A1.dataset", scorer="ft:scorer:m0",
         served_as="scorer", scoring="rubric", mode="logprobs", k=3.0, selected=3, scored_total=6,
         kept_per_threshold={}, contaminated=1, contaminated_file=tmp_path / "A1.contaminated.jsonl",
         summary=ClientSummary())
+
+
+def test_the_rewrite_arm_rewrites_the_curated_pairs_and_trains_on_those_it_got(tmp_path: Path) -> None:
+    """`rewrite_1` on a fake rewriter that answers one pair with nothing: A_1 as curate selected it (its
+    threshold, its scorer and mode, no contaminated pair) is rewritten, and the failed pair left out."""
+    from humpback.contracts import AUGMENTED_SYSTEM_PROMPT
+    from humpback.loop.config import load_config
+    from humpback.loop.run import Loop
+    from tests.evaluation.fake_stage_server import StageFake
+
+    picked = curated_a1(tmp_path)
     server = StageFake(write=lambda prompt: "" if "Question 2?" in prompt else "Rewritten: " + prompt[-12:]).start()
     try:
         loop = Loop(load_config(overrides=[f"rewrite.url={server.url}", "rewrite.progress=false"]), tmp_path / "run")
@@ -337,6 +345,51 @@ def test_the_rewrite_arm_rewrites_the_curated_pairs_and_trains_on_those_it_got(t
     assert [[m.content for m in ex.messages][:2] for ex in pairs] == [
         [AUGMENTED_SYSTEM_PROMPT, "Question 0?"], [AUGMENTED_SYSTEM_PROMPT, "Question 4?"]]
     assert all(ex.messages[2].content.startswith("Rewritten: ") for ex in pairs)
+
+
+# --- servers the stack does not own get their own key, never the stack's ------------------------------
+
+
+@pytest.mark.parametrize("own_key", ["rewriter-key", None])
+def test_the_rewriter_at_rewrite_url_gets_its_own_key_never_the_stacks(tmp_path: Path, own_key: str | None) -> None:
+    """A recording server at `rewrite.url`, the stack's key set: every request of the rewrite stage carries
+    `rewrite.api_key`, or no Authorization header where it is unset."""
+    from humpback.loop.config import load_config
+    from humpback.loop.run import Loop
+    from tests.evaluation.fake_stage_server import StageFake
+
+    picked = curated_a1(tmp_path)
+    server = StageFake(write=lambda prompt: "Rewritten: " + prompt[-12:]).start()
+    try:
+        overrides = [f"rewrite.url={server.url}", "rewrite.progress=false", f"services.api_key={KEY}",
+                     f"rewrite.api_key={json.dumps(own_key)}"]
+        loop = Loop(load_config(overrides=overrides), tmp_path / "run")
+        arm = loop.stages.run("rewrite_1", lambda: loop.rewrite(picked, UNUSED_MODEL, set()))
+    finally:
+        server.stop()
+    assert arm.rewritten == 4 and server.requests["/v1/chat/completions"] == 4
+    assert set(server.authorizations) == {f"Bearer {own_key}" if own_key else None}
+
+
+@pytest.mark.parametrize("own_key", ["judge-key", None])
+def test_the_judge_at_judge_url_gets_its_own_key_never_the_stacks(tmp_path: Path, own_key: str | None) -> None:
+    """Recording servers as the evaluated model (the stack's, sent its key) and as `eval.judge_url`: the
+    judge gets `eval.judge_api_key`, or no Authorization header where it is unset."""
+    from humpback.loop.config import EvalSection
+    from humpback.loop.evaluate import evaluate_model
+    from tests.evaluation.fake_eval_server import EvalFake
+
+    model, judge = EvalFake().start(), EvalFake().start()
+    try:
+        cfg = EvalSection(judge_url=judge.url, judge_model="fake", judge_api_key=own_key, ifeval_limit=2,
+                          pairwise_limit=2, nll=False)
+        result = evaluate_model(FanoutConfig(endpoints=[model.url], api_key=KEY), "fake", "m0", cfg, tmp_path / "eval")
+    finally:
+        model.stop()
+        judge.stop()
+    assert result.pairwise.n == 2 and judge.requests["/v1/chat/completions"] == 4
+    assert set(model.authorizations) == {f"Bearer {KEY}"}
+    assert set(judge.authorizations) == {f"Bearer {own_key}" if own_key else None}
 
 
 def test_candidate_quality_counts_usable_instructions_and_their_diversity(tmp_path: Path) -> None:

@@ -189,3 +189,23 @@ def test_a_port_just_left_by_a_server_is_free_and_a_listening_one_is_not() -> No
     assert client.recv(1) == b""  # the server's FIN: its side is now in TIME_WAIT
     client.close()
     assert port_free(port)
+
+
+def test_the_check_asks_the_rewriter_and_the_judge_with_their_own_keys(own_data, tmp_path: Path) -> None:
+    """`run --check` lists the models of `rewrite.url` and `eval.judge_url` (recording servers) with their
+    own keys, the stack's set: the rewriter's key to the rewriter, no header to a judge without one."""
+    from tests.client.fake_server import FakeServer
+
+    rewriter, judge = FakeServer(model="big-chat").start(), FakeServer(model="judge").start()
+    try:
+        overrides = [*isolated(**own_data), "services.api_key=stack-key", f"rewrite.url={rewriter.url}",
+                     "rewrite.model=big-chat", "rewrite.api_key=rewriter-key", f"eval.judge_url={judge.url}",
+                     "eval.judge_model=judge"]
+        problems = preflight(load_config(quick=True, overrides=overrides), tmp_path / "run").problems
+    finally:
+        rewriter.stop()
+        judge.stop()
+    assert not [p for p in problems if p.startswith(("rewrite", "eval"))]
+    assert rewriter.requests["/v1/models"] == 1 and judge.requests["/v1/models"] == 1
+    assert dict(rewriter.authorizations) == {"Bearer rewriter-key": 1}
+    assert dict(judge.authorizations) == {None: 1}

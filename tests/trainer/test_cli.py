@@ -25,17 +25,18 @@ def _settings(argv: list[str]) -> ServiceSettings:
 
 def test_every_field_has_a_flag_and_every_flag_a_field() -> None:
     assert parser_flags(subcommand("trainer", "serve")) == set(flags(ServiceSettings))
-    assert {"--model", "--api-key", "--server-api-key", "--default-preset", "--accelerate-config"} <= set(
+    assert {"--model", "--api-key", "--default-preset", "--accelerate-config"} <= set(
         flags(ServiceSettings))
 
 
 def test_one_key_from_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(API_KEY_ENV, raising=False)
-    assert (_settings([]).api_key, _settings([]).server_api_key) == (None, None)
+    assert _settings([]).api_key is None
     monkeypatch.setenv(API_KEY_ENV, "stack-key")
-    assert (_settings([]).api_key, _settings([]).server_api_key) == ("stack-key", "stack-key")
-    flagged = _settings(["--api-key", "trainer-key", "--server-api-key", "server-key"])
-    assert (flagged.api_key, flagged.server_api_key) == ("trainer-key", "server-key")
+    assert _settings([]).api_key == "stack-key"
+    assert _settings(["--api-key", "flag-key"]).api_key == "flag-key"
+    # One key: the trainer requires it and sends it to the servers it deploys to.
+    assert "--server-api-key" not in parser_flags(subcommand("trainer", "serve"))
 
 
 def test_models_presets_and_types() -> None:

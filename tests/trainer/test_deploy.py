@@ -163,7 +163,7 @@ def test_failed_deploy_answers_bad_gateway_and_keeps_the_job(app: FastAPI, http:
 def deploy_service(tmp_path: Path, servers, model_dir: Path) -> Iterator[RunningService]:
     settings = make_settings(
         tmp_path / "trainer", backward_url=servers.backward_url, scorer_url=servers.scorer_url,
-        server_api_key=servers.api_key, registry=servers.registry,
+        api_key=servers.api_key, registry=servers.registry,
         backward_model=model_dir, scorer_model=model_dir,
     )
     running = start_service(settings)
@@ -237,7 +237,7 @@ def test_broken_checkpoint_leaves_old_weights_serving(tmp_path: Path, train_file
     server = model_client(servers, "scorer")
     before = prompt_logprobs(server, servers.scorer_model)
     settings = make_settings(
-        tmp_path / "trainer", scorer_url=servers.scorer_url, server_api_key=servers.api_key,
+        tmp_path / "trainer", scorer_url=servers.scorer_url, api_key=servers.api_key,
         registry=servers.registry, scorer_model=model_dir,
     )
     # A job whose training "finished" with a truncated weights file: the worker goes straight to the swap.
