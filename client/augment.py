@@ -39,6 +39,7 @@ from humpback.contracts import (
     DEMONSTRATION_MAX_CHARS,
     BatchRequest,
     Candidate,
+    ChatRequest,
     InputError,
     Rejected,
     RequestFailed,
@@ -152,10 +153,8 @@ class AugmentTask:
     def request(self, seg: Segment) -> BatchRequest:
         cfg = self.config
         messages = backward_messages(seg.text, self.demonstrations)
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": cfg.temperature,
-                                "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
-        if cfg.seed is not None:
-            body["seed"] = cfg.seed
+        body = ChatRequest(model=self.model, messages=messages, temperature=cfg.temperature, top_p=cfg.top_p,
+                           max_tokens=cfg.max_tokens, seed=cfg.seed).body()
         cid = content_id("augment", messages, self.model, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed)
         return BatchRequest(custom_id=cid, body=body)
 

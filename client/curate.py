@@ -48,6 +48,7 @@ from humpback.contracts import (
     UNPARSED,
     BatchRequest,
     Candidate,
+    ChatRequest,
     InputError,
     Rejected,
     RequestFailed,
@@ -290,14 +291,15 @@ class ScoreTask:
     def request(self, cand: Candidate) -> BatchRequest:
         mode = self.config.mode
         messages = rubric_messages(cand.instruction, cand.output, mode)
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.config.temperature}
         if mode == "logprobs":
-            body.update(max_tokens=1, logprobs=True, top_logprobs=len(SCORE_CHOICES),
-                        structured_outputs={"choice": list(SCORE_CHOICES)})
+            chat = ChatRequest(model=self.model, messages=messages, temperature=self.config.temperature, max_tokens=1,
+                               logprobs=True, top_logprobs=len(SCORE_CHOICES),
+                               structured_outputs={"choice": list(SCORE_CHOICES)})
         else:
-            body["max_tokens"] = self.config.max_tokens
-        cid = content_id("score", mode, messages, self.model, body.get("max_tokens"), self.config.temperature)
-        return BatchRequest(custom_id=cid, body=body)
+            chat = ChatRequest(model=self.model, messages=messages, temperature=self.config.temperature,
+                               max_tokens=self.config.max_tokens)
+        cid = content_id("score", mode, messages, self.model, chat.max_tokens, self.config.temperature)
+        return BatchRequest(custom_id=cid, body=chat.body())
 
     def parse(self, body: dict[str, Any]) -> tuple[float | None, dict[str, float] | None, str]:
         """(score, distribution or None, raw answer), whatever the mode."""

@@ -26,7 +26,7 @@ from client.progress import Progress
 from client.runner import CorruptLines, RunSummary, online, run, served_model, side_path
 from client.shard import ClusterSettings, ShardSpec, shard_jobs
 from client.tasks import Job
-from humpback.contracts import BatchRequest, Candidate, RequestFailed, RewrittenCandidate, content_id, rewrite_messages
+from humpback.contracts import BatchRequest, Candidate, ChatRequest, RequestFailed, RewrittenCandidate, content_id, rewrite_messages
 from humpback.settings import setting
 
 
@@ -75,8 +75,8 @@ class RewriteTask:
     def request(self, cand: Candidate) -> BatchRequest:
         cfg = self.config
         messages = rewrite_messages(cand.instruction, cand.output)
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": cfg.temperature,
-                                "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+        body = ChatRequest(model=self.model, messages=messages, temperature=cfg.temperature, top_p=cfg.top_p,
+                           max_tokens=cfg.max_tokens).body()
         cid = content_id("rewrite", messages, self.model, cfg.temperature, cfg.top_p, cfg.max_tokens)
         return BatchRequest(custom_id=cid, body=body)
 

@@ -19,7 +19,7 @@ from client.journal import Journal, LineWriter
 from client.progress import Progress
 from client.runner import RunSummary, online, run, side_path
 from client.tasks import Item, Job, Task
-from humpback.contracts import BatchRequest, Failure, RequestFailed, content_id
+from humpback.contracts import BatchRequest, ChatRequest, Failure, RequestFailed, content_id
 from humpback.evaluation.records import Answer, JournaledAnswer
 from humpback.settings import setting
 
@@ -44,7 +44,7 @@ class GenerationConfig(BaseModel):
 def chat_body(model: str, prompt: str, cfg: GenerationConfig) -> dict[str, Any]:
     messages = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
     messages.append({"role": "user", "content": prompt})
-    return {"model": model, "messages": messages, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
+    return ChatRequest(model=model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature).body()
 
 
 def parse_answer(data: dict[str, Any]) -> tuple[str, str | None]:
