@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from client import decontaminate
 from client.completions import chat_choice, choice_mass
@@ -336,11 +336,36 @@ def scored_records(scored: Path, mode: str | None = None, scorer_model: str | No
                 yield rec
 
 
+class Selection(BaseModel):
+    """What chose a curated set, as curate's summary names it (`extra`: `k`, `mode`, `model`): the
+    threshold k, whichever setting computed it, the scored records' mode and the scorer's name."""
+
+    k: float
+    mode: str
+    model: str
+
+    @classmethod
+    def of(cls, summary: dict[str, Any], path: Path | str = "the curate summary") -> Selection:
+        """The selection of a curate summary (`RunSummary.to_dict()` or its file); `InputError` naming
+        `path` when it names none."""
+        extra = summary.get("extra") or {}
+        try:
+            return cls.model_validate({f: extra.get(f) for f in cls.model_fields})
+        except ValidationError:
+            raise InputError(f"{path} names no threshold, mode or scorer (extra.k, extra.mode, extra.model): "
+                             "pass the summary of the curate run that wrote the curated set") from None
+
+
+    def records(self, scored: Path, exclude: Collection[str] = ()) -> Iterator[ScoredCandidate]:
+        """The curated set this selection chose from `scored`, but the candidates in `exclude`."""
+        return selected_records(scored, self.k, self.mode, self.model, exclude)
+
+
 def selected_records(scored: Path, k: float, mode: str, scorer_model: str,
                      exclude: Collection[str] = ()) -> Iterator[ScoredCandidate]:
     """The curated set A_k as scored records: this mode's and scorer's pairs scored k or more, but those
-    of the candidates in `exclude`. What `select` writes, the dataset export and the loop's rewrite
-    arm read."""
+    of the candidates in `exclude`. What `select` writes, and what `Selection.records` (the dataset
+    export, the loop's rewrite arm) reads."""
     return (r for r in scored_records(scored, mode, scorer_model, exclude=exclude) if r.score is not None and r.score >= k)
 
 
@@ -385,7 +410,7 @@ def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summar
         if rec.score is not None:
             bins[min(HIST_BINS - 1, max(0, int((rec.score - lo) / (hi - lo) * HIST_BINS)))] += 1
     with open(tmp, "w", encoding="utf-8") as dst:
-        for rec in selected_records(scored, k, mode, scorer_model, exclude):
+        for rec in selected_records(scored, k, mode, scorer_model, exclude=exclude):
             dst.write(tagged_example(rec.instruction, rec.output, AUGMENTED_SYSTEM_PROMPT).model_dump_json() + "\n")
             kept += 1
             chars["kept"] += len(rec.output)
@@ -393,7 +418,7 @@ def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summar
     total = sum(bands.values())
     summary.extra["bands"] = bands if cfg.scorer == "rubric" else None
     summary.extra["selected"] = kept
-    summary.extra["min_score"] = k
+    summary.extra["k"] = k  # whichever of min_score, top_fraction or min_prob chose it
     summary.extra["top_fraction"] = cfg.top_fraction
     summary.extra["scored_total"] = total
     summary.extra["corrupt_journal_lines"] = corrupt.count
