@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import time
 from contextlib import nullcontext
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,11 +33,11 @@ from client.completions import chat_choice, choice_mass
 from client.corpus import Lines, check_input
 from client.decontaminate import Decontaminator
 from client.fanout import Fanout, FanoutConfig
-from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
+from client.journal import FsyncPolicy, Journal, LineWriter
 from client.calibration import Combiner
 from client.likelihood import LikelihoodScorer, Model, TermTask, score_online, terms_path
 from client.progress import Progress
-from client.runner import CorruptLines, RunSummary, online, run, served_model, side_path
+from client.runner import CorruptLines, RunSummary, online, open_run, run, served_model, side_path
 from client.shard import ClusterSettings, ShardSpec, in_shard, shard_jobs
 from client.tasks import Job
 from humpback.contracts import (
@@ -453,51 +452,31 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
     check_scorer(cfg)
     found = decontaminator(cfg)
     scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
-    with output_lock(out, scored_path):
-        return await _curate(candidates, out, scored_path, fanout, cfg, found)
-
-
-async def _curate(candidates: Path, out: Path, scored_path: Path, fanout: FanoutConfig,
-                  cfg: CurateConfig, found: Decontaminator | None) -> RunSummary:
-    summary = RunSummary()
-    failed = LineWriter(side_path(out, "failed.jsonl"))
-    contaminated = LineWriter(side_path(out, "contaminated.jsonl"))
-    dropped = Contamination(found, contaminated, summary)
-    start = time.monotonic()
-    journal = Journal(scored_path, fsync=cfg.fsync).open()  # select() reports the lines that are no record
-    summary.results["already_done"] = len(journal.done)
-    summary.extra["repaired_bytes"] = journal.repaired_bytes
-    progress = Progress(candidates.stat().st_size, f"curate[{scored_mode(cfg)}]", cfg.progress)
-    model = cfg.model or ""
-    with LineWriter(side_path(out, "errors.jsonl")) as errors:
-        try:
-            async with Fanout(fanout) as fan:
-                model, root = await served_model(fan, cfg.model)
-                summary.extra.update(model=model, checkpoint=cfg.checkpoint or root, mode=scored_mode(cfg))
-                cands = dropped.clean(read_candidates(candidates, errors, summary, cfg.max_field_chars))
-                if cfg.shard is not None:
-                    summary.extra["shard"] = str(cfg.shard)
-                if cfg.scorer == "rubric":
-                    task = ScoreTask(model, cfg.checkpoint or root, cfg)
-                    jobs = (Job(task.request(cand), cand, cand.source, pos) for cand, pos in cands)
-                    await run(task, shard_jobs(jobs, cfg.shard, summary.results), online(fan), journal, failed,
-                              summary, progress, fan.max_inflight)
-                else:
-                    await _score_likelihood(cands, fan, model, cfg.checkpoint or root, cfg, journal, scored_path,
-                                            failed, summary, progress, fanout)
-                summary.extra["retries"] = fan.retries
-        finally:
-            progress.close()
-            journal.close()
-            failed.close()
-            contaminated.close()
-            summary.results["failed"] = sum(summary.failures.values())
-        if model:
-            record_combiner(cfg, out, summary)
-            select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
-                   errors, dropped.ids)
-    summary.elapsed_s = time.monotonic() - start
-    summary.write(side_path(out, "summary.json"))
+    # select() reports the scored journal's lines that are no record, so the journal's opening does not.
+    with (open_run(out, f"curate[{scored_mode(cfg)}]", candidates.stat().st_size, journal=scored_path,
+                   fsync=cfg.fsync, progress=cfg.progress, corrupt_lines=False) as opened,
+          LineWriter(side_path(out, "contaminated.jsonl")) as contaminated):
+        summary = opened.summary
+        dropped = Contamination(found, contaminated, summary)
+        async with Fanout(fanout) as fan:
+            model, root = await served_model(fan, cfg.model)
+            summary.extra.update(model=model, checkpoint=cfg.checkpoint or root, mode=scored_mode(cfg))
+            cands = dropped.clean(read_candidates(candidates, opened.errors, summary, cfg.max_field_chars))
+            if cfg.shard is not None:
+                summary.extra["shard"] = str(cfg.shard)
+            if cfg.scorer == "rubric":
+                task = ScoreTask(model, cfg.checkpoint or root, cfg)
+                jobs = (Job(task.request(cand), cand, cand.source, pos) for cand, pos in cands)
+                await run(task, shard_jobs(jobs, cfg.shard, summary.results), online(fan), opened.journal,
+                          opened.failed, summary, opened.progress, fan.max_inflight)
+            else:
+                await _score_likelihood(cands, fan, model, cfg.checkpoint or root, cfg, opened.journal, scored_path,
+                                        opened.failed, summary, opened.progress, fanout)
+            summary.extra["retries"] = fan.retries
+        opened.journal.close()
+        record_combiner(cfg, out, summary)
+        select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
+               opened.errors, dropped.ids)
     return summary
 
 
