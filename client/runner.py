@@ -104,8 +104,8 @@ def open_run(out: Path, label: str, total: int, *, journal: Path | None = None, 
              fsync: FsyncPolicy = "interval", progress: bool = True, corrupt_lines: bool = True,
              summary: Path | None = None, finish: Callable[[RunSummary], None] | None = None) -> Iterator[OpenRun]:
     """The set-up and tear-down every run shares (augment, curate, rewrite, batch import, the
-    evaluations): lock `out` and `locks` (`InputError` while another run writes one: nothing else is
-    touched then), open the journal (`journal`, default `out`; its lines that are no record go to
+    evaluations): lock `out`, the journal and `locks` (`InputError` while another run writes one:
+    nothing else is touched then), open the journal (`journal`, default `out`; its lines that are no record go to
     `<out>.errors.jsonl` and are counted, unless `corrupt_lines` is off), the side files
     `<out>.errors.jsonl` and `<out>.failed.jsonl`, and a progress bar over `total`.
 
@@ -115,7 +115,7 @@ def open_run(out: Path, label: str, total: int, *, journal: Path | None = None, 
     `<out>.summary.json`): a failed run leaves its summary as a finished one does."""
     start = time.monotonic()
     journal_path = journal or out
-    with output_lock(out, *locks):
+    with output_lock(out, journal_path, *locks):
         run_summary = RunSummary()
         errors = LineWriter(side_path(out, "errors.jsonl"))
         corrupt = CorruptLines(journal_path, errors) if corrupt_lines else None

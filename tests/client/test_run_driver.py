@@ -1,10 +1,12 @@
-"""`client.runner.open_run`, the one set-up and tear-down of augment, curate and rewrite: however a
-run ends (every request failed, the disk filled mid-run, the server was down) it leaves its
-`<out>.summary.json` with what it did, and the lock is released for the next run. Against the fake
-server (fault injection); the real-server runs are in test_integration.py."""
+"""`client.runner.open_run`, the one set-up and tear-down of augment, curate, rewrite, batch import and
+the evaluations' journaled runs: however a run ends (every request failed, the disk filled mid-run,
+the server was down) it leaves its `<out>.summary.json` with what it did, and the lock is released
+for the next run. Against the fake server (fault injection); the real-server runs are in
+test_integration.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Awaitable, Callable
@@ -14,12 +16,16 @@ from typing import Any
 import pytest
 
 from client.augment import AugmentConfig, augment
+from client.batch import export_augment, export_curate, import_augment, import_curate
 from client.curate import CurateConfig, curate
 from client.fanout import FanoutConfig
 from client.journal import Journal
 from client.rewrite import RewriteConfig, rewrite
+from client.fanout import Fanout
 from humpback.contracts import OutputError, RequestFailed
+from humpback.evaluation.common import GenerationConfig, answer_all
 from tests.client.conftest import make_text
+from tests.client.test_batch import _run_batch
 from tests.client.fake_server import FakeServer
 
 N = 8
@@ -50,6 +56,35 @@ COMMANDS: dict[str, tuple[Callable[[Path], Path], Command]] = {
 }
 
 
+def _exported(export: Callable[[Path, Path], Any]) -> Callable[[Path], Path]:
+    """The input of a batch import: `export(input, requests)`, then the batch run's results beside them."""
+
+    def make(path: Path) -> Path:
+        requests = path.with_name("req.jsonl")
+        export(path, requests)
+        _run_batch(requests, path.with_name("res.jsonl"))
+        return requests
+
+    return make
+
+
+async def _answers(prompts: Path, out: Path, fan: FanoutConfig) -> None:
+    async with Fanout(fan) as f:
+        await answer_all(f, "m", None, prompts.read_text().splitlines(), GenerationConfig(), out.with_suffix(""))
+
+
+# Runs that need no server: a batch import, whose answers are in a file (asyncio.run inside: a thread).
+IMPORTS: dict[str, tuple[Callable[[Path], Path], Command]] = {
+    "import augment": (_exported(lambda src, req: export_augment([_corpus(src)], req, "backward")),
+                       lambda req, out, _: asyncio.to_thread(import_augment, req, req.with_name("res.jsonl"), out)),
+    "import curate": (_exported(lambda src, req: export_curate(_candidates(src), req, "scorer")),
+                      lambda req, out, _: asyncio.to_thread(import_curate, req, req.with_name("res.jsonl"), out)),
+}
+ANSWERS: dict[str, tuple[Callable[[Path], Path], Command]] = {
+    "eval answers": (lambda p: (p.write_text("".join(f"Prompt {i}?\n" for i in range(N))), p)[1], _answers),
+}
+
+
 def _summary(out: Path) -> dict[str, Any]:
     return json.loads(out.with_name(out.stem + ".summary.json").read_text())
 
@@ -65,11 +100,11 @@ async def test_a_run_whose_every_request_fails_leaves_its_summary(name: str, fak
     assert len((tmp_path / "out.failed.jsonl").read_text().splitlines()) == N
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", [*COMMANDS, *IMPORTS, *ANSWERS])
 async def test_a_run_stopped_by_a_full_disk_leaves_its_summary_and_its_lock(name: str, fake: FakeServer,
                                                                             tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    make_input, command = COMMANDS[name]
+    make_input, command = {**COMMANDS, **IMPORTS, **ANSWERS}[name]
     append = Journal.append
     written = []
 
@@ -84,7 +119,7 @@ async def test_a_run_stopped_by_a_full_disk_leaves_its_summary_and_its_lock(name
     with pytest.raises(OutputError, match="No space left"):
         await command(src, out, _fan(fake.url))
     saved = _summary(out)
-    assert saved["results"]["written"] == 3 and saved["extra"]["model"] == fake.model
+    assert saved["results"]["written"] == 3 and saved["results"]["failed"] == 0
     # The lock went with the run: once there is room, the same command resumes and finishes.
     monkeypatch.setattr(Journal, "append", append)
     await command(src, out, _fan(fake.url))
