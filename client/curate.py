@@ -354,7 +354,6 @@ class Selection(BaseModel):
             raise InputError(f"{path} names no threshold, mode or scorer (extra.k, extra.mode, extra.model): "
                              "pass the summary of the curate run that wrote the curated set") from None
 
-
     def records(self, scored: Path, exclude: Collection[str] = ()) -> Iterator[ScoredCandidate]:
         """The curated set this selection chose from `scored`, but the candidates in `exclude`."""
         return selected_records(scored, self.k, self.mode, self.model, exclude)
@@ -409,7 +408,7 @@ def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summar
         if rec.score is not None:
             bins[min(HIST_BINS - 1, max(0, int((rec.score - lo) / (hi - lo) * HIST_BINS)))] += 1
     with open(tmp, "w", encoding="utf-8") as dst:
-        for rec in selected_records(scored, k, mode, scorer_model, exclude=exclude):
+        for rec in selected_records(scored, k, mode, scorer_model, exclude):
             dst.write(tagged_example(rec.instruction, rec.output, AUGMENTED_SYSTEM_PROMPT).model_dump_json() + "\n")
             kept += 1
             chars["kept"] += len(rec.output)
