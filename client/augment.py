@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,10 +26,9 @@ from client.completions import chat_choice
 from client.corpus import Corpus, open_corpora
 from client.fanout import Fanout, FanoutConfig
 from client.instructions import ISSUE_KINDS, instruction_issue
-from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
+from client.journal import FsyncPolicy, LineWriter
 from client.prepare import PrepareConfig, Preparer
-from client.progress import Progress
-from client.runner import Answer, CorruptLines, RunSummary, online, run, served_model, side_path
+from client.runner import Answer, RunSummary, online, open_run, run, served_model
 from client.shard import ClusterSettings, ShardSpec, shard_jobs
 from client.tasks import Job, Parsed
 from humpback.contracts import (
@@ -39,6 +37,7 @@ from humpback.contracts import (
     DEMONSTRATION_MAX_CHARS,
     BatchRequest,
     Candidate,
+    ChatRequest,
     InputError,
     Rejected,
     RequestFailed,
@@ -152,10 +151,8 @@ class AugmentTask:
     def request(self, seg: Segment) -> BatchRequest:
         cfg = self.config
         messages = backward_messages(seg.text, self.demonstrations)
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": cfg.temperature,
-                                "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
-        if cfg.seed is not None:
-            body["seed"] = cfg.seed
+        body = ChatRequest(model=self.model, messages=messages, temperature=cfg.temperature, top_p=cfg.top_p,
+                           max_tokens=cfg.max_tokens, seed=cfg.seed).body()
         cid = content_id("augment", messages, self.model, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed)
         return BatchRequest(custom_id=cid, body=body)
 
@@ -246,25 +243,16 @@ async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | 
     out = Path(out)
     corpora = open_corpora(corpus, text_field)
     demonstrations = load_demonstrations(cfg)
-    with output_lock(out):
-        return await _augment(corpora, out, fanout, cfg, prepare, demonstrations)
-
-
-async def _augment(corpora: list[Corpus], out: Path, fanout: FanoutConfig, cfg: AugmentConfig,
-                   prepare: PrepareConfig | None, demonstrations: tuple[SeedPair, ...]) -> RunSummary:
-    summary = RunSummary()
     preparer = Preparer(prepare)
-    errors = LineWriter(side_path(out, "errors.jsonl"))
-    failed = LineWriter(side_path(out, "failed.jsonl"))
-    start = time.monotonic()
-    corrupt = CorruptLines(out, errors)
-    journal = Journal(out, fsync=cfg.fsync, on_corrupt=corrupt).open()
-    summary.results["already_done"] = len(journal.done)
-    summary.extra["repaired_bytes"] = journal.repaired_bytes
-    summary.extra["corrupt_journal_lines"] = corrupt.count
-    progress = Progress(sum(c.total_bytes for c in corpora), "augment", cfg.progress)
     counts: Counter[str] = Counter()
-    try:
+    total = sum(c.total_bytes for c in corpora)
+
+    def finish(summary: RunSummary) -> None:
+        summary.prepare.update(preparer.counts)
+        summary.quality.update(instruction_quality(summary, counts))
+
+    with open_run(out, "augment", total, fsync=cfg.fsync, progress=cfg.progress, finish=finish) as opened:
+        summary, errors, progress = opened.summary, opened.errors, opened.progress
         async with Fanout(fanout) as fan:
             model, root = await served_model(fan, cfg.model)
             task = AugmentTask(model, cfg.checkpoint or root, cfg, demonstrations)
@@ -281,20 +269,10 @@ async def _augment(corpora: list[Corpus], out: Path, fanout: FanoutConfig, cfg: 
                     yield Job(task.request(seg), seg, seg.source, offset + corp.bytes_read)
 
             mine = shard_jobs(jobs(), cfg.shard, summary.results)  # after --limit: the limit is the whole run's
-            await run(task, mine, resampling(online(fan, usage=summary.results), task, counts), journal, failed,
-                      summary, progress, fan.max_inflight)
-            progress.advance(sum(c.total_bytes for c in corpora))
+            await run(task, mine, resampling(online(fan, usage=summary.results), task, counts), opened.journal,
+                      opened.failed, summary, progress, fan.max_inflight)
+            progress.advance(total)
             summary.extra["retries"] = fan.retries
             summary.extra["endpoints"] = {e.url: {"completed": e.completed, "errors": e.errors, "window": e.window}
                                           for e in fan.endpoints}
-    finally:
-        progress.close()
-        journal.close()
-        errors.close()
-        failed.close()
-        summary.prepare.update(preparer.counts)
-        summary.results["failed"] = sum(summary.failures.values())
-        summary.quality.update(instruction_quality(summary, counts))
-        summary.elapsed_s = time.monotonic() - start
-        summary.write(side_path(out, "summary.json"))
     return summary

@@ -36,9 +36,8 @@ from client.likelihood import (CHUNK, LikelihoodScorer, ScorerSpec, Term, TermTa
                                term_jobs, terms_path)
 from client.journal import Journal, LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
-from client.progress import Progress
 from client.rewrite import RewriteConfig, RewriteTask
-from client.runner import CorruptLines, RunSummary, run, served_model, side_path
+from client.runner import CorruptLines, OpenRun, RunSummary, open_run, run, served_model, side_path
 from client.tasks import Item, Job, Parsed, Task
 from humpback.contracts import (BatchRequest, BatchResult, Candidate, InputError, Rejected, RequestFailed,
                                 RetryableError, Segment, Source)
@@ -328,36 +327,27 @@ def _check_import(requests: Path, results: Path) -> None:
         check_input(path)
 
 
-def _import(task: Task[Any, Any], requests: Path, meta: Meta, exported: set[str],
-            results: Path, journal_path: Path, out: Path, summary: RunSummary, errors: LineWriter,
-            corrupt: CorruptLines | None) -> None:
-    """Append the task's record of each exported request's answer to the journal (skipping ids
-    already there, and passing the lines that are no record to `corrupt`); side files next to `out`."""
-    failed = LineWriter(side_path(out, "failed.jsonl"))
-    progress = Progress(0, "import", enabled=False)
-    try:
-        answers = BatchAnswers(results, exported, errors, summary)
-        with Journal(journal_path, on_corrupt=corrupt) as journal:
-            asyncio.run(run(task, _jobs(requests, meta), answers, journal, failed, summary, progress))
-    finally:
-        progress.close()
-        failed.close()
-        summary.results["failed"] = sum(summary.failures.values())
-    if corrupt is not None:
-        summary.extra["corrupt_journal_lines"] = corrupt.count
+def _import(task: Task[Any, Any], requests: Path, meta: Meta, exported: set[str], results: Path,
+            opened: OpenRun) -> None:
+    """Append the task's record of each exported request's answer to `opened`'s journal (skipping ids
+    already there); the result lines that are no answer go to its errors, the requests without a
+    usable answer to its failures."""
+    answers = BatchAnswers(results, exported, opened.errors, opened.summary)
+    asyncio.run(run(task, _jobs(requests, meta), answers, opened.journal, opened.failed, opened.summary,
+                    opened.progress))
 
 
 def _import_journal(task: Callable[[str], Task[Any, Any]], meta: Meta,
                     requests: PathLike, results: PathLike, out: PathLike) -> RunSummary:
     """Append the records of the batch's answers to the `out` journal (skipping ids already there);
-    `task(model)` is the task of the model the requests name."""
+    `task(model)` is the task of the model the requests name. A run as an online one is
+    (`client.runner.open_run`): `<out>.summary.json` is written however it ends."""
     requests, results, out = Path(requests), Path(results), Path(out)
     _check_import(requests, results)
     exported, model = _exported(requests)
-    summary = RunSummary()
-    with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
-        _import(task(model), requests, meta, exported, results, out, out, summary, errors, CorruptLines(out, errors))
-    return summary
+    with open_run(out, "import", 0, progress=False) as opened:
+        _import(task(model), requests, meta, exported, results, opened)
+    return opened.summary
 
 
 def import_augment(requests: PathLike, results: PathLike, out: PathLike, checkpoint: str | None = None) -> RunSummary:
@@ -373,20 +363,21 @@ def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: 
     exported, first_model = _exported(requests)
     model = cfg.model or first_model
     scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
-    summary = RunSummary()
     if _spec_path(requests).exists():
-        return _import_terms(requests, results, out, scored_path, exported, cfg, summary)
-    with output_lock(out, scored_path), LineWriter(side_path(out, "errors.jsonl")) as errors:
-        _import(ScoreTask(model, cfg.checkpoint, cfg), requests, CandidateMeta, exported, results, scored_path,
-                out, summary, errors, None)  # select() reports the scored journal's lines that are no record
+        return _import_terms(requests, results, out, scored_path, exported, cfg)
+    # select() reports the scored journal's lines that are no record, so the journal's opening does not.
+    with open_run(out, "import", 0, journal=scored_path, progress=False,
+                  corrupt_lines=False) as opened:
+        _import(ScoreTask(model, cfg.checkpoint, cfg), requests, CandidateMeta, exported, results, opened)
+        opened.journal.close()
         if model:
-            select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
-                   errors)
-    return summary
+            select(scored_path, out, cfg, model, opened.summary,
+                   side_path(out, "scores.png") if cfg.histogram else None, opened.errors)
+    return opened.summary
 
 
 def _import_terms(requests: Path, results: Path, out: Path, scored_path: Path, exported: set[str],
-                  cfg: CurateConfig, summary: RunSummary) -> RunSummary:
+                  cfg: CurateConfig) -> RunSummary:
     """A likelihood scorer's import: the terms' answers to the terms' journal (their failures to
     `<terms>.failed.jsonl`), then each exported candidate whose terms are all in to the scored journal
     (the others to `<out>.failed.jsonl`), then the selection, as the export's scorer."""
@@ -399,19 +390,21 @@ def _import_terms(requests: Path, results: Path, out: Path, scored_path: Path, e
     combine = Combiner.load(cfg.calibration) if cfg.calibration is not None else None
     scorer = LikelihoodScorer.from_spec(spec, combine)
     terms = terms_path(scored_path)
-    term_summary = RunSummary()
-    with output_lock(out, scored_path, terms), LineWriter(side_path(out, "errors.jsonl")) as errors:
-        _import(TermTask(spec.model, spec.checkpoint), requests, TermMeta, exported, results, terms, terms,
-                term_summary, errors, CorruptLines(terms, errors))
+    with open_run(out, "import", 0, journal=scored_path, locks=[terms], progress=False,
+                  corrupt_lines=False) as opened:
+        summary, term_summary = opened.summary, RunSummary()
+        with (Journal(terms, on_corrupt=CorruptLines(terms, opened.errors)) as term_journal,
+              LineWriter(side_path(terms, "failed.jsonl")) as term_failed):
+            _import(TermTask(spec.model, spec.checkpoint), requests, TermMeta, exported, results,
+                    OpenRun(term_summary, term_journal, opened.errors, term_failed, opened.progress))
+        term_summary.results["failed"] = sum(term_summary.failures.values())
         summary.extra["terms"] = dict(term_summary.results)
-        progress = Progress(0, "import", enabled=False)
-        with Journal(scored_path) as scored, LineWriter(side_path(out, "failed.jsonl")) as failed:
-            cands = ((c, 0) for c in _lines(_candidates_path(requests), Candidate))
-            append_scores(scorer, cands, scored, read_terms(terms), {}, failed, summary, progress)
-        summary.results["failed"] = sum(summary.failures.values())
+        cands = ((c, 0) for c in _lines(_candidates_path(requests), Candidate))
+        append_scores(scorer, cands, opened.journal, read_terms(terms), {}, opened.failed, summary, opened.progress)
+        opened.journal.close()
         record_combiner(cfg, out, summary)
         select(scored_path, out, cfg, spec.model, summary, side_path(out, "scores.png") if cfg.histogram else None,
-               errors)
+               opened.errors)
     return summary
 
 

@@ -20,25 +20,24 @@ import json
 import logging
 import math
 import os
-import time
 from contextlib import nullcontext
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from client import decontaminate
 from client.completions import chat_choice, choice_mass
 from client.corpus import Lines, check_input
 from client.decontaminate import Decontaminator
 from client.fanout import Fanout, FanoutConfig
-from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
+from client.journal import FsyncPolicy, Journal, LineWriter
 from client.calibration import Combiner
 from client.likelihood import LikelihoodScorer, Model, TermTask, score_online, terms_path
 from client.progress import Progress
-from client.runner import CorruptLines, RunSummary, online, run, served_model, side_path
+from client.runner import CorruptLines, RunSummary, online, open_run, run, served_model, side_path
 from client.shard import ClusterSettings, ShardSpec, in_shard, shard_jobs
 from client.tasks import Job
 from humpback.contracts import (
@@ -48,6 +47,7 @@ from humpback.contracts import (
     UNPARSED,
     BatchRequest,
     Candidate,
+    ChatRequest,
     InputError,
     Rejected,
     RequestFailed,
@@ -290,14 +290,15 @@ class ScoreTask:
     def request(self, cand: Candidate) -> BatchRequest:
         mode = self.config.mode
         messages = rubric_messages(cand.instruction, cand.output, mode)
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.config.temperature}
         if mode == "logprobs":
-            body.update(max_tokens=1, logprobs=True, top_logprobs=len(SCORE_CHOICES),
-                        structured_outputs={"choice": list(SCORE_CHOICES)})
+            chat = ChatRequest(model=self.model, messages=messages, temperature=self.config.temperature, max_tokens=1,
+                               logprobs=True, top_logprobs=len(SCORE_CHOICES),
+                               structured_outputs={"choice": list(SCORE_CHOICES)})
         else:
-            body["max_tokens"] = self.config.max_tokens
-        cid = content_id("score", mode, messages, self.model, body.get("max_tokens"), self.config.temperature)
-        return BatchRequest(custom_id=cid, body=body)
+            chat = ChatRequest(model=self.model, messages=messages, temperature=self.config.temperature,
+                               max_tokens=self.config.max_tokens)
+        cid = content_id("score", mode, messages, self.model, chat.max_tokens, self.config.temperature)
+        return BatchRequest(custom_id=cid, body=chat.body())
 
     def parse(self, body: dict[str, Any]) -> tuple[float | None, dict[str, float] | None, str]:
         """(score, distribution or None, raw answer), whatever the mode."""
@@ -334,11 +335,35 @@ def scored_records(scored: Path, mode: str | None = None, scorer_model: str | No
                 yield rec
 
 
+class Selection(BaseModel):
+    """What chose a curated set, as curate's summary names it (`extra`: `k`, `mode`, `model`): the
+    threshold k, whichever setting computed it, the scored records' mode and the scorer's name."""
+
+    k: float
+    mode: str
+    model: str
+
+    @classmethod
+    def of(cls, summary: dict[str, Any], path: Path | str = "the curate summary") -> Selection:
+        """The selection of a curate summary (`RunSummary.to_dict()` or its file); `InputError` naming
+        `path` when it names none."""
+        extra = summary.get("extra") or {}
+        try:
+            return cls.model_validate({f: extra.get(f) for f in cls.model_fields})
+        except ValidationError:
+            raise InputError(f"{path} names no threshold, mode or scorer (extra.k, extra.mode, extra.model): "
+                             "pass the summary of the curate run that wrote the curated set") from None
+
+    def records(self, scored: Path, exclude: Collection[str] = ()) -> Iterator[ScoredCandidate]:
+        """The curated set this selection chose from `scored`, but the candidates in `exclude`."""
+        return selected_records(scored, self.k, self.mode, self.model, exclude)
+
+
 def selected_records(scored: Path, k: float, mode: str, scorer_model: str,
                      exclude: Collection[str] = ()) -> Iterator[ScoredCandidate]:
     """The curated set A_k as scored records: this mode's and scorer's pairs scored k or more, but those
-    of the candidates in `exclude`. What `select` writes, the dataset export and the loop's rewrite
-    arm read."""
+    of the candidates in `exclude`. What `select` writes, and what `Selection.records` (the dataset
+    export, the loop's rewrite arm) reads."""
     return (r for r in scored_records(scored, mode, scorer_model, exclude=exclude) if r.score is not None and r.score >= k)
 
 
@@ -391,7 +416,7 @@ def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summar
     total = sum(bands.values())
     summary.extra["bands"] = bands if cfg.scorer == "rubric" else None
     summary.extra["selected"] = kept
-    summary.extra["min_score"] = k
+    summary.extra["k"] = k  # whichever of min_score, top_fraction or min_prob chose it
     summary.extra["top_fraction"] = cfg.top_fraction
     summary.extra["scored_total"] = total
     summary.extra["corrupt_journal_lines"] = corrupt.count
@@ -426,51 +451,31 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
     check_scorer(cfg)
     found = decontaminator(cfg)
     scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
-    with output_lock(out, scored_path):
-        return await _curate(candidates, out, scored_path, fanout, cfg, found)
-
-
-async def _curate(candidates: Path, out: Path, scored_path: Path, fanout: FanoutConfig,
-                  cfg: CurateConfig, found: Decontaminator | None) -> RunSummary:
-    summary = RunSummary()
-    failed = LineWriter(side_path(out, "failed.jsonl"))
-    contaminated = LineWriter(side_path(out, "contaminated.jsonl"))
-    dropped = Contamination(found, contaminated, summary)
-    start = time.monotonic()
-    journal = Journal(scored_path, fsync=cfg.fsync).open()  # select() reports the lines that are no record
-    summary.results["already_done"] = len(journal.done)
-    summary.extra["repaired_bytes"] = journal.repaired_bytes
-    progress = Progress(candidates.stat().st_size, f"curate[{scored_mode(cfg)}]", cfg.progress)
-    model = cfg.model or ""
-    with LineWriter(side_path(out, "errors.jsonl")) as errors:
-        try:
-            async with Fanout(fanout) as fan:
-                model, root = await served_model(fan, cfg.model)
-                summary.extra.update(model=model, checkpoint=cfg.checkpoint or root, mode=scored_mode(cfg))
-                cands = dropped.clean(read_candidates(candidates, errors, summary, cfg.max_field_chars))
-                if cfg.shard is not None:
-                    summary.extra["shard"] = str(cfg.shard)
-                if cfg.scorer == "rubric":
-                    task = ScoreTask(model, cfg.checkpoint or root, cfg)
-                    jobs = (Job(task.request(cand), cand, cand.source, pos) for cand, pos in cands)
-                    await run(task, shard_jobs(jobs, cfg.shard, summary.results), online(fan), journal, failed,
-                              summary, progress, fan.max_inflight)
-                else:
-                    await _score_likelihood(cands, fan, model, cfg.checkpoint or root, cfg, journal, scored_path,
-                                            failed, summary, progress, fanout)
-                summary.extra["retries"] = fan.retries
-        finally:
-            progress.close()
-            journal.close()
-            failed.close()
-            contaminated.close()
-            summary.results["failed"] = sum(summary.failures.values())
-        if model:
-            record_combiner(cfg, out, summary)
-            select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
-                   errors, dropped.ids)
-    summary.elapsed_s = time.monotonic() - start
-    summary.write(side_path(out, "summary.json"))
+    # select() reports the scored journal's lines that are no record, so the journal's opening does not.
+    with (open_run(out, f"curate[{scored_mode(cfg)}]", candidates.stat().st_size, journal=scored_path,
+                   fsync=cfg.fsync, progress=cfg.progress, corrupt_lines=False) as opened,
+          LineWriter(side_path(out, "contaminated.jsonl")) as contaminated):
+        summary = opened.summary
+        dropped = Contamination(found, contaminated, summary)
+        async with Fanout(fanout) as fan:
+            model, root = await served_model(fan, cfg.model)
+            summary.extra.update(model=model, checkpoint=cfg.checkpoint or root, mode=scored_mode(cfg))
+            cands = dropped.clean(read_candidates(candidates, opened.errors, summary, cfg.max_field_chars))
+            if cfg.shard is not None:
+                summary.extra["shard"] = str(cfg.shard)
+            if cfg.scorer == "rubric":
+                task = ScoreTask(model, cfg.checkpoint or root, cfg)
+                jobs = (Job(task.request(cand), cand, cand.source, pos) for cand, pos in cands)
+                await run(task, shard_jobs(jobs, cfg.shard, summary.results), online(fan), opened.journal,
+                          opened.failed, summary, opened.progress, fan.max_inflight)
+            else:
+                await _score_likelihood(cands, fan, model, cfg.checkpoint or root, cfg, opened.journal, scored_path,
+                                        opened.failed, summary, opened.progress, fanout)
+            summary.extra["retries"] = fan.retries
+        opened.journal.close()
+        record_combiner(cfg, out, summary)
+        select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
+               opened.errors, dropped.ids)
     return summary
 
 

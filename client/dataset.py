@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from client.curate import contaminated_ids, selected_records
+from client.curate import Selection, contaminated_ids
 from client.runner import side_path
 from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, HumpbackError, InputError, tagged_example
 from humpback.settings import setting
@@ -59,16 +59,11 @@ def curated_rows(scored: Path, summary: dict[str, Any], contaminated: set[str] |
                  ) -> list[dict[str, Any]]:
     """The rows of the curated set: curate's selection of the scored journal (see the module doc),
     without the `contaminated` candidates (their scores may be in the journal from an earlier run)."""
-    extra = summary.get("extra", {})
-    k, mode, model = extra.get("min_score"), extra.get("mode"), extra.get("model")
-    if k is None or mode is None or model is None:
-        raise InputError("the curate summary names no threshold, mode or scorer (extra.min_score, extra.mode, "
-                         "extra.model): pass the summary of the run that wrote the curated set")
     return [{"messages": [m.model_dump() for m in tagged_example(rec.instruction, rec.output,
                                                                 AUGMENTED_SYSTEM_PROMPT).messages],
              "score": rec.score, "source": rec.source.path, "license": rec.source.metadata.get("license"),
              "title": rec.source.metadata.get("title")}
-            for rec in selected_records(scored, k, mode, model, exclude=contaminated or set())]
+            for rec in Selection.of(summary).records(scored, contaminated or set())]
 
 
 def shareable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -95,7 +90,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
 
 
 def _k(curate_extra: dict[str, Any]) -> str:
-    k = curate_extra.get("min_score")
+    k = curate_extra.get("k")
     return "-" if k is None else f"{k:.3g}"
 
 

@@ -43,9 +43,11 @@ from humpback.contracts import (
     BatchRequest,
     Candidate,
     Failure,
+    PromptLogprobsRequest,
     RequestFailed,
     RetryableError,
     ScoredCandidate,
+    TokenizeRequest,
     backward_messages,
     content_id,
 )
@@ -91,7 +93,7 @@ def response_nll(logprobs: list[Any], ids: list[int], start: int) -> list[float]
 def logprob_body(model: str, ids: list[int]) -> dict[str, Any]:
     """A completion that returns the log-probability of every token of `ids` (one prefill; the one
     generated token is ignored)."""
-    return {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+    return PromptLogprobsRequest(model=model, prompt=ids).body()
 
 
 async def render(fan: Fanout, model: str, prompt: list[dict[str, str]], target: str) -> tuple[list[int], int, int | None]:
@@ -99,9 +101,11 @@ async def render(fan: Fanout, model: str, prompt: list[dict[str, str]], target: 
     tokens start, max_model_len), by the server's chat template. `ValueError` when the template does
     not render the conversation as the prompt followed by the target."""
     (prompt_ids, max_len), (ids, _) = await asyncio.gather(
-        fan.post(TOKENIZE_PATH, {"model": model, "messages": prompt, "add_generation_prompt": True}, parse_tokens),
-        fan.post(TOKENIZE_PATH, {"model": model, "add_generation_prompt": False,
-                                 "messages": [*prompt, {"role": "assistant", "content": target}]}, parse_tokens))
+        fan.post(TOKENIZE_PATH, TokenizeRequest(model=model, messages=prompt, add_generation_prompt=True).body(),
+                 parse_tokens),
+        fan.post(TOKENIZE_PATH, TokenizeRequest(model=model, add_generation_prompt=False,
+                                                messages=[*prompt, {"role": "assistant", "content": target}]).body(),
+                 parse_tokens))
     if ids[:len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
         raise ValueError("the chat template does not render the conversation as the prompt followed by the response, "
                          "so the response tokens cannot be told apart")

@@ -12,7 +12,6 @@ file: `curate` scores it, and `humpback export dpo` pairs it with its originals.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,11 @@ from client.completions import chat_choice
 from client.corpus import check_input
 from client.curate import read_candidates
 from client.fanout import Fanout, FanoutConfig
-from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
-from client.progress import Progress
-from client.runner import CorruptLines, RunSummary, online, run, served_model, side_path
+from client.journal import FsyncPolicy
+from client.runner import RunSummary, online, open_run, run, served_model
 from client.shard import ClusterSettings, ShardSpec, shard_jobs
 from client.tasks import Job
-from humpback.contracts import BatchRequest, Candidate, RequestFailed, RewrittenCandidate, content_id, rewrite_messages
+from humpback.contracts import BatchRequest, Candidate, ChatRequest, RequestFailed, RewrittenCandidate, content_id, rewrite_messages
 from humpback.settings import setting
 
 
@@ -75,8 +73,8 @@ class RewriteTask:
     def request(self, cand: Candidate) -> BatchRequest:
         cfg = self.config
         messages = rewrite_messages(cand.instruction, cand.output)
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": cfg.temperature,
-                                "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+        body = ChatRequest(model=self.model, messages=messages, temperature=cfg.temperature, top_p=cfg.top_p,
+                           max_tokens=cfg.max_tokens).body()
         cid = content_id("rewrite", messages, self.model, cfg.temperature, cfg.top_p, cfg.max_tokens)
         return BatchRequest(custom_id=cid, body=body)
 
@@ -100,35 +98,17 @@ async def rewrite(candidates: str | os.PathLike[str], out: str | os.PathLike[str
     cfg = config or RewriteConfig()
     out, candidates = Path(out), Path(candidates)
     check_input(candidates)
-    with output_lock(out):
-        return await _rewrite(candidates, out, fanout, cfg)
-
-
-async def _rewrite(candidates: Path, out: Path, fanout: FanoutConfig, cfg: RewriteConfig) -> RunSummary:
-    summary = RunSummary()
-    start = time.monotonic()
-    progress = Progress(candidates.stat().st_size, "rewrite", cfg.progress)
-    with LineWriter(side_path(out, "errors.jsonl")) as errors, LineWriter(side_path(out, "failed.jsonl")) as failed:
-        corrupt = CorruptLines(out, errors)
-        journal = Journal(out, fsync=cfg.fsync, on_corrupt=corrupt).open()
-        summary.results["already_done"] = len(journal.done)
-        summary.extra["repaired_bytes"] = journal.repaired_bytes
-        summary.extra["corrupt_journal_lines"] = corrupt.count
-        try:
-            async with Fanout(fanout) as fan:
-                model, root = await served_model(fan, cfg.model)
-                task = RewriteTask(model, cfg.checkpoint or root, cfg)
-                summary.extra.update(model=model, checkpoint=task.checkpoint)
-                jobs = shard_jobs((Job(task.request(cand), cand, cand.source, pos)
-                                   for cand, pos in read_candidates(candidates, errors, summary, cfg.max_field_chars)),
-                                  cfg.shard, summary.results)
-                await run(task, jobs, online(fan, usage=summary.results), journal, failed, summary, progress,
-                          fan.max_inflight)
-                summary.extra["retries"] = fan.retries
-        finally:
-            progress.close()
-            journal.close()
-            summary.results["failed"] = sum(summary.failures.values())
-            summary.elapsed_s = time.monotonic() - start
-            summary.write(side_path(out, "summary.json"))
+    with open_run(out, "rewrite", candidates.stat().st_size, fsync=cfg.fsync, progress=cfg.progress) as opened:
+        summary = opened.summary
+        async with Fanout(fanout) as fan:
+            model, root = await served_model(fan, cfg.model)
+            task = RewriteTask(model, cfg.checkpoint or root, cfg)
+            summary.extra.update(model=model, checkpoint=task.checkpoint)
+            jobs = shard_jobs((Job(task.request(cand), cand, cand.source, pos)
+                               for cand, pos in read_candidates(candidates, opened.errors, summary,
+                                                                cfg.max_field_chars)),
+                              cfg.shard, summary.results)
+            await run(task, jobs, online(fan, usage=summary.results), opened.journal, opened.failed, summary,
+                      opened.progress, fan.max_inflight)
+            summary.extra["retries"] = fan.retries
     return summary

@@ -1,7 +1,8 @@
 """One loop for every task, online or from a batch: `run` appends each answer's record to a resumable
 journal, or a `Failure` to the failures file; `online` answers by POSTing through the fan-out,
 `client.batch` by looking the answer up in a batch's results. Also what every run shares: its
-summary, its side-file names, and the served model's name.
+set-up and tear-down (`open_run`: lock, journal, side files, progress, and the summary written
+however the run ends), its summary, its side-file names, and the served model's name.
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 from client.fanout import Fanout
-from client.journal import Journal, LineWriter
+from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
 from client.progress import Progress
 from client.tasks import Item, Job, Parsed, Task
 from humpback.contracts import BatchRequest, Failure, OutputError, Rejected, RequestFailed
@@ -83,6 +86,58 @@ class CorruptLines:
 def reason_key(reason: str) -> str:
     """A failure reason without the variable parts (URLs, bodies), for counting in a summary."""
     return reason.split(":", 1)[0].split(" from ", 1)[0][:80]
+
+
+@dataclass
+class OpenRun:
+    """What a run writes to while it runs (see `open_run`)."""
+
+    summary: RunSummary
+    journal: Journal
+    errors: LineWriter
+    failed: LineWriter
+    progress: Progress
+
+
+@contextmanager
+def open_run(out: Path, label: str, total: int, *, journal: Path | None = None, locks: Iterable[Path] = (),
+             fsync: FsyncPolicy = "interval", progress: bool = True, corrupt_lines: bool = True,
+             summary: Path | None = None, finish: Callable[[RunSummary], None] | None = None) -> Iterator[OpenRun]:
+    """The set-up and tear-down every run shares (augment, curate, rewrite, batch import, the
+    evaluations): lock `out`, the journal and `locks` (`InputError` while another run writes one:
+    nothing else is touched then), open the journal (`journal`, default `out`; its lines that are no record go to
+    `<out>.errors.jsonl` and are counted, unless `corrupt_lines` is off), the side files
+    `<out>.errors.jsonl` and `<out>.failed.jsonl`, and a progress bar over `total`.
+
+    However the run ends (done, some requests failed, `OutputError`, interrupted), everything is
+    closed, `results["failed"]` counted, `finish(summary)` called (what a task adds once the run has
+    ended, well or not: augment's `quality`) and the summary written to `summary` (default
+    `<out>.summary.json`): a failed run leaves its summary as a finished one does."""
+    start = time.monotonic()
+    journal_path = journal or out
+    with output_lock(out, journal_path, *locks):
+        run_summary = RunSummary()
+        errors = LineWriter(side_path(out, "errors.jsonl"))
+        corrupt = CorruptLines(journal_path, errors) if corrupt_lines else None
+        opened = OpenRun(run_summary, Journal(journal_path, fsync=fsync, on_corrupt=corrupt), errors,
+                         LineWriter(side_path(out, "failed.jsonl")), Progress(total, label, progress))
+        try:
+            opened.journal.open()
+            run_summary.results["already_done"] = len(opened.journal.done)
+            run_summary.extra["repaired_bytes"] = opened.journal.repaired_bytes
+            if corrupt is not None:
+                run_summary.extra["corrupt_journal_lines"] = corrupt.count
+            yield opened
+        finally:
+            opened.progress.close()
+            opened.journal.close()
+            opened.failed.close()
+            opened.errors.close()
+            run_summary.results["failed"] = sum(run_summary.failures.values())
+            if finish is not None:
+                finish(run_summary)
+            run_summary.elapsed_s = time.monotonic() - start
+            run_summary.write(summary or side_path(out, "summary.json"))
 
 
 class Answer(Protocol):

@@ -1,6 +1,6 @@
 """The contracts every room of humpback shares, each defined once: how each model is prompted
 (`prompts`), every record on disk and its id (`records`), the OpenAI wire formats (`fine_tuning`,
-`batch`), the defaults every room agrees on (`defaults`), and one error hierarchy (`errors`).
+`batch`, `chat`), the defaults every room agrees on (`defaults`), and one error hierarchy (`errors`).
 
 It imports pydantic and the standard library only, and no room (`services`, `client`, `trainer`,
 the loop): every room imports it, so it is light enough for the client. `docs/contracts.md` lists
@@ -9,6 +9,7 @@ each contract and setting with its one home.
 
 from humpback.contracts.auth import AUTHORIZATION, auth_headers, bearer
 from humpback.contracts.batch import BatchRequest, BatchResponse, BatchResult
+from humpback.contracts.chat import ChatRequest, PromptLogprobsRequest, TokenizeRequest
 from humpback.contracts.defaults import (
     ADMIN_ALLOW_ENV,
     API_KEY_ENV,

@@ -15,11 +15,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from client.completions import chat_choice
 from client.fanout import Fanout
-from client.journal import Journal, LineWriter
-from client.progress import Progress
-from client.runner import RunSummary, online, run, side_path
+from client.runner import online, open_run, run, side_path
 from client.tasks import Item, Job, Task
-from humpback.contracts import BatchRequest, Failure, RecordError, RequestFailed, content_id, json_lines
+from humpback.contracts import BatchRequest, ChatRequest, Failure, RecordError, RequestFailed, content_id, json_lines
 from humpback.evaluation.records import Answer, JournaledAnswer
 from humpback.settings import setting
 
@@ -44,7 +42,7 @@ class GenerationConfig(BaseModel):
 def chat_body(model: str, prompt: str, cfg: GenerationConfig) -> dict[str, Any]:
     messages = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
     messages.append({"role": "user", "content": prompt})
-    return {"model": model, "messages": messages, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
+    return ChatRequest(model=model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature).body()
 
 
 def parse_answer(data: dict[str, Any]) -> tuple[str, str | None]:
@@ -82,20 +80,16 @@ async def run_journaled(task: Task[Item, Any], items: Sequence[Item], fan: Fanou
 
     The evaluation needs every answer: when some request fails for good, the others still finish and
     are kept, the failures go to `<files>.failed.jsonl`, and `RequestFailed` is raised; a re-run asks
-    only the failed ones again.
+    only the failed ones again. The run is a client run (`client.runner.open_run`): `<files>` is
+    locked while it runs, and `<files>.summary.json` tells what it did, however it ended.
     """
     requests = [task.request(item) for item in items]
     journal_path = side_path(files, "journal.jsonl")
-    summary = RunSummary()
-    failed = LineWriter(side_path(files, "failed.jsonl"))
-    progress = Progress(len(items), files.name, enabled=False)
-    try:
-        with Journal(journal_path) as journal:
-            await run(task, (Job(r, item, None) for r, item in zip(requests, items)), online(fan), journal, failed,
-                      summary, progress, fan.max_inflight)
-    finally:
-        progress.close()
-        failed.close()
+    with open_run(files, files.name, len(items), journal=journal_path, progress=False,
+                  corrupt_lines=False) as opened:
+        await run(task, (Job(r, item, None) for r, item in zip(requests, items)), online(fan), opened.journal,
+                  opened.failed, opened.summary, opened.progress, fan.max_inflight)
+    summary, failed = opened.summary, opened.failed
     if summary.failures:
         with failed.path.open(encoding="utf-8") as f:
             first = Failure.model_validate_json(f.readline())

@@ -34,7 +34,8 @@ from client.completions import chat_choice, choice_mass
 from client.fanout import Fanout, FanoutConfig
 from client.runner import served_model
 from humpback.contracts import (
-    JUDGE_CHOICES, BatchRequest, ConfigError, InputError, RequestFailed, content_id, judge_messages, write_jsonl,
+    JUDGE_CHOICES, BatchRequest, ChatRequest, ConfigError, InputError, RequestFailed, content_id, judge_messages,
+    write_jsonl,
 )
 from humpback.contracts.defaults import ALPACA_EVAL_DATA, eval_framework_dir
 from humpback.evaluation.common import (
@@ -99,9 +100,8 @@ def load_alpaca(dataset: str | None = None) -> list[AlpacaPrompt]:
 
 
 def judge_body(model: str, instruction: str, first: str, second: str, max_chars: int) -> dict[str, Any]:
-    return {"model": model, "temperature": 0.0, "max_tokens": 1, "logprobs": True, "top_logprobs": 5,
-            "messages": judge_messages(instruction, first, second, max_chars),
-            "structured_outputs": {"choice": list(CHOICES)}}
+    return ChatRequest(model=model, messages=judge_messages(instruction, first, second, max_chars), temperature=0.0,
+                       max_tokens=1, logprobs=True, top_logprobs=5, structured_outputs={"choice": list(CHOICES)}).body()
 
 
 def parse_verdict(data: dict[str, Any]) -> tuple[str, float]:

@@ -168,7 +168,7 @@ class CurateResult(StageRecord):
         counts)."""
         extra = summary.extra
         return cls.model_validate({
-            **outputs, "k": extra["min_score"], "selected": extra["selected"], "scored_total": extra["scored_total"],
+            **outputs, "k": extra["k"], "selected": extra["selected"], "scored_total": extra["scored_total"],
             "mode": extra["mode"], "served_as": extra["model"], "contaminated": summary.results["contaminated"],
             "summary": ClientSummary.of(summary)})
 

@@ -121,7 +121,7 @@ def test_import_sets_aside_bad_result_lines_and_fails_missing_answers(corpus: Pa
         (ids[3], "batch error: 500", 1), (ids[5], "unusable instruction (truncated): 'What is'", 1),
         (ids[7], "no result in the batch output", 0)]
     assert all(f.source is not None and f.source.path == str(corpus) for f in failed)
-    assert summary.results == {"written": 27, "failed": 3}
+    assert summary.results == {"already_done": 0, "written": 27, "failed": 3}  # counted as an online run counts
     assert summary.failures == {"batch error": 1, "unusable instruction (truncated)": 1,
                                 "no result in the batch output": 1}
     cands = [Candidate.model_validate_json(x) for x in out.read_text().splitlines()]
@@ -175,7 +175,7 @@ def test_import_reads_bom_and_crlf_and_names_the_line_of_a_bad_byte(corpus: Path
     for path in (req, tmp_path / "req.meta.jsonl", res):  # as a Windows editor saves them
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
     summary = import_augment(req, res, out)
-    assert summary.results == {"written": 30, "failed": 0} and summary.input == {"results": 30}
+    assert summary.results == {"already_done": 0, "written": 30, "failed": 0} and summary.input == {"results": 30}
     assert not (tmp_path / "cands.errors.jsonl").exists()
     lines = req.read_bytes().splitlines(keepends=True)
     lines[2] = lines[2].replace(b"Segment", b"Segm\xe9nt", 1)  # one Latin-1 byte

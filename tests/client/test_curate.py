@@ -78,7 +78,7 @@ async def test_top_fraction_sets_k_from_the_ranking(fake: FakeServer, candidates
     scored_before = fake.requests["/v1/chat/completions"]
     summary = await curate(candidates, out, _fan(fake.url), CurateConfig(top_fraction=0.25, progress=False))
     assert fake.requests["/v1/chat/completions"] == scored_before  # re-selected from the journal alone
-    assert summary.extra["min_score"] == scores[4] and summary.extra["top_fraction"] == 0.25  # 5th of 20
+    assert summary.extra["k"] == scores[4] and summary.extra["top_fraction"] == 0.25  # 5th of 20
     kept = sum(1 for s in scores if s >= scores[4])
     assert summary.extra["selected"] == kept == len(out.read_text().splitlines()) >= 5
     with pytest.raises(ValueError, match="top_fraction"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from client.dataset import DatasetFiles, export_dataset
-from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, HumpbackError, ScoredCandidate, Source
+from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, HumpbackError, InputError, ScoredCandidate, Source
 
 
 def _scored(i: int, score: float, scorer: str = "scorer", mode: str = "logprobs") -> str:
@@ -28,7 +28,7 @@ def run(tmp_path: Path) -> Path:
         _scored(1, 4.6) + _scored(2, 2.0) + _scored(3, 4.5) + _scored(4, 4.9, scorer="other") + _scored(5, 4.7, mode="free_text"))
     (tmp_path / "A1.summary.json").write_text(json.dumps({
         "results": {"contaminated": 2},
-        "extra": {"model": "scorer", "checkpoint": "ftjob-m0", "mode": "logprobs", "min_score": 4.5, "top_fraction": None,
+        "extra": {"model": "scorer", "checkpoint": "ftjob-m0", "mode": "logprobs", "k": 4.5, "top_fraction": None,
                   "selected": 2, "scored_total": 3, "bands": {"[1,2)": 0, "[2,3)": 1, "[4,4.5)": 0, "[4.5,5]": 2},
                   "contaminated": {"ifeval": 1, "heldout": 1}}}))
     (tmp_path / "cands.summary.json").write_text(json.dumps({
@@ -87,7 +87,7 @@ def test_the_card_and_rows_carry_no_local_path_and_a_missing_license_says_so(run
 def test_the_card_names_a_likelihood_scorer_and_its_combiner() -> None:
     from client.dataset import dataset_card
 
-    curate = {"extra": {"mode": "combined", "min_score": 0.5, "selected": 3, "scored_total": 9, "bands": None,
+    curate = {"extra": {"mode": "combined", "k": 0.5, "selected": 3, "scored_total": 9, "bands": None,
                         "combiner": {"path": "A1.combiner.json", "data": "calibration.jsonl", "pairs": 24,
                                      "negatives": {"mismatched": 24, "generic": 24}}}}
     card = dataset_card("A1", [], curate, {}, {}, None)
@@ -95,3 +95,19 @@ def test_the_card_names_a_likelihood_scorer_and_its_combiner() -> None:
     assert ("The combiner's weights: `A1.combiner.json`, fitted on 24 held-out pairs of `calibration.jsonl` and "
             "negatives built from them (mismatched 24, generic 24).") in card
     assert "A likelihood score has no rubric bands." in card
+
+
+def test_the_threshold_is_read_under_its_one_name_k(run: Path) -> None:
+    """curate writes the k it selected with as `extra.k` (whichever of min_score or top_fraction chose it);
+    the export selects with that k, and a summary that names none (e.g. the old `min_score`) is refused
+    in one line naming the file's role and the field."""
+    summary_path = run / "A1.summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["extra"]["k"] = 4.55  # 4.6 kept, 4.5 no longer
+    summary_path.write_text(json.dumps(summary))
+    files = DatasetFiles(curated=run / "A1.jsonl", out=run / "A1.dataset")
+    assert export_dataset(files)["rows"] == 1
+    summary["extra"]["min_score"] = summary["extra"].pop("k")
+    summary_path.write_text(json.dumps(summary))
+    with pytest.raises(InputError, match=r"names no threshold, mode or scorer \(extra\.k,"):
+        export_dataset(DatasetFiles(curated=run / "A1.jsonl", out=run / "A1.dataset2"))

@@ -16,6 +16,7 @@ from humpback.contracts import (
     BAND_LABELS,
     BatchResult,
     ChatExample,
+    ChatRequest,
     HumpbackError,
     SeedPair,
     band_of,
@@ -104,3 +105,12 @@ def test_demonstrations_are_earlier_turns_picked_short_and_by_id() -> None:
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user", "assistant", "user"]
     assert msgs[2]["content"] == picked[0].instruction and picked[0].response in msgs[1]["content"]
     assert msgs[-1] == backward_messages("the segment")[-1] and msgs[0] == backward_messages("the segment")[0]
+
+
+def test_a_chat_request_sends_only_what_is_set_and_refuses_what_no_server_takes() -> None:
+    msgs = [{"role": "user", "content": "Hi"}]
+    body = ChatRequest(model="m", messages=msgs, max_tokens=8, temperature=0.7, top_p=0.9).body()
+    assert body == {"model": "m", "messages": msgs, "max_tokens": 8, "temperature": 0.7, "top_p": 0.9}  # no seed
+    for bad in ({"max_tokens": 0}, {"top_p": 0.0}, {"temperature": -1.0}, {"max_token": 8}):
+        with pytest.raises(ValidationError):
+            ChatRequest.model_validate({"model": "m", "messages": msgs, "max_tokens": 8, "temperature": 0.0, **bad})
