@@ -112,7 +112,7 @@ async def bench_client(texts: list[str], url: str, model: str, max_tokens: int, 
     n = s.results["written"] + s.results["failed"]
     return {"n": n, "elapsed": elapsed, "rate": n / elapsed, "written": s.results["written"],
             "tokens": s.results["completion_tokens"], "tok_rate": s.results["completion_tokens"] / elapsed,
-            "window": list(s.extra["endpoints"].values())[0]["window"]}
+            "window": list(s.extra.endpoints.values())[0].window}
 
 
 async def bench_openai(texts: list[str], url: str, model: str, max_tokens: int, concurrency: int) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def bench_ray(texts: list[str], url: str, model: str, max_tokens: int, tmp: Path
     elapsed = time.perf_counter() - t0
     n = s.results["written"] + s.results["failed"]
     return {"n": n, "elapsed": elapsed, "rate": n / elapsed, "written": s.results["written"],
-            "shards": s.extra["ray"]["shards"], "missing": s.extra["merge"]["missing"]}
+            "shards": s.extra.ray.shards, "missing": s.extra.merge["missing"]}
 
 
 # --- 3. overhead ------------------------------------------------------------------------------------
@@ -259,8 +259,8 @@ async def bench_curate(cands: Path, url: str, model: str, scorer: str, n: int, t
     t0 = time.perf_counter()
     s = await curate(few, tmp / f"curated_{scorer}.jsonl", _fanout(url), cfg)
     elapsed = time.perf_counter() - t0
-    return {"n": s.extra["scored_total"], "elapsed": elapsed, "rate": s.extra["scored_total"] / elapsed,
-            "parse_rate": s.extra.get("parse_rate"), "failed": s.results.get("failed", 0)}
+    return {"n": s.extra.scored_total, "elapsed": elapsed, "rate": s.extra.scored_total / elapsed,
+            "parse_rate": s.extra.parse_rate, "failed": s.results.get("failed", 0)}
 
 
 def stand_in_combiner(path: Path) -> Path:

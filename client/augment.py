@@ -24,6 +24,7 @@ from typing import Any
 
 from client.completions import chat_choice
 from client.corpus import Corpus, open_corpora
+from client.extras import AugmentExtra, EndpointLoad
 from client.fanout import Fanout, FanoutConfig
 from client.instructions import ISSUE_KINDS, instruction_issue
 from client.journal import FsyncPolicy, LineWriter
@@ -219,7 +220,7 @@ def instruction_quality(summary: RunSummary, counts: Counter[str]) -> dict[str, 
 
 async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | os.PathLike[str],
                   fanout: FanoutConfig, config: AugmentConfig | None = None,
-                  prepare: PrepareConfig | None = None, text_field: str = "text") -> RunSummary:
+                  prepare: PrepareConfig | None = None, text_field: str = "text") -> RunSummary[AugmentExtra]:
     """Backtranslate every kept segment of `corpus` into `out` (a candidates journal); resumable.
 
     `prepare=None` applies the paper's default preparation; pass `PrepareConfig(...)` to change it.
@@ -247,18 +248,19 @@ async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | 
     counts: Counter[str] = Counter()
     total = sum(c.total_bytes for c in corpora)
 
-    def finish(summary: RunSummary) -> None:
+    def finish(summary: RunSummary[AugmentExtra]) -> None:
         summary.prepare.update(preparer.counts)
         summary.quality.update(instruction_quality(summary, counts))
 
-    with open_run(out, "augment", total, fsync=cfg.fsync, progress=cfg.progress, finish=finish) as opened:
+    with open_run(out, "augment", total, fsync=cfg.fsync, progress=cfg.progress, finish=finish,
+                  extra=AugmentExtra()) as opened:
         summary, errors, progress = opened.summary, opened.errors, opened.progress
         async with Fanout(fanout) as fan:
             model, root = await served_model(fan, cfg.model)
             task = AugmentTask(model, cfg.checkpoint or root, cfg, demonstrations)
-            summary.extra.update(model=model, checkpoint=task.checkpoint)
+            summary.extra.model, summary.extra.checkpoint = model, task.checkpoint
             if cfg.shard is not None:
-                summary.extra["shard"] = str(cfg.shard)
+                summary.extra.shard = str(cfg.shard)
 
             def jobs() -> Iterator[Job[Segment]]:
                 offset, last = 0, None  # bytes of the corpora before `last`, the one being read
@@ -272,7 +274,7 @@ async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | 
             await run(task, mine, resampling(online(fan, usage=summary.results), task, counts), opened.journal,
                       opened.failed, summary, progress, fan.max_inflight)
             progress.advance(total)
-            summary.extra["retries"] = fan.retries
-            summary.extra["endpoints"] = {e.url: {"completed": e.completed, "errors": e.errors, "window": e.window}
-                                          for e in fan.endpoints}
+            summary.extra.retries = fan.retries
+            summary.extra.endpoints = {e.url: EndpointLoad(completed=e.completed, errors=e.errors, window=e.window)
+                                       for e in fan.endpoints}
     return summary

@@ -31,6 +31,7 @@ from client.corpus import Lines, check_input, open_corpora
 from client.calibration import Combiner
 from client.curate import (Contamination, CurateConfig, ScoreTask, backward_fanout, check_scorer, decontaminator,
                            likelihood_scorer, read_candidates, record_combiner, select)
+from client.extras import CurateExtra
 from client.fanout import Fanout, FanoutConfig
 from client.likelihood import (CHUNK, LikelihoodScorer, ScorerSpec, Term, TermTask, append_scores, read_terms,
                                term_jobs, terms_path)
@@ -151,7 +152,7 @@ def export_augment(corpus: Iterable[PathLike], out: PathLike, model: str, config
 
 
 def export_curate(candidates: PathLike, out: PathLike, model: str, config: CurateConfig | None = None,
-                  fanout: FanoutConfig | None = None) -> RunSummary:
+                  fanout: FanoutConfig | None = None) -> RunSummary[CurateExtra]:
     """Batch scoring requests for every candidate of a candidates file (one per distinct `custom_id`),
     but the contaminated ones (`config.decontaminate`), which go to `<out>.contaminated.jsonl` as
     `curate` sets them aside: they are never asked, so an import never selects them.
@@ -163,7 +164,7 @@ def export_curate(candidates: PathLike, out: PathLike, model: str, config: Curat
     (`<out>.candidates.jsonl`) the import scores from the terms' answers."""
     cfg = config or CurateConfig()
     candidates, out = Path(candidates), Path(out)
-    summary = RunSummary()
+    summary = RunSummary(extra=CurateExtra())
     check_input(candidates)
     check_scorer(cfg)
     if cfg.scorer != "rubric" and fanout is None:
@@ -355,7 +356,8 @@ def import_augment(requests: PathLike, results: PathLike, out: PathLike, checkpo
     return _import_journal(lambda model: AugmentTask(model, checkpoint), SegmentMeta, requests, results, out)
 
 
-def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: CurateConfig | None = None) -> RunSummary:
+def import_curate(requests: PathLike, results: PathLike, out: PathLike,
+                  config: CurateConfig | None = None) -> RunSummary[CurateExtra]:
     """Append the batch's scores to the scored journal, then write the curated set to `out`."""
     cfg = config or CurateConfig()
     requests, results, out = Path(requests), Path(results), Path(out)
@@ -367,7 +369,7 @@ def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: 
         return _import_terms(requests, results, out, scored_path, exported, cfg)
     # select() reports the scored journal's lines that are no record, so the journal's opening does not.
     with open_run(out, "import", 0, journal=scored_path, progress=False,
-                  corrupt_lines=False) as opened:
+                  corrupt_lines=False, extra=CurateExtra()) as opened:
         _import(ScoreTask(model, cfg.checkpoint, cfg), requests, CandidateMeta, exported, results, opened)
         opened.journal.close()
         if model:
@@ -377,7 +379,7 @@ def import_curate(requests: PathLike, results: PathLike, out: PathLike, config: 
 
 
 def _import_terms(requests: Path, results: Path, out: Path, scored_path: Path, exported: set[str],
-                  cfg: CurateConfig) -> RunSummary:
+                  cfg: CurateConfig) -> RunSummary[CurateExtra]:
     """A likelihood scorer's import: the terms' answers to the terms' journal (their failures to
     `<terms>.failed.jsonl`), then each exported candidate whose terms are all in to the scored journal
     (the others to `<out>.failed.jsonl`), then the selection, as the export's scorer."""
@@ -391,14 +393,14 @@ def _import_terms(requests: Path, results: Path, out: Path, scored_path: Path, e
     scorer = LikelihoodScorer.from_spec(spec, combine)
     terms = terms_path(scored_path)
     with open_run(out, "import", 0, journal=scored_path, locks=[terms], progress=False,
-                  corrupt_lines=False) as opened:
+                  corrupt_lines=False, extra=CurateExtra()) as opened:
         summary, term_summary = opened.summary, RunSummary()
         with (Journal(terms, on_corrupt=CorruptLines(terms, opened.errors)) as term_journal,
               LineWriter(side_path(terms, "failed.jsonl")) as term_failed):
             _import(TermTask(spec.model, spec.checkpoint), requests, TermMeta, exported, results,
                     OpenRun(term_summary, term_journal, opened.errors, term_failed, opened.progress))
         term_summary.results["failed"] = sum(term_summary.failures.values())
-        summary.extra["terms"] = dict(term_summary.results)
+        summary.extra.terms = dict(term_summary.results)
         cands = ((c, 0) for c in _lines(_candidates_path(requests), Candidate))
         append_scores(scorer, cands, opened.journal, read_terms(terms), {}, opened.failed, summary, opened.progress)
         opened.journal.close()

@@ -10,7 +10,7 @@ journal, as does every shard when the driver is run again. Once all have ended, 
 are joined with `client.merge` (each record once; two different answers to one request refused; for
 augment, the proof that they hold every request of the unsharded run), and one summary is returned:
 the shards' request counts summed, the input counts once (every shard reads the whole input), the
-merge's counts under `extra["merge"]`. Progress is one bar over the input all shards have read, fed
+merge's counts under `extra.merge`. Progress is one bar over the input all shards have read, fed
 by a small actor on the driver's node.
 
 Ray is the optional `ray` extra, imported only here and only when a run asks for it.
@@ -35,13 +35,14 @@ from client import rewrite as rewrite_mod
 from client.augment import AugmentConfig, load_demonstrations
 from client.corpus import check_input, open_corpora
 from client.curate import CurateConfig, decontaminator
+from client.extras import MergeExtra, RayRun
 from client.fanout import FanoutConfig
 from client.journal import output_lock
 from client.merge import merge
 from client.prepare import PrepareConfig
 from client.progress import relayed
 from client.rewrite import RewriteConfig
-from client.runner import RunSummary, side_path
+from client.runner import E, RunSummary, side_path
 from client.shard import ClusterSettings, Shard
 from humpback.contracts import ClusterError, HumpbackError, InputError
 
@@ -200,11 +201,11 @@ def run_shards(settings: ClusterSettings, out: Path, desc: str, command: Callabl
     return outs, [summaries[i] for i in range(count)]
 
 
-def combined(summaries: Sequence[RunSummary], merged: RunSummary, address: str) -> RunSummary:
+def combined(summaries: Sequence[RunSummary[E]], merged: RunSummary[MergeExtra], address: str) -> RunSummary[E]:
     """One summary of a run from its shards' and its merge's: requests counted once per shard (summed),
-    the input once (each shard read all of it), the merge's counts in `extra["merge"]`."""
+    the input once (each shard read all of it), the merge's counts in `extra.merge`."""
     first = summaries[0]
-    total = RunSummary(input=first.input, rejected=first.rejected, prepare=first.prepare)
+    total = RunSummary(input=first.input, rejected=first.rejected, prepare=first.prepare, extra=type(first.extra)())
     for s in summaries:
         total.results.update(s.results)
         total.failures.update(s.failures)
@@ -218,19 +219,18 @@ def combined(summaries: Sequence[RunSummary], merged: RunSummary, address: str) 
             total.results[key] = first.results[key]
     if "usable" in total.quality:  # augment's rate, of all the shards' requests
         total.quality["usable_rate"] = total.quality["usable"] / total.quality["sent"] if total.quality["sent"] else None
-    total.extra = {k: v for k, v in first.extra.items() if k not in ("shard", "endpoints", "retries")}
-    total.extra["retries"] = sum(s.extra.get("retries", 0) for s in summaries)
-    total.extra["ray"] = {"address": address, "shards": len(summaries),
-                          "written": [s.results["written"] for s in summaries]}
-    total.extra["merge"] = {**merged.results, **{f"{k}_ids": merged.extra[k] for k in ("missing", "unexpected")
-                                                 if k in merged.extra}}
+    total.extra.copy_from(first.extra, drop=("shard", "endpoints", "retries"))
+    total.extra.retries = sum(s.extra.retries or 0 for s in summaries)
+    total.extra.ray = RayRun(address=address, shards=len(summaries), written=[s.results["written"] for s in summaries])
+    total.extra.merge = {**merged.results, **{f"{k}_ids": getattr(merged.extra, k) for k in ("missing", "unexpected")
+                                              if k in merged.extra.model_fields_set}}
     return total
 
 
 def augment(corpus: Sequence[PathLike], out: PathLike, fanout: FanoutConfig, config: AugmentConfig,
             prepare: PrepareConfig | None = None, text_field: str = "text") -> RunSummary:
     """`client.augment.augment` on the cluster `config.ray`, merged into `out` with the proof that the
-    shards hold every request of the unsharded run (`extra["merge"]`: `expected`, `missing`, of them
+    shards hold every request of the unsharded run (`extra.merge`: `expected`, `missing`, of them
     `missing_failed` named in a shard's failures)."""
     out = Path(out)
     paths = [c.path for c in open_corpora(corpus, text_field)]  # every file checked before a task starts
@@ -257,7 +257,7 @@ def curate(candidates: PathLike, out: PathLike, fanout: FanoutConfig, config: Cu
     selected = asyncio.run(curate_mod.curate(candidates, out, fanout, shard_config(
         config, None, scored=scored, progress=config.progress)))
     total = combined(summaries, merged, config.ray or "")
-    total.extra.update({k: v for k, v in selected.extra.items() if k not in ("retries", "repaired_bytes")})
+    total.extra.copy_from(selected.extra, drop=("retries", "repaired_bytes"))
     total.write(side_path(out, "summary.json"))
     return total
 

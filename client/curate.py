@@ -32,6 +32,7 @@ from client import decontaminate
 from client.completions import chat_choice, choice_mass
 from client.corpus import Lines, check_input
 from client.decontaminate import Decontaminator
+from client.extras import CombinerUsed, CurateExtra, MeanChars
 from client.fanout import Fanout, FanoutConfig
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.calibration import Combiner
@@ -218,16 +219,16 @@ def decontaminator(cfg: CurateConfig) -> Decontaminator | None:
 class Contamination:
     """Drops the contaminated candidates of a stream before they are scored: each goes to `out` as a
     `ContaminatedCandidate` and is counted in `summary` (`results["contaminated"]`, and per set in
-    `extra["contaminated"]`, None when off). `ids` holds the dropped candidates' ids, so that `select`
+    `extra.contaminated`, None when off). `ids` holds the dropped candidates' ids, so that `select`
     leaves out a score an earlier run (without decontamination, or with fewer sets) wrote for one."""
 
-    def __init__(self, found: Decontaminator | None, out: LineWriter, summary: RunSummary) -> None:
+    def __init__(self, found: Decontaminator | None, out: LineWriter, summary: RunSummary[CurateExtra]) -> None:
         self.found = found
         self.out = out
         self.summary = summary
         self.ids: set[str] = set()
         summary.results["contaminated"] = 0
-        summary.extra["contaminated"] = None if found is None else dict.fromkeys(found.sizes, 0)
+        summary.extra.contaminated = None if found is None else dict.fromkeys(found.sizes, 0)
 
     def clean(self, cands: Iterable[tuple[Candidate, int]]) -> Iterator[tuple[Candidate, int]]:
         """`cands` without the contaminated ones."""
@@ -243,7 +244,7 @@ class Contamination:
                                                      contaminated_field=field, ngram=hit.ngram).model_dump_json())
                 self.ids.add(cand.custom_id)
                 self.summary.results["contaminated"] += 1
-                self.summary.extra["contaminated"][hit.set_name] += 1
+                self.summary.extra.contaminated[hit.set_name] += 1  # type: ignore[index]
                 return True
         return False
 
@@ -383,7 +384,7 @@ def threshold(scored: Path, cfg: CurateConfig, scorer_model: str, exclude: Colle
     return ranked[max(1, math.ceil(cfg.top_fraction * len(ranked))) - 1]
 
 
-def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summary: RunSummary,
+def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summary: RunSummary[CurateExtra],
            histogram: Path | None, errors: LineWriter, exclude: Collection[str] = ()) -> None:
     """Rewrite the curated chat-format set from the scored journal, but the candidates in `exclude`;
     count bands (rubric scores); draw the histogram. Journal lines that are no record are skipped,
@@ -414,17 +415,18 @@ def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summar
             chars["kept"] += len(rec.output)
     os.replace(tmp, out)
     total = sum(bands.values())
-    summary.extra["bands"] = bands if cfg.scorer == "rubric" else None
-    summary.extra["selected"] = kept
-    summary.extra["k"] = k  # whichever of min_score, top_fraction or min_prob chose it
-    summary.extra["top_fraction"] = cfg.top_fraction
-    summary.extra["scored_total"] = total
-    summary.extra["corrupt_journal_lines"] = corrupt.count
+    extra = summary.extra
+    extra.bands = bands if cfg.scorer == "rubric" else None
+    extra.selected = kept
+    extra.k = k  # whichever of min_score, top_fraction or min_prob chose it
+    extra.top_fraction = cfg.top_fraction
+    extra.scored_total = total
+    extra.corrupt_journal_lines = corrupt.count
     # Summed likelihoods favour long responses: how the kept pairs' lengths compare with all of them.
-    summary.extra["mean_chars"] = {"kept": round(chars["kept"] / kept, 1) if kept else None,
-                                   "all": round(chars["all"] / total, 1) if total else None}
+    extra.mean_chars = MeanChars(kept=round(chars["kept"] / kept, 1) if kept else None,
+                                 all=round(chars["all"] / total, 1) if total else None)
     if mode == "free_text":
-        summary.extra["parse_rate"] = round((total - bands[UNPARSED]) / total, 4) if total else None
+        extra.parse_rate = round((total - bands[UNPARSED]) / total, 4) if total else None
     if histogram is not None and total:
         from client.plot import score_histogram
 
@@ -434,7 +436,7 @@ def select(scored: Path, out: Path, cfg: CurateConfig, scorer_model: str, summar
 
 
 async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str], fanout: FanoutConfig,
-                 config: CurateConfig | None = None) -> RunSummary:
+                 config: CurateConfig | None = None) -> RunSummary[CurateExtra]:
     """Score every pair of `candidates`, then write A_k (score >= min_score) to `out` as chat JSONL.
 
     Resumable like `augment`: the scored journal (`<out>.scored.jsonl` unless `config.scored`) keeps
@@ -453,16 +455,17 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
     scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
     # select() reports the scored journal's lines that are no record, so the journal's opening does not.
     with (open_run(out, f"curate[{scored_mode(cfg)}]", candidates.stat().st_size, journal=scored_path,
-                   fsync=cfg.fsync, progress=cfg.progress, corrupt_lines=False) as opened,
+                   fsync=cfg.fsync, progress=cfg.progress, corrupt_lines=False, extra=CurateExtra()) as opened,
           LineWriter(side_path(out, "contaminated.jsonl")) as contaminated):
         summary = opened.summary
         dropped = Contamination(found, contaminated, summary)
         async with Fanout(fanout) as fan:
             model, root = await served_model(fan, cfg.model)
-            summary.extra.update(model=model, checkpoint=cfg.checkpoint or root, mode=scored_mode(cfg))
+            summary.extra.model, summary.extra.checkpoint = model, cfg.checkpoint or root
+            summary.extra.mode = scored_mode(cfg)
             cands = dropped.clean(read_candidates(candidates, opened.errors, summary, cfg.max_field_chars))
             if cfg.shard is not None:
-                summary.extra["shard"] = str(cfg.shard)
+                summary.extra.shard = str(cfg.shard)
             if cfg.scorer == "rubric":
                 task = ScoreTask(model, cfg.checkpoint or root, cfg)
                 jobs = (Job(task.request(cand), cand, cand.source, pos) for cand, pos in cands)
@@ -471,7 +474,7 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
             else:
                 await _score_likelihood(cands, fan, model, cfg.checkpoint or root, cfg, opened.journal, scored_path,
                                         opened.failed, summary, opened.progress, fanout)
-            summary.extra["retries"] = fan.retries
+            summary.extra.retries = fan.retries
         opened.journal.close()
         record_combiner(cfg, out, summary)
         select(scored_path, out, cfg, model, summary, side_path(out, "scores.png") if cfg.histogram else None,
@@ -479,7 +482,7 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
     return summary
 
 
-def record_combiner(cfg: CurateConfig, out: Path, summary: RunSummary) -> None:
+def record_combiner(cfg: CurateConfig, out: Path, summary: RunSummary[CurateExtra]) -> None:
     """Copy the combined scorer's fitted combiner beside the scores (`<out>.combiner.json`) and name it,
     and the pairs it was fitted on, in the summary (the dataset card reads them)."""
     if cfg.scorer != "combined" or cfg.calibration is None:
@@ -487,8 +490,8 @@ def record_combiner(cfg: CurateConfig, out: Path, summary: RunSummary) -> None:
     combiner = Combiner.load(cfg.calibration)
     path = side_path(out, "combiner.json")
     combiner.write(path)
-    summary.extra["combiner"] = {"path": str(path), "data": combiner.data, "pairs": combiner.pairs,
-                                 "negatives": combiner.negatives}
+    summary.extra.combiner = CombinerUsed(path=str(path), data=combiner.data, pairs=combiner.pairs,
+                                          negatives=combiner.negatives)
 
 
 def check_scorer(cfg: CurateConfig) -> None:
@@ -524,7 +527,8 @@ async def likelihood_scorer(cfg: CurateConfig, fan: Fanout, model: str, checkpoi
 
 async def _score_likelihood(cands: Iterable[tuple[Candidate, int]], fan: Fanout, model: str, checkpoint: str | None,
                             cfg: CurateConfig, journal: Journal, scored_path: Path, failed: LineWriter,
-                            summary: RunSummary, progress: Progress, fanout: FanoutConfig) -> LikelihoodScorer:
+                            summary: RunSummary[CurateExtra], progress: Progress,
+                            fanout: FanoutConfig) -> LikelihoodScorer:
     back_cfg = backward_fanout(fanout, cfg)
     async with Fanout(back_cfg) if back_cfg is not None else nullcontext(None) as back:
         scorer = await likelihood_scorer(cfg, fan, model, checkpoint, back)
@@ -538,7 +542,7 @@ async def likelihood_records(cands: list[Candidate], fan: Fanout, model: str, ch
     """The likelihood scores of `cands`, in order, journaled in `scored_path` (its terms beside it),
     so an interrupted evaluation resumes; `RequestFailed` when some pair could not be scored (the
     others are kept, the failures in `<scored_path>.failed.jsonl`)."""
-    summary = RunSummary()
+    summary = RunSummary(extra=CurateExtra())
     failed = LineWriter(side_path(scored_path, "failed.jsonl"))
     journal = Journal(scored_path).open()
     try:

@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from client.extras import CurateExtra
 from client.fanout import Fanout
 from client.journal import Journal, LineWriter
 from client.progress import Progress
@@ -306,7 +307,7 @@ def terms_path(scored: Path) -> Path:
 
 
 async def score_online(scorer: LikelihoodScorer, cands: Iterable[tuple[Candidate, int]], scored: Journal,
-                       terms: Path, failed: LineWriter, summary: RunSummary, progress: Progress) -> None:
+                       terms: Path, failed: LineWriter, summary: RunSummary[CurateExtra], progress: Progress) -> None:
     """Score every candidate not yet in the `scored` journal: ask each missing term (tokenized by its
     model's server, then one prefill) into the `terms` journal, then append the pair's record to
     `scored`. A term that fails, or cannot be asked, fails its pair (to `failed`; asked again on the
@@ -319,8 +320,8 @@ async def score_online(scorer: LikelihoodScorer, cands: Iterable[tuple[Candidate
 
 
 async def _score_chunk(scorer: LikelihoodScorer, chunk: list[tuple[Candidate, int]], scored: Journal,
-                       journal: Journal, done: dict[str, TermLogprob], failed: LineWriter, summary: RunSummary,
-                       progress: Progress) -> None:
+                       journal: Journal, done: dict[str, TermLogprob], failed: LineWriter,
+                       summary: RunSummary[CurateExtra], progress: Progress) -> None:
     todo = [(c, pos) for c, pos in chunk if scorer.score_id(c) not in scored.done]
     summary.results["skipped_done"] += len(chunk) - len(todo)
     jobs, unusable = await term_jobs(scorer, (c for c, _ in todo), set(done))
@@ -333,7 +334,7 @@ async def _score_chunk(scorer: LikelihoodScorer, chunk: list[tuple[Candidate, in
     await asyncio.gather(*(run(m.task, model_jobs, remembering(online(m.fan), done), journal, failed, term_summary,
                                quiet, m.fan.max_inflight)
                            for m, model_jobs in by_model.values() if m.fan is not None))
-    summary.extra["terms_asked"] = summary.extra.get("terms_asked", 0) + term_summary.results["written"]
+    summary.extra.terms_asked = (summary.extra.terms_asked or 0) + term_summary.results["written"]
     append_scores(scorer, todo, scored, done, unusable, failed, summary, progress)
 
 

@@ -49,6 +49,7 @@ from typing import Any, BinaryIO, cast
 
 from client.augment import AugmentConfig, AugmentTask, load_demonstrations, prepared_segments
 from client.corpus import Corpus, Lines, check_input, open_corpora
+from client.extras import MergeExtra, ShardSetNames
 from client.journal import LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
 from client.runner import RunSummary, side_path
@@ -214,13 +215,13 @@ class ShardSet:
     failed: dict[str, int] = field(default_factory=dict)  # shard -> requests its last run failed
     settings: dict[str, list[str]] = field(default_factory=dict)  # model/checkpoint -> the values the shards name
 
-    def record(self, summary: RunSummary) -> None:
-        """Count what this set lacks in `summary` (results) and name it (extra["shard_set"])."""
+    def record(self, summary: RunSummary[MergeExtra]) -> None:
+        """Count what this set lacks in `summary` (results) and name it (`extra.shard_set`)."""
         summary.results.update(missing_shards=len(self.missing), repeated_shards=len(self.repeated),
                                unproven_shards=len(self.unproven), shards_failed=len(self.failed),
                                settings_differ=len(self.settings))
-        summary.extra["shard_set"] = {"count": self.count, "missing": self.missing, "repeated": self.repeated,
-                                      "unproven": self.unproven, "failed": self.failed, "settings": self.settings}
+        summary.extra.shard_set = ShardSetNames(count=self.count, missing=self.missing, repeated=self.repeated,
+                                                unproven=self.unproven, failed=self.failed, settings=self.settings)
 
 
 def prove_shard_set(shards: Sequence[Path]) -> ShardSet:
@@ -328,7 +329,7 @@ def failure_reasons(shards: Sequence[Path]) -> dict[str, str]:
 
 
 def check_complete(shards: Sequence[Path], out: Path, joined: Joined, expected: Iterable[tuple[str, Source]],
-                   summary: RunSummary) -> None:
+                   summary: RunSummary[MergeExtra]) -> None:
     """Compare the joined records with the `expected` requests: write `<out>.missing.jsonl` and
     `<out>.unexpected.jsonl` (none when empty) and count both in `summary`."""
     reasons = failure_reasons(shards)
@@ -358,13 +359,13 @@ def check_complete(shards: Sequence[Path], out: Path, joined: Joined, expected: 
                 shown.append(cid)
             w.write(json.dumps({"custom_id": cid}))
     summary.results["expected"] = len(wanted)
-    summary.extra["missing"] = missing
-    summary.extra["unexpected"] = shown
+    summary.extra.missing = missing
+    summary.extra.unexpected = shown
 
 
 def merge(shards: Sequence[PathLike], out: PathLike, corpus: Sequence[PathLike] | None = None,
           config: AugmentConfig | None = None, prepare: PrepareConfig | None = None,
-          text_field: str = "text") -> RunSummary:
+          text_field: str = "text") -> RunSummary[MergeExtra]:
     """Join the shard outputs `shards` into `out` (rewritten), each record once; with `corpus`, check
     them against the requests the unsharded augment run asks for (`config`: its model, sampling,
     demonstrations and `limit`; `prepare`: its preparation; see the module docstring).
@@ -373,9 +374,9 @@ def merge(shards: Sequence[PathLike], out: PathLike, corpus: Sequence[PathLike] 
     different records under one custom_id, or no model to compute the ids for. The summary
     (`<out>.summary.json`) counts `records` read and `corrupt_lines` skipped, and `written`,
     `duplicates`, `foreign` and what the shards' summaries prove (`missing_shards`, `repeated_shards`,
-    `unproven_shards`, `shards_failed`, `settings_differ`, named in `extra["shard_set"]`) and, with
+    `unproven_shards`, `shards_failed`, `settings_differ`, named in `extra.shard_set`) and, with
     `corpus`, `expected`, `missing` (`missing_failed` of them named in a shard's failures file) and
-    `unexpected`; `extra["shards"]` is the records each shard gave. `proven(summary)` says whether
+    `unexpected`; `extra.shards` is the records each shard gave. `proven(summary)` says whether
     all of it proves the merged file is the unsharded run's output.
     """
     paths = [Path(s) for s in shards]
@@ -397,8 +398,8 @@ def merge(shards: Sequence[PathLike], out: PathLike, corpus: Sequence[PathLike] 
         return _merge(paths, out, unsharded)
 
 
-def _merge(shards: list[Path], out: Path, unsharded: UnshardedRun | None) -> RunSummary:
-    summary = RunSummary()
+def _merge(shards: list[Path], out: Path, unsharded: UnshardedRun | None) -> RunSummary[MergeExtra]:
+    summary = RunSummary(extra=MergeExtra())
     start = time.monotonic()
     summary.input.update(shards=len(shards), records=0, corrupt_lines=0)
     summary.results.update(written=0, duplicates=0)
@@ -411,7 +412,7 @@ def _merge(shards: list[Path], out: Path, unsharded: UnshardedRun | None) -> Run
             joined = join(shards, dst, errors, summary, shard_set.owners)
         if unsharded is not None:
             model = _model(unsharded.config, joined)
-            summary.extra["model"] = model
+            summary.extra.model = model
             check_complete(shards, out, joined, expected_requests(unsharded, model), summary)
         os.replace(tmp, out)
     except OSError as exc:
@@ -420,7 +421,7 @@ def _merge(shards: list[Path], out: Path, unsharded: UnshardedRun | None) -> Run
         raise OutputError(f"{exc.filename or out}: {exc.strerror or exc}; {out} was not replaced") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    summary.extra["shards"] = joined.per_shard
+    summary.extra.shards = joined.per_shard
     summary.elapsed_s = time.monotonic() - start
     summary.write(side_path(out, "summary.json"))
     return summary

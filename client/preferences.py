@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from client.curate import contaminated_ids, scored_records
+from client.extras import PreferencesExtra
 from client.journal import LineWriter, output_lock
 from client.runner import CorruptLines, RunSummary, side_path
 from humpback.contracts import ChatMessage, PreferencePair, ScoredCandidate
@@ -49,7 +50,7 @@ class _Extremes:
 
 
 def preference_pairs(records: Iterable[ScoredCandidate], cfg: PreferenceConfig,
-                     summary: RunSummary) -> list[PreferencePair]:
+                     summary: RunSummary[PreferencesExtra]) -> list[PreferencePair]:
     """The pairs of `records` (see the module doc), in the order their instructions first appear."""
     groups: dict[tuple[str, str, str], _Extremes] = {}
     scorer = cfg.scorer
@@ -91,7 +92,7 @@ def preference_pairs(records: Iterable[ScoredCandidate], cfg: PreferenceConfig,
             score_chosen=g.best.score, score_rejected=g.worst.score, margin=margin,  # type: ignore[arg-type]
             chosen_id=g.best.candidate_id, rejected_id=g.worst.candidate_id))
     summary.results["instructions"] = len(groups)
-    summary.extra["scorer"] = scorer
+    summary.extra.scorer = scorer
     summary.results["pairs"] = len(pairs)
     return pairs
 
@@ -111,12 +112,12 @@ def _records(scored: Iterable[Path], errors: LineWriter, summary: RunSummary) ->
 
 
 def export_dpo(scored: Iterable[str | os.PathLike[str]], out: str | os.PathLike[str],
-               config: PreferenceConfig | None = None) -> RunSummary:
+               config: PreferenceConfig | None = None) -> RunSummary[PreferencesExtra]:
     """Write the preference pairs of the `scored` journals to `out` (JSONL, TRL's conversational
     preference format). Journal lines that are no scored record go to `<out>.errors.jsonl`."""
     cfg = config or PreferenceConfig()
     out = Path(out)
-    summary = RunSummary()
+    summary = RunSummary(extra=PreferencesExtra())
     with output_lock(out), LineWriter(side_path(out, "errors.jsonl")) as errors:
         records = _records(map(Path, scored), errors, summary)
         pairs = preference_pairs(records, cfg, summary)

@@ -103,12 +103,12 @@ async def rewrite(candidates: str | os.PathLike[str], out: str | os.PathLike[str
         async with Fanout(fanout) as fan:
             model, root = await served_model(fan, cfg.model)
             task = RewriteTask(model, cfg.checkpoint or root, cfg)
-            summary.extra.update(model=model, checkpoint=task.checkpoint)
+            summary.extra.model, summary.extra.checkpoint = model, task.checkpoint
             jobs = shard_jobs((Job(task.request(cand), cand, cand.source, pos)
                                for cand, pos in read_candidates(candidates, opened.errors, summary,
                                                                 cfg.max_field_chars)),
                               cfg.shard, summary.results)
             await run(task, jobs, online(fan, usage=summary.results), opened.journal, opened.failed, summary,
                       opened.progress, fan.max_inflight)
-            summary.extra["retries"] = fan.retries
+            summary.extra.retries = fan.retries
     return summary

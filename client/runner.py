@@ -17,8 +17,11 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol
 
+from typing_extensions import TypeVar
+
+from client.extras import RunExtra
 from client.fanout import Fanout
 from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
 from client.progress import Progress
@@ -27,10 +30,14 @@ from humpback.contracts import BatchRequest, Failure, OutputError, Rejected, Req
 
 log = logging.getLogger(__name__)
 
+E = TypeVar("E", bound=RunExtra, default=RunExtra)
+
 
 @dataclass
-class RunSummary:
-    """What a run did, per stage; written next to the output as `<out>.summary.json`."""
+class RunSummary(Generic[E]):
+    """What a run did, per stage; written next to the output as `<out>.summary.json`. `extra` is what
+    the task names beside its counts (`client.extras`: `CurateExtra`, `AugmentExtra` ...); only the
+    fields it set are written."""
 
     input: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
@@ -40,12 +47,13 @@ class RunSummary:
     # What the answers were worth, where a task measures it (augment: usable instructions, each kind
     # of unusable one, resampling and `usable_rate`; see `client.augment.augment`).
     quality: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: E = field(default_factory=RunExtra)  # type: ignore[assignment]
     elapsed_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: it mangles Counters
         d = {k: dict(v) if isinstance(v, Counter) else v for k, v in d.items()}
+        d["extra"] = self.extra.model_dump(mode="json", exclude_unset=True)
         d["elapsed_s"] = round(self.elapsed_s, 3)
         return d
 
@@ -89,10 +97,10 @@ def reason_key(reason: str) -> str:
 
 
 @dataclass
-class OpenRun:
+class OpenRun(Generic[E]):
     """What a run writes to while it runs (see `open_run`)."""
 
-    summary: RunSummary
+    summary: RunSummary[E]
     journal: Journal
     errors: LineWriter
     failed: LineWriter
@@ -102,12 +110,14 @@ class OpenRun:
 @contextmanager
 def open_run(out: Path, label: str, total: int, *, journal: Path | None = None, locks: Iterable[Path] = (),
              fsync: FsyncPolicy = "interval", progress: bool = True, corrupt_lines: bool = True,
-             summary: Path | None = None, finish: Callable[[RunSummary], None] | None = None) -> Iterator[OpenRun]:
+             summary: Path | None = None, finish: Callable[[RunSummary[E]], None] | None = None,
+             extra: E | None = None) -> Iterator[OpenRun[E]]:
     """The set-up and tear-down every run shares (augment, curate, rewrite, batch import, the
     evaluations): lock `out`, the journal and `locks` (`InputError` while another run writes one:
     nothing else is touched then), open the journal (`journal`, default `out`; its lines that are no record go to
     `<out>.errors.jsonl` and are counted, unless `corrupt_lines` is off), the side files
-    `<out>.errors.jsonl` and `<out>.failed.jsonl`, and a progress bar over `total`.
+    `<out>.errors.jsonl` and `<out>.failed.jsonl`, and a progress bar over `total`. The summary's
+    `extra` is `extra` (the task's own, e.g. `CurateExtra()`; default `RunExtra()`).
 
     However the run ends (done, some requests failed, `OutputError`, interrupted), everything is
     closed, `results["failed"]` counted, `finish(summary)` called (what a task adds once the run has
@@ -116,7 +126,7 @@ def open_run(out: Path, label: str, total: int, *, journal: Path | None = None, 
     start = time.monotonic()
     journal_path = journal or out
     with output_lock(out, journal_path, *locks):
-        run_summary = RunSummary()
+        run_summary: RunSummary[E] = RunSummary(extra=extra or RunExtra())  # type: ignore[arg-type]
         errors = LineWriter(side_path(out, "errors.jsonl"))
         corrupt = CorruptLines(journal_path, errors) if corrupt_lines else None
         opened = OpenRun(run_summary, Journal(journal_path, fsync=fsync, on_corrupt=corrupt), errors,
@@ -124,9 +134,9 @@ def open_run(out: Path, label: str, total: int, *, journal: Path | None = None, 
         try:
             opened.journal.open()
             run_summary.results["already_done"] = len(opened.journal.done)
-            run_summary.extra["repaired_bytes"] = opened.journal.repaired_bytes
+            run_summary.extra.repaired_bytes = opened.journal.repaired_bytes
             if corrupt is not None:
-                run_summary.extra["corrupt_journal_lines"] = corrupt.count
+                run_summary.extra.corrupt_journal_lines = corrupt.count
             yield opened
         finally:
             opened.progress.close()

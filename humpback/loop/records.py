@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, JsonValue
 
+from client.extras import AugmentExtra, CurateExtra
 from client.runner import RunSummary
 from humpback.contracts import Role
 from humpback.evaluation.metrics import Metric
@@ -124,7 +125,7 @@ class AugmentResult(StageRecord):
     summary: ClientSummary
 
     @classmethod
-    def from_summary(cls, candidates: Path, summary: RunSummary) -> AugmentResult:
+    def from_summary(cls, candidates: Path, summary: RunSummary[AugmentExtra]) -> AugmentResult:
         return cls(candidates=candidates, summary=ClientSummary.of(summary))
 
 
@@ -163,13 +164,13 @@ class CurateResult(StageRecord):
     summary: ClientSummary
 
     @classmethod
-    def from_summary(cls, summary: RunSummary, **outputs: object) -> CurateResult:
+    def from_summary(cls, summary: RunSummary[CurateExtra], **outputs: object) -> CurateResult:
         """The curate stage's record from curate's summary and the loop's `outputs` (files, scorer,
         counts)."""
         extra = summary.extra
         return cls.model_validate({
-            **outputs, "k": extra["k"], "selected": extra["selected"], "scored_total": extra["scored_total"],
-            "mode": extra["mode"], "served_as": extra["model"], "contaminated": summary.results["contaminated"],
+            **outputs, "k": extra.k, "selected": extra.selected, "scored_total": extra.scored_total,
+            "mode": extra.mode, "served_as": extra.model, "contaminated": summary.results["contaminated"],
             "summary": ClientSummary.of(summary)})
 
 
@@ -188,8 +189,8 @@ class RewriteResult(StageRecord):
     @classmethod
     def from_summary(cls, summary: RunSummary, candidates: Path, rewritten_file: Path, curated: int,
                      rewritten: int) -> RewriteResult:
-        return cls(candidates=candidates, rewritten_file=rewritten_file, rewriter=str(summary.extra["model"]),
-                   rewriter_checkpoint=summary.extra.get("checkpoint"), curated=curated, rewritten=rewritten,
+        return cls(candidates=candidates, rewritten_file=rewritten_file, rewriter=str(summary.extra.model),
+                   rewriter_checkpoint=summary.extra.checkpoint, curated=curated, rewritten=rewritten,
                    not_rewritten=curated - rewritten, summary=ClientSummary.of(summary))
 
 

@@ -70,7 +70,7 @@ async def test_torn_last_line_is_repaired_on_resume(fake: FakeServer, corpus: Pa
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
     summary = await augment([corpus], out, _fan(fake.url), QUIET)
-    assert summary.extra["repaired_bytes"] > 0 and summary.results["written"] == 1
+    assert summary.extra.repaired_bytes > 0 and summary.results["written"] == 1
     assert len(_ids(out)) == 30 == len(set(_ids(out)))
 
 
@@ -83,7 +83,7 @@ async def test_lines_of_the_journal_that_are_no_record_are_reported_and_done_aga
     lines[11] = lines[11][:40] + "\n"
     out.write_text("".join(lines))
     summary = await augment([corpus], out, _fan(fake.url), QUIET)
-    assert summary.results["written"] == 2 and summary.extra["corrupt_journal_lines"] == 2
+    assert summary.results["written"] == 2 and summary.extra.corrupt_journal_lines == 2
     errors = [json.loads(x) for x in (tmp_path / "cands.errors.jsonl").read_text().splitlines()]
     assert [(e["source"], e["line"], e["reason"]) for e in errors] == [
         (str(out), 5, "corrupt journal line: not a record"), (str(out), 12, "corrupt journal line: not a record")]
@@ -127,7 +127,7 @@ async def test_an_unusable_instruction_is_resampled_with_the_next_seed(fake: Fak
     assert summary.results["written"] == 1 and summary.results["failed"] == 0
     assert summary.quality == {"sent": 1, "usable": 1, "truncated": 1, "empty": 0, "copy": 0, "meta": 0,
                                "resampled": 1, "rescued": 1, "usable_rate": 1.0}
-    assert summary.extra["retries"] == 0  # a resample is no retry: no backoff
+    assert summary.extra.retries == 0  # a resample is no retry: no backoff
     first, second = fake.bodies
     assert (first["seed"], second["seed"]) == (7, 8) and first["messages"] == second["messages"]
     assert Candidate.model_validate_json(out.read_text()).instruction.startswith("What does this say")

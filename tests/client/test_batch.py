@@ -66,7 +66,7 @@ def test_curate_batch_round_trip(corpus: Path, tmp_path: Path) -> None:
     summary = import_curate(sreq, sres, out, cfg)
     scored = [ScoredCandidate.model_validate_json(x) for x in (tmp_path / "curated.scored.jsonl").read_text().splitlines()]
     assert len(scored) == 30 and all(1 <= s.score <= 5 for s in scored)  # type: ignore[operator]
-    assert summary.extra["selected"] == len(out.read_text().splitlines()) == sum(s.score >= 3.0 for s in scored)  # type: ignore[operator]
+    assert summary.extra.selected == len(out.read_text().splitlines()) == sum(s.score >= 3.0 for s in scored)  # type: ignore[operator]
 
 
 def test_rewrite_batch_round_trip_gives_the_live_path_s_records(corpus: Path, tmp_path: Path) -> None:
@@ -155,7 +155,7 @@ def test_curate_import_fails_unusable_answers(corpus: Path, tmp_path: Path) -> N
     scored = [ScoredCandidate.model_validate_json(x) for x in (tmp_path / "curated.scored.jsonl").read_text().splitlines()]
     assert [s.custom_id for s in scored] == [ids[0], ids[3]]
     assert [(s.source.path, s.source.line) for s in scored] == [(str(cands), 1), (str(cands), 4)]
-    assert summary.extra["selected"] == 2 and not (tmp_path / "curated.errors.jsonl").exists()
+    assert summary.extra.selected == 2 and not (tmp_path / "curated.errors.jsonl").exists()
 
 
 def test_import_refuses_a_meta_file_out_of_step(corpus: Path, tmp_path: Path) -> None:

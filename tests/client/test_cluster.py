@@ -22,6 +22,9 @@ from typing import TypeVar
 
 import pytest
 
+from client.cluster import combined
+from client.extras import CurateExtra, MergeExtra
+from client.runner import RunSummary
 from client.shard import Shard, in_shard
 from humpback.cli import main
 from tests.client.conftest import make_text
@@ -155,6 +158,31 @@ def _summary(out: Path) -> dict:
 
 
 # --- without a model: settings, errors, and a local cluster against the fake server ---------------------
+
+
+def test_the_shards_summaries_combine_into_the_runs(tmp_path: Path) -> None:
+    """`combined` keeps what the shards share, sums their retries, names the cluster and the merge,
+    and drops each shard's own name; curate's selection (its last, local step) is copied over it;
+    the file holds only the fields set."""
+    shards = []
+    for i, retries in enumerate((2, 3)):
+        s = RunSummary(extra=CurateExtra(model="scorer", mode="logprobs", shard=f"{i}/2", retries=retries,
+                                         repaired_bytes=0, contaminated=None))
+        s.results.update(written=5 + i, other_shard=6 - i)
+        shards.append(s)
+    merged = RunSummary(extra=MergeExtra(missing=["a"]))
+    merged.results.update(written=11, duplicates=0)
+    total = combined(shards, merged, "local")
+    selected = RunSummary(extra=CurateExtra(selected=4, k=0.5, retries=0, repaired_bytes=7, bands=None))
+    total.extra.copy_from(selected.extra, drop=("retries", "repaired_bytes"))
+    total.write(tmp_path / "run.summary.json")
+    extra = _summary(tmp_path / "run.jsonl")["extra"]
+    assert extra == {"repaired_bytes": 0, "model": "scorer", "retries": 5, "contaminated": None, "mode": "logprobs",
+                     "bands": None, "selected": 4, "k": 0.5,
+                     "ray": {"address": "local", "shards": 2, "written": [5, 6]},
+                     "merge": {"written": 11, "duplicates": 0, "missing_ids": ["a"]}}
+    assert total.results["written"] == 11 and "other_shard" not in total.results
+
 
 
 def test_ray_and_shard_settings_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -63,9 +63,9 @@ async def test_logprobs_mode_scores_selects_and_plots(fake: FakeServer, candidat
     body = fake.bodies[0]
     assert body["structured_outputs"] == {"choice": ["1", "2", "3", "4", "5"]} and body["logprobs"] is True
     curated = [ChatExample.model_validate_json(x) for x in out.read_text().splitlines()]
-    assert len(curated) == sum(1 for s in scored if s.score >= 3.5) == summary.extra["selected"] > 0  # type: ignore[operator]
+    assert len(curated) == sum(1 for s in scored if s.score >= 3.5) == summary.extra.selected > 0  # type: ignore[operator]
     assert curated[0].messages[0].content == AUGMENTED_SYSTEM_PROMPT
-    assert sum(summary.extra["bands"].values()) == 20
+    assert sum(summary.extra.bands.values()) == 20
     assert (tmp_path / "curated.scores.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "curated.errors.jsonl").read_text().splitlines()) == 2
 
@@ -78,9 +78,9 @@ async def test_top_fraction_sets_k_from_the_ranking(fake: FakeServer, candidates
     scored_before = fake.requests["/v1/chat/completions"]
     summary = await curate(candidates, out, _fan(fake.url), CurateConfig(top_fraction=0.25, progress=False))
     assert fake.requests["/v1/chat/completions"] == scored_before  # re-selected from the journal alone
-    assert summary.extra["k"] == scores[4] and summary.extra["top_fraction"] == 0.25  # 5th of 20
+    assert summary.extra.k == scores[4] and summary.extra.top_fraction == 0.25  # 5th of 20
     kept = sum(1 for s in scores if s >= scores[4])
-    assert summary.extra["selected"] == kept == len(out.read_text().splitlines()) >= 5
+    assert summary.extra.selected == kept == len(out.read_text().splitlines()) >= 5
     with pytest.raises(ValueError, match="top_fraction"):
         CurateConfig(top_fraction=0.0)
 
@@ -89,7 +89,7 @@ async def test_free_text_mode_reports_parse_rate(fake: FakeServer, candidates: P
     fake.script.extend(["empty", "empty"])  # two answers state no score
     out = tmp_path / "curated.jsonl"
     summary = await curate(candidates, out, _fan(fake.url), CurateConfig(mode="free_text", progress=False))
-    assert summary.extra["bands"]["unparsed"] == 2 and summary.extra["parse_rate"] == 0.9
+    assert summary.extra.bands["unparsed"] == 2 and summary.extra.parse_rate == 0.9
 
 
 async def test_resume_scores_only_missing(fake: FakeServer, candidates: Path, tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ async def test_resume_scores_only_missing(fake: FakeServer, candidates: Path, tm
     calls = fake.requests["/v1/chat/completions"]
     second = await curate(candidates, out, _fan(fake.url), CurateConfig(progress=False))
     assert second.results["skipped_done"] == 17 and fake.requests["/v1/chat/completions"] - calls == 3
-    assert second.extra["scored_total"] == 20
+    assert second.extra.scored_total == 20
 
 
 async def test_reads_gzip_candidates_with_bom_and_crlf(fake: FakeServer, candidates: Path, tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ async def test_reads_gzip_candidates_with_bom_and_crlf(fake: FakeServer, candida
     plain = await curate(candidates, tmp_path / "plain.jsonl", _fan(fake.url), CurateConfig(progress=False))
     packed = await curate(gz, tmp_path / "packed.jsonl", _fan(fake.url), CurateConfig(progress=False))
     assert packed.results["written"] == 20 == plain.results["written"]
-    assert plain.extra["bands"] == packed.extra["bands"] and packed.input == {"records": 22, "rejected": 2}
+    assert plain.extra.bands == packed.extra.bands and packed.input == {"records": 22, "rejected": 2}
     assert (tmp_path / "plain.jsonl").read_text() == (tmp_path / "packed.jsonl").read_text()
 
 
@@ -156,8 +156,8 @@ async def test_a_corrupt_scored_line_is_skipped_reported_and_scored_again(fake: 
     calls = fake.requests["/v1/chat/completions"]
     summary = await curate(candidates, out, _fan(fake.url), CurateConfig(min_score=1.0, progress=False))
     assert fake.requests["/v1/chat/completions"] - calls == 2 and summary.results["written"] == 2
-    assert summary.extra["corrupt_journal_lines"] == 2 == summary.results["written"]
-    assert summary.extra["selected"] == first.extra["selected"] == len(out.read_text().splitlines()) == 20
+    assert summary.extra.corrupt_journal_lines == 2 == summary.results["written"]
+    assert summary.extra.selected == first.extra.selected == len(out.read_text().splitlines()) == 20
     errors = [json.loads(x) for x in (tmp_path / "curated.errors.jsonl").read_text().splitlines()]
     journal = [(e["source"], e["line"], e["reason"]) for e in errors if e["source"] == str(scored)]
     assert journal == [(str(scored), 7, "corrupt journal line: not a record"),

@@ -228,13 +228,13 @@ async def test_contaminated_candidates_are_never_sent(fake: FakeServer, candidat
     sent = " ".join(json.dumps(b) for b in fake.bodies)
     assert len(fake.bodies) == 6 and "Please do this" not in sent and "topic 7" not in sent
     assert summary.results["written"] == 6 and summary.results["contaminated"] == 3
-    assert summary.extra["contaminated"] == {"ifeval": 2, "alpaca_eval": 0, str(heldout): 1}
+    assert summary.extra.contaminated == {"ifeval": 2, "alpaca_eval": 0, str(heldout): 1}
     side = _side(tmp_path / "curated.contaminated.jsonl")
     assert [(c.custom_id, c.contaminated_set, c.contaminated_field) for c in side] == [
         ("a" * 32, "ifeval", "instruction"), ("b" * 32, str(heldout), "output"), ("c" * 32, "ifeval", "instruction")]
     assert side[1].ngram == " ".join(words(PROMPT.replace("story", "note"))[4:4 + NGRAM])
     assert side[0].source.path == str(candidates) and side[0].source.line == 7
-    assert len(out.read_text().splitlines()) == summary.extra["selected"] == 6
+    assert len(out.read_text().splitlines()) == summary.extra.selected == 6
 
     # Resumed: the same candidates dropped again, none of them sent, the side file the same.
     before = fake.requests["/v1/chat/completions"]

@@ -104,7 +104,7 @@ async def test_curate_free_text_real_server(candidates: Path, servers, tmp_path:
     # A free-text answer never fails: one that states no score is recorded with score None.
     assert summary.results["written"] == n and summary.results["failed"] == 0
     scored = [ScoredCandidate.model_validate_json(x) for x in (tmp_path / "curated.scored.jsonl").read_text().splitlines()]
-    assert len(scored) == n == summary.extra["scored_total"]
+    assert len(scored) == n == summary.extra.scored_total
     # Whatever the small model says, each score is exactly what the paper's "Score: N" parse reads in
     # its raw answer, and the parse rate, the bands and the selection are counted from those scores.
     for s in scored:
@@ -114,8 +114,8 @@ async def test_curate_free_text_real_server(candidates: Path, servers, tmp_path:
         if re.search(r"Score: [1-5]", s.raw):  # the paper's exact format always parses
             assert s.score is not None
     parsed_n = sum(s.score is not None for s in scored)
-    assert summary.extra["parse_rate"] == round(parsed_n / n, 4)
-    assert summary.extra["bands"] == {label: sum(band_of(s.score) == label for s in scored)
+    assert summary.extra.parse_rate == round(parsed_n / n, 4)
+    assert summary.extra.bands == {label: sum(band_of(s.score) == label for s in scored)
                                       for label in (*BAND_LABELS, UNPARSED)}
-    assert summary.extra["selected"] == sum(s.score is not None and s.score >= 4.5 for s in scored)
-    assert len(out.read_text().splitlines()) == summary.extra["selected"]
+    assert summary.extra.selected == sum(s.score is not None and s.score >= 4.5 for s in scored)
+    assert len(out.read_text().splitlines()) == summary.extra.selected

@@ -81,7 +81,7 @@ async def test_pmi_on_a_context_free_model_is_zero_and_shares_the_unconditional_
     summary = await curate(cands, out, _fan(eval_fake), cfg)
     assert summary.results["written"] == len(pairs) and summary.results.get("failed", 0) == 0
     assert eval_fake.requests["/v1/completions"] == len(pairs) + len(PAIRS)  # conditional each, unconditional once
-    assert summary.extra["mode"] == "pmi" and summary.extra["bands"] is None
+    assert summary.extra.mode == "pmi" and summary.extra.bands is None
     recs = list(scored_records(tmp_path / "curated.scored.jsonl", "pmi"))
     assert len(recs) == len(pairs)
     for rec in recs:
@@ -96,7 +96,7 @@ async def test_pmi_on_a_context_free_model_is_zero_and_shares_the_unconditional_
     again = await curate(cands, out, _fan(eval_fake), cfg)
     assert {k: eval_fake.requests[k] for k in asked} == asked
     assert again.results["skipped_done"] == len(pairs) and again.results.get("written", 0) == 0
-    assert again.extra["selected"] == summary.extra["selected"] == len(pairs)  # all tie at 0: all kept
+    assert again.extra.selected == summary.extra.selected == len(pairs)  # all tie at 0: all kept
 
 
 async def test_reverse_pmi_asks_the_backward_server(eval_fake: EvalFake, tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ async def test_reverse_pmi_asks_the_backward_server(eval_fake: EvalFake, tmp_pat
         summary = await curate(cands, tmp_path / "out.jsonl", _fan(eval_fake), cfg)
         assert eval_fake.requests["/v1/completions"] == 0 and back.requests["/v1/completions"] == 2 * len(PAIRS)
         rec = next(scored_records(tmp_path / "out.scored.jsonl", "reverse_pmi"))
-        assert rec.signals is not None and rec.scorer_model == summary.extra["model"]
+        assert rec.signals is not None and rec.scorer_model == summary.extra.model
         assert rec.signals["reverse_pmi_logp_conditional"] == pytest.approx(
             _known_logprob(backward_messages(rec.output), rec.instruction))
         assert rec.signals["reverse_pmi_logp_unconditional"] == pytest.approx(
@@ -173,7 +173,7 @@ def test_batch_round_trip_gives_the_live_path_s_scores(scorer: str, eval_fake: E
     _run_batch(req, res, {"*": eval_fake.url})
     summary = import_curate(req, res, tmp_path / "batch.jsonl", cfg.model_copy(update={"backward_endpoint": None}))
     assert summary.results["written"] == 2 * len(PAIRS) and summary.results["failed"] == 0
-    assert summary.extra["selected"] == live.extra["selected"]
+    assert summary.extra.selected == live.extra.selected
     key = {(r.candidate_id, r.custom_id, r.score) for r in scored_records(tmp_path / "live.scored.jsonl", scorer)}
     assert {(r.candidate_id, r.custom_id, r.score) for r in scored_records(tmp_path / "batch.scored.jsonl",
                                                                            scorer)} == key
@@ -181,7 +181,7 @@ def test_batch_round_trip_gives_the_live_path_s_scores(scorer: str, eval_fake: E
     assert again.results.get("written", 0) == 0 and again.results["skipped_done"] == 2 * len(PAIRS)
     if scorer == "combined":
         assert json.loads((tmp_path / "batch.combiner.json").read_text())["data"] == "pairs.jsonl"
-        assert summary.extra["combiner"]["path"].endswith("batch.combiner.json")
+        assert summary.extra.combiner.path.endswith("batch.combiner.json")
         assert all(r.score == pytest.approx(0.5) for r in scored_records(tmp_path / "batch.scored.jsonl", scorer))
 
 
@@ -218,7 +218,7 @@ async def test_on_the_real_model_another_pair_s_instruction_lowers_the_pmi(serve
     for (x, y), (other, _) in zip(PAIRS, _mismatched(PAIRS)):
         assert pmi[(x, y)] > pmi[(other, y)], (x, y, pmi[(x, y)], pmi[(other, y)])
     # Across responses the summed PMI also grows with the response: the top half need not be the true pairs.
-    assert summary.extra["selected"] == len(PAIRS)
+    assert summary.extra.selected == len(PAIRS)
 
 
 @pytest.mark.server
@@ -233,7 +233,7 @@ def test_on_the_real_model_every_scorer_runs_resumes_and_round_trips_a_batch(sco
     live = asyncio.run(curate(cands, tmp_path / "live.jsonl", fan, cfg))
     assert live.results["written"] == 2 * len(PAIRS) and live.results["failed"] == 0
     again = asyncio.run(curate(cands, tmp_path / "live.jsonl", fan, cfg))
-    assert again.results["skipped_done"] == 2 * len(PAIRS) and again.extra.get("terms_asked", 0) == 0
+    assert again.results["skipped_done"] == 2 * len(PAIRS) and (again.extra.terms_asked or 0) == 0
     req, res = tmp_path / "req.jsonl", tmp_path / "res.jsonl"
     export_curate(cands, req, "scorer", cfg, fan)
     _run_batch(req, res, {"*": servers.scorer_url, "backward": servers.backward_url}, servers.headers)

@@ -78,7 +78,7 @@ def test_only_one_scorer_s_scores_rank(tmp_path: Path) -> None:
     scored.write_text(_scored("Q?", "a", 4.5, "a") + _scored("Q?", "b", 40.0, "b", mode="pmi")
                       + _scored("Q?", "c", 2.0, "c") + _scored("Q?", "d", -5.0, "d", mode="pmi"))
     first = export_dpo([scored], tmp_path / "first.jsonl")
-    assert first.results["other_scorer"] == 2 and first.extra["scorer"] == "logprobs"
+    assert first.results["other_scorer"] == 2 and first.extra.scorer == "logprobs"
     pmi = export_dpo([scored], tmp_path / "pmi.jsonl", PreferenceConfig(scorer="pmi"))
     pair = PreferencePair.model_validate_json((tmp_path / "pmi.jsonl").read_text())
     assert (pair.chosen_id, pair.rejected_id, pair.margin) == ("b", "d", 45.0) and pmi.results["other_scorer"] == 2

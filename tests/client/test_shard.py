@@ -66,7 +66,7 @@ async def _augment_shards(fake: FakeServer, corpus: Path, tmp_path: Path, count:
     for i in range(count):
         out = tmp_path / f"shard{i}" / "cands.jsonl"
         summary = await augment([corpus], out, _fan(fake.url), config.model_copy(update={"shard": Shard(i, count)}))
-        assert summary.extra["shard"] == f"{i}/{count}"
+        assert summary.extra.shard == f"{i}/{count}"
         assert summary.results["written"] + summary.results["other_shard"] == (config.limit or 30)
         outs.append(out)
     return outs
@@ -86,7 +86,7 @@ async def test_three_shards_merge_into_the_unsharded_run(fake: FakeServer, corpu
     assert sorted(_ids(out)) == sorted(_ids(whole)) and len(set(_ids(out))) == 20
     assert sorted(out.read_text().splitlines()) == sorted(whole.read_text().splitlines())
     assert (summary.results["written"], summary.results["expected"], summary.results["missing"],
-            summary.results["unexpected"], summary.extra["model"]) == (20, 20, 0, 0, "fake")
+            summary.results["unexpected"], summary.extra.model) == (20, 20, 0, 0, "fake")
     assert not (tmp_path / "merged.missing.jsonl").exists()
     # Without the limit, the unsharded run asks for 10 more segments: no shard holds them.
     assert merge(shards, out, [corpus]).results["missing"] == 10
@@ -165,7 +165,7 @@ async def test_curate_shards_merge_into_the_unsharded_scores(fake: FakeServer, c
     summary = await curate(cands, tmp_path / "curated.jsonl", _fan(fake.url),
                            cfg.model_copy(update={"scored": merged, "top_fraction": 0.25}))
     assert fake.requests["/v1/chat/completions"] == calls and summary.results["skipped_done"] == 30
-    assert summary.extra["scored_total"] == 30
+    assert summary.extra.scored_total == 30
 
 
 async def test_without_the_corpus_the_shards_own_summaries_prove_the_set(
@@ -209,7 +209,7 @@ async def test_curate_shards_are_proven_by_their_summaries_too(fake: FakeServer,
         scored.append(tmp_path / f"s{i}" / "curated.scored.jsonl")
     assert proven(merge(scored, tmp_path / "merged.scored.jsonl"))
     short = merge(scored[:2], tmp_path / "merged.scored.jsonl")
-    assert not proven(short) and short.extra["shard_set"]["missing"] == [2]
+    assert not proven(short) and short.extra.shard_set.missing == [2]
 
 
 async def test_records_that_do_not_belong_are_not_merged_and_the_merge_fails(
