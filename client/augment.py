@@ -24,7 +24,7 @@ from typing import Any
 
 from client.completions import chat_choice
 from client.corpus import Corpus, open_corpora
-from client.extras import AugmentExtra, EndpointLoad
+from client.extras import AugmentExtra, EndpointLoad, InstructionQuality
 from client.fanout import Fanout, FanoutConfig
 from client.instructions import ISSUE_KINDS, instruction_issue
 from client.journal import FsyncPolicy, LineWriter
@@ -210,12 +210,12 @@ def resampling(answer: Answer, task: AugmentTask, counts: Counter[str]) -> Answe
     return resampled
 
 
-def instruction_quality(summary: RunSummary, counts: Counter[str]) -> dict[str, Any]:
+def instruction_quality(summary: RunSummary, counts: Counter[str]) -> InstructionQuality:
     """The `quality` of an augment run's summary (see `augment`)."""
     usable, sent = summary.results["written"], summary.results["written"] + summary.results["failed"]
-    return {"sent": sent, "usable": usable, **{kind: counts[kind] for kind in ISSUE_KINDS},
-            "resampled": counts["resampled"], "rescued": counts["rescued"],
-            "usable_rate": usable / sent if sent else None}
+    return InstructionQuality(sent=sent, usable=usable, **{kind: counts[kind] for kind in ISSUE_KINDS},
+                              resampled=counts["resampled"], rescued=counts["rescued"],
+                              usable_rate=usable / sent if sent else None)
 
 
 async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | os.PathLike[str],
@@ -250,7 +250,7 @@ async def augment(corpus: Iterable[str | os.PathLike[str] | Corpus], out: str | 
 
     def finish(summary: RunSummary[AugmentExtra]) -> None:
         summary.prepare.update(preparer.counts)
-        summary.quality.update(instruction_quality(summary, counts))
+        summary.quality = instruction_quality(summary, counts)
 
     with open_run(out, "augment", total, fsync=cfg.fsync, progress=cfg.progress, finish=finish,
                   extra=AugmentExtra()) as opened:

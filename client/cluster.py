@@ -35,7 +35,7 @@ from client import rewrite as rewrite_mod
 from client.augment import AugmentConfig, load_demonstrations
 from client.corpus import check_input, open_corpora
 from client.curate import CurateConfig, decontaminator
-from client.extras import MergeExtra, RayRun
+from client.extras import InstructionQuality, MergeExtra, RayRun
 from client.fanout import FanoutConfig
 from client.journal import output_lock
 from client.merge import merge
@@ -209,16 +209,14 @@ def combined(summaries: Sequence[RunSummary[E]], merged: RunSummary[MergeExtra],
     for s in summaries:
         total.results.update(s.results)
         total.failures.update(s.failures)
-        for key, value in s.quality.items():
-            if isinstance(value, int):
-                total.quality[key] = total.quality.get(key, 0) + value
         total.elapsed_s = max(total.elapsed_s, s.elapsed_s)
     total.results.pop("other_shard", None)
     for key in WHOLE_INPUT:
         if key in first.results:
             total.results[key] = first.results[key]
-    if "usable" in total.quality:  # augment's rate, of all the shards' requests
-        total.quality["usable_rate"] = total.quality["usable"] / total.quality["sent"] if total.quality["sent"] else None
+    qualities = [s.quality for s in summaries if s.quality is not None]
+    if qualities:
+        total.quality = InstructionQuality.summed(qualities)
     total.extra.copy_from(first.extra, drop=("shard", "endpoints", "retries"))
     total.extra.retries = sum(s.extra.retries or 0 for s in summaries)
     total.extra.ray = RayRun(address=address, shards=len(summaries), written=[s.results["written"] for s in summaries])

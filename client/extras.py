@@ -6,9 +6,35 @@ scorer) is written as null."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, fields
 
 from pydantic import BaseModel, ConfigDict
+
+
+@dataclass
+class InstructionQuality:
+    """What an augment run's instructions were worth (`client.augment.augment`): `sent` segments
+    asked, `usable` candidates written, the unusable answers of each kind (`client.instructions.
+    ISSUE_KINDS`), `resampled` requests and `rescued` segments, and `usable_rate` = usable / sent
+    (None when nothing was sent). A dataclass, not a model: a field of a model may not be named `copy`."""
+
+    sent: int
+    usable: int
+    truncated: int
+    empty: int
+    copy: int
+    meta: int
+    resampled: int
+    rescued: int
+    usable_rate: float | None
+
+    @classmethod
+    def summed(cls, parts: Sequence[InstructionQuality]) -> InstructionQuality:
+        """The quality of one run from its shards' (`client.cluster.combined`): counts summed, the rate
+        of all the shards' requests."""
+        counts = {f.name: sum(getattr(p, f.name) for p in parts) for f in fields(cls) if f.name != "usable_rate"}
+        return cls(**counts, usable_rate=counts["usable"] / counts["sent"] if counts["sent"] else None)
 
 
 class Extra(BaseModel):

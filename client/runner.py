@@ -15,13 +15,13 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Generic, Protocol
 
 from typing_extensions import TypeVar
 
-from client.extras import RunExtra
+from client.extras import InstructionQuality, RunExtra
 from client.fanout import Fanout
 from client.journal import FsyncPolicy, Journal, LineWriter, output_lock
 from client.progress import Progress
@@ -44,15 +44,15 @@ class RunSummary(Generic[E]):
     prepare: Counter[str] = field(default_factory=Counter)
     results: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
-    # What the answers were worth, where a task measures it (augment: usable instructions, each kind
-    # of unusable one, resampling and `usable_rate`; see `client.augment.augment`).
-    quality: dict[str, Any] = field(default_factory=dict)
+    # What the answers were worth, where a task measures it (augment's; written as {} where none).
+    quality: InstructionQuality | None = None
     extra: E = field(default_factory=RunExtra)  # type: ignore[assignment]
     elapsed_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: it mangles Counters
         d = {k: dict(v) if isinstance(v, Counter) else v for k, v in d.items()}
+        d["quality"] = asdict(self.quality) if self.quality is not None else {}
         d["extra"] = self.extra.model_dump(mode="json", exclude_unset=True)
         d["elapsed_s"] = round(self.elapsed_s, 3)
         return d

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from client.augment import AugmentConfig, augment
@@ -54,7 +55,7 @@ async def test_rerun_skips_done_and_retries_failed(fake: FakeServer, corpus: Pat
     failed = (tmp_path / "cands.failed.jsonl").read_text().splitlines()
     assert len(failed) == 3 and "truncated" in failed[0] + failed[1] + failed[2]
     assert first.failures["unusable instruction (truncated)"] == first.failures["unusable instruction (empty)"] == 1
-    assert first.quality == {"sent": 30, "usable": 27, "truncated": 1, "empty": 1, "copy": 0, "meta": 0,
+    assert asdict(first.quality) == {"sent": 30, "usable": 27, "truncated": 1, "empty": 1, "copy": 0, "meta": 0,
                              "resampled": 0, "rescued": 0, "usable_rate": 0.9}
     calls = fake.requests["/v1/chat/completions"]
     second = await augment([corpus], out, _fan(fake.url), NO_RESAMPLE)
@@ -125,7 +126,7 @@ async def test_an_unusable_instruction_is_resampled_with_the_next_seed(fake: Fak
     out = tmp_path / "cands.jsonl"
     summary = await augment([_one_segment(tmp_path)], out, _fan(fake.url), AugmentConfig(progress=False, seed=7))
     assert summary.results["written"] == 1 and summary.results["failed"] == 0
-    assert summary.quality == {"sent": 1, "usable": 1, "truncated": 1, "empty": 0, "copy": 0, "meta": 0,
+    assert asdict(summary.quality) == {"sent": 1, "usable": 1, "truncated": 1, "empty": 0, "copy": 0, "meta": 0,
                                "resampled": 1, "rescued": 1, "usable_rate": 1.0}
     assert summary.extra.retries == 0  # a resample is no retry: no backoff
     first, second = fake.bodies
@@ -143,29 +144,29 @@ async def test_a_segment_fails_when_its_resamples_are_unusable_too(fake: FakeSer
     out = tmp_path / "cands.jsonl"
     summary = await augment([_one_segment(tmp_path)], out, _fan(fake.url), QUIET)
     assert summary.results["written"] == 0 and summary.failures == {"unusable instruction (empty)": 1}
-    assert summary.quality == {"sent": 1, "usable": 0, "truncated": 0, "empty": 1, "copy": 1, "meta": 1,
+    assert asdict(summary.quality) == {"sent": 1, "usable": 0, "truncated": 0, "empty": 1, "copy": 1, "meta": 1,
                                "resampled": 2, "rescued": 0, "usable_rate": 0.0}
     assert [b.get("seed") for b in fake.bodies] == [None, None, None]  # no seed set: none sent (CPU servers refuse one)
     failure = Failure.model_validate_json((tmp_path / "cands.failed.jsonl").read_text())
     assert (failure.reason, failure.attempts) == ("unusable instruction (empty): ''", 3)
     saved = json.loads((tmp_path / "cands.summary.json").read_text())
-    assert saved["quality"] == summary.quality
+    assert saved["quality"] == asdict(summary.quality)
     rerun = await augment([_one_segment(tmp_path)], out, _fan(fake.url), QUIET)  # a re-run retries it
-    assert rerun.results["written"] == 1 and rerun.quality["usable_rate"] == 1.0
+    assert rerun.results["written"] == 1 and rerun.quality.usable_rate == 1.0
 
 
 async def test_no_resample_at_temperature_zero(fake: FakeServer, tmp_path: Path) -> None:
     fake.script.extend(["meta", "meta"])
     summary = await augment([_one_segment(tmp_path)], tmp_path / "c.jsonl", _fan(fake.url),
                             AugmentConfig(progress=False, temperature=0.0))
-    assert summary.results["failed"] == 1 and summary.quality["resampled"] == 0
+    assert summary.results["failed"] == 1 and summary.quality.resampled == 0
     assert fake.requests["/v1/chat/completions"] == 1
 
 
 async def test_every_answer_is_counted_once(fake: FakeServer, corpus: Path, tmp_path: Path) -> None:
     fake.script.extend(["length", "meta", "400", "copy", "empty", "length", "meta", "length"])
     summary = await augment([corpus], tmp_path / "c.jsonl", _fan(fake.url), AugmentConfig(progress=False, resample=1))
-    q = summary.quality
+    q = asdict(summary.quality)
     assert {k: q[k] for k in ISSUE_KINDS} == {"truncated": 3, "empty": 1, "copy": 1, "meta": 2}
     other = summary.failures["HTTP 400"]
     assert q["sent"] == 30 and q["usable"] == summary.results["written"] and q["usable_rate"] == q["usable"] / 30

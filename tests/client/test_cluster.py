@@ -23,7 +23,7 @@ from typing import TypeVar
 import pytest
 
 from client.cluster import combined
-from client.extras import CurateExtra, MergeExtra
+from client.extras import AugmentExtra, CurateExtra, InstructionQuality, MergeExtra
 from client.runner import RunSummary
 from client.shard import Shard, in_shard
 from humpback.cli import main
@@ -182,6 +182,16 @@ def test_the_shards_summaries_combine_into_the_runs(tmp_path: Path) -> None:
                      "ray": {"address": "local", "shards": 2, "written": [5, 6]},
                      "merge": {"written": 11, "duplicates": 0, "missing_ids": ["a"]}}
     assert total.results["written"] == 11 and "other_shard" not in total.results
+
+
+def test_the_shards_instruction_quality_is_summed() -> None:
+    """augment's quality of a cluster run: every count summed, the rate of all the shards' requests."""
+    shards = [RunSummary(extra=AugmentExtra(), quality=InstructionQuality(
+        sent=sent, usable=usable, truncated=1, empty=0, copy=i, meta=0, resampled=2, rescued=1,
+        usable_rate=usable / sent)) for i, (sent, usable) in enumerate([(10, 9), (30, 15)])]
+    total = combined(shards, RunSummary(extra=MergeExtra()), "local")
+    assert total.to_dict()["quality"] == {"sent": 40, "usable": 24, "truncated": 2, "empty": 0, "copy": 1, "meta": 0,
+                                          "resampled": 4, "rescued": 2, "usable_rate": 0.6}
 
 
 

@@ -51,7 +51,7 @@ def candidates(servers, segments_file: Path, tmp_path_factory: pytest.TempPathFa
     assert summary.results["written"] + summary.results["failed"] == N_SEGMENTS
     # The only acceptable failures are unusable instructions (client.instructions), after their resamples.
     assert set(summary.failures) <= {f"unusable instruction ({kind})" for kind in ISSUE_KINDS}
-    assert summary.quality["usable"] == summary.results["written"]
+    assert summary.quality.usable == summary.results["written"]
     return out
 
 
