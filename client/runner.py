@@ -17,9 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Generic, Protocol
-
-from typing_extensions import TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from client.extras import InstructionQuality, RunExtra
 from client.fanout import Fanout
@@ -30,7 +28,7 @@ from humpback.contracts import BatchRequest, Failure, OutputError, Rejected, Req
 
 log = logging.getLogger(__name__)
 
-E = TypeVar("E", bound=RunExtra, default=RunExtra)
+E = TypeVar("E", bound=RunExtra)  # a task's extra; a bare `RunSummary` is any task's
 
 
 @dataclass
@@ -126,7 +124,7 @@ def open_run(out: Path, label: str, total: int, *, journal: Path | None = None, 
     start = time.monotonic()
     journal_path = journal or out
     with output_lock(out, journal_path, *locks):
-        run_summary: RunSummary[E] = RunSummary(extra=extra or RunExtra())  # type: ignore[arg-type]
+        run_summary: RunSummary[E] = RunSummary(extra=RunExtra() if extra is None else extra)  # type: ignore[arg-type]
         errors = LineWriter(side_path(out, "errors.jsonl"))
         corrupt = CorruptLines(journal_path, errors) if corrupt_lines else None
         opened = OpenRun(run_summary, Journal(journal_path, fsync=fsync, on_corrupt=corrupt), errors,
