@@ -183,7 +183,9 @@ def test_the_gpu_config_passes_its_check_with_cpu_servers_where_its_gpus_would_b
     data = own_data(tmp_path)
     overrides = [*stack(servers, tmp_path), *(f"data.{k}={v}" for k, v in data.items()),
                  f"rewrite.url={servers.scorer_url}", "rewrite.model=scorer",
-                 f"eval.judge_url={servers.scorer_url}", "eval.judge_model=scorer"]
+                 f"eval.judge_url={servers.scorer_url}", "eval.judge_model=scorer",
+                 # The rewriter and the judge stand in for servers of one's own: they get their own keys.
+                 f"rewrite.api_key={servers.api_key}", f"eval.judge_api_key={servers.api_key}"]
     check = preflight(load_config(EXAMPLES / "gpu.yaml", overrides=overrides), tmp_path / "run")
     assert check.problems == []
     assert any("line 6, field 'response': missing" in w for w in check.warnings)

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from humpback.contracts import CreateJobRequest, Deployment, ErrorResponse
+from humpback.contracts import CreateJobRequest, Deployment, ErrorResponse, auth_headers
 from services.hotswap import swap_checkpoint
 from services.registry import Registry, record_swap
 from tests.trainer.conftest import (
@@ -212,20 +212,21 @@ def test_job_is_hot_swapped_and_requestable(deploy_service: RunningService, trai
         "backward", job.id, done.fine_tuned_model, "reload")
     assert swap["checkpoint"] == str(deploy_service.settings.data_dir.absolute() / "checkpoints" / job.id / "final")
     assert swap["stall_s"] > 0  # the server was paused from the reload to the resume
-    metrics = httpx.get(f"{deploy_service.url}/metrics", headers=AUTH).text
+    auth = auth_headers(deploy_service.settings.api_key)  # the trainer's one key: the servers' here
+    metrics = httpx.get(f"{deploy_service.url}/metrics", headers=auth).text
     assert metric(metrics, 'humpback_trainer_swap_stall_seconds{role="backward"}') == pytest.approx(swap["stall_s"])
     assert Registry.load(servers.registry).servers["backward"].aliases == [done.fine_tuned_model]
 
     # On request: nothing to do while the server serves the job; after a restart put the base back
     # (as `serve up` does), the same request swaps the job's model in again.
     route = f"{deploy_service.url}/v1/fine_tuning/jobs/{job.id}/deploy"
-    again = Deployment.model_validate_json(httpx.post(route, json={"role": "backward"}, headers=AUTH, timeout=600).content)
+    again = Deployment.model_validate_json(httpx.post(route, json={"role": "backward"}, headers=auth, timeout=600).content)
     assert (again.swapped, again.stall_s) == (False, None)
     swap_checkpoint(servers.backward_url, model_dir, role="backward", version="base", api_key=servers.api_key,
                     registry=servers.registry)
     assert prompt_logprobs(server, servers.backward_model) == pytest.approx(before, abs=1e-3)
     redeployed = Deployment.model_validate_json(
-        httpx.post(route, json={"role": "backward"}, headers=AUTH, timeout=600).content)
+        httpx.post(route, json={"role": "backward"}, headers=auth, timeout=600).content)
     assert redeployed.swapped and redeployed.stall_s > 0
     assert redeployed.fine_tuned_model == done.fine_tuned_model
     assert Registry.load(servers.registry).servers["backward"].version == job.id
