@@ -293,7 +293,9 @@ def test_any_failure_on_a_later_replica_puts_the_others_back(model_dir, tmp_path
     edit_config(other, hidden_size=1024)
     second_root = other if fault == "serves another model" else model_dir
     fakes = {"scorer": FakeVllm(model_dir), "scorer-1": FakeVllm(second_root)}
-    fakes["scorer-1"].pause_delay = 5.0 if fault == "hangs on /pause" else 0.0
+    # Hangs well past the swap's timeout, which leaves the put-back on the busy cores of a full test run
+    # time to answer (at 1 s, it timed out there too).
+    fakes["scorer-1"].pause_delay = 12.0 if fault == "hangs on /pause" else 0.0
     with ExitStack() as stack:
         urls = _fakes(stack, registry, fakes)
         if fault == "refuses the connection":  # it answered when the swap began, then went away
@@ -306,7 +308,7 @@ def test_any_failure_on_a_later_replica_puts_the_others_back(model_dir, tmp_path
             stack.enter_context(pytest.MonkeyPatch.context()).setattr(hotswap, "swap_checkpoint", first_then_gone)
         before = Registry.load(registry).servers
         with pytest.raises(SwapError) as err:
-            swap_role(urls, ckpt, role="scorer", version="m1", alias="ft:m1", registry=registry, timeout=1.0)
+            swap_role(urls, ckpt, role="scorer", version="m1", alias="ft:m1", registry=registry, timeout=4.0)
     assert "scorer-1 failed the swap" in str(err.value)
     assert str(err.value).endswith("now every scorer server serves version 'base'")
     assert fakes["scorer"].reloads == [str(ckpt.absolute()), str(model_dir)]
