@@ -30,11 +30,11 @@ from client.augment import AugmentConfig, AugmentTask, load_demonstrations, prep
 from client.corpus import Lines, check_input, open_corpora
 from client.calibration import Combiner
 from client.curate import (Contamination, CurateConfig, ScoreTask, backward_fanout, check_scorer, decontaminator,
-                           likelihood_scorer, read_candidates, record_combiner, select)
+                           likelihood_scorer, read_candidates, record_combiner, select, terms_file)
 from client.extras import CurateExtra
 from client.fanout import Fanout, FanoutConfig
 from client.likelihood import (CHUNK, LikelihoodScorer, ScorerSpec, Term, TermTask, append_scores, read_terms,
-                               term_jobs, terms_path)
+                               term_jobs)
 from client.journal import Journal, LineWriter, output_lock
 from client.prepare import PrepareConfig, Preparer
 from client.rewrite import RewriteConfig, RewriteTask
@@ -391,7 +391,7 @@ def _import_terms(requests: Path, results: Path, out: Path, scored_path: Path, e
         raise InputError("the export's scorer is combined: pass its --calibration FILE")
     combine = Combiner.load(cfg.calibration) if cfg.calibration is not None else None
     scorer = LikelihoodScorer.from_spec(spec, combine)
-    terms = terms_path(scored_path)
+    terms = terms_file(cfg, scored_path)
     with open_run(out, "import", 0, journal=scored_path, locks=[terms], progress=False,
                   corrupt_lines=False, extra=CurateExtra()) as opened:
         summary, term_summary = opened.summary, RunSummary()

@@ -249,8 +249,9 @@ def curate(candidates: PathLike, out: PathLike, fanout: FanoutConfig, config: Cu
     check_input(candidates)
     decontaminator(config)  # every set read before a task starts
     scored = Path(config.scored) if config.scored is not None else side_path(out, "scored.jsonl")
+    # Each shard keeps its terms beside its own scored journal: the shards run at once, and a journal has one writer.
     outs, summaries = run_shards(config, out, f"curate[{config.mode}]", curate_mod.curate, lambda shard, journal: (
-        candidates, journal, fanout, shard_config(config, shard, scored=None, histogram=False)))
+        candidates, journal, fanout, shard_config(config, shard, scored=None, terms=None, histogram=False)))
     merged = merge([side_path(o, "scored.jsonl") for o in outs], scored)
     selected = asyncio.run(curate_mod.curate(candidates, out, fanout, shard_config(
         config, None, scored=scored, progress=config.progress)))

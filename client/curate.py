@@ -106,6 +106,11 @@ class CurateConfig(ClusterSettings):
                                       "it sampled)", ge=0)
     scored: Path | None = setting(None, "scored-candidates journal; unset puts it next to the output as "
                                         "<out>.scored.jsonl")
+    terms: Path | None = setting(None, "journal of the likelihood scorers' terms (each log-probability, keyed by the "
+                                       "model, its weights and the text); unset puts it next to the scored journal "
+                                       "as <scored>.terms.jsonl. Runs that score the same text with the same model "
+                                       "may share one: the loop's iterations ask the backward model's terms once",
+                                 metavar="FILE")
     histogram: bool = setting(True, "draw the score histogram <out>.scores.png")
     decontaminate: bool = setting(True, "drop, before scoring, every candidate whose instruction or output shares a "
                                         "13-word n-gram (normalised words), or holds a shorter one whole, with an "
@@ -454,7 +459,8 @@ async def curate(candidates: str | os.PathLike[str], out: str | os.PathLike[str]
     found = decontaminator(cfg)
     scored_path = Path(cfg.scored) if cfg.scored is not None else side_path(out, "scored.jsonl")
     # select() reports the scored journal's lines that are no record, so the journal's opening does not.
-    with (open_run(out, f"curate[{scored_mode(cfg)}]", candidates.stat().st_size, journal=scored_path,
+    terms = [terms_file(cfg, scored_path)] if cfg.scorer != "rubric" else []
+    with (open_run(out, f"curate[{scored_mode(cfg)}]", candidates.stat().st_size, journal=scored_path, locks=terms,
                    fsync=cfg.fsync, progress=cfg.progress, corrupt_lines=False, extra=CurateExtra()) as opened,
           LineWriter(side_path(out, "contaminated.jsonl")) as contaminated):
         summary = opened.summary
@@ -506,6 +512,11 @@ def check_scorer(cfg: CurateConfig) -> None:
         raise InputError(f"--min-prob selects by P(good pair): it needs --scorer combined, not {cfg.scorer}")
 
 
+def terms_file(cfg: CurateConfig, scored: Path) -> Path:
+    """The likelihood terms' journal of a run whose scored journal is `scored`."""
+    return Path(cfg.terms) if cfg.terms is not None else terms_path(scored)
+
+
 def backward_fanout(fanout: FanoutConfig, cfg: CurateConfig) -> FanoutConfig | None:
     """The fan-out to the backward model: `fanout`'s settings, `cfg.backward_endpoint`'s server."""
     if cfg.backward_endpoint is None:
@@ -532,14 +543,15 @@ async def _score_likelihood(cands: Iterable[tuple[Candidate, int]], fan: Fanout,
     back_cfg = backward_fanout(fanout, cfg)
     async with Fanout(back_cfg) if back_cfg is not None else nullcontext(None) as back:
         scorer = await likelihood_scorer(cfg, fan, model, checkpoint, back)
-        await score_online(scorer, _sharded(cands, scorer, cfg, summary), journal, terms_path(scored_path), failed,
-                           summary, progress)
+        await score_online(scorer, _sharded(cands, scorer, cfg, summary), journal, terms_file(cfg, scored_path),
+                           failed, summary, progress)
     return scorer
 
 
 async def likelihood_records(cands: list[Candidate], fan: Fanout, model: str, checkpoint: str | None,
                              cfg: CurateConfig, fanout: FanoutConfig, scored_path: Path) -> list[ScoredCandidate]:
-    """The likelihood scores of `cands`, in order, journaled in `scored_path` (its terms beside it),
+    """The likelihood scores of `cands`, in order, journaled in `scored_path` (its terms beside it, or
+    in `cfg.terms`),
     so an interrupted evaluation resumes; `RequestFailed` when some pair could not be scored (the
     others are kept, the failures in `<scored_path>.failed.jsonl`)."""
     summary = RunSummary(extra=CurateExtra())

@@ -46,7 +46,9 @@ class DataConfig(_Section):
     # where curated data outnumbers the seed.
     max_seed: int = setting(60, "seed pairs kept after the ~10% held-out split (which uses every pair)")
     max_corpus_docs: int = setting(300, "documents of the corpus")
-    max_segments: int = setting(128, "segments sent to the backward model (the augment stage's limit)")
+    # 64 on the demo: each segment costs a backtranslation and, per iteration, four likelihood terms
+    # (the combined scorer); 128 took the demo past 25 minutes.
+    max_segments: int = setting(64, "segments sent to the backward model (the augment stage's limit)")
     calibration_pairs: int = setting(24, "pairs moved from the seed side's rest (seed_rest.jsonl, the seed pairs "
                                          "past data.max_seed) to RUN_DIR/data/calibration.jsonl, held out of every "
                                          "training set and of the evaluation: what each iteration's `combined` "
@@ -91,14 +93,15 @@ class ServicesConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """The demo trains six models (M_yx, M0, M1, M2, M1 on rewritten pairs, the uncurated control). On 2
-    cores a step of batch 8 (max_length 512) takes ~35 s, ~40 s of each job is start, export and swap, and
-    the other stages take ~13 min, so 6 steps per job keep the whole run under 40 minutes."""
+    """The demo trains four models (M_yx, M0, M1, M2; `make demo-ablations` two more: M1 on rewritten pairs
+    and the uncurated control). On 2 cores a step of 8 examples of up to 512 tokens, one per forward pass
+    (the cpu-demo preset), takes ~20 s, and ~40 s of each job is start, export and swap: 4 steps per forward
+    job keep `make demo` within 25 minutes, setup included."""
 
     backward_preset: PresetName = setting("cpu-demo-short", "training preset of the backward model "
                                                             "(trainer/config.py)")
     forward_preset: PresetName = setting("cpu-demo", "training preset of the forward models M0, M1, ...")
-    max_steps: int | None = setting(6, "steps of every forward job (M0, M1, ..., the rewrite arm, the control); "
+    max_steps: int | None = setting(4, "steps of every forward job (M0, M1, ..., the rewrite arm, the control); "
                                        "null for the preset's schedule")
     backward_max_steps: int | None = setting(12, "steps of the backward model's job: its short examples cost half a "
                                                  "forward step each; null for the preset's schedule")
@@ -181,12 +184,12 @@ class EvalSection(_Section):
     max_tokens: int = setting(128, "answer length cap")
     nll: bool = setting(True, "measure the held-out NLL")
     ablation: bool = setting(True, "train and evaluate the uncurated control")
-    # Cost on the demo's 2 cores, measured in `make demo`: 12-23 s per backward model and 16-17 s per scorer
-    # (each pair is scored with up to 3 negatives) at 32 pairs.
+    # Cost on the demo's 2 cores at 32 pairs, measured in `make demo`: 33-35 s per backward model and 140 s
+    # per scorer with the combined scorer (each pair with 5 negatives, 4 likelihood terms each), so 16.
     stage_metrics: bool = setting(True, "measure the stages against held-out human pairs: the backward model before "
                                         "and after training (`eval backward`), each model used as a scorer "
                                         "(`eval scorer`), and the candidates' usable rate and diversity")
-    stage_pairs: int | None = setting(32, "held-out pairs of the stage metrics, a seeded subset (null: all of them)",
+    stage_pairs: int | None = setting(16, "held-out pairs of the stage metrics, a seeded subset (null: all of them)",
                                       ge=1)
 
 
@@ -208,7 +211,7 @@ DEMO: dict[str, Any] = {
 # Set by the loop for each stage: the served role, the job that trained it, files of the run folder.
 # (`rewrite.model` is the loop's only where `rewrite.url` is null: `RewriteSection` checks it.)
 STAGE_FIELDS = {"augment": ("model", "checkpoint", "limit", "shard"),
-                "curate": ("model", "checkpoint", "scored", "shard"),
+                "curate": ("model", "checkpoint", "scored", "terms", "shard"),
                 "rewrite": ("checkpoint", "shard")}
 
 # The run's keys: left out of the config the run saves, which is copied with the run folder.

@@ -225,7 +225,7 @@ class Loop:
             try:
                 combiner = asyncio.run(run_calibration(
                     data.calibration, out, self.deployed(scorer), backward_url, "scorer",
-                    ScorerEvalConfig(corpus=self.passage_corpus(data))))
+                    ScorerEvalConfig(corpus=self.passage_corpus(data)), terms=self.terms))
             except (HumpbackError, ValueError) as e:  # a fit that fails (one class, ...) is a ValueError
                 reason = str(e)
             else:
@@ -234,6 +234,12 @@ class Loop:
         log.warning("calibrate_%d: the combined scorer cannot be calibrated, curating with pmi: %s", t, reason)
         return CalibrationResult(combiner=None, fallback="pmi", reason=reason)
 
+    @property
+    def terms(self) -> Path:
+        """The likelihood terms' journal of the whole run: every iteration's calibration, curation and scorer
+        measurement asks the same backward model (M_yx) of the same text, so its terms are asked once."""
+        return self.dir / "curate" / "terms.jsonl"
+
     def scoring(self, calibrated: CalibrationResult | None) -> CurateConfig:
         """How iteration t scores (`calibrated`: its calibrate stage, None where it has none): the run's curate
         settings, with the iteration's combiner or, where none was fitted, `pmi`."""
@@ -241,7 +247,7 @@ class Loop:
         if calibrated is not None:
             combiner = calibrated.combiner
             cfg = cfg.model_copy(update={"calibration": combiner} if combiner else {"scorer": "pmi"})
-        return cfg.model_copy(update=self.reverse_signal(cfg))
+        return cfg.model_copy(update={**self.reverse_signal(cfg), "terms": self.terms})
 
     def curate(self, t: int, candidates: Path, scorer: TrainedModel, data: DataFiles,
                score: CurateConfig) -> CurateResult:

@@ -117,6 +117,29 @@ async def test_reverse_pmi_asks_the_backward_server(eval_fake: EvalFake, tmp_pat
         back.stop()
 
 
+async def test_runs_sharing_a_terms_journal_ask_each_term_once(eval_fake: EvalFake, tmp_path: Path) -> None:
+    """The loop's iterations: another output and scored journal, the same model's terms (`terms`)."""
+    back = EvalFake().start()
+    try:
+        cands = _candidates(tmp_path / "c.jsonl", PAIRS)
+        cfg = CurateConfig(scorer="reverse_pmi", backward_endpoint=back.url, terms=tmp_path / "terms.jsonl",
+                           top_fraction=0.5, histogram=False, progress=False, decontaminate=False)
+        first = await curate(cands, tmp_path / "A1.jsonl", _fan(eval_fake), cfg)
+        assert first.extra.terms_asked == back.requests["/v1/completions"] == 2 * len(PAIRS)
+        assert not (tmp_path / "A1.scored.terms.jsonl").exists()
+        second = await curate(cands, tmp_path / "A2.jsonl", _fan(eval_fake), cfg)
+        assert second.results["written"] == len(PAIRS) and (second.extra.terms_asked or 0) == 0
+        assert back.requests["/v1/completions"] == 2 * len(PAIRS)
+        scores = [{r.candidate_id: r.score for r in scored_records(tmp_path / f"A{t}.scored.jsonl", "reverse_pmi")}
+                  for t in (1, 2)]
+        assert scores[0] == scores[1]
+        # Without `terms` each run keeps its own, beside its scored journal, and asks them itself.
+        own = await curate(cands, tmp_path / "A3.jsonl", _fan(eval_fake), cfg.model_copy(update={"terms": None}))
+        assert own.extra.terms_asked == 2 * len(PAIRS) and (tmp_path / "A3.scored.terms.jsonl").exists()
+    finally:
+        back.stop()
+
+
 async def test_a_scorer_without_what_it_needs_is_refused_before_anything_is_sent(eval_fake: EvalFake,
                                                                                   tmp_path: Path) -> None:
     cands = _candidates(tmp_path / "c.jsonl", PAIRS)

@@ -109,7 +109,7 @@ def test_stage_metrics_are_on_by_default_within_the_demos_budget():
     full, quick = load_config(), load_config(quick=True)
     assert full.eval.stage_metrics and quick.eval.stage_metrics
     # The demo's held-out set has ~48 pairs; 32 of them keep the stage metrics to minutes on 2 cores.
-    assert (full.eval.stage_pairs, quick.eval.stage_pairs) == (32, 4)
+    assert (full.eval.stage_pairs, quick.eval.stage_pairs) == (16, 4)
     off = load_config(overrides=["eval.stage_metrics=false", "eval.stage_pairs=null"])
     assert (off.eval.stage_metrics, off.eval.stage_pairs) == (False, None)
     with pytest.raises(ValidationError, match="eval.stage_pairs"):

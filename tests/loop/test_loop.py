@@ -507,6 +507,11 @@ def test_quick_loop_end_to_end_then_resume(servers, loop_dir):
     assert combiner["pairs"] == calibrated["pairs"] == len(calibration) == 8
     assert combiner["pair_ids"] and combiner["scorer_model"] == "scorer"
     assert stages["curate_1"]["scoring"] == "combined" and stages["stage_scorer_m0"]["scoring"] == "combined"
+    # One terms' journal for the run (calibration, curation, the scorer's measurement): no term asked twice.
+    terms = [t["custom_id"] for t in lines(run / "curate" / "terms.jsonl")]
+    assert terms and len(set(terms)) == len(terms)
+    assert not list((run / "curate").glob("*.scored*.terms.jsonl")) and not (run / "curate" / "scored1.terms.jsonl").exists()
+    assert not list((run / "eval" / "stages").glob("*terms*"))
     # Candidates that overlap an evaluation prompt or a held-out pair are set aside unscored.
     contaminated = stages["curate_1"]["contaminated"]
     contaminated_file = Path(stages["curate_1"]["contaminated_file"])
