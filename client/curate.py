@@ -107,9 +107,11 @@ class CurateConfig(ClusterSettings):
     scored: Path | None = setting(None, "scored-candidates journal; unset puts it next to the output as "
                                         "<out>.scored.jsonl")
     terms: Path | None = setting(None, "journal of the likelihood scorers' terms (each log-probability, keyed by the "
-                                       "model, its weights and the text); unset puts it next to the scored journal "
-                                       "as <scored>.terms.jsonl. Runs that score the same text with the same model "
-                                       "may share one: the loop's iterations ask the backward model's terms once",
+                                       "text, the model's name and its version: --checkpoint, else the served "
+                                       "root, which a server that reloads other weights keeps); unset puts it next "
+                                       "to the scored journal as <scored>.terms.jsonl. Runs that score the same "
+                                       "text with the same weights may share one: the loop's iterations ask the "
+                                       "backward model's terms once",
                                  metavar="FILE")
     histogram: bool = setting(True, "draw the score histogram <out>.scores.png")
     decontaminate: bool = setting(True, "drop, before scoring, every candidate whose instruction or output shares a "

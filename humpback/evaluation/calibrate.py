@@ -22,11 +22,12 @@ from humpback.evaluation.scorer import ScorerEvalConfig, pair_ids, score_pairs
 
 async def run_calibration(pairs_path: Path, out: Path, fanout: FanoutConfig, backward_endpoint: str,
                           model: str | None = None, config: ScorerEvalConfig | None = None, limit: int | None = None,
-                          seed: int = 0, terms: Path | None = None) -> Combiner:
-    """Fit and write the combiner of the served scorer (`fanout`) and backward model on the pairs of
-    `pairs_path` (a `limit` subset drawn with `seed`) and negatives built from them; the likelihood
-    terms are journaled in `terms` (None: beside `out`'s scores)."""
-    score = CurateConfig(scorer="combined", backward_endpoint=backward_endpoint, terms=terms)
+                          seed: int = 0, terms: Path | None = None, checkpoint: str | None = None) -> Combiner:
+    """Fit and write the combiner of the served scorer (`fanout`, its weights' version `checkpoint`, None:
+    the served root) and backward model on the pairs of `pairs_path` (a `limit` subset drawn with `seed`)
+    and negatives built from them; the likelihood terms are journaled in `terms` (None: beside `out`'s
+    scores)."""
+    score = CurateConfig(scorer="combined", backward_endpoint=backward_endpoint, terms=terms, checkpoint=checkpoint)
     built, scored, curate_cfg = await score_pairs(pairs_path, out, fanout, model, config or ScorerEvalConfig(), limit,
                                                   seed, score)
     labels = [kind == "positive" for kind, *_ in built]

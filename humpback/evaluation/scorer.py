@@ -251,11 +251,13 @@ async def score_pairs(pairs_path: Path, out: Path, fanout: FanoutConfig, model: 
     async with Fanout(fanout) as fan:
         name, root = await served_model(fan, model)
         curate_cfg = score.model_copy(update={"model": name})
+        # The weights' version, as curate records it: a server that reloads other weights keeps its root.
+        checkpoint = curate_cfg.checkpoint or root
         if curate_cfg.scorer == "rubric":
-            task = EvalScoreTask(ScoreTask(name, root, curate_cfg))
+            task = EvalScoreTask(ScoreTask(name, checkpoint, curate_cfg))
             scored = await run_journaled(task, candidates, fan, beside(out, "scores"), ScoredCandidate)
         else:
-            scored = await likelihood_records(candidates, fan, name, root, curate_cfg, fanout,
+            scored = await likelihood_records(candidates, fan, name, checkpoint, curate_cfg, fanout,
                                               side_path(beside(out, "scores"), "journal.jsonl"))
     return built, scored, curate_cfg
 

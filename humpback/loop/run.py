@@ -225,7 +225,7 @@ class Loop:
             try:
                 combiner = asyncio.run(run_calibration(
                     data.calibration, out, self.deployed(scorer), backward_url, "scorer",
-                    ScorerEvalConfig(corpus=self.passage_corpus(data)), terms=self.terms))
+                    ScorerEvalConfig(corpus=self.passage_corpus(data)), terms=self.terms, checkpoint=scorer.job))
             except (HumpbackError, ValueError) as e:  # a fit that fails (one class, ...) is a ValueError
                 reason = str(e)
             else:
@@ -387,7 +387,7 @@ class Loop:
         self.stages.run(f"stage_scorer_{name}", lambda: measure_scorer(
             self.deployed(scorer), scorer.role, scorer.fine_tuned_model, heldout,
             self.dir / "eval" / "stages" / f"scorer_{name}.json", self.passage_corpus(data), threshold,
-            self.cfg.eval.stage_pairs, score))
+            self.cfg.eval.stage_pairs, score.model_copy(update={"checkpoint": scorer.job})))
 
     def measure_candidates(self, augmented: AugmentResult, backward: TrainedModel) -> None:
         if not self.cfg.eval.stage_metrics:

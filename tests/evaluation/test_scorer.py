@@ -244,6 +244,27 @@ async def test_calibrate_fits_a_combiner_that_eval_scorer_refuses_to_measure_on_
     assert "precision_at_k" in m  # kept at P >= 0.5 when no --min-prob is given
 
 
+async def test_calibrations_sharing_a_terms_journal_ask_the_scorer_again_for_new_weights(
+        pairs: Path, eval_fake: EvalFake, tmp_path: Path) -> None:
+    """The loop's calibrate_1 and calibrate_2: one terms' journal, the scorer's weights swapped in between
+    (its served root unchanged, as after a reload), the backward model's the same."""
+    from humpback.evaluation.calibrate import run_calibration
+
+    back = EvalFake().start()
+    try:
+        terms = tmp_path / "terms.jsonl"
+        await run_calibration(pairs, tmp_path / "c1.json", _fan(eval_fake), back.url, terms=terms, checkpoint="m0")
+        forward, reverse = eval_fake.requests["/v1/completions"], back.requests["/v1/completions"]
+        assert forward and reverse
+        await run_calibration(pairs, tmp_path / "c2.json", _fan(eval_fake), back.url, terms=terms, checkpoint="m1")
+        assert eval_fake.requests["/v1/completions"] == 2 * forward  # M1's terms: every one asked again
+        assert back.requests["/v1/completions"] == reverse  # M_yx's: none
+        await run_calibration(pairs, tmp_path / "c3.json", _fan(eval_fake), back.url, terms=terms, checkpoint="m1")
+        assert eval_fake.requests["/v1/completions"] == 2 * forward  # the same weights again: nothing asked
+    finally:
+        back.stop()
+
+
 def test_a_scorer_without_its_backward_model_is_refused_in_one_line(pairs: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", "scorer", "--pairs", str(pairs), "--out", str(tmp_path / "s.json"),
