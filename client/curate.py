@@ -36,7 +36,7 @@ from client.extras import CombinerUsed, CurateExtra, MeanChars
 from client.fanout import Fanout, FanoutConfig
 from client.journal import FsyncPolicy, Journal, LineWriter
 from client.calibration import Combiner
-from client.likelihood import LikelihoodScorer, Model, TermTask, score_online, terms_path
+from client.likelihood import LikelihoodScorer, Model, TermTask, score_online
 from client.progress import Progress
 from client.runner import CorruptLines, RunSummary, online, open_run, run, served_model, side_path
 from client.shard import ClusterSettings, ShardSpec, in_shard, shard_jobs
@@ -515,8 +515,8 @@ def check_scorer(cfg: CurateConfig) -> None:
 
 
 def terms_file(cfg: CurateConfig, scored: Path) -> Path:
-    """The likelihood terms' journal of a run whose scored journal is `scored`."""
-    return Path(cfg.terms) if cfg.terms is not None else terms_path(scored)
+    """The likelihood terms' journal of a run whose scored journal is `scored`: `cfg.terms`, else beside it."""
+    return Path(cfg.terms) if cfg.terms is not None else side_path(scored, "terms.jsonl")
 
 
 def backward_fanout(fanout: FanoutConfig, cfg: CurateConfig) -> FanoutConfig | None:

@@ -14,7 +14,7 @@ An unconditional term depends on one text only, so it is computed once for every
 (the terms' journal is keyed by content: a repeated id goes once). Per-token forms divide by the
 target's tokens; IFD = PPL(y|x) / PPL(y) = exp(-pmi / |y|) (Li et al. 2024).
 
-Terms go to a resumable journal (`<scored>.terms.jsonl`), through `client.runner.run` like every
+Terms go to a resumable journal (`<scored>.terms.jsonl`, or curate's `--terms`), through `client.runner.run` like every
 other task, online or from a batch; a pair's signals, once all its terms are in, go to the scored
 journal as one `ScoredCandidate` (`mode` is the scorer; `signals` holds every signal computed), so a
 re-selection reads them and asks nothing again.
@@ -36,7 +36,7 @@ from client.extras import CurateExtra
 from client.fanout import Fanout
 from client.journal import Journal, LineWriter
 from client.progress import Progress
-from client.runner import Answer, RunSummary, online, run, side_path
+from client.runner import Answer, RunSummary, online, run
 from client.tasks import Job, Parsed
 from humpback.contracts import (
     AUGMENTED_SYSTEM_PROMPT,
@@ -299,11 +299,6 @@ async def tokenized(model: Model, term: Term) -> Term | str:
     if max_len is not None and len(ids) >= max_len:  # the completion's one extra token must fit too
         return f"{len(ids)} tokens do not fit max_model_len {max_len}"
     return term.model_copy(update={"ids": ids, "start": start})
-
-
-def terms_path(scored: Path) -> Path:
-    """The terms' journal beside a scored journal."""
-    return side_path(scored, "terms.jsonl")
 
 
 async def score_online(scorer: LikelihoodScorer, cands: Iterable[tuple[Candidate, int]], scored: Journal,

@@ -108,7 +108,7 @@ def test_quick_shrinks_sizes():
 def test_stage_metrics_are_on_by_default_within_the_demos_budget():
     full, quick = load_config(), load_config(quick=True)
     assert full.eval.stage_metrics and quick.eval.stage_metrics
-    # The demo's held-out set has ~48 pairs; 32 of them keep the stage metrics to minutes on 2 cores.
+    # The demo's held-out set has ~48 pairs; 16 of them keep the combined scorer's measurement to a minute on 2 cores.
     assert (full.eval.stage_pairs, quick.eval.stage_pairs) == (16, 4)
     off = load_config(overrides=["eval.stage_metrics=false", "eval.stage_pairs=null"])
     assert (off.eval.stage_metrics, off.eval.stage_pairs) == (False, None)
