@@ -13,7 +13,7 @@ human pairs, side by side in one run.
    (log-probability mode), and the same number drawn at random (seeded); each pair set is trained
    with the seed's pairs, as the loop trains M1, `--steps` steps of 8 with the demo's preset;
 4. each trained model: held-out NLL of the human responses (`eval nll` rows, per-pair mean with a 95%
-   normal interval) and answers to `--prompts` AlpacaEval prompts; the untrained model then judges
+   normal interval, and its per-pair difference from the random arm's with its own) and answers to `--prompts` AlpacaEval prompts; the untrained model then judges
    each arm against the random arm in both orders (win rate with its 95% bootstrap interval, and the
    judge's position-flip rate: its bias; a judge flipping on more than half the prompts is reported
    uninformative).
@@ -83,6 +83,13 @@ def nll_interval(nll_means: list[float]) -> tuple[float, tuple[float, float] | N
     return sum(nll_means) / len(nll_means), normal_interval(nll_means)
 
 
+def paired_difference(arm: dict[int, float], baseline: dict[int, float]) -> tuple[float, tuple[float, float] | None]:
+    """(mean of arm - baseline over the held-out pairs both scored, its 95% normal interval). Every arm is
+    evaluated on the same pairs, so the per-pair difference removes what the pairs themselves vary by: an
+    interval that excludes 0 says the arms differ even where their own intervals overlap."""
+    return nll_interval([arm[i] - baseline[i] for i in sorted(arm.keys() & baseline.keys())])
+
+
 def score(cands: Path, out: Path, cfg: CurateConfig) -> list[ScoredCandidate]:
     asyncio.run(curate(cands, out, FanoutConfig(endpoints=[url("scorer")]), cfg))
     return list(scored_records(Path(str(out).replace(".jsonl", ".scored.jsonl")), scored_mode(cfg), "scorer"))
@@ -101,12 +108,13 @@ async def evaluate(name: str, pairs: Path, prompts: list[str], out: Path) -> dic
 
     fan = FanoutConfig(endpoints=[url("scorer")])
     await run_nll(pairs, out / f"nll_{name}", fan, "scorer", system_prompt=AUGMENTED_SYSTEM_PROMPT)
-    rows = read_jsonl(out / f"nll_{name}" / "nll.rows.jsonl", NllRow)
+    per_pair = {r.index: r.nll_mean for r in read_jsonl(out / f"nll_{name}" / "nll.rows.jsonl", NllRow)
+                if r.nll_mean is not None}
     async with Fanout(fan) as f:
         answers = await answer_all(f, "scorer", name, prompts, GenerationConfig(max_tokens=192),
                                    out / f"answers_{name}")
     write_jsonl(out / f"answers_{name}.jsonl", answers)
-    return {"nll": nll_interval([r.nll_mean for r in rows if r.nll_mean is not None])}
+    return {"nll": nll_interval(list(per_pair.values())), "per_pair": per_pair}
 
 
 def main() -> int:
@@ -141,9 +149,12 @@ def main() -> int:
     try:
         serve(state, SMOLLM)
         cands = out / "candidates.jsonl"
-        asyncio.run(augment([data / "corpus.jsonl"], cands, FanoutConfig(endpoints=[url("backward")]),
-                            AugmentConfig(model="backward", shots=SHOTS, demonstrations=data / "seed.jsonl",
-                                          limit=args.segments, progress=False)))
+        # Once augment has finished (its summary written), the candidates stay as they are: a rerun must not
+        # ask the failed segments again, or the arms it rebuilds would not be those the reused models learned.
+        if not (out / "candidates.summary.json").is_file():
+            asyncio.run(augment([data / "corpus.jsonl"], cands, FanoutConfig(endpoints=[url("backward")]),
+                                AugmentConfig(model="backward", shots=SHOTS, demonstrations=data / "seed.jsonl",
+                                              limit=args.segments, progress=False)))
         calibration = None
         if args.scorer == "combined":
             from humpback.evaluation.calibrate import run_calibration
@@ -178,8 +189,9 @@ def main() -> int:
     lines = [f"# Selection benchmark ({len(arms.get('random', []))} pairs per arm of the candidates, {args.steps} "
              f"steps, {args.pairs} held-out pairs, {args.prompts} judged prompts; "
              f"{(time.monotonic() - started) / 60:.1f} min)", "",
-             "| arm | held-out NLL per token, mean over pairs [95%] | judge win rate vs random [95%] | "
-             "judge position-flip rate | mean response chars | train min |", "|---|---|---|---|---|---|"]
+             "| arm | held-out NLL per token, mean over pairs [95%] | NLL minus the random arm's, paired [95%] | "
+             "judge win rate vs random [95%] | judge position-flip rate | mean response chars | train min |",
+             "|---|---|---|---|---|---|---|"]
     for name, chosen in arms.items():
         nll, ci = results[name]["nll"]  # type: ignore[misc]
         j = judged.get(name)
@@ -188,7 +200,9 @@ def main() -> int:
         flips = f"{j.position_flip_rate:.2f}" if j else "-"
         chars = sum(len(r.output) for r in chosen) / len(chosen)
         interval = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-        lines.append(f"| {name} | {nll:.4f} {interval} | {win} | {flips} | {chars:.0f} | "
+        diff, dci = paired_difference(results[name]["per_pair"], results["random"]["per_pair"])  # type: ignore[arg-type]
+        paired = "-" if name == "random" else f"{diff:+.4f}" + (f" [{dci[0]:+.4f}, {dci[1]:+.4f}]" if dci else "")
+        lines.append(f"| {name} | {nll:.4f} {interval} | {paired} | {win} | {flips} | {chars:.0f} | "
                      f"{results[name]['minutes']:.1f} |")
     report = "\n".join(lines) + "\n"
     print(report)

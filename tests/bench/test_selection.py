@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.bench_selection import at_random, best, nll_interval, training_examples
+from bench.bench_selection import at_random, best, nll_interval, paired_difference, training_examples
 from humpback.contracts import AUGMENTED_SYSTEM_PROMPT, SEED_SYSTEM_PROMPT, ScoredCandidate, SeedPair, Source
 
 
@@ -39,3 +39,14 @@ def test_nll_interval() -> None:
     assert nll_interval([1.5]) == (1.5, None)
     with pytest.raises(ZeroDivisionError):
         nll_interval([])
+
+
+def test_the_paired_difference_sees_a_shift_the_arms_own_intervals_hide() -> None:
+    # Pairs that vary a lot, and an arm lower than the baseline by 0.1 on every one of them.
+    baseline = {i: float(i) for i in range(10)}
+    arm = {i: v - 0.1 for i, v in baseline.items()}
+    _, own = nll_interval(list(arm.values()))
+    _, base_ci = nll_interval(list(baseline.values()))
+    assert own is not None and base_ci is not None and own[1] > base_ci[0]  # the two intervals overlap
+    diff, ci = paired_difference(arm | {99: 5.0}, baseline)  # a pair only one arm scored is left out
+    assert diff == pytest.approx(-0.1) and ci is not None and ci[1] < 0
