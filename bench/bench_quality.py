@@ -101,12 +101,17 @@ def url(role: str) -> str:
     return f"http://127.0.0.1:{PORTS[role]}"
 
 
+def trained(name: str, out: Path) -> bool:
+    """Whether `train(name, ..., out, ...)` has finished once: a rerun reuses its export."""
+    return (out / name / "export" / "config.json").is_file() and (out / name / "minutes.txt").is_file()
+
+
 def train(name: str, examples: list, out: Path, preset_name: str, steps: int) -> tuple[Path, float]:
     """Train as the demo's jobs train (a trainer preset, batch 8, `steps` steps) with the trainer's
     training process; returns the merged export and the minutes the training took (kept beside the
     export, so a rerun that reuses it reports them too)."""
     export, timing = out / name / "export", out / name / "minutes.txt"
-    if (export / "config.json").is_file() and timing.is_file():
+    if trained(name, out):
         return export, float(timing.read_text())
     (out / name).mkdir(parents=True, exist_ok=True)
     data = out / name / "train.jsonl"

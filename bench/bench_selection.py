@@ -13,10 +13,10 @@ human pairs, side by side in one run.
    (log-probability mode), and the same number drawn at random (seeded); each pair set is trained
    with the seed's pairs, as the loop trains M1, `--steps` steps of 8 with the demo's preset;
 4. each trained model: held-out NLL of the human responses (`eval nll` rows, per-pair mean with a 95%
-   normal interval, and its per-pair difference from the random arm's with its own) and answers to `--prompts` AlpacaEval prompts; the untrained model then judges
-   each arm against the random arm in both orders (win rate with its 95% bootstrap interval, and the
-   judge's position-flip rate: its bias; a judge flipping on more than half the prompts is reported
-   uninformative).
+   normal interval, and its per-pair difference from the random arm's with its own) and answers to
+   `--prompts` AlpacaEval prompts; the untrained model then judges each arm against the random arm in
+   both orders (win rate with its 95% bootstrap interval, and the judge's position-flip rate: its bias;
+   a judge flipping on more than half the prompts is reported uninformative).
 
 Everything stays under OUT (journals, trained exports, answers), so a rerun reuses what it has. The
 table goes to stdout and OUT/bench_selection.md.
@@ -34,10 +34,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_quality import SMOLLM, humpback, train  # noqa: E402
+from bench.bench_quality import SMOLLM, humpback, train, trained  # noqa: E402
 from client.augment import AugmentConfig, augment  # noqa: E402
 from client.curate import CurateConfig, curate, scored_mode, scored_records  # noqa: E402
 from client.fanout import Fanout, FanoutConfig  # noqa: E402
+from client.runner import side_path  # noqa: E402
 from humpback.contracts import (  # noqa: E402
     AUGMENTED_SYSTEM_PROMPT,
     ChatExample,
@@ -92,7 +93,7 @@ def paired_difference(arm: dict[int, float], baseline: dict[int, float]) -> tupl
 
 def score(cands: Path, out: Path, cfg: CurateConfig) -> list[ScoredCandidate]:
     asyncio.run(curate(cands, out, FanoutConfig(endpoints=[url("scorer")]), cfg))
-    return list(scored_records(Path(str(out).replace(".jsonl", ".scored.jsonl")), scored_mode(cfg), "scorer"))
+    return list(scored_records(side_path(out, "scored.jsonl"), scored_mode(cfg), "scorer"))
 
 
 def serve(state: Path, scorer: Path) -> None:
@@ -149,9 +150,9 @@ def main() -> int:
     try:
         serve(state, SMOLLM)
         cands = out / "candidates.jsonl"
-        # Once augment has finished (its summary written), the candidates stay as they are: a rerun must not
-        # ask the failed segments again, or the arms it rebuilds would not be those the reused models learned.
-        if not (out / "candidates.summary.json").is_file():
+        # Once an arm has trained, the candidates stay as they are: augment asked again would retry its failed
+        # segments, and the arms rebuilt from more candidates would not be those the reused models learned.
+        if not any(trained(f"m1_{name}", out) for name in (args.scorer, "rubric", "random")):
             asyncio.run(augment([data / "corpus.jsonl"], cands, FanoutConfig(endpoints=[url("backward")]),
                                 AugmentConfig(model="backward", shots=SHOTS, demonstrations=data / "seed.jsonl",
                                               limit=args.segments, progress=False)))
@@ -200,8 +201,11 @@ def main() -> int:
         flips = f"{j.position_flip_rate:.2f}" if j else "-"
         chars = sum(len(r.output) for r in chosen) / len(chosen)
         interval = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-        diff, dci = paired_difference(results[name]["per_pair"], results["random"]["per_pair"])  # type: ignore[arg-type]
-        paired = "-" if name == "random" else f"{diff:+.4f}" + (f" [{dci[0]:+.4f}, {dci[1]:+.4f}]" if dci else "")
+        paired = "-"
+        if name != "random":
+            arm, baseline = results[name]["per_pair"], results["random"]["per_pair"]
+            diff, dci = paired_difference(arm, baseline)  # type: ignore[arg-type]
+            paired = f"{diff:+.4f}" + (f" [{dci[0]:+.4f}, {dci[1]:+.4f}]" if dci else "")
         lines.append(f"| {name} | {nll:.4f} {interval} | {paired} | {win} | {flips} | {chars:.0f} | "
                      f"{results[name]['minutes']:.1f} |")
     report = "\n".join(lines) + "\n"
