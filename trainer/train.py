@@ -111,6 +111,7 @@ def run(spec: TrainSpec, events: IO[str]) -> None:
         max_length=spec.max_length,
         completion_only_loss=True,
         packing=False,  # padding-free packing is meant for FlashAttention only
+        gradient_checkpointing=spec.gradient_checkpointing,
         bf16=lora,
         use_cpu=not torch.cuda.is_available(),
         logging_steps=1,

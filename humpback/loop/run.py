@@ -62,7 +62,7 @@ from humpback.loop.records import (
     StageRecord, TrainedModel,
 )
 from humpback.loop.services import ensure_servers, ensure_trainer, serving
-from humpback.loop.stages import Stages
+from humpback.loop.stages import Stages, concurrently
 from humpback.loop.trainer_client import TrainerClient, swaps, training_steps
 from services.hotswap import role_servers
 from services.registry import Registry, write_private
@@ -233,6 +233,13 @@ class Loop:
                                          coef=dict(zip(combiner.features, combiner.coef, strict=True)))
         log.warning("calibrate_%d: the combined scorer cannot be calibrated, curating with pmi: %s", t, reason)
         return CalibrationResult(combiner=None, fallback="pmi", reason=reason)
+
+    def calibrated(self, t: int, scorer: TrainedModel, backward: TrainedModel, data: DataFiles
+                   ) -> CalibrationResult | None:
+        """Iteration t's calibrate stage, where the run's scorer is calibrated (None where it is not)."""
+        if not self.cfg.curate.calibrates():
+            return None
+        return self.stages.run(f"calibrate_{t}", lambda: self.calibrate(t, scorer, backward, data))
 
     @property
     def terms(self) -> Path:
@@ -414,19 +421,28 @@ class Loop:
             cfg.train.backward_preset, cfg.train.backward_max_steps))
         model = self.stages.run("train_m0", lambda: self.train(
             "train_m0", forward_seed, "scorer", "scorer", cfg.train.forward_preset))
-        self.evaluate("m0", model, data)
-        augmented = self.stages.run("augment", lambda: self.augment(data, backward))
+
+        def backward_side() -> AugmentResult:
+            augmented = self.stages.run("augment", lambda: self.augment(data, backward))
+            # Measured while each model is served anyway: M_yx after augment, each scorer after its curation.
+            self.measure_candidates(augmented, backward)
+            self.measure_backward_model(backward, data)
+            return augmented
+
+        def scorer_side() -> CalibrationResult | None:
+            self.evaluate("m0", model, data)
+            return self.calibrated(1, model, backward, data)
+
+        # Augment asks the backward server, M0's evaluation and calibration the scorer's: side by side.
+        augmented, calibrated = concurrently(backward_side, scorer_side)
         cands = augmented.candidates
-        # Measured while each model is served anyway: M_yx after augment, each scorer after its curation.
-        self.measure_candidates(augmented, backward)
-        self.measure_backward_model(backward, data)
         curated: list[ChatExample] = []
         contaminated: set[str] = set()
         rewritten: RewriteResult | None = None
         for t in range(1, cfg.iterations + 1):
             scorer = model
-            calibrated = self.stages.run(f"calibrate_{t}", lambda: self.calibrate(t, scorer, backward, data)) \
-                if cfg.curate.calibrates() else None
+            if t > 1:
+                calibrated = self.calibrated(t, scorer, backward, data)
             score = self.scoring(calibrated)
             picked = self.stages.run(f"curate_{t}", lambda: self.curate(t, cands, scorer, data, score))
             contaminated = contaminated_ids(picked.contaminated_file)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -78,3 +79,31 @@ class Stages:
 
     def all(self) -> dict[str, StageRecord]:
         return {p.stem: self._read(p) for p in sorted(self.dir.glob("*.json")) if not p.stem.endswith(".state")}
+
+
+def concurrently(*branches: Callable[[], Any]) -> list[Any]:
+    """Run `branches` at once and return their results in order: the first in this thread, each other in
+    a thread of its own. Branches that ask different servers (on CPUs each has cores of its own) take the
+    longest one's time, not the sum. An error in one waits for the others to end, then is raised (the
+    first one's); the threads are daemons, so that Ctrl-C ends the run at once: a stage cut short
+    resumes from its journal like one that was killed."""
+    results: list[Any] = [None] * len(branches)
+    errors: list[Exception | None] = [None] * len(branches)
+
+    def call(i: int) -> None:
+        try:
+            results[i] = branches[i]()
+        except Exception as e:  # raised again in the calling thread (Ctrl-C, in this one, goes straight through)
+            errors[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,), name=f"branch-{i}", daemon=True)
+               for i in range(1, len(branches))]
+    for t in threads:
+        t.start()
+    call(0)
+    for t in threads:
+        t.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results

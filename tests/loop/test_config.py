@@ -223,3 +223,30 @@ def test_the_client_stages_run_on_the_ray_cluster_the_config_names(tmp_path: Pat
     assert [c[3].ray for c in placed[:2]] == ["auto", "head:6379"] and placed[0][4] is None
     assert placed[2][0] == "here" and placed[2][4].ray is None
     assert load_config(overrides=["augment.ray=local", "augment.shards=2"]).augment.shards == 2
+
+
+def test_branches_run_side_by_side_and_an_error_waits_for_the_others() -> None:
+    import threading
+    import time
+
+    from humpback.loop.stages import concurrently
+
+    both_started = threading.Barrier(2, timeout=5)  # breaks unless the two run at once
+
+    def branch(value: int) -> int:
+        both_started.wait()
+        return value
+
+    assert concurrently(lambda: branch(1), lambda: branch(2)) == [1, 2]
+    finished: list[str] = []
+
+    def slow() -> None:
+        time.sleep(0.2)
+        finished.append("slow")
+
+    def failing() -> None:
+        raise ValueError("stage failed")
+
+    with pytest.raises(ValueError, match="stage failed"):
+        concurrently(failing, slow)
+    assert finished == ["slow"]  # raised once the other branch had ended, not before

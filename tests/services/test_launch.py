@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from humpback.contracts import API_KEY_ENV
 from humpback.settings import flags, parser_flags
-from services.config import ServeConfig, ServerSpec, cpu_binds, default_servers
+from services.config import ServeConfig, ServerSpec, ServeSettings, cpu_binds, default_servers
 from services.launch import (
     FALLBACK_CHAT_TEMPLATE, FORWARDED_ALLOW_IPS_ENV, LaunchSettings, model_to_serve, parser, reap_previous, resolve,
     vllm_argv, vllm_env,
@@ -30,14 +30,16 @@ def test_cpu_binds_are_disjoint():
     assert cpu_binds(2, 1) == ["0", "0"]
 
 
-def test_default_servers_bind_distinct_cores_on_cpu():
+def test_default_servers_share_every_core_on_cpu_or_split_them():
     specs = default_servers()
     assert [s.role for s in specs] == ["backward", "scorer"]
     assert [s.port for s in specs] == [8001, 8002]
     assert all(s.host == "127.0.0.1" for s in specs)
-    if all(s.device == "cpu" for s in specs):
-        binds = [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in specs]
-        assert len(set(binds)) == len(binds) or (os.cpu_count() or 1) < 2
+    every_core = f"0-{os.cpu_count() - 1}" if (os.cpu_count() or 1) > 1 else "0"
+    shared = default_servers(device="cpu")
+    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in shared] == [every_core, every_core]
+    split = default_servers(ServeSettings(cpu_binding="split"), device="cpu")
+    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in split] == cpu_binds(2)
 
 
 def test_argv_serves_role_with_guard_and_sized_cache(model_dir):
