@@ -431,7 +431,7 @@ class Loop:
 
         def scorer_side() -> CalibrationResult | None:
             self.evaluate("m0", model, data)
-            return self.calibrated(1, model, backward, data)
+            return self.calibrated(1, model, backward, data) if cfg.iterations else None
 
         # Augment asks the backward server, M0's evaluation and calibration the scorer's: side by side.
         augmented, calibrated = concurrently(backward_side, scorer_side)
