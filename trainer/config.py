@@ -80,7 +80,7 @@ class Preset(BaseModel):
     save_steps: int = setting(50, "a resumable checkpoint every this many steps (a killed job loses at most these)")
     gradient_checkpointing: bool = setting(
         True, "recompute activations in the backward pass instead of keeping them (TRL's default): less memory, "
-        "about a third more compute")
+        "~40% more time per step (2 CPU steps of the demo's M0 data: 44.7 s against 31.4)")
 
     def resolve_batch(self, n_examples: int, override: int | None) -> int:
         return override or self.batch_size or paper_batch_size(n_examples)

@@ -250,3 +250,14 @@ def test_branches_run_side_by_side_and_an_error_waits_for_the_others() -> None:
     with pytest.raises(ValueError, match="stage failed"):
         concurrently(failing, slow)
     assert finished == ["slow"]  # raised once the other branch had ended, not before
+
+    # Ctrl-C in this thread is raised at once, while the other branch still runs (a daemon: it ends with the run)
+    release = threading.Event()
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        concurrently(interrupted, lambda: release.wait(30))
+    assert any(t.name == "branch-1" and t.is_alive() and t.daemon for t in threading.enumerate())
+    release.set()
