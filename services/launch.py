@@ -83,6 +83,10 @@ def vllm_env(spec: ServerSpec, registry: Path, admin_allow: list[str]) -> dict[s
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if spec.device == "cpu":
         env[REJECT_SEED_ENV] = "1"  # see services.guard
+        # vLLM 0.32's AOT-compiled artifacts fail to load on CPU ("'function' object has no attribute
+        # 'finalize_loading'"), so every start compiled anew. Without AOT it keeps inductor's cache: a
+        # start after the first took 41 s against 74-90, serving at the same tokens/s.
+        env.setdefault("VLLM_USE_AOT_COMPILE", "0")
     env.update(spec.env)
     # uvicorn (vLLM's server) takes the client address from X-Forwarded-For when the peer is in this
     # list, 127.0.0.1 by default: a proxy on the host would let any client pose as loopback to the guard.

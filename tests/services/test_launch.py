@@ -19,7 +19,7 @@ from services.launch import (
     FALLBACK_CHAT_TEMPLATE, FORWARDED_ALLOW_IPS_ENV, LaunchSettings, model_to_serve, parser, reap_previous, resolve,
     vllm_argv, vllm_env,
 )
-from services.supervisor import _conf, write_state
+from services.supervisor import _conf, start_order, write_state
 from services.registry import Registry, record_swap
 from tests.services.helpers import linked_checkpoint
 
@@ -175,3 +175,30 @@ def test_the_supervisor_command_launches_the_written_spec(tmp_path):
         launch, launched = resolve(argv[3:])
         assert launched == spec and launch.spec_file == cfg.spec_path(spec.role)
         assert (launch.registry, launch.admin_allow) == (cfg.registry, cfg.admin_allow)
+
+
+def test_cpu_servers_of_one_model_start_after_the_first():
+    one, other = "/models/a", "/models/b"
+    specs = [ServerSpec(role="backward", port=1, model=one), ServerSpec(role="scorer", port=2, model=one),
+             ServerSpec(role="scorer", replica=1, port=3, model=other),
+             ServerSpec(role="backward", replica=1, port=4, model=other),
+             ServerSpec(role="scorer", replica=2, port=5, model=one, device="cuda"),
+             ServerSpec(role="backward", replica=2, port=6, model=one, device="cuda")]
+    first, later = start_order(specs)
+    assert [s.port for s in first] == [1, 3, 5, 6]  # GPUs compile on their own devices: all at once
+    assert [s.port for s in later] == [2, 4]
+
+
+def test_the_supervisor_autostarts_only_the_first(tmp_path):
+    cfg = ServeConfig(state_dir=tmp_path, servers=default_servers())
+    programs = [line for line in _conf(cfg).splitlines() if line.startswith(("[program:", "autostart="))]
+    assert programs == ["[program:backward]", "autostart=true", "[program:scorer]", "autostart=false"]
+
+
+def test_cpu_servers_keep_the_compile_cache_loadable(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    cpu, gpu = ServerSpec(role="scorer", port=1), ServerSpec(role="scorer", port=1, device="cuda")
+    assert vllm_env(cpu, tmp_path / "r.json", [])["VLLM_USE_AOT_COMPILE"] == "0"
+    assert "VLLM_USE_AOT_COMPILE" not in vllm_env(gpu, tmp_path / "r.json", [])
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")  # the user's word stands
+    assert vllm_env(cpu, tmp_path / "r.json", [])["VLLM_USE_AOT_COMPILE"] == "1"

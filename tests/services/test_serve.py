@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
+from datetime import datetime
 
 import httpx
 import pytest
@@ -90,6 +92,23 @@ def test_status_reports_both_servers(servers):
         assert isinstance(row["pid"], int) and row["pid"] > 0
         assert row["url"] == servers.url(role)
         assert os.path.isfile(row["log"])
+
+
+def _first_logged(log: str, text: str) -> datetime:
+    """When vLLM first logged a line holding `text` (its lines read `(APIServer pid=1) INFO 12-07 00:55:19 ...`)."""
+    for line in open(log, errors="replace"):
+        if text in line and (stamp := re.search(r"\b(\d\d-\d\d \d\d:\d\d:\d\d)\b", line)):
+            return datetime.strptime(stamp.group(1), "%m-%d %H:%M:%S")
+    raise AssertionError(f"{log} has no line with {text!r}")
+
+
+def test_the_scorer_starts_once_the_backward_server_has_compiled(servers):
+    """Both serve one model on CPU: compiling at once, they would fight for the cores; the scorer starts after
+    and loads the backward server's compiled graph from the cache."""
+    logs = {role: row["log"] for role, row in status(servers).items()}
+    backward_up = _first_logged(logs["backward"], "Starting vLLM server on")
+    scorer_begins = _first_logged(logs["scorer"], "non-default args")
+    assert scorer_begins >= backward_up
 
 
 @pytest.mark.parametrize("kind", ["missing_weights", "wrong_architecture", "no_such_path"])
