@@ -162,8 +162,8 @@ class ServeSettings(BaseModel):
     cpu_binding: Literal["shared", "split"] = setting(
         "shared", "CPU servers' cores. shared: every server's threads on every core, so the one that works while "
         "the others idle (the scorer once augment is done) has them all; on 2 cores a server alone scored 1.8x "
-        "the prompt tokens/s it did on one core, and two busy at once lost ~18% of split's total (two starting at "
-        "once compiled for 140 s each against 58). split: disjoint cores per server")
+        "the prompt tokens/s it did on one core, and two busy at once lost ~18% of split's total. split: disjoint "
+        "cores per server")
     timeout: float = setting(900.0, "seconds to wait until every server answers /health", gt=0)
 
     @field_validator("replicas")

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -113,6 +115,13 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def up(cfg: ServeConfig, timeout: float = 900.0) -> None:
+    """Start the servers and wait until every one answers."""
+    start(cfg, timeout)()
+
+
+def start(cfg: ServeConfig, timeout: float = 900.0) -> Callable[[], None]:
+    """Start the servers; wait for those that start first (`start_order`) and start the others; a function
+    that waits for those, within the same `timeout`: work for the first servers can go on meanwhile."""
     if rpc(cfg.state_dir) is not None:
         raise ServeError(f"servers already run from {cfg.state_dir}; `humpback serve down` first")
     for spec in cfg.servers:
@@ -127,7 +136,7 @@ def up(cfg: ServeConfig, timeout: float = 900.0) -> None:
         proxy = rpc(cfg.state_dir)
         for spec in later:
             proxy.supervisor.startProcess(spec.name, False)
-        wait_healthy(cfg, later, started, timeout)
+    return partial(wait_healthy, cfg, later, started, timeout)
 
 
 def write_state(cfg: ServeConfig) -> Path:

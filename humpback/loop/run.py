@@ -410,7 +410,7 @@ class Loop:
         save_config(cfg, self.dir / "config.json")
         data = self.stages.run("data", self.build_data)
         seed = read_jsonl(data.seed, SeedPair)
-        ensure_servers(self.svc)
+        scorer_ready = ensure_servers(self.svc)
         ensure_trainer(self.svc, self.dir / "logs")
         self.trainer = TrainerClient(self.svc.trainer_url, self.svc.api_key)
         forward_seed = seed_forward_examples(seed)
@@ -419,6 +419,8 @@ class Loop:
         backward = self.stages.run("train_backward", lambda: self.train(
             "train_backward", seed_backward_examples(self.backward_pairs(data, seed)), "backward", "backward",
             cfg.train.backward_preset, cfg.train.backward_max_steps))
+        # The scorer's server, started once the backward one answered, got ready meanwhile.
+        scorer_ready()
         model = self.stages.run("train_m0", lambda: self.train(
             "train_m0", forward_seed, "scorer", "scorer", cfg.train.forward_preset))
 

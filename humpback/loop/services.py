@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,7 +19,7 @@ from humpback.loop.config import ServicesConfig
 from humpback.settings import from_args, values_from
 from services.config import PER_ROLE, ServeConfig, ServerSpec, ServeSettings, cpu_binds, default_servers
 from services.registry import write_private
-from services.supervisor import down, health, up
+from services.supervisor import down, health, start, up
 from trainer.config import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,12 @@ def _key(cfg: ServicesConfig) -> dict[str, str | None]:
     return {"api_key": cfg.api_key}
 
 
-def ensure_servers(cfg: ServicesConfig) -> None:
+def ensure_servers(cfg: ServicesConfig) -> Callable[[], None]:
+    """Start the model servers unless they answer; once the backward server answers, a function that waits
+    for the scorer's (`services.supervisor.start`: on CPU it starts second, from the first one's compiled
+    graph)."""
     if health(cfg.backward_url) and health(cfg.scorer_url):
-        return
+        return lambda: None
     if not cfg.start:
         raise ServeError(f"model servers at {cfg.backward_url} / {cfg.scorer_url} do not answer "
                          "(services.start is off)")
@@ -50,9 +53,10 @@ def ensure_servers(cfg: ServicesConfig) -> None:
                              backward_model=cfg.base_model, scorer_model=cfg.base_model)
     servers = default_servers(settings, **values_from(ServerSpec, _key(cfg), exclude=PER_ROLE))
     serve = ServeConfig(state_dir=cfg.state_dir, servers=servers)
-    up(serve, timeout=settings.timeout)
+    waiting = start(serve, timeout=settings.timeout)
     for spec in servers:
         log.info("%s: %s (log %s)", spec.role, spec.url, serve.log_path(spec.role))
+    return waiting
 
 
 @contextmanager

@@ -56,7 +56,7 @@ def test_what_the_run_starts_gets_the_runs_key_not_another_from_the_environment(
     assert API_KEY_ENV not in envs[0]
     started: list[list[str | None]] = []
     monkeypatch.setattr(services, "health", lambda url: False)
-    monkeypatch.setattr(services, "up", lambda serve, timeout: started.append([s.api_key for s in serve.servers]))
+    monkeypatch.setattr(services, "start", lambda serve, timeout: started.append([s.api_key for s in serve.servers]))
     services.ensure_servers(cfg)
     assert started == [[None, None]]
     services.ensure_servers(cfg.model_copy(update={"api_key": "run-key"}))

@@ -202,3 +202,26 @@ def test_cpu_servers_keep_the_compile_cache_loadable(tmp_path, monkeypatch):
     assert "VLLM_USE_AOT_COMPILE" not in vllm_env(gpu, tmp_path / "r.json", [])
     monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")  # the user's word stands
     assert vllm_env(cpu, tmp_path / "r.json", [])["VLLM_USE_AOT_COMPILE"] == "1"
+
+
+def test_start_returns_once_the_first_answer_with_the_others_started(tmp_path, monkeypatch):
+    """`start` waits for the first servers only; the function it returns waits for the others."""
+    import services.supervisor as supervisor
+
+    cfg = ServeConfig(state_dir=tmp_path, servers=default_servers())
+    calls: list[tuple] = []
+
+    class Supervisor:
+        def startProcess(self, name, wait):  # noqa: N802 (supervisord's XML-RPC name)
+            calls.append(("start", name))
+
+    monkeypatch.setattr(supervisor, "health", lambda url: False)
+    monkeypatch.setattr(supervisor.subprocess, "run", lambda *a, **k: calls.append(("supervisord",)))
+    monkeypatch.setattr(supervisor, "rpc", lambda state_dir: type("Proxy", (), {"supervisor": Supervisor()})()
+                        if calls else None)
+    monkeypatch.setattr(supervisor, "wait_healthy",
+                        lambda cfg, servers, started, timeout: calls.append(("wait", [s.name for s in servers])))
+    waiting = supervisor.start(cfg, timeout=5)
+    assert calls == [("supervisord",), ("wait", ["backward"]), ("start", "scorer")]
+    waiting()
+    assert calls[-1] == ("wait", ["scorer"])
