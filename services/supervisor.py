@@ -59,7 +59,8 @@ def _conf(cfg: ServeConfig) -> str:
         lines += [
             f"[program:{spec.name}]",
             f"command={sys.executable} {launch}",
-            f"autostart={'false' if spec.name in later else 'true'}", "autorestart=true", "startsecs=10", "startretries=5",
+            f"autostart={'false' if spec.name in later else 'true'}",
+            "autorestart=true", "startsecs=10", "startretries=5",
             # vLLM spawns its engine core: stop and kill the whole group, or it outlives the server.
             "stopasgroup=true", "killasgroup=true", "stopsignal=INT", "stopwaitsecs=30",
             "redirect_stderr=true", f"stdout_logfile={cfg.log_path(spec.name)}",
