@@ -179,8 +179,15 @@ class ServeSettings(BaseModel):
     @field_validator("backward_model", "scorer_model")
     @classmethod
     def _absolute(cls, model: str) -> str:
-        # The supervisor runs from another working directory; a hub id is left as it is.
-        return str(Path(model).absolute()) if Path(model).exists() else model
+        # The supervisor runs from another working directory; a hub id is left as it is. A path no hub id
+        # looks like (absolute, or from . or ~) must exist: vLLM would fail on it only after its imports,
+        # past supervisord's startsecs, and be restarted until `timeout`.
+        path = Path(model).expanduser()
+        if path.exists():
+            return str(path.absolute())
+        if model.startswith(("/", ".", "~")):
+            raise ValueError(f"no model folder {model}")
+        return model
 
     def model(self, role: str) -> str:
         return getattr(self, f"{role}_model")

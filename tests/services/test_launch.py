@@ -225,3 +225,17 @@ def test_start_returns_once_the_first_answer_with_the_others_started(tmp_path, m
     assert calls == [("supervisord",), ("wait", ["backward"]), ("start", "scorer")]
     waiting()
     assert calls[-1] == ("wait", ["scorer"])
+
+
+def test_a_model_path_that_does_not_exist_is_refused_before_anything_starts(tmp_path, capsys):
+    for missing in ("/nonexistent/model", "./models/typo", "~/no-such-model"):
+        with pytest.raises(ValidationError, match=f"no model folder {missing}"):
+            ServeSettings(backward_model=missing)
+    assert ServeSettings(scorer_model="HuggingFaceTB/SmolLM2-135M-Instruct").scorer_model.startswith("Hugging")
+    assert ServeSettings(scorer_model=str(tmp_path)).scorer_model == str(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "humpback", "serve", "up", "--state-dir", str(tmp_path / "s"),
+                          "--backward-model", "/nonexistent/model"], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["humpback: error: backward_model: Value error, no model folder "
+                                               "/nonexistent/model"]
+    assert not (tmp_path / "s").exists()
