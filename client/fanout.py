@@ -12,9 +12,12 @@ benched for a growing cool-down. The httpx pool is sized to the windows: no hidd
 
 With `require_version`, every request names the served version it must be answered by; the replicas
 of a role that do not serve it yet (a swap is rolling through them) refuse with 503
-`version_not_served`, and the request goes at once to an endpoint that has not refused it. The
-version stamped on each answer is checked too: an answer stamped with another version, or with none
-(a swap ran while the request did), is not accepted and the request is sent again.
+`version_not_served`, and the request goes at once to an endpoint that has not refused it; when every
+endpoint has refused, it waits as the servers' Retry-After asks and asks again. The version stamped on
+each answer is checked too: an answer stamped with another version, or with none (a swap ran while the
+request did), is not accepted and the request is sent again. A refusal is not a failure: it uses up
+none of `max_retries`, and the request waits up to `version_wait` for the version (a swap on CPU takes
+tens of seconds, and the backoff of a few retries could end before it).
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class FanoutConfig(BaseModel):
         None, f"the served version every answer must come from, sent as {VERSION_HEADER}: a replica that does not "
               "serve it (yet) refuses, and the request goes to another endpoint (the version barrier of a role "
               "served by several replicas, services.hotswap.swap_role)")
+    version_wait: float = setting(600.0, "seconds a request waits for an endpoint that serves --require-version "
+                                         "(a swap rolling through the replicas) before it fails; these refusals "
+                                         "use up none of --max-retries", ge=0)
 
 
 @dataclass(eq=False)
@@ -231,18 +237,13 @@ class Fanout:
         avoid: Endpoint | None = None
         retry_after: float | None = None
         refused: set[str] = set()  # endpoints that did not serve the required version, since the last wait
+        waiting_since: float | None = None  # the first refusal of the required version
         reason = ""
-        attempts = self.config.max_retries + 1
-        for attempt in range(attempts):
-            if attempt:
-                self.retries += 1
-                if refused and len(refused) < len(self.endpoints):
-                    retry_after = None  # another replica may serve it already: go there, no wait
-                else:
-                    refused.clear()
-                    await asyncio.sleep(self._backoff(attempt, retry_after))
-                    retry_after = None
+        failed = sent = rounds = 0  # failures (against max_retries), requests sent, waits for the version
+        while True:
             ep = await self._acquire(avoid, refused)
+            sent += 1
+            refusal = False
             try:
                 pool = self._free.pop() if self._free else self._new_pool()
                 try:
@@ -260,8 +261,7 @@ class Fanout:
                 stamp = self._stamp_refused(resp.headers) if status == 200 else None
                 if stamp is not None:
                     # Answered, but not (wholly) by the required version: a replica swapped under it.
-                    self.version_refusals += 1
-                    refused.add(ep.url)
+                    refusal = True
                     reason = f"an answer from {ep.url} stamped {stamp}, not version {self.config.require_version!r}"
                 elif status == 200:
                     try:
@@ -282,8 +282,7 @@ class Fanout:
                         ep.completed += 1
                         return result
                 elif status == 503 and VERSION_NOT_SERVED in text:
-                    self.version_refusals += 1
-                    refused.add(ep.url)
+                    refusal = True
                     reason = f"HTTP 503 from {ep.url}: {text[:200]}"
                     retry_after = _retry_after(resp.headers)
                 elif status == 429 or status >= 500:
@@ -291,13 +290,39 @@ class Fanout:
                     retry_after = _retry_after(resp.headers)
                 else:
                     ep.errors += 1
-                    raise RequestFailed(f"HTTP {status} from {ep.url}{path}: {text[:300]}", attempt + 1)
+                    raise RequestFailed(f"HTTP {status} from {ep.url}{path}: {text[:300]}", sent)
             finally:
                 await self._release(ep)
-            ep.errors += 1
             avoid = ep
-            log.debug("attempt %d failed: %s", attempt + 1, reason)
-        raise RequestFailed(f"gave up after {attempts} attempts: {reason}", attempts)
+            log.debug("attempt %d failed: %s", sent, reason)
+            if refusal:
+                self.version_refusals += 1
+                refused.add(ep.url)
+                now = time.monotonic()
+                waiting_since = now if waiting_since is None else waiting_since
+                left = self.config.version_wait - (now - waiting_since)
+                if left <= 0:
+                    raise RequestFailed(f"no endpoint served version {self.config.require_version!r} within "
+                                        f"{self.config.version_wait:g}s (--version-wait): {reason}", sent)
+                if len(refused) < len(self.endpoints):
+                    continue  # another replica may serve it already: go there, no wait
+                # Every endpoint refused: wait as long as the servers ask (the guard's Retry-After), else back off.
+                refused.clear()
+                rounds += 1
+                await asyncio.sleep(min(left, retry_after if retry_after is not None else self._backoff(rounds, None)))
+                retry_after = None
+                continue
+            ep.errors += 1
+            failed += 1
+            if failed > self.config.max_retries:
+                raise RequestFailed(f"gave up after {sent} attempts: {reason}", sent)
+            self.retries += 1
+            if refused and len(refused) < len(self.endpoints):
+                retry_after = None  # a replica that has not refused the version may answer: no wait
+            else:
+                refused.clear()
+                await asyncio.sleep(self._backoff(failed, retry_after))
+                retry_after = None
 
     def _stamp_refused(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """With `require_version`, why an answer's stamp (the version that served it, services.guard)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import multiprocessing
 import socket
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from client.fanout import Fanout, FanoutConfig
-from humpback.contracts import REGISTRY_ENV, SERVER_NAME_ENV, VERSION_HEADER, ServeError, SwapError
+from humpback.contracts import REGISTRY_ENV, SERVER_NAME_ENV, VERSION_HEADER, RequestFailed, ServeError, SwapError
 from services.config import ServeSettings, default_servers
 from services.guard import AdminGuard
 from services import hotswap
@@ -161,17 +162,42 @@ def test_the_client_sends_what_one_replica_refuses_to_the_other(two_replicas):
     assert fanout.endpoints[0].completed == 0 and fanout.endpoints[1].completed == 40
 
 
-def test_a_version_no_replica_serves_fails_after_the_retries(two_replicas):
+def test_a_request_waits_for_its_version_past_the_retries(two_replicas):
+    """A version no replica serves yet is not a failure: with no retries at all, the request waits (the
+    guard's Retry-After between rounds) until a swap brings the version in, then the swapped replica answers."""
+    registry, urls = two_replicas
+
+    async def run() -> tuple[dict, Fanout, float]:
+        cfg = FanoutConfig(endpoints=list(urls.values()), concurrency=4, require_version="m2", max_retries=0,
+                           backoff_base=0.01, backoff_max=0.02, version_wait=60)
+        async with Fanout(cfg) as f:
+            request = asyncio.create_task(f.post("/v1/chat/completions", BODY))
+            await asyncio.sleep(2.5)
+            assert not request.done()
+            swapped = time.monotonic()
+            record_swap(registry, "scorer", "m2", "/ckpt/m2", "reload", "ft:m2", name="scorer")
+            return await request, f, time.monotonic() - swapped
+
+    answer, fanout, after = asyncio.run(run())
+    assert answer["server"] == "scorer"
+    # Both replicas refused in each of at least two rounds, one Retry-After (1 s) apart.
+    assert fanout.version_refusals >= 4 and fanout.retries == 0
+    assert after < 3
+
+
+def test_a_version_no_replica_serves_fails_after_version_wait(two_replicas):
     _, urls = two_replicas
 
     async def run() -> None:
-        cfg = FanoutConfig(endpoints=list(urls.values()), concurrency=4, require_version="m9", max_retries=3,
-                           backoff_base=0.01, backoff_max=0.02)
+        cfg = FanoutConfig(endpoints=list(urls.values()), concurrency=4, require_version="m9", max_retries=0,
+                           version_wait=1.5)
         async with Fanout(cfg) as f:
             await f.post("/v1/chat/completions", BODY)
 
-    with pytest.raises(Exception, match="version_not_served"):
+    t0 = time.monotonic()
+    with pytest.raises(RequestFailed, match=r"no endpoint served version 'm9' within 1.5s.*version_not_served"):
         asyncio.run(run())
+    assert 1.5 <= time.monotonic() - t0 < 10
 
 
 # --- swap_role ------------------------------------------------------------------------------------
