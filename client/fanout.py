@@ -317,12 +317,9 @@ class Fanout:
             if failed > self.config.max_retries:
                 raise RequestFailed(f"gave up after {sent} attempts: {reason}", sent)
             self.retries += 1
-            if refused and len(refused) < len(self.endpoints):
-                retry_after = None  # a replica that has not refused the version may answer: no wait
-            else:
-                refused.clear()
-                await asyncio.sleep(self._backoff(failed, retry_after))
-                retry_after = None
+            refused.clear()  # a replica that refused may serve the version by the time the backoff ends
+            await asyncio.sleep(self._backoff(failed, retry_after))
+            retry_after = None
 
     def _stamp_refused(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """With `require_version`, why an answer's stamp (the version that served it, services.guard)
