@@ -235,7 +235,6 @@ class Fanout:
         length = (b"Content-Length", str(len(payload)).encode())
         extensions = {"timeout": self._timeouts}
         avoid: Endpoint | None = None
-        retry_after: float | None = None
         refused: set[str] = set()  # endpoints that did not serve the required version, since the last wait
         waiting_since: float | None = None  # the first refusal of the required version
         reason = ""
@@ -244,6 +243,7 @@ class Fanout:
             ep = await self._acquire(avoid, refused)
             sent += 1
             refusal = False
+            retry_after: float | None = None  # what this answer asks, for the wait right after it only
             try:
                 pool = self._free.pop() if self._free else self._new_pool()
                 try:
@@ -310,7 +310,6 @@ class Fanout:
                 refused.clear()
                 rounds += 1
                 await asyncio.sleep(min(left, retry_after if retry_after is not None else self._backoff(rounds, None)))
-                retry_after = None
                 continue
             ep.errors += 1
             failed += 1
@@ -319,7 +318,6 @@ class Fanout:
             self.retries += 1
             refused.clear()  # a replica that refused may serve the version by the time the backoff ends
             await asyncio.sleep(self._backoff(failed, retry_after))
-            retry_after = None
 
     def _stamp_refused(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """With `require_version`, why an answer's stamp (the version that served it, services.guard)
